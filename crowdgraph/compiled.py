@@ -1,0 +1,278 @@
+"""``crowdgraph.compile`` and the compiled model: partitions, their graph, plans on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import InputError, ModelError
+from .lower import ModelLike, OpGraph, declared_shapes, load_model, lower
+from .partition import Partition, partition, partition_graph
+from .units import format_bytes, parse_bytes
+
+PLAN_FORMAT = 1
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, ONNX element type and declared dims (int, symbol, or None) of a model input/output."""
+
+    name: str
+    elem_type: int
+    dims: tuple[int | str | None, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype of the tensor."""
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "elem_type": self.elem_type, "dims": list(self.dims)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TensorSpec":
+        return cls(data["name"], int(data["elem_type"]), tuple(data["dims"]))
+
+
+class CompiledModel:
+    """A model cut into partitions that each fit a memory budget.
+
+    Attributes
+    ----------
+    partitions:
+        :class:`~crowdgraph.partition.Partition` objects in topological order.
+    graph:
+        ``networkx.DiGraph`` of partition names; the edge attribute
+        ``tensors`` lists the boundary tensors flowing on that edge.
+    inputs, outputs:
+        :class:`TensorSpec` of the model's inputs and outputs.
+    memory_budget:
+        The budget the partitions were cut for (None with ``partitions=k``).
+    input_shapes:
+        The concrete input shapes the estimates were made at.
+    """
+
+    def __init__(
+        self,
+        partitions: list[Partition],
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        input_shapes: dict[str, tuple[int, ...]],
+        memory_budget: int | None,
+        source: OpGraph | None = None,
+    ):
+        self.partitions = partitions
+        self.graph = partition_graph(partitions)
+        self.inputs = inputs
+        self.outputs = outputs
+        self.input_shapes = input_shapes
+        self.memory_budget = memory_budget
+        self._source = source
+        self.last_report: Any = None
+        self._by_name = {p.name: p for p in partitions}
+
+    def __repr__(self) -> str:
+        budget = format_bytes(self.memory_budget) if self.memory_budget else "none"
+        return f"<CompiledModel: {len(self.partitions)} partitions, budget {budget}, shapes {self.input_shapes}>"
+
+    def __getitem__(self, name: str) -> Partition:
+        return self._by_name[name]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the model's outputs, in the model's order."""
+        return [o.name for o in self.outputs]
+
+    def table(self) -> str:
+        """The partition table ``crowdgraph inspect`` prints."""
+        rows = [("partition", "ops", "weights MB", "est. resident MB", "in MB", "out MB")]
+        for p in self.partitions:
+            rows.append((
+                p.name, str(len(p.nodes)), f"{p.weight_bytes / 1e6:.2f}",
+                f"{p.resident_bytes / 1e6:.2f}", f"{p.input_bytes / 1e6:.3f}",
+                f"{p.output_bytes / 1e6:.3f}",
+            ))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        budget = format_bytes(self.memory_budget) if self.memory_budget else "none (partition count given)"
+        shapes = ", ".join(f"{k}={list(v)}" for k, v in self.input_shapes.items())
+        lines.append(f"{len(self.partitions)} partitions; budget {budget}; shapes {shapes}")
+        return "\n".join(lines)
+
+    # -- plans on disk --------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> pathlib.Path:
+        """Write the plan to folder ``path`` (replaced whole, never half-written).
+
+        Each partition is an ``.onnx`` file with its weights in an external
+        data file beside it, so onnxruntime can map them from disk.
+        """
+        target = pathlib.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            for part in self.partitions:
+                write_partition(part, staging)
+            meta = {
+                "format": PLAN_FORMAT,
+                "memory_budget": self.memory_budget,
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+                "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs],
+                "partitions": [_partition_meta(p) for p in self.partitions],
+            }
+            (staging / PLAN_FILE).write_text(json.dumps(meta, indent=1))
+            _replace_dir(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+
+def write_partition(part: Partition, folder: pathlib.Path) -> pathlib.Path:
+    """Save one partition as ``<folder>/<name>.onnx`` with external weights."""
+    model = onnx.ModelProto()
+    model.CopyFrom(part.model)
+    path = folder / f"{part.name}.onnx"
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=f"{part.name}.onnx.data", size_threshold=1024,
+    )
+    return path
+
+
+def _partition_meta(p: Partition) -> dict[str, Any]:
+    return {
+        "name": p.name, "sha256": p.sha256, "file": f"{p.name}.onnx",
+        "nodes": list(p.nodes), "inputs": list(p.inputs), "outputs": list(p.outputs),
+        "weight_bytes": p.weight_bytes, "activation_bytes": p.activation_bytes,
+        "resident_bytes": p.resident_bytes, "input_bytes": p.input_bytes,
+        "output_bytes": p.output_bytes,
+    }
+
+
+def _replace_dir(staging: pathlib.Path, target: pathlib.Path) -> None:
+    if target.exists():
+        if not (target / PLAN_FILE).is_file() and any(target.iterdir()):
+            raise ModelError(
+                f"{target} exists and is not a crowdgraph plan; choose an empty or new folder"
+            )
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """Load a plan folder written by :meth:`CompiledModel.save`.
+
+    Every partition's content hash is checked; a plan whose files changed
+    raises :class:`ModelError`.
+    """
+    folder = pathlib.Path(path)
+    try:
+        meta = json.loads((folder / PLAN_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder} is not a crowdgraph plan ({exc}); write one with compile(...).save()") from exc
+    if meta.get("format") != PLAN_FORMAT:
+        raise ModelError(f"{folder}: plan format {meta.get('format')!r} is not {PLAN_FORMAT}; recompile the model")
+    parts = []
+    for pm in meta["partitions"]:
+        model = onnx.load(str(folder / pm["file"]))
+        part = Partition(
+            name=pm["name"], nodes=tuple(pm["nodes"]), inputs=tuple(pm["inputs"]),
+            outputs=tuple(pm["outputs"]), weight_bytes=pm["weight_bytes"],
+            activation_bytes=pm["activation_bytes"], resident_bytes=pm["resident_bytes"],
+            input_bytes=pm["input_bytes"], output_bytes=pm["output_bytes"], model=model,
+        )
+        if part.sha256 != pm["sha256"]:
+            raise ModelError(
+                f"{folder}: partition {part.name} does not match its recorded sha256; "
+                "the plan folder was changed, recompile it"
+            )
+        parts.append(part)
+    return CompiledModel(
+        parts,
+        [TensorSpec.from_json(t) for t in meta["inputs"]],
+        [TensorSpec.from_json(t) for t in meta["outputs"]],
+        {k: tuple(v) for k, v in meta["input_shapes"].items()},
+        meta["memory_budget"],
+    )
+
+
+def compile(
+    model: ModelLike,
+    memory_budget: int | str | None = None,
+    *,
+    partitions: int | None = None,
+    input_shapes: Mapping[str, Iterable[int]] | None = None,
+    sample: Mapping[str, Any] | None = None,
+) -> CompiledModel:
+    """Cut ``model`` into partitions that each fit ``memory_budget``.
+
+    Parameters
+    ----------
+    model:
+        Path of an ``.onnx`` file (external data next to it is read too),
+        the model's bytes, or an ``onnx.ModelProto``.
+    memory_budget:
+        Bytes or a size string (``"48MB"``): every partition's estimated
+        resident memory fits it.  Give this or ``partitions``.
+    partitions:
+        Cut into at most this many partitions, as balanced as possible.
+    input_shapes, sample:
+        The shapes to estimate memory at: a mapping of input name to
+        shape, or a sample batch whose arrays give the shapes.  Symbolic
+        dims not bound either way are taken as 1.  Partitions keep the
+        model's symbolic dims and run at any size.
+
+    Examples
+    --------
+    >>> import crowdgraph
+    >>> from crowdgraph import zoo
+    >>> compiled = crowdgraph.compile(zoo.distilbert("tiny"), "2MB",
+    ...                               input_shapes={"input_ids": (1, 16)})
+    >>> len(compiled.partitions) > 1
+    True
+    """
+    if (memory_budget is None) == (partitions is None):
+        raise InputError("give memory_budget= (e.g. '48MB') or partitions= (e.g. 6), not both or neither")
+    budget = parse_bytes(memory_budget) if memory_budget is not None else None
+    if sample is not None:
+        if input_shapes is not None:
+            raise InputError("give input_shapes= or sample=, not both")
+        input_shapes = {k: np.shape(v) for k, v in sample.items()}
+    proto = load_model(model)
+    og = lower(proto, input_shapes)
+    parts = partition(og, memory_budget=budget, partitions=partitions)
+    return CompiledModel(parts, _specs(proto, og.inputs, input=True), _specs(proto, og.outputs, input=False),
+                         og.input_shapes, budget, og)
+
+
+def _specs(proto: onnx.ModelProto, names: list[str], input: bool) -> list[TensorSpec]:
+    infos = {vi.name: vi for vi in (proto.graph.input if input else proto.graph.output)}
+    declared = declared_shapes(proto) if input else {}
+    specs = []
+    for name in names:
+        tt = infos[name].type.tensor_type
+        dims = declared.get(name) or tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+        )
+        specs.append(TensorSpec(name, tt.elem_type, tuple(dims)))
+    return specs
