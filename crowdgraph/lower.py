@@ -422,7 +422,7 @@ def _infer_concrete(proto: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]
                 dim.Clear()
                 dim.dim_value = size
     try:
-        inferred = onnx.shape_inference.infer_shapes(bound, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(bound), strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises several types here
         raise ModelError(f"shape inference failed on the model: {exc}") from exc
     infos: dict[str, TensorInfo] = {}
@@ -437,6 +437,24 @@ def _infer_concrete(proto: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]
     if missing:
         infos.update(_measure(bound, shapes, missing, inferred))
     return infos
+
+
+def skeleton(proto: onnx.ModelProto, keep_bytes: int = 1024) -> onnx.ModelProto:
+    """A copy of ``proto`` without the values of initializers above ``keep_bytes``.
+
+    Shape inference needs the shapes of weights, not their values (small
+    integer initializers, which may be shapes, are kept), and runs far
+    faster on a model that is not hundreds of megabytes.
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(proto)
+    for init in light.graph.initializer:
+        if init.ByteSize() > keep_bytes:
+            data_type, dims, name = init.data_type, list(init.dims), init.name
+            init.Clear()
+            init.name, init.data_type = name, data_type
+            init.dims.extend(dims)
+    return light
 
 
 def _concrete_info(vi: onnx.ValueInfoProto) -> TensorInfo | None:

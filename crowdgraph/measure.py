@@ -1,0 +1,105 @@
+"""Measure what a partition really costs: peak RSS in a fresh process.
+
+The budget promise of :mod:`crowdgraph.partition` is checked this way:
+a new Python process imports numpy and onnxruntime, notes its RSS (the
+*floor*), opens the partition from its plan file, runs it once on real
+boundary tensors, and reports its peak RSS.  ``peak - floor`` must not
+exceed the partition's estimate.
+
+Run as ``python -m crowdgraph.measure PARTITION.onnx INPUTS.npz`` it prints
+one JSON object: ``floor``, ``peak``, ``above_floor`` (bytes) and
+``seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Mapping
+
+import numpy as np
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux only)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> int:
+    """Peak RSS (VmHWM) in bytes since the last :func:`reset_peak_rss`."""
+    from .runtime import peak_rss
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss()
+
+
+def measure_in_fresh_process(model_file: str | os.PathLike, feeds: Mapping[str, np.ndarray], timeout: float = 300) -> dict:
+    """Peak RSS of loading and running ``model_file`` once, in a new process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = pathlib.Path(tmp) / "inputs.npz"
+        np.savez(npz, **dict(feeds))
+        done = subprocess.run(
+            [sys.executable, "-m", "crowdgraph.measure", os.fspath(model_file), str(npz)],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {model_file} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_plan(compiled, feeds: Mapping[str, np.ndarray], folder: str | os.PathLike) -> list[dict]:
+    """Measure every partition of ``compiled`` on ``feeds``, each in a fresh process.
+
+    The plan is saved to ``folder``; boundary tensors come from running the
+    partitions in order in this process.  Returns one row a partition:
+    ``partition``, ``estimate``, ``floor``, ``peak``, ``above_floor``.
+    """
+    from .runtime import open_session, run_session
+
+    plan = compiled.save(folder)
+    values = dict(feeds)
+    rows = []
+    for part in compiled.partitions:
+        part_feeds = {name: values[name] for name in part.inputs}
+        measured = measure_in_fresh_process(plan / f"{part.name}.onnx", part_feeds)
+        rows.append({"partition": part.name, "estimate": part.resident_bytes, **measured})
+        values.update(run_session(open_session(part.model_bytes), part_feeds))
+    return rows
+
+
+def _main(argv: list[str]) -> None:
+    import onnxruntime  # noqa: F401  (part of the floor)
+
+    from .runtime import current_rss, open_session, run_session
+
+    model_file, npz = argv
+    floor = current_rss()
+    reset_peak_rss()
+    start = time.perf_counter()
+    session = open_session(model_file)
+    with np.load(npz) as data:
+        feeds = {k: data[k] for k in data.files}
+    run_session(session, feeds)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_since_reset()
+    print(json.dumps({"floor": floor, "peak": peak, "above_floor": peak - floor, "seconds": seconds}))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
