@@ -81,6 +81,8 @@ class CompiledModel:
         self._source = source
         self.last_report: Any = None
         self._by_name = {p.name: p for p in partitions}
+        self._count = None if memory_budget is not None else len(partitions)
+        self._replans: dict[Any, CompiledModel] = {}
 
     def __repr__(self) -> str:
         budget = format_bytes(self.memory_budget) if self.memory_budget else "none"
@@ -112,6 +114,109 @@ class CompiledModel:
         lines.append(f"{len(self.partitions)} partitions; budget {budget}; shapes {shapes}")
         return "\n".join(lines)
 
+    # -- running ---------------------------------------------------------
+
+    def batched_inputs(self) -> list[str]:
+        """Inputs split into micro-batches: those whose first dim is not fixed."""
+        return [t.name for t in self.inputs if t.dims and not _fixed(t.dims[0])]
+
+    def check_inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``batch`` as numpy arrays, or :class:`InputError` saying what to change."""
+        expected = {t.name: t for t in self.inputs}
+        unknown = sorted(set(batch) - set(expected))
+        missing = sorted(set(expected) - set(batch))
+        if unknown or missing:
+            raise InputError(
+                f"the model's inputs are {sorted(expected)}; "
+                + (f"missing {missing}" if missing else "")
+                + ("; " if missing and unknown else "")
+                + (f"unknown {unknown}" if unknown else "")
+            )
+        feeds = {}
+        for name, spec in expected.items():
+            value = np.asarray(batch[name])
+            if value.dtype != spec.dtype:
+                raise InputError(
+                    f"input {name!r} has dtype {value.dtype} but the model wants {spec.dtype}; "
+                    f"convert it with .astype(np.{spec.dtype.name})"
+                )
+            if value.ndim != len(spec.dims) or any(
+                _fixed(d) and d != n for d, n in zip(spec.dims, value.shape)
+            ):
+                raise InputError(
+                    f"input {name!r} has shape {list(value.shape)} but the model wants "
+                    f"[{', '.join('?' if d is None else str(d) for d in spec.dims)}]"
+                )
+            feeds[name] = value
+        sizes = {name: feeds[name].shape[0] for name in self.batched_inputs()}
+        if len(set(sizes.values())) > 1:
+            raise InputError(f"inputs disagree on the batch size (axis 0): {sizes}; give every input the same rows")
+        return feeds
+
+    def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | None = None,
+            mode: str = "streaming", seed: int = 0, report: bool = False, progress: bool = False,
+            timeout: float | None = None) -> Any:
+        """Run the model on ``batch`` across a crowd; return its outputs by name.
+
+        Parameters
+        ----------
+        batch:
+            Input name -> array.  Inputs with a batch axis are split along
+            axis 0 into micro-batches of ``microbatch`` rows (default: one
+            micro-batch).
+        executor:
+            An :class:`~crowdgraph.executor.Executor`, a registered name
+            (``"threads"``), a URL (``"tcp://host:8786"``), or an object a
+            plug-in accepts (a dask ``Client``).  One made here from a name
+            is closed after the run.
+        mode:
+            ``"streaming"`` (a task waits only for its own micro-batch) or
+            ``"barrier"`` (for every micro-batch of the previous stage).
+        report:
+            Also return the :class:`~crowdgraph.report.RunReport` (it is
+            kept as :attr:`last_report` either way).
+
+        When a micro-batch is larger than the shapes the plan was compiled
+        at, the model is partitioned again at the micro-batch's shapes so
+        the budget still holds (plans loaded from disk run as they are).
+        """
+        from .driver import Driver
+        from .executor import resolve_executor
+        from .taskgraph import join_outputs, split_batch
+
+        feeds = self.check_inputs(batch)
+        microbatches = split_batch(feeds, self.batched_inputs(), microbatch)
+        plan = self._at_shapes({k: v.shape for k, v in microbatches[0].items()})
+        ex, owned = resolve_executor(executor)
+        try:
+            outputs, run_report = Driver(plan, microbatches, ex, mode=mode, seed=seed,  # type: ignore[arg-type]
+                                         progress=progress, timeout=timeout).run()
+        finally:
+            if owned:
+                ex.close()
+        self.last_report = run_report
+        assert outputs is not None
+        batched_outputs = [t.name for t in self.outputs if t.dims and not _fixed(t.dims[0])]
+        joined = join_outputs(outputs, batched_outputs)
+        return (joined, run_report) if report else joined
+
+    def _at_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> "CompiledModel":
+        """This plan, or one cut again for larger shapes than it was compiled at."""
+        fits = all(
+            len(shape) == len(self.input_shapes.get(name, ())) and
+            all(a <= b for a, b in zip(shape, self.input_shapes[name]))
+            for name, shape in shapes.items()
+        )
+        if fits or self._source is None:
+            return self
+        key = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+        if key not in self._replans:
+            og = lower(self._source.model, shapes)
+            parts = partition(og, memory_budget=self.memory_budget, partitions=self._count)
+            self._replans[key] = CompiledModel(parts, self.inputs, self.outputs, og.input_shapes,
+                                               self.memory_budget, og)
+        return self._replans[key]
+
     # -- plans on disk --------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
@@ -142,6 +247,10 @@ class CompiledModel:
         return target
 
 
+def _fixed(dim: Any) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
 def write_partition(part: Partition, folder: pathlib.Path) -> pathlib.Path:
     """Save one partition as ``<folder>/<name>.onnx`` with external weights."""
     model = onnx.ModelProto()
@@ -160,7 +269,7 @@ def _partition_meta(p: Partition) -> dict[str, Any]:
         "nodes": list(p.nodes), "inputs": list(p.inputs), "outputs": list(p.outputs),
         "weight_bytes": p.weight_bytes, "activation_bytes": p.activation_bytes,
         "resident_bytes": p.resident_bytes, "input_bytes": p.input_bytes,
-        "output_bytes": p.output_bytes,
+        "output_bytes": p.output_bytes, "flops": p.flops,
     }
 
 
@@ -195,11 +304,14 @@ def load(path: str | os.PathLike) -> CompiledModel:
     parts = []
     for pm in meta["partitions"]:
         model = onnx.load(str(folder / pm["file"]))
+        for init in model.graph.initializer:
+            init.ClearField("data_location")  # loaded inline now: hash it as compiled
         part = Partition(
             name=pm["name"], nodes=tuple(pm["nodes"]), inputs=tuple(pm["inputs"]),
             outputs=tuple(pm["outputs"]), weight_bytes=pm["weight_bytes"],
             activation_bytes=pm["activation_bytes"], resident_bytes=pm["resident_bytes"],
             input_bytes=pm["input_bytes"], output_bytes=pm["output_bytes"], model=model,
+            flops=pm.get("flops", 0),
         )
         if part.sha256 != pm["sha256"]:
             raise ModelError(

@@ -43,13 +43,14 @@ between partitions, then the smallest largest weights.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
 import networkx as nx
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .errors import BudgetError, ModelError
 from .lower import OpGraph, OpNode, skeleton
@@ -100,6 +101,7 @@ class Partition:
     input_bytes: int
     output_bytes: int
     model: onnx.ModelProto = field(repr=False)
+    flops: int = 0
 
     @cached_property
     def model_bytes(self) -> bytes:
@@ -328,8 +330,30 @@ def partition(og: OpGraph, memory_budget: int | None = None, partitions: int | N
             input_bytes=sum(og.nbytes(t) for t in est.inputs),
             output_bytes=sum(og.nbytes(t) for t in est.outputs),
             model=model,
+            flops=sum(node_flops(og, n) for n in nodes),
         ))
     return result
+
+
+def node_flops(og: OpGraph, node: OpNode) -> int:
+    """Rough floating-point operations of one node at the lowered shapes.
+
+    Matrix products and convolutions count two operations per
+    multiply-add; every other op one per output element.  The simulator
+    turns this into compute time.
+    """
+    out = og.tensors.get(node.outputs[0]) if node.outputs else None
+    if out is None:
+        return 0
+    size = math.prod(out.shape)
+    first = og.tensors.get(node.inputs[0]) if node.inputs else None
+    if node.op_type in ("MatMul", "Gemm") and first is not None and first.shape:
+        return 2 * size * first.shape[-1]
+    if node.op_type == "Conv" and len(node.inputs) > 1:
+        weight = og.tensors.get(node.inputs[1])
+        if weight is not None:
+            return 2 * size * math.prod(weight.shape[1:])
+    return size
 
 
 def _budget_for_count(cutter: _Cutter, count: int) -> int:
@@ -406,6 +430,18 @@ def _value_info(og: OpGraph, name: str, types: dict[str, onnx.TypeProto]) -> onn
     return helper.make_tensor_value_info(name, concrete.elem_type, [None] * len(concrete.shape))
 
 
+def _raw(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """``tensor`` with its values in ``raw_data``, the form a saved plan keeps.
+
+    Saving weights as external data rewrites typed fields (``float_data``
+    ...) into raw bytes; storing them that way from the start keeps a
+    partition's content hash the same before and after a save.
+    """
+    if tensor.HasField("raw_data") or tensor.data_type == onnx.TensorProto.STRING:
+        return tensor
+    return numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name)
+
+
 def _build_model(og: OpGraph, name: str, nodes: Sequence[OpNode], est: Estimate,
                  types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
     """A standalone, checked ONNX model for one partition."""
@@ -424,7 +460,7 @@ def _build_model(og: OpGraph, name: str, nodes: Sequence[OpNode], est: Estimate,
         name,
         [_value_info(og, t, types) for t in est.inputs],
         [_value_info(og, t, types) for t in est.outputs],
-        initializer=[i for i in source.graph.initializer if i.name in wanted_inits],
+        initializer=[_raw(i) for i in source.graph.initializer if i.name in wanted_inits],
     )
     model = helper.make_model(
         graph,

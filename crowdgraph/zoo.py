@@ -1,0 +1,348 @@
+"""Models that crowdgraph builds itself: a DistilBERT with random weights.
+
+Why the project ships its own model
+-----------------------------------
+The demo and the tests need a real transformer: a graph with embeddings,
+shape arithmetic that works for any sequence length, attention with a
+padding mask, residual connections, LayerNormalization and tens of
+megabytes of weights, so that memory budgets and partitions matter.
+Downloading one needs a network and a model hub, and exporting one needs
+torch, which is far too heavy a dependency for a library that only runs
+ONNX.  So :func:`distilbert` writes the DistilBERT architecture node by
+node with :mod:`onnx.helper` and fills it with seeded random weights drawn
+with numpy.  Nothing is downloaded and nothing is cached on disk; the full
+size (about 67 million parameters, 268 MB of float32) builds in about a
+second.
+
+The graph follows ``transformers.DistilBertForSequenceClassification``
+in eval mode (dropout is the identity) with the weights of each Linear
+stored as ``[in, out]`` for ``MatMul``.  It uses opset 17 (the first with
+``LayerNormalization``) and IR version 8, which onnxruntime-web reads too.
+
+>>> model = distilbert("tiny")
+>>> [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+(['input_ids', 'attention_mask'], ['logits'])
+>>> parameter_count(model)
+176578
+>>> feeds = sample_inputs("tiny", batch=2, sequence=8)
+>>> feeds["attention_mask"].tolist()
+[[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+__all__ = [
+    "DistilBertSize",
+    "SIZES",
+    "OPSET",
+    "IR_VERSION",
+    "distilbert",
+    "sample_inputs",
+    "parameter_count",
+]
+
+#: Opset of the built models: the first with ``LayerNormalization``.
+OPSET = 17
+#: IR version of the built models (onnx would otherwise write its newest).
+IR_VERSION = 8
+
+
+@dataclass(frozen=True)
+class DistilBertSize:
+    """The dimensions of a DistilBERT (names as in ``DistilBertConfig``)."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    hidden_dim: int
+    max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(
+                f"dim {self.dim} is not a multiple of n_heads {self.n_heads}; "
+                "pick a head count that divides the hidden size"
+            )
+
+
+#: The named sizes. ``full`` is ``DistilBertConfig()``; ``tiny`` builds in
+#: milliseconds for fast tests.
+SIZES: dict[str, DistilBertSize] = {
+    "full": DistilBertSize(
+        vocab_size=30522, dim=768, n_layers=6, n_heads=12,
+        hidden_dim=3072, max_position_embeddings=512,
+    ),
+    "tiny": DistilBertSize(
+        vocab_size=1000, dim=64, n_layers=2, n_heads=4,
+        hidden_dim=256, max_position_embeddings=128,
+    ),
+}
+
+_INIT_STD = 0.02  # DistilBertConfig.initializer_range
+_LN_EPS = 1e-12
+_MASK_MIN = float(np.finfo(np.float32).min)
+
+
+def _size(size: str | DistilBertSize) -> DistilBertSize:
+    if isinstance(size, DistilBertSize):
+        return size
+    try:
+        return SIZES[size]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown DistilBERT size {size!r}; use one of {sorted(SIZES)} "
+            "or a DistilBertSize"
+        ) from None
+
+
+class _Builder:
+    """Collects nodes and initializers with unique, meaningful names."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[tuple[str, np.ndarray]] = []
+        self._names: set[str] = set()
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        assert name not in self._names, name
+        self._names.add(name)
+        self.initializers.append((name, array))
+        return name
+
+    def normal(self, name: str, shape: tuple[int, ...], std: float = _INIT_STD) -> str:
+        values = self.rng.standard_normal(shape, dtype=np.float32)
+        values *= np.float32(std)
+        return self.init(name, values)
+
+    def near(self, name: str, shape: tuple[int, ...], centre: float) -> str:
+        """``centre`` plus a small perturbation (LayerNorm weights, biases)."""
+        values = self.rng.standard_normal(shape, dtype=np.float32)
+        values *= np.float32(_INIT_STD)
+        values += np.float32(centre)
+        return self.init(name, values)
+
+    def node(self, op: str, name: str, inputs: list[str], **attrs) -> str:
+        """Add node ``name`` with one output, also called ``name``; return it."""
+        assert name not in self._names, name
+        self._names.add(name)
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def linear(self, prefix: str, x: str, n_in: int, n_out: int) -> str:
+        w = self.normal(f"{prefix}.weight", (n_in, n_out))
+        b = self.near(f"{prefix}.bias", (n_out,), 0.0)
+        y = self.node("MatMul", f"{prefix}.MatMul", [x, w])
+        return self.node("Add", f"{prefix}.Add", [y, b])
+
+    def layer_norm(self, prefix: str, x: str, dim: int) -> str:
+        scale = self.near(f"{prefix}.weight", (dim,), 1.0)
+        bias = self.near(f"{prefix}.bias", (dim,), 0.0)
+        return self.node(
+            "LayerNormalization", f"{prefix}.LayerNormalization",
+            [x, scale, bias], axis=-1, epsilon=_LN_EPS,
+        )
+
+
+def distilbert(
+    size: str | DistilBertSize = "full", *, seed: int = 0, num_labels: int = 2
+) -> onnx.ModelProto:
+    """Build a DistilBERT for sequence classification with random weights.
+
+    Inputs are ``input_ids`` and ``attention_mask`` (int64, ``[batch,
+    sequence]``, any sequence length up to the position table); the output
+    is ``logits`` (float32, ``[batch, num_labels]``).  Weights are drawn
+    from ``numpy.random.default_rng(seed)``, so a seed always gives the
+    same model.
+
+    >>> m = distilbert("tiny", num_labels=3)
+    >>> m.opset_import[0].version, m.ir_version
+    (17, 8)
+    >>> [d.dim_param or d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim]
+    ['batch', 3]
+    """
+    cfg = _size(size)
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be at least 1, got {num_labels}")
+    b = _Builder(np.random.default_rng(seed))
+    d, h = cfg.dim, cfg.n_heads
+    head_dim = d // h
+
+    # Small shared constants.
+    zero_i = b.init("const.zero_int64", np.array(0, np.int64))
+    one_i = b.init("const.one_int64", np.array(1, np.int64))
+    one_f = b.init("const.one_float", np.array(1.0, np.float32))
+    half_f = b.init("const.half_float", np.array(0.5, np.float32))
+    sqrt2_f = b.init("const.sqrt2_float", np.array(math.sqrt(2.0), np.float32))
+    mask_min = b.init("const.mask_min_float", np.array(_MASK_MIN, np.float32))
+    scale = b.init("const.attention_scale", np.array(1.0 / math.sqrt(head_dim), np.float32))
+    axes_0 = b.init("const.axes_0", np.array([0], np.int64))
+    axes_12 = b.init("const.axes_1_2", np.array([1, 2], np.int64))
+    heads_shape = b.init("const.heads_shape", np.array([0, 0, h, head_dim], np.int64))
+    merge_shape = b.init("const.merge_shape", np.array([0, 0, d], np.int64))
+
+    # Embeddings: word + position (positions 0..sequence-1 from the input's shape).
+    word = b.normal("embeddings.word_embeddings.weight", (cfg.vocab_size, d))
+    pos_table = b.normal("embeddings.position_embeddings.weight", (cfg.max_position_embeddings, d))
+    words = b.node("Gather", "embeddings.word_embeddings.Gather", [word, "input_ids"], axis=0)
+    shape = b.node("Shape", "embeddings.position_ids.Shape", ["input_ids"])
+    seq_len = b.node("Gather", "embeddings.position_ids.Gather", [shape, one_i], axis=0)
+    positions = b.node("Range", "embeddings.position_ids.Range", [zero_i, seq_len, one_i])
+    positions = b.node("Unsqueeze", "embeddings.position_ids.Unsqueeze", [positions, axes_0])
+    pos = b.node("Gather", "embeddings.position_embeddings.Gather", [pos_table, positions], axis=0)
+    x = b.node("Add", "embeddings.Add", [words, pos])
+    x = b.layer_norm("embeddings.LayerNorm", x, d)
+
+    # Additive mask bias [batch, 1, 1, sequence]: 0 where attended, float32 min where padded.
+    m = b.node("Cast", "attention_mask.Cast", ["attention_mask"], to=TensorProto.FLOAT)
+    m = b.node("Sub", "attention_mask.Sub", [one_f, m])
+    m = b.node("Mul", "attention_mask.Mul", [m, mask_min])
+    mask_bias = b.node("Unsqueeze", "attention_mask.Unsqueeze", [m, axes_12])
+
+    for i in range(cfg.n_layers):
+        p = f"layer.{i}"
+        a = f"{p}.attention"
+        heads = {}
+        for proj, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+            y = b.linear(f"{a}.{proj}", x, d, d)
+            y = b.node("Reshape", f"{a}.{proj}.Reshape", [y, heads_shape])
+            heads[proj] = b.node("Transpose", f"{a}.{proj}.Transpose", [y], perm=perm)
+        q = b.node("Mul", f"{a}.q.Scale", [heads["q"], scale])
+        scores = b.node("MatMul", f"{a}.scores.MatMul", [q, heads["k"]])
+        scores = b.node("Add", f"{a}.scores.AddMask", [scores, mask_bias])
+        weights = b.node("Softmax", f"{a}.Softmax", [scores], axis=-1)
+        context = b.node("MatMul", f"{a}.context.MatMul", [weights, heads["v"]])
+        context = b.node("Transpose", f"{a}.context.Transpose", [context], perm=[0, 2, 1, 3])
+        context = b.node("Reshape", f"{a}.context.Reshape", [context, merge_shape])
+        y = b.linear(f"{a}.out", context, d, d)
+        y = b.node("Add", f"{a}.Residual", [y, x])
+        x = b.layer_norm(f"{p}.sa_layer_norm", y, d)
+
+        f = f"{p}.ffn"
+        y = b.linear(f"{f}.lin1", x, d, cfg.hidden_dim)
+        g = b.node("Div", f"{f}.gelu.Div", [y, sqrt2_f])
+        g = b.node("Erf", f"{f}.gelu.Erf", [g])
+        g = b.node("Add", f"{f}.gelu.Add", [g, one_f])
+        g = b.node("Mul", f"{f}.gelu.Mul", [y, g])
+        g = b.node("Mul", f"{f}.gelu.Half", [g, half_f])
+        y = b.linear(f"{f}.lin2", g, cfg.hidden_dim, d)
+        y = b.node("Add", f"{f}.Residual", [y, x])
+        x = b.layer_norm(f"{p}.output_layer_norm", y, d)
+
+    # Classification head on the first token.
+    x = b.node("Gather", "head.first_token.Gather", [x, zero_i], axis=1)
+    x = b.linear("head.pre_classifier", x, d, d)
+    x = b.node("Relu", "head.pre_classifier.Relu", [x])
+    x = b.linear("head.classifier", x, d, num_labels)
+    b.nodes.append(helper.make_node("Identity", [x], ["logits"], name="head.logits.Identity"))
+
+    graph = helper.make_graph(
+        b.nodes,
+        "distilbert",
+        inputs=[
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+        ],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_labels])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="crowdgraph.zoo",
+        doc_string=(
+            f"DistilBERT for sequence classification with random weights "
+            f"(seed {seed}): {cfg}"
+        ),
+    )
+    model.ir_version = IR_VERSION
+    # Add the weights in place: make_graph and make_model would copy them twice.
+    for name, array in b.initializers:
+        tensor = model.graph.initializer.add()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.raw_data = array.tobytes()
+    helper.set_model_props(model, {"crowdgraph.zoo.size": str(size), "crowdgraph.zoo.seed": str(seed)})
+    return model
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Number of float parameters in ``model``'s initializers.
+
+    Scalars and shape vectors of other dtypes are not counted.
+
+    >>> parameter_count(distilbert("tiny")) > 100_000
+    True
+    """
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    return sum(
+        math.prod(t.dims)
+        for t in model.graph.initializer
+        if t.data_type in floats and len(t.dims) > 0
+    )
+
+
+def _vocab_and_positions(model_or_size: onnx.ModelProto | str | DistilBertSize) -> tuple[int, int | None]:
+    if not isinstance(model_or_size, onnx.ModelProto):
+        cfg = _size(model_or_size)
+        return cfg.vocab_size, cfg.max_position_embeddings
+    vocab = positions = None
+    for t in model_or_size.graph.initializer:
+        if len(t.dims) != 2:
+            continue
+        if vocab is None and "word_embeddings" in t.name:
+            vocab = int(t.dims[0])
+        elif positions is None and "position_embeddings" in t.name:
+            positions = int(t.dims[0])
+    if vocab is None:
+        raise ValueError(
+            "cannot find the vocabulary size of this model: it has no 2-D initializer "
+            "named like '*word_embeddings*'; pass the size ('full', 'tiny') instead"
+        )
+    return vocab, positions
+
+
+def sample_inputs(
+    model_or_size: onnx.ModelProto | str | DistilBertSize = "full",
+    batch: int = 1,
+    sequence: int = 128,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Return valid ``input_ids`` and ``attention_mask`` for a DistilBERT.
+
+    Token ids are uniform in ``[1, vocab)``.  Row 0 is never padded; for
+    ``batch > 1`` the later rows are padded at the end (mask 0, token id 0),
+    the last row to about half the sequence, so the mask matters.
+    ``model_or_size`` is a size name or a model whose word embedding table
+    gives the vocabulary (built here or exported from transformers).
+
+    >>> feeds = sample_inputs("tiny", batch=3, sequence=6, seed=1)
+    >>> feeds["input_ids"].shape, feeds["input_ids"].dtype
+    ((3, 6), dtype('int64'))
+    >>> feeds["attention_mask"].sum(axis=1).tolist()
+    [6, 5, 4]
+    """
+    if batch < 1 or sequence < 1:
+        raise ValueError(f"batch and sequence must be at least 1, got {batch} and {sequence}")
+    vocab, positions = _vocab_and_positions(model_or_size)
+    if positions is not None and sequence > positions:
+        raise ValueError(
+            f"sequence {sequence} is longer than the model's {positions} positions; "
+            "use a shorter sequence or a larger model size"
+        )
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(batch, sequence), dtype=np.int64)
+    mask = np.ones((batch, sequence), dtype=np.int64)
+    for row in range(1, batch):
+        length = max(1, sequence - (row * sequence) // (2 * batch))
+        mask[row, length:] = 0
+        ids[row, length:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
