@@ -1,0 +1,1054 @@
+"""The crowdgraph wire format: frames, messages and the handshake, sans-io.
+
+This is the one file where the bytes exchanged between a coordinator and its
+workers are defined.  It holds no sockets, no asyncio and no threads: bytes go
+in, :class:`Message` objects come out, and the other way round.  The TCP
+transport and the WebSocket endpoint both use it; a Kotlin or JavaScript
+client is written from ``docs/protocol.md``, which specifies the same format
+byte by byte.
+
+A frame is::
+
+    fixed header (24 bytes) | control part (UTF-8 JSON object) | sections...
+
+The fixed header carries the magic ``b"CRWD"``, the protocol version, the
+message type, reserved flags and the lengths, so a receiver knows the size
+of the frame (and can refuse it) before it buffers a single byte of the body.
+The control part is JSON because it is compact enough, cannot execute code
+and every client language parses it.  Each section holds one tensor or one
+blob (ONNX model bytes) with its name, dtype, shape, codec, raw length and the
+CRC32 of the raw bytes, so corruption is caught after decompression.
+
+Nothing received is ever pickled, evaluated or imported: dtypes are small
+integer codes looked up in a fixed table, message types likewise, and the
+control part is checked against the message catalogue before a
+:class:`Message` is returned.  Every malformed input raises
+:class:`~crowdgraph.errors.ProtocolError`; the connection it came from must
+then be closed.
+
+Examples
+--------
+>>> import numpy as np
+>>> msg = Message(RUN, {"task": ["p0", 3], "outputs": ["y"]},
+...               tensors={"x": np.arange(6, dtype=np.float32).reshape(2, 3)})
+>>> frame = encode(msg)
+>>> back = decode(frame)
+>>> back.type, back.header["task"], back.tensors["x"].tolist()
+('RUN', ['p0', 3], [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+
+A stream decoder takes whatever chunks the socket delivers:
+
+>>> decoder = FrameDecoder()
+>>> decoder.feed(frame[:10])
+[]
+>>> [m.type for m in decoder.feed(frame[10:] + encode(Message(PING, {"seq": 1})))]
+['RUN', 'PING']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+import secrets
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from crowdgraph.errors import ProtocolError
+from crowdgraph.units import format_bytes
+
+try:  # lz4 is a dependency of crowdgraph, but a stripped-down peer may lack it.
+    import lz4.block as _lz4
+except ImportError:  # pragma: no cover - exercised only where lz4 is missing
+    _lz4 = None
+
+__all__ = [
+    "MAGIC", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "HEADER_SIZE", "SECTION_HEADER_SIZE",
+    "DEFAULT_MAX_FRAME_BYTES", "HANDSHAKE_MAX_FRAME_BYTES", "MAX_NDIM", "CODECS", "HEARTBEAT_MISSES", "HANDSHAKE_TIMEOUT",
+    "HELLO", "CHALLENGE", "AUTH", "WELCOME", "REFUSE", "BYE", "PING", "PONG",
+    "LOAD", "LOADED", "UNLOAD", "UNLOADED", "RUN", "RESULT", "FAILED",
+    "MESSAGE_TYPES", "Message", "encode", "encode_parts", "decode", "FrameDecoder",
+    "make_nonce", "sign", "verify", "negotiate",
+]
+
+# --------------------------------------------------------------------------
+# Constants of the format.  Changing any of them is a new protocol version.
+# --------------------------------------------------------------------------
+
+#: First four bytes of every frame.
+MAGIC = b"CRWD"
+#: The protocol version this module writes by default.
+PROTOCOL_VERSION = 1
+#: Versions this module can read and write, oldest first.
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+
+# Fixed header, little-endian: magic, version u8, type u8, flags u16,
+# body length u64, control length u32, section count u32.
+_HEADER = struct.Struct("<4sBBHQII")
+#: Size of the fixed header in bytes.
+HEADER_SIZE = _HEADER.size  # 24
+
+# Section header, little-endian: kind u8, dtype u8, codec u8, flags u8,
+# name length u16, ndim u8, reserved u8, raw length u64, payload length u64,
+# CRC32 u32.  Followed by the name, ndim u64 dimensions, then the payload.
+_SECTION = struct.Struct("<BBBBHBBQQI")
+#: Size of the fixed part of a section header in bytes.
+SECTION_HEADER_SIZE = _SECTION.size  # 28
+
+#: Frames larger than this (header included) are refused by default.
+DEFAULT_MAX_FRAME_BYTES = 256 * 2**20
+#: Limit for frames before the handshake is done (HELLO, AUTH): an
+#: unauthenticated peer should not make the coordinator buffer 256 MiB.
+#: Set ``decoder.max_frame_bytes`` to it until WELCOME, then raise it.
+HANDSHAKE_MAX_FRAME_BYTES = 2**20
+#: Highest tensor rank on the wire (numpy 1.x allows 32).
+MAX_NDIM = 32
+#: A peer that has received no frame for this many heartbeat intervals
+#: considers the other side lost and closes the connection.
+HEARTBEAT_MISSES = 3
+#: Seconds within which HELLO ... WELCOME must complete, else close.
+HANDSHAKE_TIMEOUT = 30.0
+
+_KIND_TENSOR, _KIND_BLOB = 1, 2
+_MAX_RATIO = {"lz4": 255, "zlib": 1032}  # most output bytes one compressed byte can yield
+_FLAG_SHUFFLE = 0x01
+_MAX_INT = 2**63 - 1  # JSON integers must fit a signed 64-bit int (Kotlin Long)
+
+# Codec codes on the wire.  "none" must be understood by every peer.
+_CODEC_CODES = {"none": 0, "lz4": 1, "zlib": 2}
+_CODEC_NAMES = {code: name for name, code in _CODEC_CODES.items()}
+#: Codecs this process can encode and decode, in order of preference.
+CODECS: tuple[str, ...] = ("lz4", "zlib", "none") if _lz4 is not None else ("zlib", "none")
+# zlib level 1: on float activations levels 6-9 gain a few percent for 3-10x
+# the time; a phone is better off sending a little more.
+_ZLIB_LEVEL = 1
+
+# --------------------------------------------------------------------------
+# Message catalogue.
+# --------------------------------------------------------------------------
+
+HELLO = "HELLO"          #: worker -> coordinator: who I am, what I speak
+CHALLENGE = "CHALLENGE"  #: coordinator -> worker: nonce, chosen version and codec
+AUTH = "AUTH"            #: worker -> coordinator: HMAC of the nonce, own nonce
+WELCOME = "WELCOME"      #: coordinator -> worker: id, HMAC of the worker's nonce
+REFUSE = "REFUSE"        #: coordinator -> worker: reason; then the connection closes
+BYE = "BYE"              #: either way: orderly close
+PING = "PING"            #: either way: heartbeat
+PONG = "PONG"            #: either way: answer to PING
+LOAD = "LOAD"            #: coordinator -> worker: load a partition (bytes or from cache)
+LOADED = "LOADED"        #: worker -> coordinator: partition ready
+UNLOAD = "UNLOAD"        #: coordinator -> worker: drop a partition
+UNLOADED = "UNLOADED"    #: worker -> coordinator: partition dropped
+RUN = "RUN"              #: coordinator -> worker: run one task on input tensors
+RESULT = "RESULT"        #: worker -> coordinator: output tensors of a task
+FAILED = "FAILED"        #: worker -> coordinator: a task or a load failed
+
+#: Message type name -> the code in byte 5 of the fixed header.
+MESSAGE_TYPES: dict[str, int] = {
+    HELLO: 0x01, CHALLENGE: 0x02, AUTH: 0x03, WELCOME: 0x04, REFUSE: 0x05,
+    BYE: 0x06, PING: 0x07, PONG: 0x08,
+    LOAD: 0x10, LOADED: 0x11, UNLOAD: 0x12, UNLOADED: 0x13,
+    RUN: 0x20, RESULT: 0x21, FAILED: 0x22,
+}
+_TYPE_NAMES = {code: name for name, code in MESSAGE_TYPES.items()}
+
+
+@dataclass(eq=False)
+class Message:
+    """One protocol message: a type, a JSON header and optional binary sections.
+
+    Parameters
+    ----------
+    type
+        One of the catalogue constants (:data:`RUN`, :data:`RESULT`, ...).
+    header
+        JSON-able fields of the message; which keys each type needs is in
+        ``docs/protocol.md``.  Keys a receiver does not know are kept and
+        ignored, so newer peers may add fields.
+    tensors
+        Named arrays (inputs of RUN, outputs of RESULT).  Decoded arrays are
+        C-contiguous, native-endian, writable and own their memory; string
+        tensors come back as ``object`` arrays of ``str``.
+    blobs
+        Named byte strings (the ONNX model of LOAD, under ``"model"``).
+    """
+
+    type: str
+    header: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.type not in MESSAGE_TYPES:
+            raise ValueError(
+                f"unknown message type {self.type!r}; use one of {', '.join(MESSAGE_TYPES)}"
+            )
+
+    def __repr__(self) -> str:  # arrays can be huge: show shapes, not values
+        parts = [f"{self.type}", f"header={self.header!r}"]
+        if self.tensors:
+            shapes = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self.tensors.items())
+            parts.append(f"tensors={{{shapes}}}")
+        if self.blobs:
+            sizes = ", ".join(f"{k}: {len(v)} B" for k, v in self.blobs.items())
+            parts.append(f"blobs={{{sizes}}}")
+        return f"Message({', '.join(parts)})"
+
+
+# --------------------------------------------------------------------------
+# Dtypes.  Codes are ONNX TensorProto.DataType numbers, so clients that talk
+# to onnxruntime already know them.  0 (UNDEFINED) marks a blob.
+# --------------------------------------------------------------------------
+
+_STRING = 8
+_DTYPE_CODES: dict[str, int] = {
+    "float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5, "int32": 6,
+    "int64": 7, "bool": 9, "float16": 10, "float64": 11, "uint32": 12,
+    "uint64": 13, "complex64": 14, "complex128": 15, "bfloat16": 16,
+    "float8_e4m3fn": 17, "float8_e4m3fnuz": 18, "float8_e5m2": 19, "float8_e5m2fnuz": 20,
+}
+_DTYPE_NAMES = {code: name for name, code in _DTYPE_CODES.items()}
+_DTYPE_NAMES[_STRING] = "string"
+_ML_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz"}
+_wire_dtypes: dict[int, np.dtype] = {}
+
+
+def _wire_dtype(code: int) -> np.dtype:
+    """Return the little-endian numpy dtype for a fixed-size dtype code."""
+    dt = _wire_dtypes.get(code)
+    if dt is None:
+        name = _DTYPE_NAMES[code]
+        if name in _ML_DTYPES:  # imported lazily: only peers that use them pay
+            try:
+                import ml_dtypes
+            except ImportError:
+                raise ProtocolError(
+                    f"received a {name} tensor but ml_dtypes is not installed here; "
+                    "pip install ml_dtypes (onnx depends on it)"
+                ) from None
+            dt = np.dtype(getattr(ml_dtypes, name))
+        else:
+            dt = np.dtype(name).newbyteorder("<")
+        _wire_dtypes[code] = dt
+    return dt
+
+
+def _dtype_code(dtype: np.dtype) -> int:
+    if dtype.kind in "UO":
+        return _STRING
+    code = _DTYPE_CODES.get(dtype.name) if dtype.fields is None else None
+    if code is None:
+        raise ValueError(
+            f"dtype {dtype} cannot be sent; supported: {', '.join(_DTYPE_CODES)}, "
+            "and str/object arrays of str"
+        )
+    return code
+
+
+# --------------------------------------------------------------------------
+# Shuffle and codecs.
+# --------------------------------------------------------------------------
+
+
+def _shuffle(raw: np.ndarray, itemsize: int) -> np.ndarray:
+    """Group byte ``j`` of every element together (blosc's shuffle).
+
+    Float exponents and sign bytes vary little between neighbours, so after
+    the shuffle they form long runs that lz4 and zlib compress well.
+
+    >>> _shuffle(np.frombuffer(b"ABCDabcd", np.uint8), 4).tobytes()
+    b'AaBbCcDd'
+    """
+    return np.ascontiguousarray(raw.reshape(-1, itemsize).T).reshape(-1)
+
+
+def _unshuffle(data: np.ndarray, itemsize: int) -> np.ndarray:
+    """Invert :func:`_shuffle`; returns a new, writable array.
+
+    >>> _unshuffle(np.frombuffer(b"AaBbCcDd", np.uint8), 4).tobytes()
+    b'ABCDabcd'
+    """
+    return data.reshape(itemsize, -1).T.copy().reshape(-1)  # copy() even when n == 1
+
+
+def _compress(codec: str, data: Any) -> bytes:
+    if codec == "lz4":
+        if _lz4 is None:
+            raise ValueError("codec 'lz4' needs the lz4 package; pip install lz4, or use 'zlib'")
+        # Raw LZ4 *block*, no size prefix: the size is in the section header.
+        return _lz4.compress(data, mode="default", store_size=False)
+    return zlib.compress(data, _ZLIB_LEVEL)
+
+
+def _decompress(codec: str, payload: memoryview, raw_len: int, where: str) -> bytes | bytearray:
+    """Decompress exactly ``raw_len`` bytes, or raise ProtocolError."""
+    if codec == "none":
+        return payload  # type: ignore[return-value]  # caller copies
+    if codec == "lz4":
+        if _lz4 is None:
+            raise ProtocolError(f"{where} uses codec lz4, which this peer cannot decode "
+                                "(lz4 is not installed); it was not negotiated")
+        try:
+            out = _lz4.decompress(payload, uncompressed_size=raw_len, return_bytearray=True)
+        except Exception as exc:  # LZ4BlockError subclasses Exception directly
+            raise ProtocolError(f"{where}: corrupt lz4 block ({exc})") from None
+        if len(out) != raw_len:
+            raise ProtocolError(f"{where}: lz4 block decompressed to {len(out)} bytes, "
+                                f"the section header announces {raw_len}")
+        return out
+    # zlib: cap the output at raw_len + 1 so a bomb cannot allocate more.
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(payload, raw_len + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"{where}: corrupt zlib stream ({exc})") from None
+    if len(out) != raw_len or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        got = (f"{len(out)} bytes" if inflater.eof else f"{len(out)} bytes before the stream ended")
+        extra = ", with data after the stream end" if inflater.unused_data else ""
+        raise ProtocolError(f"{where}: zlib stream does not decompress to exactly the {raw_len} "
+                            f"bytes the section header announces (got {got}{extra})")
+    return out
+
+
+# --------------------------------------------------------------------------
+# Encoding.
+# --------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars sneak into headers (rss from a numpy sum, a shape entry).
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-able")
+
+
+def _tensor_raw(name: str, array: np.ndarray) -> tuple[int, np.ndarray]:
+    """Return (dtype code, raw little-endian C-order bytes as a uint8 array)."""
+    code = _dtype_code(array.dtype)
+    if code == _STRING:
+        encoded = []
+        for i, item in enumerate(array.reshape(-1).tolist()):
+            if not isinstance(item, str):
+                raise TypeError(f"string tensor {name!r}: element {i} is "
+                                f"{type(item).__name__}, not str")
+            try:
+                encoded.append(item.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"string tensor {name!r}: element {i} is not "
+                                 f"encodable as UTF-8 ({exc})") from None
+        if any(len(b) > 0xFFFFFFFF for b in encoded):
+            raise ValueError(f"string tensor {name!r} has an element over 4 GiB")
+        lengths = np.array([len(b) for b in encoded], dtype="<u4")
+        return code, np.frombuffer(lengths.tobytes() + b"".join(encoded), np.uint8)
+    wire_dtype = _wire_dtype(code)
+    if array.dtype != wire_dtype:
+        array = array.astype(wire_dtype)  # big-endian input: swap into wire order
+    array = np.ascontiguousarray(array)  # no copy when already contiguous
+    return code, array.reshape(-1).view(np.uint8)
+
+
+def _section(kind: int, name: str, dtype_code: int, shape: tuple[int, ...],
+             raw: np.ndarray | bytes | memoryview, itemsize: int,
+             codec: str, shuffle: bool) -> list[bytes | memoryview]:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"section names must be non-empty str, got {name!r}")
+    name_bytes = name.encode("utf-8")
+    if len(name_bytes) > 0xFFFF:
+        raise ValueError(f"section name {name[:40]!r}... is over 65535 UTF-8 bytes")
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"tensor {name!r} has rank {len(shape)}; the wire allows {MAX_NDIM}")
+    raw_len = len(raw) if not isinstance(raw, np.ndarray) else raw.nbytes
+    crc = zlib.crc32(raw)
+    payload: Any = raw if not isinstance(raw, np.ndarray) else memoryview(raw)
+    used, flags = "none", 0
+    if codec != "none" and raw_len:
+        data = raw
+        if shuffle and itemsize > 1:
+            data, flags = _shuffle(raw, itemsize), _FLAG_SHUFFLE  # type: ignore[arg-type]
+        packed = _compress(codec, data)
+        if len(packed) < raw_len:  # incompressible (random, tiny): send as is
+            payload, used = packed, codec
+        else:
+            flags = 0
+    head = _SECTION.pack(kind, dtype_code, _CODEC_CODES[used], flags, len(name_bytes),
+                         len(shape), 0, raw_len, len(payload) if used != "none" else raw_len, crc)
+    return [head + name_bytes + struct.pack(f"<{len(shape)}Q", *shape), payload]
+
+
+def encode_parts(message: Message, *, codec: str = "lz4", shuffle: bool = False,
+                 version: int = PROTOCOL_VERSION) -> list[bytes | memoryview]:
+    """Encode ``message`` as a list of buffers whose concatenation is one frame.
+
+    Sections sent uncompressed are memoryviews of the caller's arrays, not
+    copies, so ``transport.writelines(parts)`` or ``socket.sendmsg(parts)``
+    avoid a copy of large tensors.  Do not modify the arrays until the parts
+    are written.  Parameters are those of :func:`encode`.
+    """
+    if not isinstance(message, Message):
+        raise TypeError(f"encode() takes a Message, got {type(message).__name__}")
+    if codec not in _CODEC_CODES:
+        raise ValueError(f"unknown codec {codec!r}; use one of {', '.join(_CODEC_CODES)}")
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"cannot write protocol version {version}; this crowdgraph "
+                         f"writes {list(SUPPORTED_VERSIONS)}")
+    if not isinstance(message.header, dict):
+        raise TypeError(f"{message.type} header must be a dict, "
+                        f"got {type(message.header).__name__}")
+    for kind, mapping in (("tensors", message.tensors), ("blobs", message.blobs)):
+        if not isinstance(mapping, dict):
+            raise TypeError(f"{message.type} {kind} must be a dict, got {type(mapping).__name__}")
+    try:
+        control = json.dumps(message.header, ensure_ascii=False, allow_nan=False,
+                             separators=(",", ":"), default=_json_default).encode("utf-8")
+        header = json.loads(control)  # what the peer will see (tuples -> lists, ...)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{message.type} header is not JSON-able: {exc}") from None
+    problem = _catalogue_problem(message.type, header, list(message.tensors), list(message.blobs))
+    if problem:
+        raise ValueError(problem)
+
+    parts: list[bytes | memoryview] = []
+    for name, array in message.tensors.items():
+        if isinstance(array, np.generic):
+            array = np.asarray(array)
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"tensor {name!r} must be a numpy array, got {type(array).__name__}")
+        code, raw = _tensor_raw(name, array)
+        itemsize = 0 if code == _STRING else array.dtype.itemsize
+        parts += _section(_KIND_TENSOR, name, code, array.shape, raw, itemsize, codec, shuffle)
+    for name, blob in message.blobs.items():
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise TypeError(f"blob {name!r} must be bytes, got {type(blob).__name__}")
+        blob_view = memoryview(blob).cast("B")
+        parts += _section(_KIND_BLOB, name, 0, (), blob_view, 1, codec, False)
+    body_len = len(control) + sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    fixed = _HEADER.pack(MAGIC, version, MESSAGE_TYPES[message.type], 0, body_len,
+                         len(control), (len(message.tensors) + len(message.blobs)))
+    return [fixed + control, *parts]
+
+
+def encode(message: Message, *, codec: str = "lz4", shuffle: bool = False,
+           version: int = PROTOCOL_VERSION) -> bytes:
+    """Encode ``message`` into one frame.
+
+    Parameters
+    ----------
+    message
+        The message; its header is checked against the catalogue, so a
+        missing or mistyped field fails here rather than at the peer.
+    codec
+        ``"lz4"`` (fast, the default), ``"zlib"`` (for peers without lz4,
+        e.g. browsers) or ``"none"``.  Use the codec negotiated in CHALLENGE.
+        A section that does not shrink is sent with ``"none"``.
+    shuffle
+        Byte-shuffle tensors whose elements are wider than one byte before
+        compressing them; it helps float activations most.
+    version
+        Protocol version to write, the negotiated one.
+
+    Returns
+    -------
+    bytes
+        The frame.
+
+    Raises
+    ------
+    ValueError, TypeError
+        The message cannot be encoded (unknown dtype, missing header field, ...).
+
+    Examples
+    --------
+    >>> frame = encode(Message(PING, {"seq": 7}))
+    >>> frame[:4], len(frame)
+    (b'CRWD', 33)
+    """
+    return b"".join(encode_parts(message, codec=codec, shuffle=shuffle, version=version))
+
+
+# --------------------------------------------------------------------------
+# Decoding.
+# --------------------------------------------------------------------------
+
+_KNOWN_NON_PROTOCOLS = {b"GET ": "an HTTP request (browsers must use the WebSocket endpoint)",
+                        b"POST": "an HTTP request", b"HTTP": "an HTTP response",
+                        b"\x16\x03": "a TLS handshake (is the peer using TLS and this side not?)"}
+
+
+def _bad_magic(prefix: bytes) -> ProtocolError:
+    guess = next((what for start, what in _KNOWN_NON_PROTOCOLS.items()
+                  if prefix.startswith(start)), None)
+    return ProtocolError(
+        f"frame starts with {prefix!r}, not the magic {MAGIC!r}: the peer does not speak "
+        f"the crowdgraph wire protocol{f'; this looks like {guess}' if guess else ''}"
+    )
+
+
+def _limit_error(what: str, size: int, limit: int) -> ProtocolError:
+    return ProtocolError(
+        f"{what} {format_bytes(size)} ({size} bytes), above the {format_bytes(limit)} "
+        f"({limit} bytes) limit; raise max_frame_bytes on both ends if this is intended"
+    )
+
+
+def _read_header(view: memoryview, max_frame_bytes: int,
+                 versions: Sequence[int]) -> tuple[str, int, int, int, int]:
+    """Check a fixed header; return (type, version, control length, sections, frame length)."""
+    magic, version, type_code, flags, body_len, control_len, count = _HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise _bad_magic(bytes(magic))
+    if version not in versions:
+        raise ProtocolError(f"frame has protocol version {version}; this peer reads "
+                            f"{list(versions)} (upgrade the older side)")
+    type_name = _TYPE_NAMES.get(type_code)
+    if type_name is None:
+        raise ProtocolError(f"unknown message type code 0x{type_code:02x} in a version "
+                            f"{version} frame")
+    if flags:
+        raise ProtocolError(f"{type_name} frame has reserved header flags 0x{flags:04x} set")
+    if HEADER_SIZE + body_len > max_frame_bytes:
+        raise _limit_error(f"{type_name} frame announces", HEADER_SIZE + body_len, max_frame_bytes)
+    if control_len + count * SECTION_HEADER_SIZE > body_len:
+        raise ProtocolError(
+            f"{type_name} frame lengths do not add up: a {control_len}-byte control part and "
+            f"{count} sections of at least {SECTION_HEADER_SIZE} bytes do not fit a "
+            f"{body_len}-byte body"
+        )
+    return type_name, version, control_len, count, HEADER_SIZE + body_len
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in the control part")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} overflows a double")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return result
+
+
+def _parse_control(data: memoryview, type_name: str) -> dict[str, Any]:
+    try:
+        header = json.loads(str(data, "utf-8"), object_pairs_hook=_unique_keys,
+                            parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ProtocolError(f"control part of a {type_name} frame nests too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise ProtocolError(
+            f"control part of a {type_name} frame is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"control part of a {type_name} frame is a JSON "
+                            f"{type(header).__name__}, not an object")
+    return header
+
+
+@dataclass
+class _SectionInfo:
+    kind: int
+    name: str
+    dtype: int
+    codec: str
+    shuffled: bool
+    shape: tuple[int, ...]
+    raw_len: int
+    crc: int
+    payload: memoryview
+
+
+def _read_sections(body: memoryview, offset: int, count: int, type_name: str,
+                   max_frame_bytes: int) -> list[_SectionInfo]:
+    """Parse section headers (no decompression yet) and check they tile the body."""
+    sections: list[_SectionInfo] = []
+    names: dict[int, set[str]] = {_KIND_TENSOR: set(), _KIND_BLOB: set()}
+    total_raw = 0
+    for index in range(count):
+        where = f"{type_name} section {index}"
+        if offset + SECTION_HEADER_SIZE > len(body):
+            raise ProtocolError(f"{where}: header runs past the end of the frame")
+        (kind, dtype, codec_code, flags, name_len, ndim, reserved, raw_len, payload_len,
+         crc) = _SECTION.unpack_from(body, offset)
+        offset += SECTION_HEADER_SIZE
+        if kind not in names:
+            raise ProtocolError(f"{where}: unknown section kind {kind}")
+        codec = _CODEC_NAMES.get(codec_code)
+        if codec is None:
+            raise ProtocolError(f"{where}: unknown codec code {codec_code}")
+        if reserved or flags & ~_FLAG_SHUFFLE:
+            raise ProtocolError(f"{where}: reserved bits set (flags 0x{flags:02x}, "
+                                f"reserved 0x{reserved:02x})")
+        if offset + name_len + 8 * ndim + payload_len > len(body):
+            raise ProtocolError(f"{where}: name, shape and payload run past the end of the frame")
+        try:
+            name = str(body[offset:offset + name_len], "utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"{where}: name is not UTF-8") from None
+        offset += name_len
+        where = f"{type_name} {'tensor' if kind == _KIND_TENSOR else 'blob'} {name!r}"
+        if not name:
+            raise ProtocolError(f"{type_name} section {index} has an empty name")
+        if name in names[kind]:
+            raise ProtocolError(f"{where} appears twice in one frame")
+        names[kind].add(name)
+        shape = struct.unpack_from(f"<{ndim}Q", body, offset)
+        offset += 8 * ndim
+        payload = body[offset:offset + payload_len]
+        offset += payload_len
+
+        if kind == _KIND_BLOB:
+            if dtype or ndim or flags:
+                raise ProtocolError(f"{where}: a blob must have dtype 0, no shape and no "
+                                    f"shuffle (got dtype {dtype}, rank {ndim}, flags {flags})")
+        elif dtype not in _DTYPE_NAMES:
+            raise ProtocolError(f"{where}: unknown dtype code {dtype}")
+        elif ndim > MAX_NDIM or any(d > _MAX_INT for d in shape):
+            raise ProtocolError(f"{where}: shape {list(shape)} exceeds the wire's limits "
+                                f"(rank <= {MAX_NDIM}, dimensions < 2**63)")
+        elif dtype == _STRING:
+            if flags:
+                raise ProtocolError(f"{where}: shuffle flag set on a string tensor")
+            if 4 * math.prod(shape) > raw_len:
+                raise ProtocolError(f"{where}: {raw_len} raw bytes cannot hold the lengths "
+                                    f"of {math.prod(shape)} strings of shape {list(shape)}")
+        else:
+            itemsize = _wire_dtype(dtype).itemsize
+            expected = math.prod(shape) * itemsize
+            if raw_len != expected:
+                raise ProtocolError(f"{where}: shape {list(shape)} of {_DTYPE_NAMES[dtype]} needs "
+                                    f"{expected} bytes, the section announces {raw_len}")
+            if flags and itemsize == 1:
+                raise ProtocolError(f"{where}: shuffle flag set on 1-byte {_DTYPE_NAMES[dtype]}")
+        if codec == "none" and payload_len != raw_len:
+            raise ProtocolError(f"{where}: uncompressed payload of {payload_len} bytes, "
+                                f"raw length announced {raw_len}")
+        # No lz4 input byte yields more than 255 output bytes, no deflate byte
+        # more than 1032: refuse impossible sizes before allocating for them.
+        if raw_len > _MAX_RATIO.get(codec, 1) * payload_len:
+            raise ProtocolError(f"{where}: {payload_len} bytes of {codec} cannot decompress "
+                                f"to the {raw_len} bytes announced")
+        total_raw += raw_len
+        if total_raw > max_frame_bytes:
+            raise _limit_error(f"{type_name} frame decompresses to at least", total_raw,
+                               max_frame_bytes)
+        sections.append(_SectionInfo(kind, name, dtype, codec, bool(flags), tuple(shape),
+                                     raw_len, crc, payload))
+    if offset != len(body):
+        raise ProtocolError(f"{type_name} frame has {len(body) - offset} bytes of trailing "
+                            "garbage after its last section")
+    return sections
+
+
+def _decode_section(info: _SectionInfo, type_name: str) -> np.ndarray | bytes:
+    where = f"{type_name} {'tensor' if info.kind == _KIND_TENSOR else 'blob'} {info.name!r}"
+    data = _decompress(info.codec, info.payload, info.raw_len, where)
+    if info.kind == _KIND_BLOB:
+        if zlib.crc32(data) != info.crc:
+            raise ProtocolError(f"{where}: CRC32 mismatch, the bytes were corrupted in transit")
+        return bytes(data)
+    if info.shuffled:
+        itemsize = _wire_dtype(info.dtype).itemsize
+        raw = _unshuffle(np.frombuffer(data, np.uint8), itemsize)
+    elif isinstance(data, bytearray):
+        raw = np.frombuffer(data, np.uint8)  # lz4 output: fresh and writable already
+    else:
+        raw = np.frombuffer(data, np.uint8).copy()  # copy out of the frame buffer
+    if zlib.crc32(raw) != info.crc:
+        raise ProtocolError(f"{where}: CRC32 mismatch, the bytes were corrupted in transit")
+    if info.dtype == _STRING:
+        return _decode_strings(raw, info.shape, where)
+    if info.dtype == _DTYPE_CODES["bool"] and raw.size and raw.max() > 1:
+        raise ProtocolError(f"{where}: bool tensor holds bytes other than 0 and 1")
+    try:
+        array = raw.view(_wire_dtype(info.dtype)).reshape(info.shape)
+    except ValueError as exc:  # e.g. a zero-size tensor whose other dims overflow
+        raise ProtocolError(
+            f"{where}: shape {list(info.shape)} is not representable: {exc}") from None
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))  # big-endian hosts only
+    return array
+
+
+def _decode_strings(raw: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
+    count = math.prod(shape)
+    lengths = raw[:4 * count].view("<u4").astype(np.int64)
+    ends = np.cumsum(lengths) + 4 * count
+    if 4 * count + int(lengths.sum()) != raw.size:
+        raise ProtocolError(f"{where}: string lengths add up to {int(lengths.sum())} bytes, "
+                            f"the section holds {raw.size - 4 * count}")
+    data = raw.tobytes()
+    out = np.empty(count, dtype=object)
+    start = 4 * count
+    try:
+        for i, end in enumerate(ends.tolist()):
+            out[i] = data[start:end].decode("utf-8")
+            start = end
+        return out.reshape(shape)
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{where}: element {i} is not valid UTF-8") from None
+    except ValueError as exc:
+        raise ProtocolError(f"{where}: shape {list(shape)} is not representable: {exc}") from None
+
+
+def _decode_body(body: memoryview, type_name: str, control_len: int, count: int,
+                 max_frame_bytes: int) -> Message:
+    header = _parse_control(body[:control_len], type_name)
+    sections = _read_sections(body, control_len, count, type_name, max_frame_bytes)
+    tensor_names = [s.name for s in sections if s.kind == _KIND_TENSOR]
+    blob_names = [s.name for s in sections if s.kind == _KIND_BLOB]
+    problem = _catalogue_problem(type_name, header, tensor_names, blob_names)
+    if problem:
+        raise ProtocolError(problem)
+    message = Message(type_name, header)
+    for info in sections:  # decompress only once everything else checked out
+        value = _decode_section(info, type_name)
+        if info.kind == _KIND_TENSOR:
+            message.tensors[info.name] = value  # type: ignore[assignment]
+        else:
+            message.blobs[info.name] = value  # type: ignore[assignment]
+    return message
+
+
+def decode(frame: bytes | bytearray | memoryview, *,
+           max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+           versions: Sequence[int] = SUPPORTED_VERSIONS) -> Message:
+    """Decode exactly one complete frame, e.g. one binary WebSocket message.
+
+    Raises
+    ------
+    ProtocolError
+        The bytes are not exactly one valid frame.
+
+    Examples
+    --------
+    >>> decode(encode(Message(PONG, {"seq": 7})))
+    Message(PONG, header={'seq': 7})
+    >>> decode(b"GET / HTTP/1.1\\r\\n\\r\\n")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    crowdgraph.errors.ProtocolError: frame starts with b'GET ', not the magic b'CRWD': ...
+    """
+    with memoryview(frame) as view:
+        view = view.cast("B")
+        if len(view) < HEADER_SIZE:
+            if bytes(view[:4]) != MAGIC[:len(view)]:
+                raise _bad_magic(bytes(view[:4]))
+            raise ProtocolError(f"truncated frame: {len(view)} bytes, shorter than the "
+                                f"{HEADER_SIZE}-byte fixed header")
+        type_name, _, control_len, count, total = _read_header(view, max_frame_bytes, versions)
+        if len(view) != total:
+            raise ProtocolError(f"{type_name} frame header announces {total} bytes, "
+                                f"the message holds {len(view)}")
+        return _decode_body(view[HEADER_SIZE:], type_name, control_len, count, max_frame_bytes)
+
+
+class FrameDecoder:
+    """Turn a byte stream, in chunks of any size, into messages.
+
+    Parameters
+    ----------
+    max_frame_bytes
+        Largest frame accepted, fixed header included; it also bounds the
+        total decompressed size of a frame's sections.  The limit is checked
+        from the fixed header, before any of the body is buffered, so a peer
+        cannot make this side allocate more than this.
+    versions
+        Protocol versions accepted in frame headers.
+
+    Notes
+    -----
+    ``max_frame_bytes`` is read for every frame header as it completes, so a
+    coordinator can start with :data:`HANDSHAKE_MAX_FRAME_BYTES` and raise
+    it when it sends WELCOME (before which a worker sends nothing large).
+
+    After :meth:`feed` raised :class:`ProtocolError` the decoder is unusable:
+    the stream position is lost, and every further call raises again.  Close
+    the connection.  Messages completed earlier in the same ``feed`` call are
+    dropped with it.
+
+    Examples
+    --------
+    >>> frame = encode(Message(PING, {"seq": 1}))
+    >>> decoder = FrameDecoder()
+    >>> [m for b in frame for m in decoder.feed(bytes([b]))]
+    [Message(PING, header={'seq': 1})]
+    >>> decoder.feed(b"GET /")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    crowdgraph.errors.ProtocolError: frame starts with b'GET ', not the magic b'CRWD': ...
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *,
+                 versions: Sequence[int] = SUPPORTED_VERSIONS) -> None:
+        if max_frame_bytes < HEADER_SIZE:
+            raise ValueError(f"max_frame_bytes must be at least {HEADER_SIZE}")
+        self.max_frame_bytes = max_frame_bytes
+        self.versions = tuple(versions)
+        self._buffer = bytearray()
+        self._frame_len = 0  # length of the frame being buffered, once its header is in
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a message."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Add received bytes; return the messages they complete, in order.
+
+        Raises
+        ------
+        ProtocolError
+            The stream is not valid; close the connection.
+        """
+        if self._error is not None:
+            raise ProtocolError(f"the stream was already broken ({self._error}); "
+                                "close the connection") from self._error
+        try:
+            return self._feed(data)
+        except ProtocolError as exc:
+            self._error = exc
+            self._buffer = bytearray()
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        self._buffer += data
+        if len(self._buffer) < max(self._frame_len, HEADER_SIZE):
+            if not self._frame_len and len(self._buffer) >= 4 and self._buffer[:4] != MAGIC:
+                raise _bad_magic(bytes(self._buffer[:4]))  # fail fast on HTTP, TLS, ...
+            return []
+        messages: list[Message] = []
+        pos = 0
+        with memoryview(self._buffer) as view:
+            while len(view) - pos >= HEADER_SIZE:
+                type_name, _, control_len, count, total = _read_header(
+                    view[pos:pos + HEADER_SIZE], self.max_frame_bytes, self.versions)
+                if len(view) - pos < total:
+                    self._frame_len = total
+                    break
+                messages.append(_decode_body(view[pos + HEADER_SIZE:pos + total], type_name,
+                                             control_len, count, self.max_frame_bytes))
+                pos += total
+                self._frame_len = 0
+            else:
+                if len(view) - pos >= 4 and view[pos:pos + 4] != MAGIC:
+                    raise _bad_magic(bytes(view[pos:pos + 4]))
+            # A new buffer rather than an in-place delete: slices of `view` may
+            # still be referenced, and a resize would fail while they live.
+            leftover = bytearray(view[pos:]) if pos else None
+        if leftover is not None:
+            self._buffer = leftover
+        return messages
+
+
+# --------------------------------------------------------------------------
+# Catalogue: which header fields each message type must carry.
+# --------------------------------------------------------------------------
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return type(v) is int and low <= v <= _MAX_INT
+
+
+def _is_number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _is_task(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+            and _is_int(v[1]))
+
+
+_Check = tuple[Callable[[Any], bool], str]
+_STR: _Check = (lambda v: isinstance(v, str), "a string")
+_HEX: _Check = (lambda v: isinstance(v, str) and _HEX64.fullmatch(v) is not None,
+                "64 lowercase hex digits")
+_COUNT: _Check = (_is_int, "an integer >= 0")
+_SECONDS: _Check = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
+_TIME: _Check = (_is_number, "a number")
+_TASK: _Check = (_is_task, "a task key [partition: str, microbatch: int >= 0]")
+_STRINGS: _Check = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                    "a list of strings")
+
+# type -> {field: (check, description, required)}
+_FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
+    HELLO: {
+        "versions": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(x, 1) for x in v),
+                     "a non-empty list of integers >= 1", True),
+        "name": (*_STR, True),
+        "memory_budget": (*_COUNT, True),
+        "cores": ((lambda v: _is_int(v, 1)), "an integer >= 1", True),
+        "platform": (*_STR, True),
+        "codecs": (*_STRINGS, True),
+        "cached": ((lambda v: isinstance(v, list) and all(_HEX[0](x) for x in v)),
+                   "a list of sha256 hex digests", True),
+    },
+    CHALLENGE: {"nonce": (*_HEX, True),
+                "version": ((lambda v: _is_int(v, 1)), "an integer >= 1", True),
+                "codec": ((lambda v: v in _CODEC_CODES), f"one of {list(_CODEC_CODES)}", True)},
+    AUTH: {"signature": (*_HEX, True), "nonce": (*_HEX, True)},
+    WELCOME: {"worker_id": (*_STR, True), "signature": (*_HEX, True),
+              "heartbeat": ((lambda v: _is_number(v) and v > 0), "a number > 0", True)},
+    REFUSE: {"reason": (*_STR, True)},
+    BYE: {"reason": (*_STR, False)},
+    PING: {"seq": (*_COUNT, True)},
+    PONG: {"seq": (*_COUNT, True)},
+    LOAD: {"partition": (*_STR, True), "sha256": (*_HEX, True),
+           "from_cache": ((lambda v: type(v) is bool), "true or false", True)},
+    LOADED: {"partition": (*_STR, True), "sha256": (*_HEX, True),
+             "seconds": (*_SECONDS, True), "rss": (*_COUNT, True)},
+    UNLOAD: {"partition": (*_STR, True)},
+    UNLOADED: {"partition": (*_STR, True), "rss": (*_COUNT, True)},
+    RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True)},
+    RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),
+             "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True)},
+    FAILED: {"task": (*_TASK, False), "load": (*_STR, False), "error": (*_STR, True)},
+}
+
+
+def _catalogue_problem(type_name: str, header: dict[str, Any], tensors: Iterable[str],
+                       blobs: Iterable[str]) -> str | None:
+    """Return what is wrong with a message's header and sections, or None."""
+    for key, (check, wanted, required) in _FIELDS[type_name].items():
+        if key not in header:
+            if required:
+                return f"{type_name} header lacks {key!r} ({wanted})"
+        elif not check(header[key]):
+            return f"{type_name} header field {key!r} must be {wanted}, got {header[key]!r:.80}"
+    tensors, blobs = list(tensors), list(blobs)
+    if type_name == FAILED and ("task" in header) == ("load" in header):
+        return ("FAILED header needs exactly one of 'task' (a task failed) "
+                "and 'load' (a load failed)")
+    if tensors and type_name not in (RUN, RESULT):
+        return f"{type_name} carries tensors {tensors}; only RUN and RESULT carry tensors"
+    if type_name == LOAD:
+        wanted_blobs = [] if header["from_cache"] else ["model"]
+        if blobs != wanted_blobs:
+            return (f"LOAD with from_cache={str(header['from_cache']).lower()} must carry "
+                    f"blobs {wanted_blobs}, not {blobs}")
+    elif blobs:
+        return f"{type_name} carries blobs {blobs}; only LOAD carries a blob"
+    return None
+
+
+# --------------------------------------------------------------------------
+# Handshake helpers.
+# --------------------------------------------------------------------------
+
+_ROLES = ("worker", "coordinator")
+
+
+def make_nonce() -> bytes:
+    """Return 32 fresh random bytes for a CHALLENGE or AUTH nonce (sent as hex)."""
+    return secrets.token_bytes(32)
+
+
+def _auth_message(nonce: bytes, role: str) -> bytes:
+    if role not in _ROLES:
+        raise ValueError(f"role must be 'worker' or 'coordinator', got {role!r}")
+    if not isinstance(nonce, (bytes, bytearray)) or len(nonce) < 16:
+        raise ValueError("nonce must be at least 16 random bytes (make_nonce() gives 32)")
+    return b"crowdgraph " + role.encode("ascii") + b" " + bytes(nonce)
+
+
+def sign(token: bytes, nonce: bytes, *, role: str) -> str:
+    """Prove knowledge of ``token`` for ``nonce`` without sending the token.
+
+    Returns ``HMAC-SHA256(token, b"crowdgraph " + role + b" " + nonce)``
+    as 64 lowercase hex digits.  The role (``"worker"`` for AUTH,
+    ``"coordinator"`` for WELCOME) keeps one side's signature from being
+    replayed as the other's: without it a fake coordinator could have one
+    worker sign another worker's nonce and pass as genuine.
+
+    Examples
+    --------
+    >>> sig = sign(b"secret", bytes(32), role="worker")
+    >>> len(sig), verify(b"secret", bytes(32), sig, role="worker")
+    (64, True)
+    >>> verify(b"secret", bytes(32), sig, role="coordinator")
+    False
+    """
+    if not isinstance(token, (bytes, bytearray)) or not token:
+        raise ValueError("the shared token must be non-empty bytes (encode a str as UTF-8)")
+    return hmac.new(bytes(token), _auth_message(nonce, role), hashlib.sha256).hexdigest()
+
+
+def verify(token: bytes, nonce: bytes, signature: object, *, role: str) -> bool:
+    """Return whether ``signature`` is :func:`sign` of ``nonce`` for ``role``.
+
+    Compares in constant time; a signature that is not even a hex string
+    is simply wrong, not an error.
+    """
+    expected = sign(token, nonce, role=role).encode("ascii")
+    if not isinstance(signature, str):
+        return False
+    try:
+        given = signature.encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(expected, given)
+
+
+def negotiate(hello_header: dict[str, Any],
+              supported_versions: Sequence[int] = SUPPORTED_VERSIONS,
+              supported_codecs: Sequence[str] = CODECS) -> tuple[int, str]:
+    """Pick the protocol version and codec for a worker from its HELLO.
+
+    Parameters
+    ----------
+    hello_header
+        The header of the worker's HELLO.
+    supported_versions
+        Versions this side speaks; the highest common one wins.
+    supported_codecs
+        Codecs this side can use, most preferred first; the first one the
+        worker also lists wins.
+
+    Raises
+    ------
+    ProtocolError
+        Nothing overlaps; the message says what each side offered.  Send it
+        in a REFUSE and close.
+
+    Examples
+    --------
+    >>> negotiate({"versions": [1, 2], "codecs": ["zlib", "none"]}, [1], ["lz4", "zlib", "none"])
+    (1, 'zlib')
+    """
+    versions, codecs = hello_header.get("versions"), hello_header.get("codecs")
+    if not (isinstance(versions, list) and all(type(v) is int for v in versions)):
+        raise ProtocolError(f"HELLO 'versions' must be a list of integers, got {versions!r:.80}")
+    if not (isinstance(codecs, list) and all(isinstance(c, str) for c in codecs)):
+        raise ProtocolError(f"HELLO 'codecs' must be a list of strings, got {codecs!r:.80}")
+    common = set(versions) & set(supported_versions)
+    if not common:
+        newer = "worker" if min(versions, default=0) > max(supported_versions) else "coordinator"
+        raise ProtocolError(
+            f"no common protocol version: the worker speaks {sorted(versions)}, the coordinator "
+            f"{sorted(supported_versions)}; upgrade crowdgraph on the side other than the {newer}"
+        )
+    codec = next((c for c in supported_codecs if c in codecs), None)
+    if codec is None:
+        raise ProtocolError(
+            f"no common codec: the worker decodes {codecs}, the coordinator offers "
+            f"{list(supported_codecs)}; every peer must at least list 'none'"
+        )
+    return max(common), codec
