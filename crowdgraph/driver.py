@@ -1,0 +1,219 @@
+"""The driver loop: scheduler decisions in, executor notices back, on one thread.
+
+This is the glue of stage 5 (dask.local's queue pattern).  The driver
+
+1. splits the batch into micro-batches and builds the task graph;
+2. starts the executor, which names its workers, and builds the pure
+   :class:`~crowdgraph.schedule.Scheduler` (a crowd that cannot hold some
+   partition fails here, before anything runs);
+3. hands each scheduler action to the executor, with the input values of
+   a task taken from the micro-batch or from earlier task outputs;
+4. waits for the executor's notices and feeds them to the scheduler,
+   recording everything in a :class:`~crowdgraph.report.RunReport`;
+5. forgets intermediate values once every task that reads them finished,
+   and joins the model outputs of all micro-batches at the end.
+
+Only this loop touches the scheduler, so the scheduler needs no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import CrowdgraphError, ExecutionError
+from .executor import Executor, Job, Notice, Reporter
+from .report import LoadRecord, RunReport, TaskRecord
+from .schedule import (
+    Action, Load, LoadFinished, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
+    Unload, WorkerJoined, WorkerLost,
+)
+from .taskgraph import Mode, build_task_graph, data_consumers, data_producers
+
+#: How long the driver waits for a notice before checking the clock again.
+POLL_SECONDS = 0.05
+
+
+class Driver:
+    """One run of a compiled model on an executor (see the module docstring)."""
+
+    def __init__(self, compiled: Any, microbatches: Sequence[Mapping[str, np.ndarray]], executor: Executor,
+                 *, mode: Mode = "streaming", seed: int = 0, progress: bool = False,
+                 timeout: float | None = None):
+        self.compiled = compiled
+        self.microbatches = microbatches
+        self.executor = executor
+        self.tasks = build_task_graph(compiled.graph, len(microbatches), mode)
+        self.partitions = {p.name: p for p in compiled.partitions}
+        self.producer = {t: p.name for p in compiled.partitions for t in p.outputs}
+        self.output_partition = {name: self.producer[name] for name in compiled.output_names}
+        self.keep = set(self.output_partition.values())
+        self.reporter = Reporter()
+        self.report = RunReport(executor=getattr(executor, "name", type(executor).__name__), mode=mode,
+                                microbatches=len(microbatches), partitions=len(compiled.partitions))
+        self.values: dict[TaskKey, Mapping[str, Any]] = {}
+        self.waiting: dict[TaskKey, set[TaskKey]] = {
+            k: set(data_consumers(self.tasks, k)) for k in self.tasks
+        }
+        self.issued: dict[TaskKey, tuple[str, int]] = {}
+        self.seed = seed
+        self.progress = progress
+        self.timeout = timeout
+        self.scheduler: Scheduler | None = None
+
+    # -- the loop --------------------------------------------------------
+
+    def run(self) -> tuple[list[dict[str, Any]] | None, RunReport]:
+        """Carry the run out; return per-micro-batch outputs (None when simulated) and the report."""
+        workers = list(self.executor.start(Job(self.partitions, self.compiled.memory_budget), self.reporter))
+        for w in workers:
+            self.report.add_worker(w.id, w.memory, w.speed)
+        self.scheduler = Scheduler(self.tasks, {p: part.resident_bytes for p, part in self.partitions.items()},
+                                   workers, seed=self.seed)
+        self.report.start = self.executor.now()
+        bar = _progress_bar(len(self.tasks)) if self.progress else None
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            self._issue(self.scheduler.start())
+            while not self.scheduler.done:
+                if not self.reporter.pending():
+                    self.executor.idle()
+                notice = self.reporter.next(POLL_SECONDS)
+                if notice is None:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise ExecutionError(
+                            f"the run did not finish within {self.timeout} s "
+                            f"({len(self.scheduler.finished)} of {len(self.tasks)} tasks done); "
+                            "check that the workers are alive or raise timeout="
+                        )
+                    continue
+                done_before = len(self.scheduler.finished)
+                self._issue(self._apply(notice))
+                if bar is not None:
+                    bar.update(len(self.scheduler.finished) - done_before)
+        except BaseException:
+            self.executor.reset()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self.report.end = self.executor.now()
+        return self._outputs(), self.report
+
+    def _apply(self, notice: Notice) -> list[Action]:
+        """Record a notice and turn it into scheduler actions."""
+        sched = self.scheduler
+        assert sched is not None
+        kind, worker = notice.kind, notice.worker
+        if kind == "finished":
+            assert notice.key is not None and worker is not None and notice.outputs is not None
+            key = notice.key
+            was_done = key in sched.finished
+            actions = sched.handle(TaskFinished(worker, key))
+            if was_done or key not in sched.finished:
+                self.executor.forget(list(notice.outputs.values()))  # late duplicate
+                return actions
+            self._finished(key, worker, notice)
+            return actions
+        if kind == "loaded":
+            assert worker is not None and notice.partition is not None
+            s = notice.stats
+            self.report.record_load(LoadRecord(worker, notice.partition, s["start"], s["end"],
+                                               s.get("bytes_sent") or 0, bool(s.get("from_cache"))), s.get("rss"))
+            return sched.handle(LoadFinished(worker, notice.partition))
+        if kind == "unloaded":
+            assert worker is not None
+            self.report.record_unload(worker, notice.stats.get("rss"))
+            return []
+        if kind == "lost":
+            assert worker is not None
+            if worker not in sched.workers or worker in sched.lost:
+                return []
+            self.report.replaced.extend(sched.queue(worker))
+            if worker in self.report.workers:
+                self.report.workers[worker].lost = notice.error or "lost"
+            return sched.handle(WorkerLost(worker))
+        if kind == "joined":
+            assert notice.info is not None
+            self.report.add_worker(notice.info.id, notice.info.memory, notice.info.speed)
+            return sched.handle(WorkerJoined(notice.info))
+        if kind == "results_lost":
+            return sched.handle(ResultsLost(self._lost_closure(notice.keys)))
+        if kind == "failed":
+            assert notice.key is not None
+            p, i = notice.key
+            raise ExecutionError(
+                f"partition {p} failed on micro-batch {i} on worker {worker}: {notice.error}"
+            )
+        if kind == "load_failed":
+            raise ExecutionError(f"loading partition {notice.partition} on worker {worker} failed: {notice.error}")
+        raise CrowdgraphError(f"unknown notice kind {kind!r} from the executor")
+
+    def _finished(self, key: TaskKey, worker: str, notice: Notice) -> None:
+        s = notice.stats
+        tier = self.issued.get(key, (worker, 0))[1]
+        self.report.record_task(TaskRecord(key[0], key[1], worker, tier, s["start"], s["end"],
+                                           s.get("bytes_in") or 0, s.get("bytes_out") or 0,
+                                           s.get("wire_in") or 0, s.get("wire_out") or 0),
+                                s.get("peak_rss"), s.get("rss"))
+        assert notice.outputs is not None
+        self.values[key] = notice.outputs
+        self.waiting[key] = {c for c in data_consumers(self.tasks, key) if c not in self.scheduler.finished}  # type: ignore[union-attr]
+        for u in data_producers(self.tasks, key):
+            self.waiting[u].discard(key)
+            if not self.waiting[u] and u[0] not in self.keep and u in self.values:
+                self.executor.forget(list(self.values.pop(u).values()))
+
+    def _lost_closure(self, keys: Sequence[TaskKey]) -> tuple[TaskKey, ...]:
+        """``keys`` plus any forgotten outputs that their recomputation needs."""
+        lost = set(keys)
+        frontier = list(keys)
+        while frontier:
+            k = frontier.pop()
+            self.values.pop(k, None)
+            for u in data_producers(self.tasks, k):
+                self.waiting[u].add(k)
+                if u not in self.values and u not in lost:
+                    lost.add(u)
+                    frontier.append(u)
+        return tuple(sorted(lost))
+
+    def _issue(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Run):
+                self.issued[action.key] = (action.worker, action.tier)
+                part = self.partitions[action.key[0]]
+                self.executor.run(action.worker, action.key, part, self._inputs(action.key, part))
+            elif isinstance(action, Load):
+                self.executor.load(action.worker, self.partitions[action.partition])
+            elif isinstance(action, Unload):
+                self.executor.unload(action.worker, action.partition)
+
+    def _inputs(self, key: TaskKey, part: Any) -> dict[str, Any]:
+        i = key[1]
+        inputs = {}
+        for name in part.inputs:
+            if name in self.producer:
+                inputs[name] = self.values[(self.producer[name], i)][name]
+            else:
+                inputs[name] = self.microbatches[i][name]
+        return inputs
+
+    def _outputs(self) -> list[dict[str, Any]] | None:
+        result = []
+        for i in range(len(self.microbatches)):
+            handles = {name: self.values[(p, i)][name] for name, p in self.output_partition.items()}
+            if any(v is None for v in handles.values()):
+                return None
+            result.append(self.executor.gather(handles))
+        return result
+
+
+def _progress_bar(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="task", leave=False)
