@@ -42,7 +42,7 @@ def session_options(threads: int = 1) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.intra_op_num_threads = max(1, int(threads))
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach users as crowdgraph errors instead
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
     return options

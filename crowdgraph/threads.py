@@ -37,7 +37,8 @@ class _ThreadWorker:
         self.actions: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.session: Any = None
         self.sha256: str | None = None
-        self.reporter: Reporter | None = None
+        #: What will be resident once the queued actions are done.
+        self.queued_sha256: str | None = None
         self.thread = threading.Thread(target=self._loop, name=f"crowdgraph-{info.id}", daemon=True)
         self.thread.start()
 
@@ -47,34 +48,35 @@ class _ThreadWorker:
             if action[0] == "stop":
                 self._drop()
                 return
+            if action[0] == "reset":
+                self._drop()
+                continue
             try:
                 getattr(self, "_" + action[0])(*action[1:])
             except Exception as exc:  # reported, never raised from this thread
                 self._fail(action, exc)
 
     def _fail(self, action: tuple[Any, ...], exc: Exception) -> None:
-        assert self.reporter is not None
+        kind, reporter, subject = action[:3]
         message = f"{type(exc).__name__}: {exc}"
-        if action[0] == "run":
-            self.reporter.task_failed(self.info.id, action[1], message)
-        elif action[0] == "load":
-            self.reporter.load_failed(self.info.id, action[1].name, message)
+        if kind == "run":
+            reporter.task_failed(self.info.id, subject, message)
+        elif kind == "load":
+            reporter.load_failed(self.info.id, subject.name, message)
 
-    def _load(self, partition: Partition) -> None:
-        assert self.reporter is not None
+    # Each action carries the reporter of the run that issued it, so work
+    # still in flight from a failed run never reports into the next one.
+
+    def _load(self, reporter: Reporter, partition: Partition) -> None:
         start = time.perf_counter()
         self._drop()
         self.session = open_session(partition.model_bytes, self.threads)
         self.sha256 = partition.sha256
-        self.reporter.loaded(self.info.id, partition.name, start=start, end=time.perf_counter())
+        reporter.loaded(self.info.id, partition.name, start=start, end=time.perf_counter())
 
-    def _unload(self, name: str) -> None:
-        assert self.reporter is not None
+    def _unload(self, reporter: Reporter, name: str) -> None:
         self._drop()
-        self.reporter.unloaded(self.info.id, name)
-
-    def _reset(self) -> None:
-        self._drop()
+        reporter.unloaded(self.info.id, name)
 
     def _drop(self) -> None:
         if self.session is not None:
@@ -82,14 +84,13 @@ class _ThreadWorker:
             self.sha256 = None
             release_memory()
 
-    def _run(self, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
-        assert self.reporter is not None
+    def _run(self, reporter: Reporter, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
         if self.sha256 != partition.sha256:
             raise RuntimeError(f"partition {partition.name} is not loaded on this worker")
         start = time.perf_counter()
         outputs = run_session(self.session, inputs, partition.outputs)
         end = time.perf_counter()
-        self.reporter.task_finished(
+        reporter.task_finished(
             self.info.id, key, outputs, start=start, end=end,
             bytes_in=sum(np.asarray(v).nbytes for v in inputs.values()),
             bytes_out=sum(v.nbytes for v in outputs.values()),
@@ -133,6 +134,7 @@ class ThreadExecutor(Executor):
         self._memory = parse_bytes(memory) if memory is not None else None
         self._threads = threads_per_worker
         self._workers: dict[str, _ThreadWorker] = {}
+        self._reporter: Reporter | None = None
 
     def start(self, job: Job, reporter: Reporter) -> list[WorkerInfo]:
         if not self._workers:
@@ -142,29 +144,46 @@ class ThreadExecutor(Executor):
             else:
                 infos = list(self._spec)
             self._workers = {info.id: _ThreadWorker(info, self._threads) for info in infos}
+        self._reporter = reporter
         by_sha = {p.sha256: name for name, p in job.partitions.items()}
         crowd = []
         for w in self._workers.values():
-            w.reporter = reporter
-            resident = by_sha.get(w.sha256) if w.sha256 else None
-            if w.sha256 and resident is None:
-                w.actions.put(("reset",))
+            resident = by_sha.get(w.queued_sha256) if w.queued_sha256 else None
+            if w.queued_sha256 and resident is None:
+                self._reset(w)
             crowd.append(replace(w.info, resident=resident))
         return crowd
 
     def load(self, worker: str, partition: Partition) -> None:
-        self._workers[worker].actions.put(("load", partition))
+        self._workers[worker].queued_sha256 = partition.sha256
+        self._workers[worker].actions.put(("load", self._reporter, partition))
 
     def unload(self, worker: str, partition: str) -> None:
-        self._workers[worker].actions.put(("unload", partition))
+        self._workers[worker].queued_sha256 = None
+        self._workers[worker].actions.put(("unload", self._reporter, partition))
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
-        self._workers[worker].actions.put(("run", key, partition, inputs))
+        self._workers[worker].actions.put(("run", self._reporter, key, partition, inputs))
+
+    def lose_worker(self, worker: str) -> None:
+        """Make ``worker`` vanish as a crashed phone would: its queued work is
+        dropped, it reports nothing more, and the driver is told it is lost."""
+        w = self._workers.pop(worker)
+        w.cancel_pending()
+        w.actions.put(("stop",))
+        w.thread.join(timeout=30)
+        if self._reporter is not None:
+            self._reporter.worker_lost(worker, "removed by lose_worker()")
 
     def reset(self) -> None:
         for w in self._workers.values():
             w.cancel_pending()
-            w.actions.put(("reset",))
+            self._reset(w)
+
+    @staticmethod
+    def _reset(w: _ThreadWorker) -> None:
+        w.queued_sha256 = None
+        w.actions.put(("reset",))
 
     def close(self) -> None:
         for w in self._workers.values():

@@ -1,0 +1,243 @@
+"""A conformance suite for executor authors (needs pytest).
+
+Subclass :class:`ExecutorConformance` in a test module of your own and
+say how to make your executor; pytest then runs every check below against
+it (in the spirit of dask's ``GetFunctionTestMixin``)::
+
+    from crowdgraph.testing import ExecutorConformance
+
+    class TestMyExecutor(ExecutorConformance):
+        can_lose_workers = True
+
+        def make_executor(self, budgets):
+            return MyExecutor(workers=len(budgets), budgets=budgets)
+
+        def kill_worker(self, executor, worker_id):
+            executor.processes[worker_id].kill()
+
+The checks: outputs equal the whole-model oracle in both modes; Load,
+Unload and Run mean what the protocol says (in order per worker, one
+resident partition, failures reported rather than raised); a failing task
+fails the run with a clear error and leaves the executor usable; a lost
+worker's tasks are placed again; ``close()`` leaves no thread running.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import cached_property
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import zoo
+from .compiled import CompiledModel, compile
+from .errors import ExecutionError
+from .executor import Executor, Job, Notice, Reporter
+from .runtime import open_session, run_session
+
+#: Seconds any single check waits for an executor before failing.
+WAIT_SECONDS = 120.0
+#: Largest absolute difference allowed against the oracle (fp32).
+TOLERANCE = 1e-4
+
+
+class _Case:
+    """The model every check runs: the tiny embedded DistilBERT in 3 partitions."""
+
+    def __init__(self) -> None:
+        self.model = zoo.distilbert("tiny")
+        self.feeds = zoo.sample_inputs(self.model, batch=6, sequence=16)
+        self.compiled: CompiledModel = compile(self.model, partitions=3, sample=self.feeds)
+        self.budget = max(p.resident_bytes for p in self.compiled.partitions)
+        session = open_session(self.model.SerializeToString())
+        self.expected = run_session(session, self.feeds)
+
+    def partition_inputs(self, name: str) -> dict[str, np.ndarray]:
+        """Real inputs of partition ``name`` for the whole batch."""
+        values = dict(self.feeds)
+        for part in self.compiled.partitions:
+            if part.name == name:
+                return {k: values[k] for k in part.inputs}
+            values.update(run_session(open_session(part.model_bytes), {k: values[k] for k in part.inputs}))
+        raise KeyError(name)
+
+
+_CASE: _Case | None = None
+
+
+def _case() -> _Case:
+    global _CASE
+    if _CASE is None:
+        _CASE = _Case()
+    return _CASE
+
+
+def _assert_close(got: dict[str, Any], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    for name, expected in want.items():
+        actual = np.asarray(got[name])
+        assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+        diff = float(np.max(np.abs(actual.astype(np.float64) - expected))) if expected.size else 0.0
+        assert diff <= TOLERANCE, f"{name}: max abs diff {diff} > {TOLERANCE}"
+
+
+def _next(reporter: Reporter, what: str) -> Notice:
+    notice = reporter.next(WAIT_SECONDS)
+    assert notice is not None, f"no notice within {WAIT_SECONDS} s while waiting for {what}"
+    return notice
+
+
+class ExecutorConformance:
+    """Checks every executor must pass; see the module docstring."""
+
+    #: Set True and implement :meth:`kill_worker` to run the worker-loss check.
+    can_lose_workers = False
+
+    def make_executor(self, budgets: Sequence[int]) -> Executor:
+        """A new executor whose crowd has one worker per budget (bytes)."""
+        raise NotImplementedError("implement make_executor(self, budgets) in your test class")
+
+    def kill_worker(self, executor: Executor, worker_id: str) -> None:
+        """Make ``worker_id`` vanish abruptly (a killed process, a closed link)."""
+        raise NotImplementedError("implement kill_worker or leave can_lose_workers False")
+
+    def assert_stopped(self, executor: Executor) -> None:
+        """Extra checks after ``close()`` (worker processes gone, ports closed)."""
+
+    @cached_property
+    def case(self) -> _Case:
+        return _case()
+
+    # -- helpers -----------------------------------------------------------
+
+    def _started(self, budgets: Sequence[int]) -> tuple[Executor, Reporter, list[Any]]:
+        executor = self.make_executor(list(budgets))
+        reporter = Reporter()
+        workers = list(executor.start(Job({p.name: p for p in self.case.compiled.partitions},
+                                          self.case.compiled.memory_budget), reporter))
+        assert len(workers) == len(budgets), f"asked for {len(budgets)} workers, got {len(workers)}"
+        return executor, reporter, workers
+
+    # -- the checks ----------------------------------------------------------
+
+    def test_outputs_match_the_oracle_streaming(self) -> None:
+        with self.make_executor([self.case.budget] * 2) as executor:
+            got = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=2, mode="streaming")
+        _assert_close(got, self.case.expected)
+
+    def test_outputs_match_the_oracle_barrier(self) -> None:
+        with self.make_executor([self.case.budget] * 2) as executor:
+            got = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=4, mode="barrier")
+        _assert_close(got, self.case.expected)
+
+    def test_one_worker_runs_every_partition(self) -> None:
+        with self.make_executor([self.case.budget]) as executor:
+            got, report = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=3, report=True)
+        _assert_close(got, self.case.expected)
+        assert report.tier_counts.get(4, 0) >= len(self.case.compiled.partitions) - 1, "swaps happened"
+
+    def test_load_run_unload_in_order(self) -> None:
+        executor, reporter, workers = self._started([self.case.budget])
+        try:
+            w = workers[0].id
+            part = self.case.compiled.partitions[0]
+            inputs = self.case.partition_inputs(part.name)
+            executor.load(w, part)
+            executor.run(w, (part.name, 0), part, inputs)
+            executor.unload(w, part.name)
+            kinds = [_next(reporter, "loaded, finished, unloaded") for _ in range(3)]
+            assert [n.kind for n in kinds] == ["loaded", "finished", "unloaded"], [n.kind for n in kinds]
+            assert kinds[0].partition == part.name and kinds[0].worker == w
+            assert kinds[1].key == (part.name, 0) and kinds[1].worker == w
+            outputs = executor.gather(dict(kinds[1].outputs or {}))
+            want = run_session(open_session(part.model_bytes), inputs)
+            _assert_close(outputs, want)
+        finally:
+            executor.close()
+
+    def test_a_worker_holds_one_partition(self) -> None:
+        executor, reporter, workers = self._started([self.case.budget])
+        try:
+            w = workers[0].id
+            first, second = self.case.compiled.partitions[:2]
+            executor.load(w, first)
+            executor.load(w, second)
+            executor.run(w, (first.name, 0), first, self.case.partition_inputs(first.name))
+            notices = [_next(reporter, "two loads and a run") for _ in range(3)]
+            assert [n.kind for n in notices] == ["loaded", "loaded", "failed"], [n.kind for n in notices]
+            assert notices[2].key == (first.name, 0) and notices[2].error
+        finally:
+            executor.close()
+
+    def test_bad_inputs_are_reported_not_raised(self) -> None:
+        executor, reporter, workers = self._started([self.case.budget])
+        try:
+            w = workers[0].id
+            part = self.case.compiled.partitions[0]
+            executor.load(w, part)
+            bad = {k: np.zeros((1,) * v.ndim, dtype=np.float64) for k, v in self.case.partition_inputs(part.name).items()}
+            executor.run(w, (part.name, 0), part, bad)
+            notices = [_next(reporter, "loaded and failed") for _ in range(2)]
+            assert [n.kind for n in notices] == ["loaded", "failed"], [n.kind for n in notices]
+            assert notices[1].error
+        finally:
+            executor.close()
+
+    def test_failing_task_fails_the_run_then_the_executor_still_works(self) -> None:
+        feeds = dict(self.case.feeds)
+        feeds["input_ids"] = np.full_like(feeds["input_ids"], 10**6)  # outside the vocabulary
+        with self.make_executor([self.case.budget] * 2) as executor:
+            try:
+                self.case.compiled.run(feeds, executor=executor, microbatch=3)
+            except ExecutionError as exc:
+                message = str(exc)
+            else:
+                raise AssertionError("a task that raises must fail the run")
+            assert "partition p0" in message and "micro-batch" in message and "worker" in message
+            got = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=3)
+        _assert_close(got, self.case.expected)
+
+    def test_lost_worker_tasks_are_placed_again(self) -> None:
+        if not self.can_lose_workers:
+            import pytest
+
+            pytest.skip("this executor does not declare can_lose_workers")
+        executor = self.make_executor([self.case.budget] * 3)
+        killed: list[str] = []
+        original_start = executor.start
+
+        def start(job: Job, reporter: Reporter) -> Sequence[Any]:
+            put = reporter._put
+
+            def spy(notice: Notice) -> None:
+                put(notice)
+                if notice.kind == "finished" and not killed and notice.worker:
+                    killed.append(notice.worker)
+                    threading.Thread(target=self.kill_worker, args=(executor, notice.worker)).start()
+
+            reporter._put = spy  # type: ignore[method-assign]
+            return original_start(job, reporter)
+
+        executor.start = start  # type: ignore[method-assign]
+        try:
+            got, report = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=1, report=True)
+        finally:
+            executor.close()
+        _assert_close(got, self.case.expected)
+        assert killed and report.workers[killed[0]].lost, "the killed worker shows as lost in the report"
+
+    def test_close_leaves_nothing_running(self) -> None:
+        before = set(threading.enumerate())
+        executor = self.make_executor([self.case.budget] * 2)
+        self.case.compiled.run(self.case.feeds, executor=executor, microbatch=3)
+        executor.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+            if not left:
+                break
+            time.sleep(0.1)
+        assert not left, f"threads still running after close(): {[t.name for t in left]}"
+        self.assert_stopped(executor)
