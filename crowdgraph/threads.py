@@ -155,15 +155,23 @@ class ThreadExecutor(Executor):
         return crowd
 
     def load(self, worker: str, partition: Partition) -> None:
-        self._workers[worker].queued_sha256 = partition.sha256
-        self._workers[worker].actions.put(("load", self._reporter, partition))
+        w = self._enqueue(worker, ("load", self._reporter, partition))
+        if w is not None:
+            w.queued_sha256 = partition.sha256
 
     def unload(self, worker: str, partition: str) -> None:
-        self._workers[worker].queued_sha256 = None
-        self._workers[worker].actions.put(("unload", self._reporter, partition))
+        w = self._enqueue(worker, ("unload", self._reporter, partition))
+        if w is not None:
+            w.queued_sha256 = None
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
-        self._workers[worker].actions.put(("run", self._reporter, key, partition, inputs))
+        self._enqueue(worker, ("run", self._reporter, key, partition, inputs))
+
+    def _enqueue(self, worker: str, action: tuple[Any, ...]) -> _ThreadWorker | None:
+        w = self._workers.get(worker)
+        if w is not None:  # else lost: its loss is reported, the scheduler places the work again
+            w.actions.put(action)
+        return w
 
     def lose_worker(self, worker: str) -> None:
         """Make ``worker`` vanish as a crashed phone would: its queued work is
