@@ -1,0 +1,7 @@
+"""``python -m crowdgraph`` is the ``crowdgraph`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
