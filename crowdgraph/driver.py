@@ -208,6 +208,7 @@ class Driver:
             if any(v is None for v in handles.values()):
                 return None
             result.append(self.executor.gather(handles))
+            self.executor.forget(list(handles.values()))
         return result
 
 

@@ -36,16 +36,9 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_since_reset() -> int:
-    """Peak RSS (VmHWM) in bytes since the last :func:`reset_peak_rss`."""
+    """Peak RSS in bytes since the last :func:`reset_peak_rss` (or since start)."""
     from .runtime import peak_rss
 
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return peak_rss()
 
 

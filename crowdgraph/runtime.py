@@ -114,7 +114,18 @@ def release_memory() -> None:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process in bytes (0 where unknown)."""
+    """Peak resident set size of this process in bytes (0 where unknown).
+
+    Linux's ``VmHWM`` first: ``ru_maxrss`` survives ``exec``, so a worker
+    process started by another would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows

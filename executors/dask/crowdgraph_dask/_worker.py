@@ -1,0 +1,148 @@
+"""What runs inside a Dask worker: one resident onnxruntime session per worker.
+
+These functions are submitted by :class:`crowdgraph_dask.DaskExecutor`,
+pinned to one worker each.  The session a worker holds lives in worker-
+local state (a slot attached to the ``distributed.Worker`` object, so
+several workers in one process keep apart) between tasks.  Loading drops
+the previous session first, so a worker never holds two partitions.
+
+Each task logs its measurements (worker clock, byte counts, RSS) as a Dask
+event on the executor's topic; the tensors themselves stay on the worker
+as the task's result until another task or the client fetches them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from crowdgraph.runtime import current_rss, open_session, peak_rss, release_memory, run_session
+
+
+class _Slot:
+    """The session one worker holds (guarded by ``lock``: one task at a time)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.session: Any = None
+        self.sha256: str | None = None
+        self.name: str | None = None
+
+    def drop(self) -> bool:
+        if self.session is None:
+            return False
+        self.session = None
+        self.sha256 = None
+        self.name = None
+        release_memory()
+        return True
+
+
+_SLOTS: "weakref.WeakKeyDictionary[Any, _Slot]" = weakref.WeakKeyDictionary()
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slot(worker: Any = None) -> tuple[_Slot, Any]:
+    if worker is None:
+        from distributed import get_worker
+
+        worker = get_worker()
+    with _SLOTS_LOCK:
+        slot = _SLOTS.get(worker)
+        if slot is None:
+            slot = _SLOTS[worker] = _Slot()
+    return slot, worker
+
+
+def _log(worker: Any, topic: str, msg: dict[str, Any]) -> None:
+    worker.log_event(topic, msg)
+
+
+def load_partition(topic: str, ident: str, model_bytes: Any, sha256: str, name: str, threads: int) -> str:
+    """Open ``model_bytes`` as this worker's one session (dropping the old one)."""
+    slot, worker = _slot()
+    if not isinstance(model_bytes, bytes):  # Dask may hand over a bytearray or memoryview
+        model_bytes = bytes(model_bytes)
+    with slot.lock:
+        start = time.time()
+        slot.drop()
+        slot.session = open_session(model_bytes, threads)
+        slot.sha256, slot.name = sha256, name
+        end = time.time()
+    del model_bytes
+    _log(worker, topic, {"id": ident, "start": start, "end": end, "rss": current_rss()})
+    return sha256
+
+
+def unload_partition(topic: str, ident: str, sha256: str | None) -> bool:
+    """Drop the session (only if it is ``sha256``, or any with None) and release its memory."""
+    slot, worker = _slot()
+    with slot.lock:
+        dropped = False
+        if sha256 is None or slot.sha256 == sha256:
+            dropped = slot.drop()
+    _log(worker, topic, {"id": ident, "start": time.time(), "end": time.time(), "rss": current_rss()})
+    return dropped
+
+
+def run_partition(topic: str, ident: str, sha256: str, name: str, outputs: Sequence[str],
+                  arrays: Mapping[str, np.ndarray], refs: Mapping[str, tuple[int, str | None]],
+                  *results: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the resident session.
+
+    ``refs`` maps input names to (index into ``results``, key in that
+    result, or None when the result is the array itself).
+    """
+    slot, worker = _slot()
+    feeds = dict(arrays)
+    for tensor, (index, source) in refs.items():
+        feeds[tensor] = results[index] if source is None else results[index][source]
+    with slot.lock:
+        if slot.sha256 != sha256:
+            held = slot.name or "nothing"
+            raise RuntimeError(
+                f"partition {name} is not loaded on Dask worker {worker.address} (it holds {held}); "
+                "loads and runs for one worker must come in order"
+            )
+        start = time.time()
+        out = run_session(slot.session, feeds, outputs)
+        end = time.time()
+    _log(worker, topic, {
+        "id": ident, "start": start, "end": end,
+        "in": {k: int(np.asarray(v).nbytes) for k, v in feeds.items()},
+        "out": int(sum(v.nbytes for v in out.values())),
+        "rss": current_rss(), "peak_rss": _peak_rss(),
+    })
+    return out
+
+
+def _peak_rss() -> int:
+    """This process's own peak RSS.
+
+    ``VmHWM`` where Linux has it: ``getrusage``'s ``ru_maxrss`` survives
+    ``exec``, so a worker process started by a nanny would report the
+    peak of the process that spawned it.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak_rss()
+
+
+def probe(dask_worker: Any = None) -> dict[str, Any]:
+    """This worker's clock, resident partition and memory (run with ``Client.run``)."""
+    slot, _ = _slot(dask_worker)
+    return {"time": time.time(), "sha256": slot.sha256, "name": slot.name, "rss": current_rss()}
+
+
+def pick(result: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """One tensor of a run's result, as its own Dask key (no copy)."""
+    return result[name]

@@ -1,0 +1,56 @@
+"""Shared fixtures: a real LocalCluster on loopback (worker processes, one thread each)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+
+def cluster_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """LocalCluster options for tests: loopback, no dashboard, one thread per worker."""
+    options = dict(n_workers=3, threads_per_worker=1, processes=True, memory_limit="512MB",
+                   host="127.0.0.1", scheduler_port=0, dashboard_address=":0", silence_logs=40)
+    options.update(kwargs)
+    if not options["processes"]:
+        options["protocol"] = "tcp://"  # not inproc://, so scheduler_port=0 and host apply
+    return options
+
+
+@pytest.fixture(scope="session")
+def cluster_options() -> Callable[..., dict[str, Any]]:
+    """:func:`cluster_kwargs`, as a fixture (test modules cannot import conftest)."""
+    return cluster_kwargs
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    with distributed.LocalCluster(**cluster_kwargs()) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def client(cluster):
+    with distributed.Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Any]:
+    """The :func:`_wait_for` helper, as a fixture."""
+    return _wait_for
+
+
+def _wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "a condition") -> Any:
+    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
