@@ -7,7 +7,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
 import networkx as nx
@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import InputError, ModelError
+from .errors import BudgetError, InputError, ModelError
 from .lower import ModelLike, OpGraph, declared_shapes, load_model, lower
 from .partition import Partition, partition, partition_graph
+from .split import SplitRecord, fitting_microbatch, smallest_budget, split_lowered
 from .units import format_bytes, parse_bytes
 
 PLAN_FORMAT = 1
@@ -61,6 +62,9 @@ class CompiledModel:
         The budget the partitions were cut for (None with ``partitions=k``).
     input_shapes:
         The concrete input shapes the estimates were made at.
+    splits:
+        :class:`~crowdgraph.split.SplitRecord` of every node that was too
+        big for the budget on its own and was rewritten into pieces.
     """
 
     def __init__(
@@ -71,8 +75,10 @@ class CompiledModel:
         input_shapes: dict[str, tuple[int, ...]],
         memory_budget: int | None,
         source: OpGraph | None = None,
+        splits: list[SplitRecord] | None = None,
     ):
         self.partitions = partitions
+        self.splits = list(splits or [])
         self.graph = partition_graph(partitions)
         self.inputs = inputs
         self.outputs = outputs
@@ -112,6 +118,12 @@ class CompiledModel:
         budget = format_bytes(self.memory_budget) if self.memory_budget else "none (partition count given)"
         shapes = ", ".join(f"{k}={list(v)}" for k, v in self.input_shapes.items())
         lines.append(f"{len(self.partitions)} partitions; budget {budget}; shapes {shapes}")
+        if self.splits:
+            lines.append(f"{len(self.splits)} nodes split to fit the budget:")
+            width = max(len(r.node) for r in self.splits)
+            for r in self.splits:
+                lines.append(f"  {r.node.ljust(width)}  {r.op_type:<6}  {r.pieces:>3} pieces by {r.how:<7}  "
+                             f"weights {r.piece_weight_bytes / 1e6:.2f} MB per piece at most")
         return "\n".join(lines)
 
     # -- running ---------------------------------------------------------
@@ -153,7 +165,7 @@ class CompiledModel:
             raise InputError(f"inputs disagree on the batch size (axis 0): {sizes}; give every input the same rows")
         return feeds
 
-    def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | None = None,
+    def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = None,
             mode: str = "streaming", seed: int = 0, report: bool = False, progress: bool = False,
             timeout: float | None = None) -> Any:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
@@ -163,7 +175,8 @@ class CompiledModel:
         batch:
             Input name -> array.  Inputs with a batch axis are split along
             axis 0 into micro-batches of ``microbatch`` rows (default: one
-            micro-batch).
+            micro-batch; ``"auto"``: the largest that fits the budget, see
+            :func:`~crowdgraph.split.fitting_microbatch`).
         executor:
             An :class:`~crowdgraph.executor.Executor`, a registered name
             (``"threads"``), a URL (``"tcp://host:8786"``), or an object a
@@ -185,6 +198,10 @@ class CompiledModel:
         from .taskgraph import join_outputs, split_batch
 
         feeds = self.check_inputs(batch)
+        if microbatch == "auto":
+            microbatch = self._auto_microbatch(feeds)
+        elif isinstance(microbatch, str):
+            raise InputError(f"microbatch must be a number of rows, None or 'auto', not {microbatch!r}")
         microbatches = split_batch(feeds, self.batched_inputs(), microbatch)
         plan = self._at_shapes({k: v.shape for k, v in microbatches[0].items()})
         ex, owned = resolve_executor(executor)
@@ -200,6 +217,42 @@ class CompiledModel:
         joined = join_outputs(outputs, batched_outputs)
         return (joined, run_report) if report else joined
 
+    def _auto_microbatch(self, feeds: Mapping[str, np.ndarray]) -> int | None:
+        """Rows of the largest micro-batch that fits the budget (None: the whole batch)."""
+        batched = self.batched_inputs()
+        if not batched or self.memory_budget is None:
+            return None
+        rows = feeds[batched[0]].shape[0]
+        if self._source is None:  # a plan loaded from disk fits at the shapes it was compiled at
+            return min(rows, self.input_shapes[batched[0]][0])
+        shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+        fitting = fitting_microbatch(self._source.model, self.memory_budget, shapes)
+        if fitting is None:
+            one = {name: ((1,) + shape[1:] if name in batched else shape) for name, shape in shapes.items()}
+            raise BudgetError(
+                f"not even a micro-batch of one row fits the budget of {format_bytes(self.memory_budget)}; "
+                f"one row needs {format_bytes(smallest_budget(self._source.model, one))}: raise the budget"
+            )
+        return fitting
+
+    def to_dask(self, batch: Mapping[str, Any], microbatch: int | None = None, mode: str = "streaming") -> dict:
+        """The same task graph as a plain Dask graph, runnable by any Dask scheduler.
+
+        Any Dask scheduler runs it, but none of crowdgraph's placement
+        rules hold there (no budgets, no single resident partition); see
+        :mod:`crowdgraph.dask_graph`.
+        """
+        from .dask_graph import to_dask
+
+        return to_dask(self, batch, microbatch=microbatch, mode=mode)
+
+    @staticmethod
+    def output_keys(dsk: Mapping[Any, Any]) -> list[Any]:
+        """Keys of ``dsk`` (from :meth:`to_dask`) whose value is the joined outputs."""
+        from .dask_graph import output_keys
+
+        return output_keys(dsk)
+
     def _at_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> "CompiledModel":
         """This plan, or one cut again for larger shapes than it was compiled at."""
         fits = all(
@@ -211,10 +264,9 @@ class CompiledModel:
             return self
         key = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
         if key not in self._replans:
-            og = lower(self._source.model, shapes)
-            parts = partition(og, memory_budget=self.memory_budget, partitions=self._count)
+            og, parts, splits = _plan(lower(self._source.model, shapes), self.memory_budget, self._count)
             self._replans[key] = CompiledModel(parts, self.inputs, self.outputs, og.input_shapes,
-                                               self.memory_budget, og)
+                                               self.memory_budget, og, [*self.splits, *splits])
         return self._replans[key]
 
     # -- plans on disk --------------------------------------------------
@@ -238,6 +290,7 @@ class CompiledModel:
                 "inputs": [t.to_json() for t in self.inputs],
                 "outputs": [t.to_json() for t in self.outputs],
                 "partitions": [_partition_meta(p) for p in self.partitions],
+                "splits": [asdict(r) for r in self.splits],
             }
             (staging / PLAN_FILE).write_text(json.dumps(meta, indent=1))
             _replace_dir(staging, target)
@@ -325,6 +378,7 @@ def load(path: str | os.PathLike) -> CompiledModel:
         [TensorSpec.from_json(t) for t in meta["outputs"]],
         {k: tuple(v) for k, v in meta["input_shapes"].items()},
         meta["memory_budget"],
+        splits=[SplitRecord(**{**r, "new_nodes": tuple(r["new_nodes"])}) for r in meta.get("splits", [])],
     )
 
 
@@ -345,7 +399,10 @@ def compile(
         the model's bytes, or an ``onnx.ModelProto``.
     memory_budget:
         Bytes or a size string (``"48MB"``): every partition's estimated
-        resident memory fits it.  Give this or ``partitions``.
+        resident memory fits it.  Give this or ``partitions``.  Nodes too
+        big for it on their own (embedding Gathers, large MatMul/Gemm) are
+        first split into exact pieces that fit (:mod:`crowdgraph.split`);
+        they are listed in :attr:`CompiledModel.splits`.
     partitions:
         Cut into at most this many partitions, as balanced as possible.
     input_shapes, sample:
@@ -371,10 +428,17 @@ def compile(
             raise InputError("give input_shapes= or sample=, not both")
         input_shapes = {k: np.shape(v) for k, v in sample.items()}
     proto = load_model(model)
-    og = lower(proto, input_shapes)
-    parts = partition(og, memory_budget=budget, partitions=partitions)
+    og, parts, splits = _plan(lower(proto, input_shapes), budget, partitions)
     return CompiledModel(parts, _specs(proto, og.inputs, input=True), _specs(proto, og.outputs, input=False),
-                         og.input_shapes, budget, og)
+                         og.input_shapes, budget, og, splits)
+
+
+def _plan(og: OpGraph, budget: int | None, count: int | None) -> tuple[OpGraph, list[Partition], list[SplitRecord]]:
+    """Split the nodes that do not fit ``budget`` on their own, then cut."""
+    splits: list[SplitRecord] = []
+    if budget is not None:
+        og, splits = split_lowered(og, budget)
+    return og, partition(og, memory_budget=budget, partitions=count), splits
 
 
 def _specs(proto: onnx.ModelProto, names: list[str], input: bool) -> list[TensorSpec]:

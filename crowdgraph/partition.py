@@ -243,8 +243,9 @@ class _Cutter:
             f"on its own (weights {format_bytes(need.weight_bytes)}, activations "
             f"{format_bytes(need.activation_bytes)}, runtime {format_bytes(need.overhead_bytes)}), "
             f"above the budget of {format_bytes(budget)}; the smallest budget that compiles "
-            f"this model at these shapes is {format_bytes(self.smallest_budget())} "
-            "(or use smaller input shapes / micro-batches)"
+            f"this model at these shapes without splitting operators is "
+            f"{format_bytes(self.smallest_budget())} (compile() splits large Gather, MatMul and "
+            "Gemm nodes first; or use smaller input shapes / micro-batches)"
         )
 
     def cut(self, budget: int) -> list[tuple[int, int]]:
@@ -294,6 +295,16 @@ class _Cutter:
             i = ends[i]
             count += 1
         return count
+
+
+def node_estimates(og: OpGraph) -> list[Estimate]:
+    """The estimate of every node of ``og`` on its own, in node order.
+
+    A node whose estimate is above the budget cannot be placed in any
+    partition; :mod:`crowdgraph.split` rewrites such nodes into pieces.
+    """
+    cutter = _Cutter(og)
+    return [cutter.estimate(i, i + 1) for i in range(len(og.nodes))]
 
 
 def partition(og: OpGraph, memory_budget: int | None = None, partitions: int | None = None) -> list[Partition]:
