@@ -74,6 +74,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES", "HANDSHAKE_MAX_FRAME_BYTES", "MAX_NDIM", "CODECS", "HEARTBEAT_MISSES", "HANDSHAKE_TIMEOUT",
     "HELLO", "CHALLENGE", "AUTH", "WELCOME", "REFUSE", "BYE", "PING", "PONG",
     "LOAD", "LOADED", "UNLOAD", "UNLOADED", "RUN", "RESULT", "FAILED",
+    "CROWD", "JOINED", "LOST", "ROLES",
     "MESSAGE_TYPES", "Message", "encode", "encode_parts", "decode", "FrameDecoder",
     "make_nonce", "sign", "verify", "negotiate",
 ]
@@ -149,6 +150,13 @@ UNLOADED = "UNLOADED"    #: worker -> coordinator: partition dropped
 RUN = "RUN"              #: coordinator -> worker: run one task on input tensors
 RESULT = "RESULT"        #: worker -> coordinator: output tensors of a task
 FAILED = "FAILED"        #: worker -> coordinator: a task or a load failed
+# Driver connections (a program that runs models on a standing coordinator's
+# crowd; HELLO says role "driver"): workers never send or receive these.
+CROWD = "CROWD"          #: driver -> coordinator: ask for the crowd; coordinator -> driver: the crowd
+JOINED = "JOINED"        #: coordinator -> driver: a worker joined
+LOST = "LOST"            #: coordinator -> driver: a worker is gone
+#: Values of HELLO's optional ``role`` field: who opens the connection.
+ROLES = ("worker", "driver")
 
 #: Message type name -> the code in byte 5 of the fixed header.
 MESSAGE_TYPES: dict[str, int] = {
@@ -156,6 +164,7 @@ MESSAGE_TYPES: dict[str, int] = {
     BYE: 0x06, PING: 0x07, PONG: 0x08,
     LOAD: 0x10, LOADED: 0x11, UNLOAD: 0x12, UNLOADED: 0x13,
     RUN: 0x20, RESULT: 0x21, FAILED: 0x22,
+    CROWD: 0x30, JOINED: 0x31, LOST: 0x32,
 }
 _TYPE_NAMES = {code: name for name, code in MESSAGE_TYPES.items()}
 
@@ -888,6 +897,25 @@ _TASK: _Check = (_is_task, "a task key [partition: str, microbatch: int >= 0]")
 _STRINGS: _Check = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
                     "a list of strings")
 
+_ROLE: _Check = (lambda v: v in ROLES, f"one of {list(ROLES)}")
+
+
+def _is_worker_record(v: Any) -> bool:
+    """A worker as CROWD and JOINED describe it to a driver."""
+    if not isinstance(v, dict):
+        return False
+    for key, check in (("id", _STR[0]), ("name", _STR[0]), ("memory_budget", _is_int),
+                       ("cores", lambda x: _is_int(x, 1)), ("platform", _STR[0]),
+                       ("cached", lambda x: isinstance(x, list) and all(_HEX[0](d) for d in x)),
+                       ("resident", lambda x: x is None or _HEX[0](x))):
+        if key not in v or not check(v[key]):
+            return False
+    return "rss" not in v or _is_int(v["rss"])
+
+
+_WORKER_RECORD: _Check = (_is_worker_record, "a worker record {id, name, memory_budget, cores, "
+                          "platform, cached, resident[, rss]}")
+
 # type -> {field: (check, description, required)}
 _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
     HELLO: {
@@ -900,27 +928,36 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
         "codecs": (*_STRINGS, True),
         "cached": ((lambda v: isinstance(v, list) and all(_HEX[0](x) for x in v)),
                    "a list of sha256 hex digests", True),
+        "rss": (*_COUNT, False),
+        "role": (*_ROLE, False),
     },
     CHALLENGE: {"nonce": (*_HEX, True),
                 "version": ((lambda v: _is_int(v, 1)), "an integer >= 1", True),
                 "codec": ((lambda v: v in _CODEC_CODES), f"one of {list(_CODEC_CODES)}", True)},
     AUTH: {"signature": (*_HEX, True), "nonce": (*_HEX, True)},
     WELCOME: {"worker_id": (*_STR, True), "signature": (*_HEX, True),
-              "heartbeat": ((lambda v: _is_number(v) and v > 0), "a number > 0", True)},
+              "heartbeat": ((lambda v: _is_number(v) and v > 0), "a number > 0", True),
+              "role": (*_ROLE, False)},
     REFUSE: {"reason": (*_STR, True)},
     BYE: {"reason": (*_STR, False)},
     PING: {"seq": (*_COUNT, True)},
     PONG: {"seq": (*_COUNT, True)},
     LOAD: {"partition": (*_STR, True), "sha256": (*_HEX, True),
-           "from_cache": ((lambda v: type(v) is bool), "true or false", True)},
+           "from_cache": ((lambda v: type(v) is bool), "true or false", True),
+           "worker": (*_STR, False)},
     LOADED: {"partition": (*_STR, True), "sha256": (*_HEX, True),
-             "seconds": (*_SECONDS, True), "rss": (*_COUNT, True)},
-    UNLOAD: {"partition": (*_STR, True)},
-    UNLOADED: {"partition": (*_STR, True), "rss": (*_COUNT, True)},
-    RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True)},
+             "seconds": (*_SECONDS, True), "rss": (*_COUNT, True), "worker": (*_STR, False)},
+    UNLOAD: {"partition": (*_STR, True), "worker": (*_STR, False)},
+    UNLOADED: {"partition": (*_STR, True), "rss": (*_COUNT, True), "worker": (*_STR, False)},
+    RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_STR, False)},
     RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),
-             "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True)},
-    FAILED: {"task": (*_TASK, False), "load": (*_STR, False), "error": (*_STR, True)},
+             "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True), "worker": (*_STR, False)},
+    FAILED: {"task": (*_TASK, False), "load": (*_STR, False), "error": (*_STR, True),
+             "worker": (*_STR, False)},
+    CROWD: {"workers": ((lambda v: isinstance(v, list) and all(_is_worker_record(w) for w in v)),
+                        "a list of worker records", False)},
+    JOINED: {"worker": (*_WORKER_RECORD, True)},
+    LOST: {"worker": (*_STR, True), "reason": (*_STR, True)},
 }
 
 

@@ -1,0 +1,73 @@
+"""``crowdgraph serve``: a standing coordinator that workers join and drivers use.
+
+Registered through the entry-point group ``crowdgraph.commands``::
+
+    crowdgraph serve --listen 0.0.0.0:8786 --token-file ~/.crowdgraph-token
+
+Workers join with ``crowdgraph-worker tcp://HOST:8786 --token-file ...``;
+a Python process runs a model on them with
+``compiled.run(batch, executor="tcp://HOST:8786")`` and ``CROWDGRAPH_TOKEN``
+set.  It runs until interrupted (Ctrl-C, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from .common import DEFAULT_HEARTBEAT, DEFAULT_PORT, TOKEN_ENV, read_token
+
+
+def register(subparsers: Any) -> None:
+    """Add ``serve`` to the ``crowdgraph`` command line."""
+    p = subparsers.add_parser(
+        "serve", help="run a standing coordinator that workers join (crowdgraph-tcp)",
+        description="Run a standing coordinator: workers join it with crowdgraph-worker, and Python "
+                    "processes run models on its crowd with executor='tcp://HOST:PORT'.")
+    p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}",
+                   help=f"HOST:PORT to listen on (default 127.0.0.1:{DEFAULT_PORT}; loopback only -- "
+                        "use 0.0.0.0:PORT to let other machines in)")
+    p.add_argument("--token-file", help=f"file holding the shared token (default: ${TOKEN_ENV})")
+    p.add_argument("--certfile", help="serve TLS with this certificate (PEM)")
+    p.add_argument("--keyfile", help="private key of --certfile, if not in it")
+    p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT,
+                   help=f"seconds between heartbeats; 3 missed = lost (default {DEFAULT_HEARTBEAT:g})")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until interrupted; returns the exit code."""
+    from .relay import standing_coordinator
+
+    token = read_token(None, args.token_file)
+    if token is None:
+        print(f"crowdgraph serve: no token; give --token-file FILE or set {TOKEN_ENV} "
+              "(python -c 'import secrets; print(secrets.token_hex(32))' > FILE)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    coordinator = standing_coordinator(token, args.listen, certfile=args.certfile, keyfile=args.keyfile,
+                                       heartbeat=args.heartbeat)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        url = coordinator.url
+        print(f"crowdgraph serve: listening on {url}", flush=True)
+        print(f"  workers join with: crowdgraph-worker {url} --token-file FILE --memory 64MB", flush=True)
+        print(f"  drivers use:       compiled.run(batch, executor=\"{url}\")  (with {TOKEN_ENV} set)",
+              flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        coordinator.stop("the standing coordinator is shutting down")
+    print("crowdgraph serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,596 @@
+"""The coordinator: a tornado TCP server, on its own IOLoop thread, that workers join.
+
+One :class:`Coordinator` owns the listening socket and every connection.
+Per connection it runs the handshake of docs/protocol.md §7 (HELLO,
+CHALLENGE, AUTH, WELCOME or REFUSE), then reads frames and keeps the
+heartbeat.  What the frames *mean* for a run is left to a
+:class:`Listener`: the in-process :class:`~crowdgraph_tcp.TcpExecutor`
+turns them into reporter notices, the standing coordinator of
+``crowdgraph serve`` relays them to drivers (:mod:`crowdgraph_tcp.relay`).
+
+Threads: everything here runs on the coordinator's IOLoop thread, except
+:meth:`Coordinator.call`, :meth:`Coordinator.run_sync`,
+:meth:`Coordinator.stop` and the read-only lookups, which other threads
+use to hand work to that thread.
+
+A connection that breaks the protocol (garbage, a 10 GB frame header, a
+wrong token, an unknown version, frames out of order, a truncated frame)
+is closed with a logged reason (logger ``crowdgraph.tcp``); nothing else
+changes, other workers carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import ssl
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.netutil import bind_sockets
+from tornado.tcpserver import TCPServer
+
+from crowdgraph import wire
+from crowdgraph.errors import ProtocolError
+from crowdgraph.wire import Message
+
+from .common import DEFAULT_HEARTBEAT, LOG
+from .streams import FrameReader, now, write_message, write_parts
+
+__all__ = ["Action", "Peer", "Listener", "Coordinator"]
+
+
+@dataclass(eq=False)
+class Action:
+    """One LOAD, UNLOAD or RUN on its way to a worker, and what its answer is for.
+
+    ``parts`` is the encoded frame (for the worker's codec), or None and
+    ``message`` is encoded on the IOLoop thread when it is sent.  ``token``
+    comes back with the answer; ``owner`` is who may release a cache-miss
+    hold (the executor, or a driver connection).
+    """
+
+    kind: str  # "load" | "unload" | "run"
+    partition: str
+    token: Any = None
+    parts: list[Any] | None = None
+    message: Message | None = None
+    sha256: str | None = None
+    from_cache: bool = False
+    key: tuple[str, int] | None = None
+    owner: Any = None
+    size: int = 0
+    sent: float = 0.0
+
+
+@dataclass(eq=False)
+class Peer:
+    """One authenticated connection: a worker or a driver."""
+
+    id: str
+    role: str
+    address: str
+    stream: IOStream
+    version: int
+    codec: str
+    hello: dict[str, Any]
+    last_recv: float = field(default_factory=now)
+    last_sent: float = field(default_factory=now)
+    alive: bool = True
+    ping_seq: int = 0
+    # Worker bookkeeping (IOLoop thread only).
+    cached: set[str] = field(default_factory=set)
+    expected_resident: str | None = None
+    outstanding: list[Action] = field(default_factory=list)
+    held: deque[Action] = field(default_factory=deque)
+    hold_sha: str | None = None
+    hold_miss: bool = False
+    hold_owner: Any = None
+    clock_offset: float | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.hello.get("name", ""))
+
+    @property
+    def memory(self) -> int:
+        return int(self.hello.get("memory_budget", 0))
+
+    @property
+    def floor_rss(self) -> int | None:
+        rss = self.hello.get("rss")
+        return int(rss) if isinstance(rss, int) else None
+
+    def send(self, message: Message, *, shuffle: bool = False) -> int:
+        """Queue ``message`` with this connection's codec and version."""
+        size = write_message(self.stream, message, codec=self.codec, version=self.version, shuffle=shuffle)
+        self.last_sent = now()
+        return size
+
+    def record(self) -> dict[str, Any]:
+        """This worker as a CROWD / JOINED worker record."""
+        rec: dict[str, Any] = {
+            "id": self.id, "name": self.name, "memory_budget": self.memory,
+            "cores": int(self.hello.get("cores", 1)), "platform": str(self.hello.get("platform", "")),
+            "cached": sorted(self.cached), "resident": self.expected_resident,
+        }
+        if self.floor_rss is not None:
+            rec["rss"] = self.floor_rss
+        return rec
+
+    def map_clock(self, start: float, end: float, received: float) -> tuple[float, float]:
+        """Worker clock -> this side's clock, from the smallest ``received - end`` seen."""
+        offset = received - end
+        if self.clock_offset is None or offset < self.clock_offset:
+            self.clock_offset = offset
+        return start + self.clock_offset, min(received, end + self.clock_offset)
+
+
+class Listener:
+    """What a coordinator's frames mean; every method runs on the IOLoop thread."""
+
+    #: Whether driver connections (``role: "driver"`` in HELLO) are accepted.
+    accepts_drivers = False
+
+    def worker_joined(self, worker: Peer) -> None:
+        """``worker`` finished its handshake."""
+
+    def worker_lost(self, worker: Peer, reason: str) -> None:
+        """``worker`` is gone; its unanswered actions will not be answered."""
+
+    def reply(self, worker: Peer, action: Action | None, message: Message, size: int, received: float) -> None:
+        """``worker`` answered ``action`` (None when no sent action matches)."""
+
+    def dropped(self, worker_id: str, action: Action) -> None:
+        """``action`` was submitted for a worker that is not connected."""
+
+    def driver_joined(self, driver: Peer) -> None:
+        """A driver finished its handshake."""
+
+    def driver_message(self, driver: Peer, message: Message, size: int) -> None:
+        """A driver sent ``message`` (CROWD, LOAD, UNLOAD, RUN)."""
+
+    def driver_lost(self, driver: Peer, reason: str) -> None:
+        """A driver is gone."""
+
+
+class _Refused(Exception):
+    pass
+
+
+class _Server(TCPServer):
+    def __init__(self, coordinator: "Coordinator", ssl_options: Any):
+        super().__init__(ssl_options=ssl_options)
+        self.coordinator = coordinator
+
+    def handle_stream(self, stream: IOStream, address: Any) -> None:
+        self.coordinator._spawn(self.coordinator._handle(stream, address))
+
+
+class Coordinator:
+    """A TCP server that authenticates workers and keeps them alive.
+
+    Parameters
+    ----------
+    token:
+        The shared secret (bytes).  It never crosses the wire: both sides
+        prove they know it with HMACs of fresh nonces.
+    host, port:
+        Where to listen; loopback and a free port by default.  Listening on
+        another interface exposes the coordinator to that network: use a
+        long random token, and TLS where the network is not yours.
+    listener:
+        What to do with workers' frames (see :class:`Listener`).
+    ssl_options:
+        An :class:`ssl.SSLContext` (see :func:`crowdgraph_tcp.common.server_ssl_context`)
+        to serve TLS.
+    heartbeat:
+        Interval announced in WELCOME; a peer silent for
+        ``wire.HEARTBEAT_MISSES`` intervals is lost.
+    handshake_timeout:
+        Seconds a new connection has to complete the handshake.
+    max_frame_bytes:
+        Largest frame after the handshake (before it: 1 MiB).
+    """
+
+    def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0, *,
+                 listener: Listener | None = None, ssl_options: ssl.SSLContext | None = None,
+                 heartbeat: float = DEFAULT_HEARTBEAT, handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
+                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
+                 codecs: Sequence[str] = wire.CODECS):
+        if not token:
+            raise ValueError("the coordinator needs a non-empty shared token")
+        if heartbeat <= 0:
+            raise ValueError(f"heartbeat must be > 0 seconds, got {heartbeat}")
+        self.token = bytes(token)
+        self.listener = listener or Listener()
+        self.ssl_options = ssl_options
+        self.heartbeat = float(heartbeat)
+        self.handshake_timeout = float(handshake_timeout)
+        self.max_frame_bytes = int(max_frame_bytes)
+        self.codecs = tuple(codecs)
+        self.workers: dict[str, Peer] = {}
+        self.drivers: dict[str, Peer] = {}
+        self._ids = itertools.count(1)
+        self._sockets = bind_sockets(port, address=host or None)
+        self.host, self.port = self._sockets[0].getsockname()[:2]
+        self._loop: IOLoop | None = None
+        self._server: _Server | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle (any thread) -------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``tcp://host:port`` (``tls://`` with TLS) for workers to connect to."""
+        host = f"[{self.host}]" if ":" in str(self.host) else self.host
+        return f"{'tls' if self.ssl_options else 'tcp'}://{host}:{self.port}"
+
+    def start(self) -> "Coordinator":
+        """Start the IOLoop thread and serve; returns at once."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._main, args=(ready, failure),
+                                        name=f"crowdgraph-tcp-coordinator-{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+        LOG.info("coordinator listening on %s", self.url)
+        return self
+
+    def _main(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        aio = asyncio.new_event_loop()
+        asyncio.set_event_loop(aio)
+        try:
+            self._loop = IOLoop.current()
+            self._server = _Server(self, self.ssl_options)
+            self._server.add_sockets(self._sockets)
+            ticker = PeriodicCallback(self._tick, self.heartbeat * 1000 / 4)
+            ticker.start()
+        except BaseException as exc:  # reported to start()
+            failure.append(exc)
+            ready.set()
+            aio.close()
+            return
+        ready.set()
+        try:
+            self._loop.start()
+        finally:
+            ticker.stop()
+            self._loop.close(all_fds=True)
+            asyncio.set_event_loop(None)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the IOLoop thread soon (from any thread)."""
+        loop = self._loop
+        if loop is not None and not self._stopping:
+            loop.add_callback(self._guarded, fn, *args)
+
+    @staticmethod
+    def _guarded(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # a bug; never let it kill the loop
+            LOG.exception("error in %s on the coordinator thread", getattr(fn, "__name__", fn))
+
+    def run_sync(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Run ``fn()`` on the IOLoop thread and return its result (from another thread)."""
+        if self._loop is None or self._stopping:
+            raise RuntimeError("the coordinator is not running")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def job() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._loop.add_callback(job)
+        return future.result(timeout)
+
+    def stop(self, reason: str = "the coordinator is shutting down", timeout: float = 10.0) -> None:
+        """Say BYE to every peer, close everything and end the thread."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None or not thread.is_alive():
+            for s in self._sockets:
+                s.close()
+            return
+        loop.add_callback(self._shutdown, reason)
+        thread.join(timeout)
+
+    async def _shutdown(self, reason: str) -> None:
+        self._stopping = True
+        assert self._server is not None and self._loop is not None
+        self._server.stop()
+        writes = []
+        for peer in list(self.workers.values()) + list(self.drivers.values()):
+            try:
+                writes.append(peer.stream.write(wire.encode(Message(wire.BYE, {"reason": reason}),
+                                                            version=peer.version)))
+            except StreamClosedError:
+                pass
+        if writes:
+            await asyncio.wait(writes, timeout=1.0)
+        for peer in list(self.workers.values()) + list(self.drivers.values()):
+            peer.alive = False
+            peer.stream.close()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        self._loop.stop()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- connections (IOLoop thread) ---------------------------------------
+
+    async def _handle(self, stream: IOStream, address: Any) -> None:
+        where = _address(address)
+        if self._stopping:
+            stream.close()
+            return
+        try:
+            stream.set_nodelay(True)
+        except Exception:  # not a TCP socket (tests may use others)
+            pass
+        peer: Peer | None = None
+        reader: FrameReader | None = None
+        try:
+            peer, reader = await asyncio.wait_for(self._handshake(stream, where), self.handshake_timeout)
+        except asyncio.TimeoutError:
+            LOG.warning("closing %s: the handshake did not complete within %.0f s", where, self.handshake_timeout)
+        except StreamClosedError as exc:
+            LOG.warning("%s closed the connection during the handshake%s", where,
+                        f" ({exc.real_error})" if getattr(exc, "real_error", None) else "")
+        except _Refused:
+            pass
+        except ProtocolError as exc:
+            LOG.warning("closing %s: protocol error during the handshake: %s", where, exc)
+            await self._say(stream, Message(wire.REFUSE, {"reason": f"protocol error: {exc}"}), 1)
+        except Exception:
+            LOG.exception("closing %s: unexpected error during the handshake", where)
+        if peer is None or reader is None:
+            stream.close()
+            return
+        if peer.role == "driver":
+            self.drivers[peer.id] = peer
+            LOG.info("driver %s joined from %s", peer.id, where)
+            self._notify(self.listener.driver_joined, peer)
+        else:
+            self.workers[peer.id] = peer
+            LOG.info("worker %s (%s, budget %s bytes) joined from %s", peer.id, peer.name, peer.memory, where)
+            self._notify(self.listener.worker_joined, peer)
+        await self._serve(peer, reader)
+
+    async def _say(self, stream: IOStream, message: Message, version: int) -> None:
+        """Write one frame and wait (briefly) until it left."""
+        try:
+            await asyncio.wait_for(stream.write(wire.encode(message, version=version)), 2.0)
+        except (StreamClosedError, asyncio.TimeoutError):
+            pass
+
+    async def _refuse(self, stream: IOStream, where: str, reason: str) -> None:
+        LOG.warning("refused %s: %s", where, reason)
+        await self._say(stream, Message(wire.REFUSE, {"reason": reason}), 1)
+        raise _Refused(reason)
+
+    async def _handshake(self, stream: IOStream, where: str) -> tuple[Peer, FrameReader]:
+        decoder = wire.FrameDecoder(wire.HANDSHAKE_MAX_FRAME_BYTES)
+        reader = FrameReader(stream, decoder)
+        hello, _ = await reader.next()
+        if hello.type != wire.HELLO:
+            await self._refuse(stream, where, f"the first frame must be HELLO, not {hello.type}")
+        try:
+            version, codec = wire.negotiate(hello.header, wire.SUPPORTED_VERSIONS, self.codecs)
+        except ProtocolError as exc:
+            await self._refuse(stream, where, str(exc))
+        role = hello.header.get("role", "worker")
+        if role == "driver" and not self.listener.accepts_drivers:
+            await self._refuse(stream, where, "this coordinator belongs to an in-process executor and takes "
+                               "no drivers; run a standing one with `crowdgraph serve` to drive it from "
+                               "another process")
+        nonce = wire.make_nonce()
+        stream.write(wire.encode(Message(wire.CHALLENGE, {"nonce": nonce.hex(), "version": version,
+                                                          "codec": codec}), version=1))
+        auth, _ = await reader.next()
+        if auth.type != wire.AUTH:
+            await self._refuse(stream, where, f"expected AUTH after CHALLENGE, got {auth.type}")
+        if not wire.verify(self.token, nonce, auth.header["signature"], role="worker"):
+            await self._refuse(stream, where, "authentication failed: the token does not match the "
+                               "coordinator's (check --token-file / CROWDGRAPH_TOKEN)")
+        peer_id = f"{'d' if role == 'driver' else 'w'}{next(self._ids)}"
+        welcome = {"worker_id": peer_id, "heartbeat": self.heartbeat,
+                   "signature": wire.sign(self.token, bytes.fromhex(auth.header["nonce"]), role="coordinator")}
+        if role == "driver":
+            welcome["role"] = "driver"
+        stream.write(wire.encode(Message(wire.WELCOME, welcome), version=version))
+        decoder.max_frame_bytes = self.max_frame_bytes
+        peer = Peer(peer_id, role, where, stream, version, codec, dict(hello.header),
+                    cached=set(hello.header.get("cached", [])) if role == "worker" else set())
+        reader.on_bytes = lambda: setattr(peer, "last_recv", now())
+        return peer, reader
+
+    async def _serve(self, peer: Peer, reader: FrameReader) -> None:
+        try:
+            while peer.alive:
+                message, size = await reader.next()
+                kind = message.type
+                if kind == wire.PING:
+                    peer.send(Message(wire.PONG, {"seq": message.header["seq"]}))
+                elif kind == wire.PONG:
+                    pass
+                elif kind == wire.BYE:
+                    self._lose(peer, f"it said goodbye ({message.header.get('reason', 'no reason given')})",
+                               quiet=True)
+                elif peer.role == "worker" and kind in (wire.LOADED, wire.UNLOADED, wire.RESULT, wire.FAILED):
+                    self._on_reply(peer, message, size)
+                elif peer.role == "driver" and kind in (wire.CROWD, wire.LOAD, wire.UNLOAD, wire.RUN):
+                    if kind != wire.CROWD and not isinstance(message.header.get("worker"), str):
+                        raise ProtocolError(f"a driver's {kind} must name its worker in 'worker'")
+                    self._notify(self.listener.driver_message, peer, message, size)
+                else:
+                    raise ProtocolError(f"a {peer.role} may not send {kind} after the handshake")
+        except StreamClosedError:
+            self._lose(peer, "its connection closed")
+        except ProtocolError as exc:
+            if peer.alive:
+                await self._say(peer.stream, Message(wire.BYE, {"reason": f"protocol error: {exc}"}), peer.version)
+            self._lose(peer, f"protocol error: {exc}")
+        except Exception as exc:
+            LOG.exception("error serving %s", peer.id)
+            self._lose(peer, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _notify(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._stopping:
+            return
+        try:
+            fn(*args)
+        except Exception:
+            LOG.exception("listener %s failed", getattr(fn, "__name__", fn))
+
+    def _lose(self, peer: Peer, reason: str, *, quiet: bool = False) -> None:
+        peer.alive = False
+        table = self.drivers if peer.role == "driver" else self.workers
+        mine = table.get(peer.id) is peer
+        if mine:  # out of the table before the peer can see its connection close
+            del table[peer.id]
+        peer.stream.close()
+        if not mine or self._stopping:
+            return
+        (LOG.info if quiet else LOG.warning)("%s %s (%s) lost: %s", peer.role, peer.id, peer.address, reason)
+        if peer.role == "driver":
+            for w in list(self.workers.values()):
+                if w.hold_sha is not None and w.hold_owner is peer:
+                    self.release(w)
+            self._notify(self.listener.driver_lost, peer, reason)
+        else:
+            peer.outstanding.clear()
+            peer.held.clear()
+            self._notify(self.listener.worker_lost, peer, reason)
+
+    def _tick(self) -> None:
+        t = now()
+        limit = wire.HEARTBEAT_MISSES * self.heartbeat
+        for peer in list(self.workers.values()) + list(self.drivers.values()):
+            silent = t - peer.last_recv
+            if silent > limit:
+                self._lose(peer, f"no frame for {silent:.1f} s ({wire.HEARTBEAT_MISSES} heartbeats of "
+                                 f"{self.heartbeat:g} s): it stopped, or its network dropped")
+            elif t - peer.last_sent >= self.heartbeat:
+                peer.ping_seq += 1
+                peer.send(Message(wire.PING, {"seq": peer.ping_seq}))
+
+    # -- actions for workers (IOLoop thread) -------------------------------
+
+    def submit(self, worker_id: str, action: Action) -> None:
+        """Send ``action`` to worker ``worker_id`` in order (IOLoop thread).
+
+        While a LOAD from the worker's cache is unanswered, later actions
+        wait: if the cache misses, the same partition must go first with
+        its bytes (docs/protocol.md §7.4).
+        """
+        w = self.workers.get(worker_id)
+        if w is None or not w.alive:
+            self._notify(self.listener.dropped, worker_id, action)
+            return
+        if action.kind == "load":
+            w.expected_resident = action.sha256
+        elif action.kind == "unload":
+            w.expected_resident = None
+        if w.hold_sha is not None:
+            if (w.hold_miss and action.kind == "load" and not action.from_cache
+                    and action.sha256 == w.hold_sha):
+                w.hold_sha, w.hold_miss, w.hold_owner = None, False, None
+                self._send(w, action)
+                self._flush(w)
+            else:
+                w.held.append(action)
+            return
+        self._send(w, action)
+
+    def release(self, w: Peer) -> None:
+        """Stop holding ``w``'s actions after a cache miss nobody will repair."""
+        w.hold_sha, w.hold_miss, w.hold_owner = None, False, None
+        self._flush(w)
+
+    def _send(self, w: Peer, action: Action) -> None:
+        if action.parts is None:
+            assert action.message is not None
+            action.parts = wire.encode_parts(action.message, codec=w.codec, version=w.version, shuffle=True)
+        action.message = None
+        action.size = write_parts(w.stream, action.parts)
+        action.parts = None
+        action.sent = w.last_sent = now()
+        w.outstanding.append(action)
+        if action.kind == "load" and action.sha256:
+            if action.from_cache:
+                w.hold_sha, w.hold_miss, w.hold_owner = action.sha256, False, action.owner
+            else:
+                w.cached.add(action.sha256)
+
+    def _flush(self, w: Peer) -> None:
+        while w.held and w.hold_sha is None and w.alive:
+            self._send(w, w.held.popleft())
+
+    def _on_reply(self, w: Peer, message: Message, size: int) -> None:
+        received = now()
+        h, kind = message.header, message.type
+        if kind == wire.RESULT or (kind == wire.FAILED and "task" in h):
+            key = (h["task"][0], h["task"][1])
+            action = _pop(w.outstanding, lambda a: a.kind == "run" and a.key == key)
+        elif kind == wire.LOADED or (kind == wire.FAILED and "load" in h):
+            name = h.get("partition", h.get("load"))
+            action = _pop(w.outstanding, lambda a: a.kind == "load" and a.partition == name)
+        else:
+            action = _pop(w.outstanding, lambda a: a.kind == "unload" and a.partition == h["partition"])
+        if action is None:
+            LOG.warning("worker %s answered %s %s, which matches nothing sent to it; ignored", w.id, kind, h)
+        flush = False
+        if action is not None and action.kind == "load" and action.sha256:
+            if kind == wire.LOADED:
+                w.cached.add(action.sha256)
+                if action.from_cache and w.hold_sha == action.sha256 and not w.hold_miss:
+                    w.hold_sha, w.hold_owner, flush = None, None, True
+            elif action.from_cache and w.hold_sha == action.sha256:
+                w.cached.discard(action.sha256)
+                w.hold_miss = True  # held until the bytes come (submit) or release()
+            elif w.expected_resident == action.sha256:
+                w.expected_resident = None
+        self._notify(self.listener.reply, w, action, message, size, received)
+        if flush:
+            self._flush(w)
+
+    # -- lookups (any thread) ----------------------------------------------
+
+    def codec_of(self, worker_id: str) -> tuple[str, int] | None:
+        """(codec, version) agreed with a worker, or None if it is not connected."""
+        w = self.workers.get(worker_id)
+        return None if w is None else (w.codec, w.version)
+
+    def has_cached(self, worker_id: str, sha256: str) -> bool:
+        """Whether the worker is believed to hold ``sha256`` in its cache (a hint)."""
+        w = self.workers.get(worker_id)
+        return w is not None and sha256 in w.cached
+
+
+def _pop(items: list[Action], match: Callable[[Action], bool]) -> Action | None:
+    for i, item in enumerate(items):
+        if match(item):
+            return items.pop(i)
+    return None
+
+
+def _address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
+    return str(address)

@@ -1,0 +1,429 @@
+"""TcpExecutor: the crowd is whatever workers connect to a coordinator in this process.
+
+The driver thread calls :meth:`TcpExecutor.load`, :meth:`~TcpExecutor.run`
+and :meth:`~TcpExecutor.unload`; each encodes its frame right there (with
+the codec agreed with that worker) and hands it to the coordinator's IOLoop
+thread, which sends it and matches the worker's answer to it.  Answers
+become :class:`~crowdgraph.executor.Reporter` notices on the IOLoop thread.
+
+``TcpExecutor.local(workers=5)`` also starts the workers, as
+``crowdgraph-worker`` processes on this machine: the same agent a phone
+runs, over real sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from crowdgraph import wire
+from crowdgraph.errors import ExecutionError, InputError
+from crowdgraph.executor import Executor, Job, Reporter
+from crowdgraph import Partition
+from crowdgraph.schedule import TaskKey, WorkerInfo
+from crowdgraph.units import parse_bytes
+from crowdgraph.wire import Message
+
+from .common import DEFAULT_HEARTBEAT, LOG, parse_listen, read_token, server_ssl_context
+from .coordinator import Action, Coordinator, Listener, Peer
+
+__all__ = ["TcpExecutor"]
+
+
+@dataclass
+class _Run:
+    reporter: Reporter
+    key: TaskKey
+    bytes_in: int
+
+
+@dataclass
+class _Load:
+    reporter: Reporter
+    partition: Partition
+
+
+@dataclass
+class _Unload:
+    reporter: Reporter | None  # None: the executor's own clean-up, not reported
+
+
+class _Bridge(Listener):
+    """Coordinator events -> reporter notices (IOLoop thread)."""
+
+    def __init__(self, executor: "TcpExecutor"):
+        self.executor = executor
+
+    def worker_joined(self, worker: Peer) -> None:
+        ex = self.executor
+        with ex._changed:
+            ex._changed.notify_all()
+        if ex._reporter is not None and ex._job is not None:
+            ex._reporter.worker_joined(ex._info(worker, None))
+
+    def worker_lost(self, worker: Peer, reason: str) -> None:
+        ex = self.executor
+        with ex._changed:
+            ex._changed.notify_all()
+        if ex._reporter is not None:
+            ex._reporter.worker_lost(worker.id, reason)
+
+    def reply(self, worker: Peer, action: Action | None, message: Message, size: int, received: float) -> None:
+        if action is None or action.token is None:
+            return
+        token, h, kind = action.token, message.header, message.type
+        if isinstance(token, _Run):
+            if kind == wire.RESULT:
+                start, end = worker.map_clock(h["start"], h["end"], received)
+                start = max(start, action.sent)
+                token.reporter.task_finished(
+                    worker.id, token.key, message.tensors, start=start, end=max(end, start),
+                    bytes_in=token.bytes_in, bytes_out=sum(v.nbytes for v in message.tensors.values()),
+                    wire_in=action.size, wire_out=size, peak_rss=h["peak_rss"], rss=h["rss"])
+            else:
+                token.reporter.task_failed(worker.id, token.key, h.get("error", "failed"))
+        elif isinstance(token, _Load):
+            if kind == wire.LOADED:
+                token.reporter.loaded(worker.id, action.partition, start=max(action.sent, received - h["seconds"]),
+                                      end=received, bytes_sent=0 if action.from_cache else action.size,
+                                      from_cache=action.from_cache, rss=h["rss"])
+            elif action.from_cache:  # the worker's cache lost it: send the bytes, ahead of what waits
+                LOG.info("worker %s no longer caches %s (%s); sending its bytes", worker.id,
+                         action.partition, h.get("error"))
+                ex = self.executor
+                ex.coordinator.submit(worker.id, Action(
+                    "load", action.partition, token=token, sha256=action.sha256, owner=ex,
+                    parts=ex._load_parts(token.partition, worker.codec, worker.version)))
+            else:
+                token.reporter.load_failed(worker.id, action.partition, h.get("error", "failed"))
+        elif isinstance(token, _Unload) and token.reporter is not None and kind == wire.UNLOADED:
+            token.reporter.unloaded(worker.id, action.partition, rss=h["rss"])
+
+
+class TcpExecutor(Executor):
+    """A coordinator in this process; the workers connect to it over TCP.
+
+    Parameters
+    ----------
+    listen:
+        ``HOST:PORT`` to listen on; loopback and a free port by default.
+        Anything but loopback exposes the coordinator to a network: use a
+        long random token, and TLS (``certfile``) on networks you do not own.
+    token:
+        The shared secret workers must know (str or bytes); by default
+        ``$CROWDGRAPH_TOKEN``, else a random one (see :attr:`token`).
+    min_workers:
+        :meth:`start` waits until this many workers joined ...
+    join_timeout:
+        ... for at most this many seconds, then raises ExecutionError.
+    heartbeat:
+        Seconds between heartbeats; a worker silent for 3 of them is lost.
+    certfile, keyfile:
+        Serve TLS with this certificate (workers then connect to ``tls://``).
+
+    Attributes
+    ----------
+    processes:
+        For :meth:`local` crowds: worker id -> its ``subprocess.Popen``.
+    """
+
+    name = "tcp"
+
+    def __init__(self, listen: str = "127.0.0.1:0", token: str | bytes | None = None, *,
+                 min_workers: int = 1, join_timeout: float = 60.0, heartbeat: float = DEFAULT_HEARTBEAT,
+                 certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None,
+                 handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
+                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES):
+        host, port = parse_listen(listen)
+        self.token: bytes = read_token(token) or secrets.token_hex(32).encode("ascii")
+        self.min_workers = int(min_workers)
+        self.join_timeout = float(join_timeout)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+        self._reporter: Reporter | None = None
+        self._job: Job | None = None
+        self._by_sha: dict[str, str] = {}
+        self._encoded: dict[tuple[str, str, int], list[Any]] = {}
+        self._encoded_lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._spawned: list[tuple[str, subprocess.Popen[bytes], Any]] = []
+        self._tmp: str | None = None
+        self._closed = False
+        ssl_options = server_ssl_context(certfile, keyfile) if certfile else None
+        self.coordinator = Coordinator(self.token, host, port, listener=_Bridge(self), ssl_options=ssl_options,
+                                       heartbeat=heartbeat, handshake_timeout=handshake_timeout,
+                                       max_frame_bytes=max_frame_bytes).start()
+
+    # -- construction helpers ----------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Where workers connect: ``tcp://host:port`` (``tls://`` with TLS)."""
+        return self.coordinator.url
+
+    @classmethod
+    def local(cls, workers: int | None = None, memory: int | str | Sequence[int | str] = "64MB", *,
+              token: str | bytes | None = None, cache_dir: str | os.PathLike | None = None,
+              threads: int = 1, cache_size: int | str | None = None, join_timeout: float = 60.0,
+              worker_args: Sequence[str] = (), **kwargs: Any) -> "TcpExecutor":
+        """A coordinator plus ``workers`` worker processes on this machine.
+
+        Parameters
+        ----------
+        workers:
+            How many workers (default 5, or one per entry of ``memory``).
+        memory:
+            Budget of every worker, or a list with one budget per worker.
+        token:
+            Shared token (default: a fresh random one).
+        cache_dir:
+            Folder whose sub-folders (one per worker) keep partitions between
+            crowds; a temporary folder by default, removed on close.
+        threads:
+            onnxruntime threads per worker.
+        worker_args:
+            Extra ``crowdgraph-worker`` arguments.
+        **kwargs:
+            Passed to the constructor (``heartbeat=``, ...).
+
+        Examples
+        --------
+        >>> with TcpExecutor.local(workers=3, memory="64MB") as ex:   # doctest: +SKIP
+        ...     outputs = compiled.run(batch, executor=ex)
+        """
+        if isinstance(memory, (str, int)):
+            budgets = [memory] * (5 if workers is None else int(workers))
+        else:
+            budgets = list(memory)
+            if workers is not None and workers != len(budgets):
+                raise InputError(f"workers={workers} but memory lists {len(budgets)} budgets; give one per worker")
+        if not budgets:
+            raise InputError("a local crowd needs at least one worker")
+        for b in budgets:
+            parse_bytes(b)  # fail here, not in a worker process
+        kwargs.setdefault("min_workers", 1)  # all of them are waited for here; later runs take who is left
+        ex = cls(token=token if token is not None else secrets.token_hex(32), join_timeout=join_timeout, **kwargs)
+        try:
+            ex._spawn_local(budgets, cache_dir, threads, cache_size, list(worker_args))
+        except BaseException:
+            ex.close()
+            raise
+        return ex
+
+    @classmethod
+    def from_url(cls, url: str, token: str | bytes | None = None, **kwargs: Any) -> Executor:
+        """A thin executor driving the crowd of a standing ``crowdgraph serve`` at ``url``.
+
+        The token comes from ``token`` or ``$CROWDGRAPH_TOKEN``; see
+        :class:`crowdgraph_tcp.client.RemoteExecutor` for the other options.
+        """
+        from .client import RemoteExecutor
+
+        return RemoteExecutor(url, token=token, **kwargs)
+
+    def _spawn_local(self, budgets: list[int | str], cache_dir: str | os.PathLike | None, threads: int,
+                     cache_size: int | str | None, extra: list[str]) -> None:
+        self._tmp = tempfile.mkdtemp(prefix="crowdgraph-tcp-")
+        token_file = Path(self._tmp) / "token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.token)
+        cache_root = Path(cache_dir) if cache_dir is not None else Path(self._tmp) / "cache"
+        env = dict(os.environ)
+        # Make the agent importable even when this package is not installed (a source checkout).
+        paths = [str(Path(__file__).resolve().parent.parent), str(Path(wire.__file__).resolve().parent.parent)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        env.pop("CROWDGRAPH_TOKEN", None)
+        for n, budget in enumerate(budgets):
+            name = f"local-{n}"
+            log_path = Path(self._tmp) / f"{name}.log"
+            log = open(log_path, "wb")
+            cmd = [sys.executable, "-m", "crowdgraph_tcp.worker", self.url, "--token-file", str(token_file),
+                   "--memory", str(budget), "--cache-dir", str(cache_root / name), "--name", name,
+                   "--threads", str(threads)]
+            if cache_size is not None:
+                cmd += ["--cache-size", str(cache_size)]
+            proc = subprocess.Popen(cmd + extra, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+            self._spawned.append((name, proc, log))
+            self.logs[name] = log_path
+        deadline = time.monotonic() + self.join_timeout
+        names = {name for name, _, _ in self._spawned}
+        while True:
+            joined = {w.name: w.id for w in list(self.coordinator.workers.values()) if w.name in names}
+            if len(joined) == len(names):
+                break
+            for name, proc, _ in self._spawned:
+                if proc.poll() is not None and name not in joined:
+                    raise ExecutionError(f"local worker {name} exited with code {proc.returncode} before "
+                                         f"joining:\n{_tail(self.logs[name])}")
+            if time.monotonic() > deadline:
+                missing = sorted(names - set(joined))
+                raise ExecutionError(f"local workers {missing} did not join within {self.join_timeout:.0f} s; "
+                                     f"last log lines:\n{_tail(self.logs[missing[0]])}")
+            with self._changed:
+                self._changed.wait(0.05)
+        for name, proc, _ in self._spawned:
+            self.processes[joined[name]] = proc
+            self.logs[joined[name]] = self.logs[name]
+
+    # -- the executor protocol -----------------------------------------------
+
+    def _wait_for_workers(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self.coordinator.workers) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExecutionError(
+                        f"only {len(self.coordinator.workers)} of the {count} workers this run needs "
+                        f"joined within {timeout:.0f} s; start workers with "
+                        f"`crowdgraph-worker {self.url} --token-file FILE --memory 64MB`")
+                self._changed.wait(min(left, 0.25))
+
+    def _info(self, w: Peer, resident: str | None) -> WorkerInfo:
+        cached = frozenset(self._by_sha[s] for s in w.cached if s in self._by_sha)
+        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, resident=resident)
+
+    def start(self, job: Job, reporter: Reporter) -> list[WorkerInfo]:
+        if self._closed:
+            raise ExecutionError("this TcpExecutor is closed; make a new one")
+        self._wait_for_workers(self.min_workers, self.join_timeout)
+        by_sha = {p.sha256: name for name, p in job.partitions.items()}
+        with self._encoded_lock:
+            self._encoded.clear()
+
+        def snapshot() -> list[WorkerInfo]:
+            self._reporter, self._job, self._by_sha = reporter, job, by_sha
+            crowd = []
+            for w in list(self.coordinator.workers.values()):
+                sha = w.expected_resident
+                resident = by_sha.get(sha) if sha else None
+                if sha and resident is None:  # a partition of another plan: free its memory
+                    self._unload_now(w, None)
+                crowd.append(self._info(w, resident))
+            return crowd
+
+        crowd = self.coordinator.run_sync(snapshot)
+        if len(crowd) < self.min_workers:
+            raise ExecutionError(f"only {len(crowd)} workers are connected, {self.min_workers} needed")
+        return crowd
+
+    def _unload_now(self, w: Peer, reporter: Reporter | None) -> None:
+        """Queue an UNLOAD of whatever ``w`` holds (IOLoop thread)."""
+        name = self._by_sha.get(w.expected_resident or "", "resident")
+        self.coordinator.submit(w.id, Action("unload", name, token=_Unload(reporter), owner=self,
+                                             message=Message(wire.UNLOAD, {"partition": name})))
+
+    def _load_parts(self, partition: Partition, codec: str, version: int) -> list[Any]:
+        """The LOAD frame carrying ``partition``'s bytes, encoded once per codec."""
+        key = (partition.sha256, codec, version)
+        with self._encoded_lock:
+            parts = self._encoded.get(key)
+        if parts is None:
+            parts = wire.encode_parts(Message(wire.LOAD, {"partition": partition.name, "sha256": partition.sha256,
+                                                          "from_cache": False},
+                                              blobs={"model": partition.model_bytes}), codec=codec, version=version)
+            with self._encoded_lock:
+                self._encoded[key] = parts
+        return parts
+
+    def load(self, worker: str, partition: Partition) -> None:
+        agreed = self.coordinator.codec_of(worker)
+        if agreed is None or self._reporter is None:
+            return  # lost: the scheduler hears of it from worker_lost
+        sha = partition.sha256
+        token = _Load(self._reporter, partition)
+        if self.coordinator.has_cached(worker, sha):
+            action = Action("load", partition.name, token=token, sha256=sha, from_cache=True, owner=self,
+                            message=Message(wire.LOAD, {"partition": partition.name, "sha256": sha,
+                                                        "from_cache": True}))
+        else:
+            action = Action("load", partition.name, token=token, sha256=sha, owner=self,
+                            parts=self._load_parts(partition, *agreed))
+        self.coordinator.call(self.coordinator.submit, worker, action)
+
+    def unload(self, worker: str, partition: str) -> None:
+        self.coordinator.call(self.coordinator.submit, worker, Action(
+            "unload", partition, token=_Unload(self._reporter), owner=self,
+            message=Message(wire.UNLOAD, {"partition": partition})))
+
+    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
+        agreed = self.coordinator.codec_of(worker)
+        reporter = self._reporter
+        if agreed is None or reporter is None:
+            return
+        key = (str(key[0]), int(key[1]))
+        try:
+            arrays = {name: np.asarray(value) for name, value in inputs.items()}
+            parts = wire.encode_parts(Message(wire.RUN, {"task": list(key), "outputs": list(partition.outputs)},
+                                              tensors=arrays), codec=agreed[0], version=agreed[1], shuffle=True)
+        except (TypeError, ValueError) as exc:
+            reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
+            return
+        self.coordinator.call(self.coordinator.submit, worker, Action(
+            "run", partition.name, token=_Run(reporter, key, sum(a.nbytes for a in arrays.values())),
+            parts=parts, key=key, owner=self))
+
+    def reset(self) -> None:
+        def unload_all() -> None:
+            for w in list(self.coordinator.workers.values()):
+                if w.expected_resident is not None:
+                    self._unload_now(w, None)
+
+        self.coordinator.call(unload_all)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for _, proc, _ in self._spawned:  # a stopped (SIGSTOP) worker could not hear BYE
+            if proc.poll() is None and hasattr(signal, "SIGCONT"):
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)
+                except OSError:
+                    pass
+        self.coordinator.stop("the executor closed")
+        deadline = time.monotonic() + 5.0
+        for _, proc, _ in self._spawned:  # BYE makes them exit by themselves
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _, proc, _ in self._spawned:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(3.0)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5.0)
+        for _, _, log in self._spawned:
+            log.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "TcpExecutor":
+        return self
+
+    def __repr__(self) -> str:
+        return f"<TcpExecutor {self.url} workers={len(self.coordinator.workers)}>"
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(empty log)"
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,576 @@
+"""crowdgraph-worker: the agent a phone (Termux), a Raspberry Pi or a laptop runs.
+
+It connects *out* to a coordinator (so it works behind NAT), proves it
+knows the shared token, and then does what the coordinator says:
+
+* ``LOAD``: take the partition from the local cache (its sha256 checked
+  first) or from the bytes sent along (checked, then stored in the cache
+  as ``<sha256>.onnx``), drop whatever was loaded before, and open the
+  partition *from the file* through :func:`crowdgraph.runtime.open_session`;
+* ``UNLOAD``: drop the session and hand the memory back to the OS;
+* ``RUN``: run one task and send back its outputs with the peak RSS since
+  the last load;
+* ``PING``/``PONG``: heartbeats, answered from the I/O loop even while a
+  task computes; ``BYE``: leave.
+
+At most one partition is loaded at a time.  Nothing received is ever
+unpickled, evaluated or imported: frames are :mod:`crowdgraph.wire`
+messages, model bytes are only handed to onnxruntime after their sha256
+matched.
+
+Usage::
+
+    crowdgraph-worker tcp://192.168.1.10:8786 --token-file ~/.crowdgraph-token --memory 64MB
+
+The I/O runs on asyncio (TLS included, ``tls://`` URLs); the work runs on
+one compute thread, so a long task never silences the heartbeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+from crowdgraph import wire
+from crowdgraph.errors import AuthenticationError, CrowdgraphError, ProtocolError
+from crowdgraph.measure import peak_rss_since_reset, reset_peak_rss
+from crowdgraph.runtime import current_rss, open_session, release_memory, run_session, tune_allocator
+from crowdgraph.units import format_bytes, parse_bytes
+from crowdgraph.wire import Message
+
+from .common import client_ssl_context, parse_url, read_token
+
+__all__ = ["PartitionCache", "Agent", "main"]
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+#: Largest read from the socket at once.
+CHUNK = 1 << 20
+#: Most cached digests announced in HELLO (keeps HELLO far below the 1 MiB handshake limit).
+MAX_ANNOUNCED = 10_000
+#: Exit codes.
+EXIT_OK, EXIT_LOST, EXIT_REFUSED = 0, 1, 2
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/crowdgraph/partitions`` (``~/.cache/...`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "crowdgraph" / "partitions"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PartitionCache:
+    """Partitions on local storage, size-capped, least recently used out first.
+
+    One entry per partition, named by its sha256:
+
+    * ``<sha256>.onnx``: the graph, whose large weights live in
+    * ``<sha256>.onnx.data`` beside it (ONNX external data), so onnxruntime
+      maps them from the file instead of copying them out of a parsed
+      protobuf (which costs a second copy of the weights while a session
+      opens);
+    * ``<sha256>.json``: the manifest, written last (an entry without one is
+      unfinished and removed): the sha256 of each file as written, checked
+      before every use, and the file's use time for the LRU order.
+
+    The bytes were checked against the partition's sha256 before they were
+    stored; the manifest then catches any later change on disk.
+
+    >>> import tempfile
+    >>> cache = PartitionCache(tempfile.mkdtemp(), max_bytes=10)
+    >>> sha = hashlib.sha256(b"12345678").hexdigest()
+    >>> cache.put(sha, [b"12345678"], external=False).name == sha + ".onnx", cache.digests() == [sha]
+    (True, True)
+    >>> cache.get(sha).read_bytes()
+    b'12345678'
+    >>> cache.put(hashlib.sha256(b"abcdef").hexdigest(), [b"abcdef"], external=False) is not None  # evicts
+    True
+    >>> sha in cache.digests(), cache.get(sha)
+    (False, None)
+    """
+
+    def __init__(self, folder: str | os.PathLike, max_bytes: int = 2**30):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self._clean()
+
+    def _clean(self) -> None:
+        """Remove unfinished entries and leftovers of interrupted writes."""
+        keep = set()
+        for sha in self._shas():
+            manifest = self._manifest(sha)
+            if manifest is None:
+                self.remove(sha)
+            else:
+                keep.update(manifest["files"])
+                keep.add(f"{sha}.json")
+        for path in self.folder.iterdir():
+            if path.name not in keep and (path.name.startswith(".tmp-") or _HEX64.match(path.name)):
+                _remove(path)
+
+    def _shas(self) -> set[str]:
+        return {p.name[:64] for p in self.folder.iterdir() if _HEX64.match(p.name)}
+
+    def _manifest(self, sha256: str) -> dict[str, Any] | None:
+        try:
+            manifest = json.loads((self.folder / f"{sha256}.json").read_text())
+            files = manifest["files"]
+            if (isinstance(files, dict) and f"{sha256}.onnx" in files
+                    and all(isinstance(k, str) and k.startswith(sha256) and "/" not in k and _HEX64.fullmatch(str(v))
+                            for k, v in files.items())):
+                return manifest
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def _entries(self) -> list[tuple[float, int, str]]:
+        """(last use, bytes, sha256) of every finished entry, least recently used first."""
+        entries = []
+        for sha in self._shas():
+            manifest = self._manifest(sha)
+            if manifest is None:
+                continue
+            try:
+                used = (self.folder / f"{sha}.json").stat().st_mtime
+                size = sum((self.folder / name).stat().st_size for name in manifest["files"])
+            except OSError:
+                continue
+            entries.append((used, size, sha))
+        return sorted(entries)
+
+    def digests(self) -> list[str]:
+        """Cached digests, most recently used first."""
+        return [sha for _, _, sha in reversed(self._entries())][:MAX_ANNOUNCED]
+
+    def get(self, sha256: str) -> Path | None:
+        """The model file of ``sha256``, checked; None when absent or changed on disk (then removed)."""
+        manifest = self._manifest(sha256)
+        if manifest is None:
+            return None
+        for name, digest in manifest["files"].items():
+            path = self.folder / name
+            if not path.is_file() or file_sha256(path) != digest:
+                self.remove(sha256)
+                return None
+        os.utime(self.folder / f"{sha256}.json")  # most recently used
+        return self.folder / f"{sha256}.onnx"
+
+    def remove(self, sha256: str) -> None:
+        """Forget an entry (manifest first, so a half-removed entry is never used)."""
+        _remove(self.folder / f"{sha256}.json")
+        for path in self.folder.glob(f"{sha256}*"):
+            _remove(path)
+
+    def put(self, sha256: str, holder: list[bytes], *, external: bool = True) -> Path | None:
+        """Store the model bytes in ``holder`` (checked to hash to ``sha256``); return its file.
+
+        ``holder`` is a one-item list, emptied as soon as the bytes are no
+        longer needed (so they are freed before onnxruntime opens the file).
+        Returns None, leaving ``holder`` as it was, when the bytes exceed the
+        cache's size.  With ``external`` the weights go to a separate data file.
+        """
+        size = len(holder[0])
+        if size > self.max_bytes:
+            return None
+        self.remove(sha256)
+        entries = self._entries()
+        total = sum(used for _, used, _ in entries)
+        for _, used, old in entries:
+            if total + size <= self.max_bytes:
+                break
+            self.remove(old)
+            total -= used
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
+        try:
+            model_path = staging / f"{sha256}.onnx"
+            if external:
+                _write_external(holder, model_path, f"{sha256}.onnx.data")
+            else:
+                model_path.write_bytes(holder.pop())
+            files = {p.name: file_sha256(p) for p in staging.iterdir()}
+            for name in files:
+                os.replace(staging / name, self.folder / name)
+            tmp = staging / "manifest"
+            tmp.write_text(json.dumps({"format": 1, "sha256": sha256, "files": files}))
+            os.replace(tmp, self.folder / f"{sha256}.json")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.folder / f"{sha256}.onnx"
+
+
+def _write_external(holder: list[bytes], path: Path, location: str) -> None:
+    """Write the model in ``holder`` to ``path`` with its weights in ``location`` beside it."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.ParseFromString(holder[0])
+    holder.clear()  # the parsed model holds the weights now; free the bytes
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=1024)
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except OSError:
+        pass
+
+
+class _Refused(Exception):
+    """The coordinator sent REFUSE."""
+
+
+class _Lost(Exception):
+    """The connection dropped or went silent."""
+
+
+class _Bye(Exception):
+    """The coordinator said BYE."""
+
+
+def _platform() -> str:
+    machine = platform.machine() or "unknown"
+    if "ANDROID_ROOT" in os.environ or hasattr(sys, "getandroidapilevel"):
+        return f"android-{machine}"
+    return f"{sys.platform}-{machine}"
+
+
+class Agent:
+    """One worker: a connection loop around a single-resident onnxruntime session."""
+
+    def __init__(self, url: str, token: bytes, memory: int, *, name: str | None = None,
+                 cache: PartitionCache, threads: int = 1, cafile: str | None = None,
+                 reconnect: bool = False, max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
+                 log: Any = None):
+        self.scheme, self.host, self.port = parse_url(url)
+        self.url = url
+        self.token = token
+        self.memory = int(memory)
+        self.name = name or socket.gethostname() or "worker"
+        self.cache = cache
+        self.threads = max(1, int(threads))
+        self.cafile = cafile
+        self.reconnect = reconnect
+        self.max_frame_bytes = max_frame_bytes
+        self.log = log or sys.stderr
+        self.session: Any = None
+        self.resident: tuple[str, str] | None = None  # (partition name, sha256)
+        self.codec, self.version = "none", 1
+        self.floor_rss = current_rss()
+        self.last_recv = self.last_sent = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"crowdgraph-worker: {text}", file=self.log, flush=True)
+
+    # -- the connection ------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until BYE (0), a refusal (2) or a lost connection (1); retry with ``reconnect``."""
+        delay = 1.0
+        while True:
+            joined = False
+            try:
+                joined = await self._session()
+                if not self.reconnect:
+                    return EXIT_OK
+                self.say("the coordinator said goodbye; reconnecting")
+            except _Refused as exc:
+                self.say(f"the coordinator refused this worker: {exc}")
+                return EXIT_REFUSED
+            except AuthenticationError as exc:
+                self.say(f"{exc}")
+                return EXIT_REFUSED
+            except (OSError, EOFError, asyncio.TimeoutError, ProtocolError, _Lost) as exc:
+                what = str(exc) or type(exc).__name__
+                if not self.reconnect:
+                    self.say(f"connection to {self.url} lost: {what}")
+                    return EXIT_LOST
+                self.say(f"connection to {self.url} lost: {what}; retrying in {delay:.0f} s")
+            finally:
+                self._drop()
+            if joined:
+                delay = 1.0
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 60.0)
+
+    async def _session(self) -> bool:
+        ssl_context = client_ssl_context(self.cafile) if self.scheme == "tls" else None
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, ssl=ssl_context), wire.HANDSHAKE_TIMEOUT)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        try:
+            decoder = wire.FrameDecoder(self.max_frame_bytes)
+            inbox: list[Message] = []
+
+            async def next_message() -> Message:
+                while not inbox:
+                    data = await reader.read(CHUNK)
+                    if not data:
+                        raise _Lost("the coordinator closed the connection")
+                    self.last_recv = time.monotonic()
+                    inbox.extend(decoder.feed(data))
+                return inbox.pop(0)
+
+            heartbeat = await asyncio.wait_for(self._handshake(writer, next_message), wire.HANDSHAKE_TIMEOUT)
+            await self._serve(writer, next_message, heartbeat)
+            return True
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
+            except Exception:
+                pass
+
+    async def _handshake(self, writer: asyncio.StreamWriter, next_message: Any) -> float:
+        hello = {"versions": list(wire.SUPPORTED_VERSIONS), "name": self.name, "memory_budget": self.memory,
+                 "cores": self.threads, "platform": _platform(), "codecs": list(wire.CODECS),
+                 "cached": self.cache.digests(), "rss": self.floor_rss}
+        writer.write(wire.encode(Message(wire.HELLO, hello), version=1))
+        await writer.drain()
+        challenge = await next_message()
+        if challenge.type == wire.REFUSE:
+            raise _Refused(challenge.header["reason"])
+        if challenge.type != wire.CHALLENGE:
+            raise ProtocolError(f"expected CHALLENGE or REFUSE after HELLO, got {challenge.type}")
+        version, codec = challenge.header["version"], challenge.header["codec"]
+        if version not in wire.SUPPORTED_VERSIONS or codec not in wire.CODECS:
+            raise ProtocolError(f"the coordinator chose version {version} and codec {codec!r}, which this "
+                                f"worker did not offer")
+        nonce = wire.make_nonce()
+        writer.write(wire.encode(Message(wire.AUTH, {
+            "signature": wire.sign(self.token, bytes.fromhex(challenge.header["nonce"]), role="worker"),
+            "nonce": nonce.hex()}), version=version))
+        await writer.drain()
+        welcome = await next_message()
+        if welcome.type == wire.REFUSE:
+            raise _Refused(welcome.header["reason"])
+        if welcome.type != wire.WELCOME:
+            raise ProtocolError(f"expected WELCOME or REFUSE after AUTH, got {welcome.type}")
+        if not wire.verify(self.token, nonce, welcome.header["signature"], role="coordinator"):
+            raise AuthenticationError(
+                f"the coordinator at {self.url} did not prove that it knows the token; it may be an "
+                "impostor. Nothing was loaded or run; check the address and the token")
+        self.codec, self.version = codec, version
+        self.worker_id = welcome.header["worker_id"]
+        heartbeat = float(welcome.header["heartbeat"])
+        self.say(f"joined {self.url} as {self.worker_id} ({self.name}, budget {format_bytes(self.memory)}, "
+                 f"codec {codec}, heartbeat {heartbeat:g} s)")
+        return heartbeat
+
+    async def _serve(self, writer: asyncio.StreamWriter, next_message: Any, heartbeat: float) -> None:
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue[list[Any]] = asyncio.Queue()
+        actions: asyncio.Queue[Message] = asyncio.Queue()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="crowdgraph-worker-compute")
+        self.last_recv = self.last_sent = time.monotonic()
+
+        async def send_loop() -> None:
+            while True:
+                parts = await outbox.get()
+                writer.writelines(parts)
+                await writer.drain()
+                self.last_sent = time.monotonic()
+
+        async def read_loop() -> None:
+            while True:
+                message = await next_message()
+                kind = message.type
+                if kind == wire.PING:
+                    outbox.put_nowait([wire.encode(Message(wire.PONG, {"seq": message.header["seq"]}),
+                                                   version=self.version)])
+                elif kind == wire.PONG:
+                    pass
+                elif kind == wire.BYE:
+                    raise _Bye(message.header.get("reason", ""))
+                elif kind in (wire.LOAD, wire.UNLOAD, wire.RUN):
+                    actions.put_nowait(message)
+                else:
+                    raise ProtocolError(f"a coordinator may not send {kind} after the handshake")
+
+        async def compute_loop() -> None:
+            while True:
+                message = await actions.get()
+                parts = await loop.run_in_executor(pool, self.handle, message)
+                del message
+                outbox.put_nowait(parts)
+
+        async def heartbeat_loop() -> None:
+            seq = 0
+            while True:
+                await asyncio.sleep(heartbeat / 4)
+                t = time.monotonic()
+                if t - self.last_recv > wire.HEARTBEAT_MISSES * heartbeat:
+                    raise _Lost(f"no frame from the coordinator for {t - self.last_recv:.1f} s")
+                if t - self.last_sent >= heartbeat and outbox.empty():
+                    seq += 1
+                    self.last_sent = t
+                    outbox.put_nowait([wire.encode(Message(wire.PING, {"seq": seq}), version=self.version)])
+
+        tasks = [asyncio.ensure_future(c) for c in (send_loop(), read_loop(), compute_loop(), heartbeat_loop())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if isinstance(exc, _Bye):
+                    self.say(f"the coordinator said goodbye ({exc})")
+                    return
+                if exc is not None:
+                    raise exc
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the work (compute thread) -------------------------------------------
+
+    def handle(self, message: Message) -> list[Any]:
+        """Carry out LOAD, UNLOAD or RUN; return the encoded answer."""
+        h = message.header
+        try:
+            if message.type == wire.LOAD:
+                answer = self._load(message)
+            elif message.type == wire.UNLOAD:
+                self._drop()
+                answer = Message(wire.UNLOADED, {"partition": h["partition"], "rss": current_rss()})
+            else:
+                answer = self._run(message)
+            return wire.encode_parts(answer, codec=self.codec, version=self.version, shuffle=True)
+        except Exception as exc:  # reported to the coordinator, the connection stays usable
+            where = {"task": h["task"]} if message.type == wire.RUN else {"load": h.get("partition", "?")}
+            text = f"{type(exc).__name__}: {exc}"
+            return wire.encode_parts(Message(wire.FAILED, {**where, "error": text[:4000]}), version=self.version)
+
+    def _load(self, message: Message) -> Message:
+        h = message.header
+        name, sha = h["partition"], h["sha256"]
+        start = time.perf_counter()
+        source: Path | bytes | None
+        if h["from_cache"]:
+            source = self.cache.get(sha)
+            if source is None:
+                raise FileNotFoundError(f"partition {name} ({sha[:12]}) is not in this worker's cache; "
+                                        "send its bytes")
+            self._drop()
+        else:
+            data = message.blobs.pop("model")
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ValueError(f"the bytes received for partition {name} do not hash to its sha256 "
+                                 f"{sha[:12]}...; refusing to load them")
+            self._drop()
+            holder = [data]
+            del data
+            source = self.cache.put(sha, holder)
+            if source is None:  # larger than the whole cache: open it from memory
+                source = holder.pop()
+        gc.collect()
+        release_memory()
+        reset_peak_rss()
+        self.session = open_session(source if isinstance(source, bytes) else str(source), self.threads)
+        del source
+        self.resident = (name, sha)
+        return Message(wire.LOADED, {"partition": name, "sha256": sha, "seconds": time.perf_counter() - start,
+                                     "rss": current_rss()})
+
+    def _run(self, message: Message) -> Message:
+        h = message.header
+        partition, _ = h["task"]
+        if self.session is None or self.resident is None or self.resident[0] != partition:
+            held = self.resident[0] if self.resident else "nothing"
+            raise RuntimeError(f"partition {partition} is not loaded on this worker (it holds {held})")
+        start = time.perf_counter()
+        outputs = run_session(self.session, message.tensors, h["outputs"])
+        end = time.perf_counter()
+        message.tensors.clear()
+        return Message(wire.RESULT, {"task": h["task"], "start": start, "end": end,
+                                     "peak_rss": peak_rss_since_reset(), "rss": current_rss()}, tensors=outputs)
+
+    def _drop(self) -> None:
+        if self.session is not None:
+            self.session = None
+            self.resident = None
+            gc.collect()
+            release_memory()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crowdgraph-worker",
+        description="Join a crowdgraph coordinator and run model partitions for it.",
+        epilog="The token comes from --token-file, --token or $CROWDGRAPH_TOKEN (prefer the file: "
+               "command lines are visible to other users of the machine).")
+    parser.add_argument("url", help="the coordinator, tcp://HOST:PORT (tls://HOST:PORT for TLS)")
+    parser.add_argument("--token-file", help="file holding the shared token")
+    parser.add_argument("--token", help="the shared token itself (visible in ps; prefer --token-file)")
+    parser.add_argument("--memory", default="64MB",
+                        help="memory budget for a partition and its activations (default 64MB)")
+    parser.add_argument("--name", help="name shown in reports (default: host name)")
+    parser.add_argument("--cache-dir", help=f"where partitions are kept (default {default_cache_dir()})")
+    parser.add_argument("--cache-size", default="1GB", help="cap of the cache; least recently used out first (default 1GB)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="onnxruntime threads (default: every core)")
+    parser.add_argument("--cafile", help="with tls://: trust this CA or self-signed certificate")
+    parser.add_argument("--reconnect", action="store_true",
+                        help="when the connection drops, retry with backoff (joining as a new worker)")
+    parser.add_argument("--max-frame-bytes", type=int, default=wire.DEFAULT_MAX_FRAME_BYTES,
+                        help="largest frame accepted (default 256 MiB)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``crowdgraph-worker``."""
+    args = build_parser().parse_args(argv)
+    try:
+        token = read_token(args.token, args.token_file)
+        if token is None:
+            print("crowdgraph-worker: no token; give --token-file FILE (or set CROWDGRAPH_TOKEN)", file=sys.stderr)
+            return EXIT_REFUSED
+        memory = parse_bytes(args.memory)
+        cache = PartitionCache(args.cache_dir or default_cache_dir(), parse_bytes(args.cache_size))
+        import onnxruntime  # noqa: F401  (part of the idle floor announced in HELLO)
+
+        tune_allocator()
+        agent = Agent(args.url, token, memory, name=args.name, cache=cache, threads=args.threads,
+                      cafile=args.cafile, reconnect=args.reconnect, max_frame_bytes=args.max_frame_bytes)
+    except (CrowdgraphError, OSError) as exc:
+        print(f"crowdgraph-worker: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        return asyncio.run(agent.run())
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Shared helpers for the crowdgraph-tcp tests: real worker processes, sockets on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TCP_ROOT = Path(__file__).resolve().parents[1]
+REPO = TCP_ROOT.parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """Environment for child processes: this checkout importable, no token leaking in."""
+    env = dict(os.environ)
+    paths = [str(TCP_ROOT), str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.pop("CROWDGRAPH_TOKEN", None)
+    return env
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGCONT (in case it was stopped), then terminate / kill; never leaves it running."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGCONT)
+        except OSError:
+            pass
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "a condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
+
+
+@pytest.fixture
+def tcp_helpers():
+    """child_env(), stop_process(proc), wait_until(pred, timeout, what) for the tests."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(child_env=child_env, stop_process=stop_process, wait_until=wait_until)
