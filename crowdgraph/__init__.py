@@ -3,9 +3,17 @@
 >>> import crowdgraph
 >>> compiled = crowdgraph.compile("model.onnx", memory_budget="48MB")   # doctest: +SKIP
 >>> outputs = compiled.run(batch, executor="threads")                  # doctest: +SKIP
+
+Names are imported on first use, so a worker that needs only
+``crowdgraph.wire`` and ``crowdgraph.runtime`` does not pay for onnx and
+networkx in its memory floor.
 """
 
-from .compiled import CompiledModel, TensorSpec, compile, load
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AuthenticationError,
     BudgetError,
@@ -18,24 +26,47 @@ from .errors import (
     ProtocolError,
     WorkerLostError,
 )
-from .executor import Executor, Job, Reporter
-from .partition import Partition
-from .report import RunReport
-from .schedule import WorkerInfo
-from .simulate import CostModel, SimulatedExecutor, simulate
-from .threads import ThreadExecutor
 from .units import format_bytes, parse_bytes
-
-#: A worker of the crowd: ``Worker("phone1", memory="64MB", speed=0.8)``.
-Worker = WorkerInfo
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CostModel", "Executor", "Job", "Reporter", "RunReport", "SimulatedExecutor",
-    "ThreadExecutor", "Worker", "WorkerInfo", "simulate",
-    "AuthenticationError", "BudgetError", "CompiledModel", "CrowdgraphError",
-    "ExecutionError", "ExecutorNotFound", "InputError", "ModelError", "Partition",
-    "PlanningError", "ProtocolError", "TensorSpec", "WorkerLostError", "compile",
-    "format_bytes", "load", "parse_bytes",
-]
+#: Public name -> module that defines it.
+_LAZY = {
+    "CompiledModel": "compiled", "TensorSpec": "compiled", "compile": "compiled", "load": "compiled",
+    "Executor": "executor", "Job": "executor", "Reporter": "executor",
+    "Partition": "partition",
+    "RunReport": "report",
+    "WorkerInfo": "schedule", "Worker": "schedule",
+    "CostModel": "simulation", "SimulatedExecutor": "simulation", "simulate": "simulation",
+    "ThreadExecutor": "threads",
+}
+
+__all__ = sorted([
+    *_LAZY, "AuthenticationError", "BudgetError", "CrowdgraphError", "ExecutionError", "ExecutorNotFound",
+    "InputError", "ModelError", "PlanningError", "ProtocolError", "WorkerLostError", "format_bytes",
+    "parse_bytes",
+])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'crowdgraph' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), "WorkerInfo" if name == "Worker" else name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from .compiled import CompiledModel, TensorSpec, compile, load
+    from .executor import Executor, Job, Reporter
+    from .partition import Partition
+    from .report import RunReport
+    from .schedule import WorkerInfo
+    from .schedule import WorkerInfo as Worker
+    from .simulation import CostModel, SimulatedExecutor, simulate
+    from .threads import ThreadExecutor
