@@ -36,7 +36,7 @@ import queue
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -73,6 +73,13 @@ class Reporter:
 
     def __init__(self) -> None:
         self._queue: queue.Queue[Notice] = queue.Queue()
+        self._listeners: list[Callable[[Notice], None]] = []
+
+    def add_listener(self, listener: Callable[[Notice], None]) -> None:
+        """Call ``listener(notice)`` for every later notice, on the reporting
+        thread, before the driver sees it.  Tests use it to act at a chosen
+        moment of a run (see :func:`crowdgraph.testing.watch_notices`)."""
+        self._listeners.append(listener)
 
     def loaded(self, worker: str, partition: str, *, start: float, end: float,
                bytes_sent: int = 0, from_cache: bool = False, rss: int | None = None) -> None:
@@ -116,6 +123,8 @@ class Reporter:
         self._put(Notice("results_lost", keys=tuple(keys)))
 
     def _put(self, notice: Notice) -> None:
+        for listener in self._listeners:
+            listener(notice)
         self._queue.put(notice)
 
     def next(self, timeout: float) -> Notice | None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -87,6 +87,21 @@ def _next(reporter: Reporter, what: str) -> Notice:
     notice = reporter.next(WAIT_SECONDS)
     assert notice is not None, f"no notice within {WAIT_SECONDS} s while waiting for {what}"
     return notice
+
+
+def watch_notices(executor: Executor, listener: Callable[[Notice], None]) -> None:
+    """Call ``listener(notice)`` for every notice of ``executor``'s later runs.
+
+    The listener runs on the reporting thread before the driver sees the
+    notice, so a test can kill a worker right after its first task.
+    """
+    start = executor.start
+
+    def start_and_listen(job: Job, reporter: Reporter) -> Sequence[Any]:
+        reporter.add_listener(listener)
+        return start(job, reporter)
+
+    executor.start = start_and_listen  # type: ignore[method-assign]
 
 
 class ExecutorConformance:
@@ -206,21 +221,13 @@ class ExecutorConformance:
             pytest.skip("this executor does not declare can_lose_workers")
         executor = self.make_executor([self.case.budget] * 3)
         killed: list[str] = []
-        original_start = executor.start
 
-        def start(job: Job, reporter: Reporter) -> Sequence[Any]:
-            put = reporter._put
+        def kill_first_finisher(notice: Notice) -> None:
+            if notice.kind == "finished" and not killed and notice.worker:
+                killed.append(notice.worker)
+                threading.Thread(target=self.kill_worker, args=(executor, notice.worker)).start()
 
-            def spy(notice: Notice) -> None:
-                put(notice)
-                if notice.kind == "finished" and not killed and notice.worker:
-                    killed.append(notice.worker)
-                    threading.Thread(target=self.kill_worker, args=(executor, notice.worker)).start()
-
-            reporter._put = spy  # type: ignore[method-assign]
-            return original_start(job, reporter)
-
-        executor.start = start  # type: ignore[method-assign]
+        watch_notices(executor, kill_first_finisher)
         try:
             got, report = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=1, report=True)
         finally:

@@ -9,6 +9,7 @@ import pytest
 
 import crowdgraph
 from crowdgraph import ThreadExecutor, Worker, zoo
+from crowdgraph.testing import watch_notices
 from tests import models
 from tests.oracle import assert_matches, oracle
 
@@ -114,22 +115,14 @@ def test_worker_lost_mid_run_its_tasks_are_placed_again():
     model, feeds = batched(models.chain(), 12)
     compiled = crowdgraph.compile(model, partitions=3, sample=feeds)
     ex = ThreadExecutor(workers=3)
-    original = ex.start
+    lost = []
 
-    def start(job, reporter):
-        put = reporter._put
-        done = []
+    def lose_after_first_tasks(notice):
+        if notice.kind == "finished" and notice.key == ("p0", 1) and not lost:
+            lost.append(notice.worker)
+            threading.Thread(target=ex.lose_worker, args=(notice.worker,)).start()
 
-        def spy(notice):
-            put(notice)
-            if notice.kind == "finished" and notice.key == ("p0", 1) and not done:
-                done.append(1)
-                threading.Thread(target=ex.lose_worker, args=(notice.worker,)).start()
-
-        reporter._put = spy
-        return original(job, reporter)
-
-    ex.start = start
+    watch_notices(ex, lose_after_first_tasks)
     with ex:
         got, report = compiled.run(feeds, executor=ex, microbatch=1, report=True)
     assert_matches(got, oracle(model, feeds))

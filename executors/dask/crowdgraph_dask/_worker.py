@@ -115,26 +115,9 @@ def run_partition(topic: str, ident: str, sha256: str, name: str, outputs: Seque
         "id": ident, "start": start, "end": end,
         "in": {k: int(np.asarray(v).nbytes) for k, v in feeds.items()},
         "out": int(sum(v.nbytes for v in out.values())),
-        "rss": current_rss(), "peak_rss": _peak_rss(),
+        "rss": current_rss(), "peak_rss": peak_rss(),
     })
     return out
-
-
-def _peak_rss() -> int:
-    """This process's own peak RSS.
-
-    ``VmHWM`` where Linux has it: ``getrusage``'s ``ru_maxrss`` survives
-    ``exec``, so a worker process started by a nanny would report the
-    peak of the process that spawned it.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return peak_rss()
 
 
 def probe(dask_worker: Any = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 import crowdgraph
 from crowdgraph import zoo
 from crowdgraph.errors import ExecutionError, InputError
+from crowdgraph.testing import watch_notices
 from crowdgraph_tcp import RemoteExecutor, TcpExecutor
 from crowdgraph_tcp.relay import standing_coordinator
 from tests.oracle import assert_matches, oracle
@@ -100,20 +101,13 @@ def test_relayed_run_survives_a_killed_worker_and_a_cache_miss(tmp_path, tcp_hel
             original = ex.start
             killed = []
 
-            def start(job, reporter):
-                put = reporter._put
+            def kill_first_holder(notice):
+                if notice.kind == "finished" and notice.key[0] == first and not killed:
+                    by_name = {rec["id"]: rec["name"] for rec in ex.crowd.values()}
+                    workers[int(by_name[notice.worker].split("-")[1])].kill()
+                    killed.append(notice.worker)
 
-                def spy(notice):
-                    if (notice.kind == "finished" and notice.key[0] == first and not killed):
-                        by_name = {rec["id"]: rec["name"] for rec in ex.crowd.values()}
-                        workers[int(by_name[notice.worker].split("-")[1])].kill()
-                        killed.append(notice.worker)
-                    put(notice)
-
-                reporter._put = spy
-                return original(job, reporter)
-
-            ex.start = start
+            watch_notices(ex, kill_first_holder)
             got, report = compiled.run(feeds, executor=ex, microbatch=1, report=True, timeout=RUN_TIMEOUT)
             assert_matches(got, want)
             assert killed and report.workers[killed[0]].lost

@@ -21,7 +21,7 @@ import pytest
 
 import crowdgraph
 from crowdgraph import wire, zoo
-from crowdgraph.executor import Notice
+from crowdgraph.testing import watch_notices
 from crowdgraph.wire import Message
 from crowdgraph_tcp import TcpExecutor
 from tests import models
@@ -53,20 +53,8 @@ def mixed_crowd():
 
 
 def _spy(executor, on_notice):
-    """Call ``on_notice(notice)`` (on the coordinator thread) for every notice of the next run."""
-    original = executor.start
-
-    def start(job, reporter):
-        put = reporter._put
-
-        def spy(notice: Notice) -> None:
-            on_notice(notice)
-            put(notice)
-
-        reporter._put = spy
-        return original(job, reporter)
-
-    executor.start = start
+    """Call ``on_notice(notice)`` (on the coordinator thread) for every notice of later runs."""
+    watch_notices(executor, on_notice)
 
 
 # ------------------------------------------------------------------ oracle equality
