@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast bench clean
+WEB := executors/tcp/crowdgraph_tcp/web
+
+.PHONY: demo test test-fast bench clean web chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +19,28 @@ $(VENV)/.test-installed: $(BIN)/python pyproject.toml executors/tcp/pyproject.to
 	$(BIN)/python -m pip install -q -e '.[test]' -e executors/tcp -e executors/dask
 	touch $@
 
+# onnxruntime-web for the browser worker page (pinned in package-lock.json); re-run only when the lock changes.
+$(WEB)/node_modules/.package-lock.json: $(WEB)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd $(WEB) && npm ci --no-audit --no-fund; \
+	else echo "npm not found: the browser worker page cannot run models (install Node.js/npm, then make web)"; fi
+
+web: $(WEB)/node_modules/.package-lock.json
+
+# Headless Chromium for the browser-worker tests: installed when we can (root + apt-get), else they skip.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y --no-install-recommends chromium || \
+		{ apt-get update && apt-get install -y --no-install-recommends chromium; }; \
+	else echo "chromium not found (and not root with apt-get): the browser-worker tests will be skipped"; fi
+
 demo: $(VENV)/.demo-installed
 	$(BIN)/crowdgraph demo
 
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed web chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(VENV)/.test-installed
+test-fast: $(VENV)/.test-installed web
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-installed

@@ -36,6 +36,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--keyfile", help="private key of --certfile, if not in it")
     p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT,
                    help=f"seconds between heartbeats; 3 missed = lost (default {DEFAULT_HEARTBEAT:g})")
+    p.add_argument("--web", action="store_true",
+                   help="also serve the browser worker page: phones join by opening the printed URL / QR code")
+    p.add_argument("--web-port", type=int, default=None,
+                   help="HTTP(S) port of the worker page (default: the --listen port + 1)")
+    p.add_argument("--public-host", default=None,
+                   help="host name or address to put in the join URL (default: this machine's LAN address "
+                        "when listening on 0.0.0.0)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -49,8 +56,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "(python -c 'import secrets; print(secrets.token_hex(32))' > FILE)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    web_port = None
+    if getattr(args, "web", False):
+        from .common import parse_listen
+        from .web import assets_missing
+
+        web_port = args.web_port if args.web_port is not None else (parse_listen(args.listen)[1] or -1) + 1
+        if assets_missing():
+            print("crowdgraph serve: onnxruntime-web is not installed, so the page cannot run models yet; "
+                  "run `make web` (npm ci in executors/tcp/crowdgraph_tcp/web)", file=sys.stderr)
     coordinator = standing_coordinator(token, args.listen, certfile=args.certfile, keyfile=args.keyfile,
-                                       heartbeat=args.heartbeat)
+                                       heartbeat=args.heartbeat, web_port=web_port)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -63,6 +79,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  workers join with: crowdgraph-worker {url} --token-file FILE --memory 64MB", flush=True)
         print(f"  drivers use:       compiled.run(batch, executor=\"{url}\")  (with {TOKEN_ENV} set)",
               flush=True)
+        if coordinator.web_port is not None:
+            join = coordinator.join_url(args.public_host or _public_host(str(coordinator.host)))
+            print(f"  phones join at:    {join}", flush=True)
+            print("  (the token is in the URL's #fragment: share it only with your own devices)", flush=True)
+            _print_qr(join)
         while not stop.wait(0.5):
             pass
     finally:
@@ -71,3 +92,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         coordinator.stop("the standing coordinator is shutting down")
     print("crowdgraph serve: stopped", flush=True)
     return 0
+
+
+def _public_host(host: str) -> str:
+    """The address other machines reach this one at, for a coordinator listening on ``host``."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    import socket
+
+    try:  # no packet is sent: connecting a UDP socket only picks the outgoing interface
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def _print_qr(url: str) -> None:
+    try:
+        import segno
+    except ImportError:
+        print("  (pip install segno to see a QR code here)", flush=True)
+        return
+    segno.make(url, error="l").terminal(compact=True)
+    sys.stdout.flush()

@@ -196,13 +196,17 @@ class Coordinator:
         Seconds a new connection has to complete the handshake.
     max_frame_bytes:
         Largest frame after the handshake (before it: 1 MiB).
+    web_port:
+        Also serve the browser worker page (:mod:`crowdgraph_tcp.web`) and
+        its WebSocket endpoint over HTTP on this port of ``host`` (0: a
+        free one); None (the default) serves no page.
     """
 
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0, *,
                  listener: Listener | None = None, ssl_options: ssl.SSLContext | None = None,
                  heartbeat: float = DEFAULT_HEARTBEAT, handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
-                 codecs: Sequence[str] = wire.CODECS):
+                 codecs: Sequence[str] = wire.CODECS, web_port: int | None = None):
         if not token:
             raise ValueError("the coordinator needs a non-empty shared token")
         if heartbeat <= 0:
@@ -219,8 +223,11 @@ class Coordinator:
         self._ids = itertools.count(1)
         self._sockets = bind_sockets(port, address=host or None)
         self.host, self.port = self._sockets[0].getsockname()[:2]
+        self._web_sockets = bind_sockets(web_port, address=host or None) if web_port is not None else []
+        self.web_port: int | None = self._web_sockets[0].getsockname()[1] if self._web_sockets else None
         self._loop: IOLoop | None = None
         self._server: _Server | None = None
+        self._web_server: Any = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -232,6 +239,22 @@ class Coordinator:
         """``tcp://host:port`` (``tls://`` with TLS) for workers to connect to."""
         host = f"[{self.host}]" if ":" in str(self.host) else self.host
         return f"{'tls' if self.ssl_options else 'tcp'}://{host}:{self.port}"
+
+    @property
+    def web_url(self) -> str | None:
+        """``http://host:webport/`` (``https://`` with TLS) of the worker page, or None."""
+        if self.web_port is None:
+            return None
+        host = f"[{self.host}]" if ":" in str(self.host) else self.host
+        return f"{'https' if self.ssl_options else 'http'}://{host}:{self.web_port}/"
+
+    def join_url(self, host: str | None = None) -> str | None:
+        """The URL a phone opens (the token in its fragment), or None without a page."""
+        if self.web_port is None:
+            return None
+        from .web import join_url
+
+        return join_url(host or str(self.host), self.web_port, self.token, tls=self.ssl_options is not None)
 
     def start(self) -> "Coordinator":
         """Start the IOLoop thread and serve; returns at once."""
@@ -253,6 +276,15 @@ class Coordinator:
             self._loop = IOLoop.current()
             self._server = _Server(self, self.ssl_options)
             self._server.add_sockets(self._sockets)
+            if self._web_sockets:
+                from tornado.httpserver import HTTPServer
+
+                from .web import make_app
+
+                self._web_server = HTTPServer(make_app(self), ssl_options=self.ssl_options,
+                                              max_body_size=self.max_frame_bytes,
+                                              max_buffer_size=self.max_frame_bytes + 2**20)
+                self._web_server.add_sockets(self._web_sockets)
             ticker = PeriodicCallback(self._tick, self.heartbeat * 1000 / 4)
             ticker.start()
         except BaseException as exc:  # reported to start()
@@ -300,7 +332,7 @@ class Coordinator:
         """Say BYE to every peer, close everything and end the thread."""
         thread, loop = self._thread, self._loop
         if thread is None or loop is None or not thread.is_alive():
-            for s in self._sockets:
+            for s in self._sockets + self._web_sockets:
                 s.close()
             return
         loop.add_callback(self._shutdown, reason)
@@ -310,6 +342,8 @@ class Coordinator:
         self._stopping = True
         assert self._server is not None and self._loop is not None
         self._server.stop()
+        if self._web_server is not None:
+            self._web_server.stop()
         writes = []
         for peer in list(self.workers.values()) + list(self.drivers.values()):
             try:

@@ -132,6 +132,12 @@ class TcpExecutor(Executor):
         Seconds between heartbeats; a worker silent for 3 of them is lost.
     certfile, keyfile:
         Serve TLS with this certificate (workers then connect to ``tls://``).
+    web:
+        Also serve the browser worker page (docs/browser.md): phones (and
+        tests) open :attr:`join_url` and join as workers over WebSocket.
+    web_port:
+        Port of the page (HTTP, or HTTPS with ``certfile``); by default the
+        TCP port + 1, or a free port when the TCP port is 0.
 
     Attributes
     ----------
@@ -145,8 +151,11 @@ class TcpExecutor(Executor):
                  min_workers: int = 1, join_timeout: float = 60.0, heartbeat: float = DEFAULT_HEARTBEAT,
                  certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None,
                  handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
-                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES):
+                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
+                 web: bool = False, web_port: int | None = None):
         host, port = parse_listen(listen)
+        if web and web_port is None:
+            web_port = port + 1 if port else 0
         self.token: bytes = read_token(token) or secrets.token_hex(32).encode("ascii")
         self.min_workers = int(min_workers)
         self.join_timeout = float(join_timeout)
@@ -164,7 +173,8 @@ class TcpExecutor(Executor):
         ssl_options = server_ssl_context(certfile, keyfile) if certfile else None
         self.coordinator = Coordinator(self.token, host, port, listener=_Bridge(self), ssl_options=ssl_options,
                                        heartbeat=heartbeat, handshake_timeout=handshake_timeout,
-                                       max_frame_bytes=max_frame_bytes).start()
+                                       max_frame_bytes=max_frame_bytes,
+                                       web_port=web_port if web else None).start()
 
     # -- construction helpers ----------------------------------------------
 
@@ -172,6 +182,11 @@ class TcpExecutor(Executor):
     def url(self) -> str:
         """Where workers connect: ``tcp://host:port`` (``tls://`` with TLS)."""
         return self.coordinator.url
+
+    @property
+    def join_url(self) -> str | None:
+        """The URL a browser opens to join (token in the fragment); None without ``web=True``."""
+        return self.coordinator.join_url()
 
     @classmethod
     def local(cls, workers: int | None = None, memory: int | str | Sequence[int | str] = "64MB", *,
@@ -209,7 +224,7 @@ class TcpExecutor(Executor):
             budgets = list(memory)
             if workers is not None and workers != len(budgets):
                 raise InputError(f"workers={workers} but memory lists {len(budgets)} budgets; give one per worker")
-        if not budgets:
+        if not budgets and not kwargs.get("web"):
             raise InputError("a local crowd needs at least one worker")
         for b in budgets:
             parse_bytes(b)  # fail here, not in a worker process
@@ -275,7 +290,7 @@ class TcpExecutor(Executor):
                                      f"last log lines:\n{_tail(self.logs[missing[0]])}")
             with self._changed:
                 self._changed.wait(0.05)
-        for name, proc, _ in self._spawned:
+        for name, proc, _ in self._spawned:  # (none for a web-only crowd)
             self.processes[joined[name]] = proc
             self.logs[joined[name]] = self.logs[name]
 

@@ -1,0 +1,253 @@
+"""Browser workers: headless Chromium pages join a TcpExecutor(web=True) next to Python workers.
+
+Skipped, with the reason shown, where Chromium or onnxruntime-web (``make web``)
+is not installed; ``make test`` installs both where it can, so CI never skips.
+Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import crowdgraph
+from crowdgraph import zoo
+from crowdgraph_tcp import TcpExecutor
+from crowdgraph_tcp.web import ORT_FILES, WEB_ROOT, assets_missing
+from tests import models
+from tests.oracle import assert_matches, oracle
+
+def _helper():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "crowdgraph_tcp_tests_browser"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("browser.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+Chromium, find_chromium = _helper().Chromium, _helper().find_chromium
+
+CHROMIUM = find_chromium()
+if CHROMIUM is None:
+    pytest.skip("chromium not installed: browser-worker tests need it (apt-get install chromium; "
+                "`make test` does this when run as root)", allow_module_level=True)
+if assets_missing():
+    pytest.skip(f"onnxruntime-web not installed: run `make web` (npm ci in {WEB_ROOT})", allow_module_level=True)
+
+RUN_TIMEOUT = 90.0
+
+
+def page_url(ex: TcpExecutor, query: str = "", token: str | None = None) -> str:
+    url = ex.join_url
+    assert url is not None and "#token=" in url
+    base, fragment = url.split("#", 1)
+    if token is not None:
+        fragment = f"token={token}"
+    return f"{base}{'?' + query if query else ''}#{fragment}"
+
+
+def join(browser: Chromium, ex: TcpExecutor, query: str = "memory=600"):
+    page = browser.open(page_url(ex, query))
+    state = page.wait_for(lambda s: s.get("status") == "connected", 60, "the page to join")
+    return page, state
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with Chromium(CHROMIUM) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def crowd(browser):
+    """Two Python workers and two pages: one single-threaded with the pure-JS HMAC, one multi-threaded."""
+    with TcpExecutor.local(memory=["16MB", "24MB"], web=True) as ex:
+        one, s1 = join(browser, ex, "memory=600&threads=1&purejs=1")
+        two, s2 = join(browser, ex, "memory=600")
+        assert s1["threads"] == 1 and s2["threads"] >= 2 and s2["isolated"], (s1, s2)
+        yield ex, [one, two], {s1["workerId"], s2["workerId"]}
+        one.close()
+        two.close()
+
+
+def tiny_case():
+    model = zoo.distilbert("tiny")
+    feeds = zoo.sample_inputs(model, batch=6, sequence=16)
+    return model, feeds, crowdgraph.compile(model, partitions=4, input_shapes={k: (1, 16) for k in feeds})
+
+
+def cnn_case():
+    model, feeds = models.light_cnn("squeezenet")
+    return model, feeds, crowdgraph.compile(model, partitions=4, sample=feeds)
+
+
+CASES = {"distilbert-tiny": tiny_case, "squeezenet": cnn_case}
+
+
+@pytest.mark.parametrize("mode", ["streaming", "barrier"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_mixed_crowd_matches_the_oracle(crowd, case, mode):
+    ex, pages, browser_ids = crowd
+    model, feeds, compiled = CASES[case]()
+    batch = next(iter(feeds.values())).shape[0]
+    got, report = compiled.run(feeds, executor=ex, microbatch=max(1, batch // 3), mode=mode, report=True,
+                               timeout=RUN_TIMEOUT)
+    assert_matches(got, oracle(model, feeds))
+    workers = {t.worker for t in report.tasks}
+    assert workers & browser_ids, f"no task ran in a browser: {sorted(workers)}"
+    assert workers - browser_ids, f"no task ran on a Python worker: {sorted(workers)}"
+
+
+def test_closing_a_page_mid_run_still_matches_the_oracle(browser):
+    model, feeds, compiled = tiny_case()
+    with TcpExecutor.local(memory=["24MB"], web=True, heartbeat=1.0) as ex:
+        pages = [join(browser, ex)[0] for _ in range(2)]
+        result: dict = {}
+
+        def go():
+            try:
+                result["out"] = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
+            except BaseException as exc:  # reported below
+                result["error"] = exc
+
+        runner = threading.Thread(target=go)
+        runner.start()
+        closed = None
+        deadline = time.monotonic() + 60
+        while closed is None and runner.is_alive() and time.monotonic() < deadline:
+            for page in pages:
+                if page.state().get("tasks", 0) >= 1:
+                    page.close()
+                    closed = page
+                    break
+            time.sleep(0.02)
+        runner.join(RUN_TIMEOUT)
+        assert closed is not None, "no page ran a task before the run ended"
+        assert not runner.is_alive()
+        assert "error" not in result, result.get("error")
+        assert_matches(result["out"], oracle(model, feeds))
+        for page in pages:
+            page.close()
+
+
+def test_a_frozen_page_is_lost_and_rejoins_as_a_new_worker(browser):
+    """A background tab / a screen turned off: no heartbeat; when it comes back it rejoins."""
+    with TcpExecutor(web=True, heartbeat=0.5) as ex:
+        page, state = join(browser, ex)
+        first = state["workerId"]
+        page.send("Page.setWebLifecycleState", {"state": "frozen"})
+        t0 = time.monotonic()
+        while first in ex.coordinator.workers and time.monotonic() - t0 < 15:
+            time.sleep(0.05)
+        assert first not in ex.coordinator.workers, "the coordinator did not notice the silent page"
+        page.send("Page.setWebLifecycleState", {"state": "active"})
+        state = page.wait_for(lambda s: s.get("status") == "connected" and s.get("workerId") not in (None, first),
+                              30, "the page to rejoin")
+        assert state["workerId"] in ex.coordinator.workers
+        page.close()
+
+
+def test_a_wrong_token_is_refused(browser):
+    with TcpExecutor(web=True) as ex:
+        page = browser.open(page_url(ex, token="not-the-token"))
+        state = page.wait_for(lambda s: s.get("status") == "refused", 30, "the refusal")
+        assert "authentication failed" in state["detail"]
+        assert not ex.coordinator.workers
+        page.close()
+
+
+def test_a_websocket_from_another_origin_is_refused():
+    from tornado.httpclient import HTTPClientError, HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    with TcpExecutor(web=True) as ex:
+        ws_url = f"ws://127.0.0.1:{ex.coordinator.web_port}/ws"
+
+        async def attempt(origin: str):
+            conn = await websocket_connect(HTTPRequest(ws_url, headers={"Origin": origin}))
+            conn.close()
+
+        with pytest.raises(HTTPClientError) as info:
+            asyncio.run(attempt("http://evil.example:8787"))
+        assert info.value.code == 403
+        asyncio.run(attempt(f"http://127.0.0.1:{ex.coordinator.web_port}"))  # the page's own origin is fine
+
+
+def test_the_page_and_runtime_are_served_locally_with_isolation_headers():
+    with TcpExecutor(web=True) as ex:
+        base = f"http://127.0.0.1:{ex.coordinator.web_port}"
+        expect = {"/": "text/html", "/worker.mjs": "text/javascript", "/compute.mjs": "text/javascript",
+                  "/ort/ort.wasm.min.mjs": "text/javascript", "/ort/ort-wasm-simd-threaded.wasm": "application/wasm"}
+        for path, mime in expect.items():
+            req = urllib.request.Request(base + path, headers={"Accept-Encoding": "gzip"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.headers["Content-Type"].startswith(mime), (path, r.headers["Content-Type"])
+                assert r.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+                assert r.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+                assert r.headers["Content-Encoding"] == "gzip"
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(base + "/ort/../../../package.json", timeout=10)
+        assert set(ORT_FILES) >= {"ort-wasm-simd-threaded.wasm"}
+
+
+def test_the_worker_page_renders_what_the_protocol_says(crowd, tmp_path):
+    ex, pages, browser_ids = crowd
+    page = pages[1]
+    state = page.state()
+    text = page.text()
+    assert "connected" in text and state["workerId"] in text
+    assert "memory budget" in text and "tasks done" in text and "partition" in text
+    assert state["workerId"] in ex.coordinator.workers
+    assert ex.coordinator.workers[state["workerId"]].memory == state["announced"]
+    assert ex.coordinator.workers[state["workerId"]].hello["platform"] == "browser-wasm"
+    shot = page.screenshot(tmp_path / "worker-page.png")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 2000
+
+
+def test_crowdgraph_serve_web_prints_the_join_url_and_a_qr_code_and_drives_pages(browser, tmp_path, monkeypatch,
+                                                                                   tcp_helpers):
+    import subprocess
+    import sys
+
+    token = "serve-web-token-0123456789"
+    (tmp_path / "token").write_text(token)
+    serve = subprocess.Popen([sys.executable, "-m", "crowdgraph.cli", "serve", "--listen", "127.0.0.1:0", "--web",
+                              "--token-file", str(tmp_path / "token")], env=tcp_helpers.child_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    worker = None
+    try:
+        lines = [serve.stdout.readline() for _ in range(4)]
+        url = lines[0].split()[-1]
+        join_line = next(line for line in lines if "phones join at" in line)
+        join_url = join_line.split()[-1]
+        assert join_url.startswith("http://127.0.0.1:") and join_url.endswith(f"#token={token}")
+        qr = [serve.stdout.readline() for _ in range(3)]
+        assert any("█" in line or "▀" in line for line in qr), qr
+        worker = subprocess.Popen([sys.executable, "-m", "crowdgraph_tcp.worker", url, "--token-file",
+                                   str(tmp_path / "token"), "--memory", "24MB", "--threads", "1",
+                                   "--cache-dir", str(tmp_path / "cache")], env=tcp_helpers.child_env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        page = browser.open(join_url.replace("/#", "/?memory=600#"))
+        page.wait_for(lambda s: s.get("status") == "connected", 60, "the page to join")
+        monkeypatch.setenv("CROWDGRAPH_TOKEN", token)
+        model, feeds, compiled = tiny_case()
+        time.sleep(1.0)  # the Python worker joins too
+        got, report = compiled.run(feeds, executor=url, microbatch=2, report=True, timeout=RUN_TIMEOUT)
+        assert_matches(got, oracle(model, feeds))
+        assert len({t.worker for t in report.tasks}) == 2
+        page.close()
+    finally:
+        if worker is not None:
+            tcp_helpers.stop_process(worker)
+        tcp_helpers.stop_process(serve)
