@@ -558,7 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_REFUSED
         memory = parse_bytes(args.memory)
         cache = PartitionCache(args.cache_dir or default_cache_dir(), parse_bytes(args.cache_size))
-        import onnxruntime  # noqa: F401  (part of the idle floor announced in HELLO)
+        # Part of the idle floor announced in HELLO: onnxruntime runs partitions,
+        # onnx writes received ones into the cache with their weights beside them.
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
 
         tune_allocator()
         agent = Agent(args.url, token, memory, name=args.name, cache=cache, threads=args.threads,
