@@ -1,0 +1,171 @@
+"""Overhead: a partitioned run against the whole model in one onnxruntime session.
+
+Both sides use one onnxruntime intra-op thread and the session options of
+:func:`crowdgraph.runtime.open_session`; they run alternately, and each
+round gives one ratio (partitioned / whole).  Rows:
+
+* ``threads, 1 worker``: one ThreadExecutor worker runs every partition.
+  A worker holds one partition at a time, so each run loads every
+  partition again (just in time): the cost of a crowd of one.
+* ``threads, warm crowd``: one worker per partition, each keeping its
+  partition resident between runs (tier 1, no loads).  The batch is one
+  micro-batch, so one worker computes at a time: same compute resources
+  as the whole model, plus the hand-offs between partitions.
+* ``tcp, 1 worker`` / ``tcp, warm crowd``: the same with crowdgraph-tcp
+  worker processes on this machine (skipped when it is not installed);
+  after the first run, a lone TCP worker loads partitions from its local
+  cache, not over the socket.
+
+Time to first result: a fresh executor runs the plan once (every
+partition loaded just in time) against opening the whole model's session
+and running it once.
+
+Run: python -m benchmarks.overhead [--quick]
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+import crowdgraph
+from crowdgraph.runtime import open_session, run_session
+
+from . import common
+from .common import Target, alternate, ratio_cell, show, table
+
+NAME = "overhead"
+THREADS_TARGET = 1.10
+TCP_TARGET = 1.25
+
+
+def _tcp():
+    try:
+        from crowdgraph_tcp import TcpExecutor
+    except ImportError:
+        return None
+    return TcpExecutor
+
+
+def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in b)
+
+
+def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, Any]:
+    began = time.perf_counter()
+    # (1 row, 8 rows) rounds: a lone worker reloads every partition each run, so fewer rounds there.
+    runs_warm = (3, 3) if quick else (15, 9)
+    runs_lone = (3, 3) if quick else (7, 5)
+    runs_first = 2 if quick else 3
+    budget = "16MB" if quick else "128MB"
+    TcpExecutor = _tcp()
+    if TcpExecutor is None:
+        show(f"overhead, tcp rows: {common.TCP_MISSING}")
+    rows: list[dict[str, Any]] = []
+    targets: list[Target] = []
+    for case in common.model_cases(quick):
+        whole_bytes = case.model_bytes()
+        for batch in common.batches(quick):
+            feeds = case.inputs(batch)
+            shape = f"{batch}x{case.sequence}"
+            t0 = time.perf_counter()
+            compiled = crowdgraph.compile(case.model, budget, sample=feeds)
+            compile_s = time.perf_counter() - t0
+            n_parts = len(compiled.partitions)
+            plural = "s" if n_parts != 1 else ""
+            whole = open_session(whole_bytes, 1)
+            expected = run_session(whole, feeds)
+            row = 0 if batch == 1 else 1
+
+            def whole_run() -> None:
+                run_session(whole, feeds)
+
+            def add(executor: str, crowd: str, make: Callable[[], Any], limit: float, runs: int) -> None:
+                ex = make()
+                try:
+                    got = compiled.run(feeds, ex)  # warm-up; later runs of a warm crowd start at tier 1
+                    diff = _max_diff(got, expected)
+                    res = alternate(lambda: compiled.run(feeds, ex), whole_run, runs, warmup=0)
+                    last = compiled.last_report
+                    loads = len(last.loads)
+                    load_s = sum(rec.end - rec.start for rec in last.loads)
+                    task_s = sum(t.end - t.start for t in last.tasks)  # inside the workers' sessions
+                finally:
+                    ex.close()
+                label = f"{executor}, {crowd}"
+                rows.append({"model": case.label, "shape": shape, "budget": budget, "partitions": n_parts,
+                             "executor": executor, "crowd": crowd, "runs": runs, "loads_per_run": loads,
+                             "load_seconds_last_run": load_s, "task_seconds_last_run": task_s,
+                             "makespan_last_run": last.makespan,
+                             "partitioned_s": res["a"], "whole_s": res["b"], "ratio": res["ratio"],
+                             "max_abs_diff": diff, "target": limit})
+                note = ""
+                if loads:
+                    note = (f"{loads} partition loads per run ({load_s:.2f} s in the last run): "
+                            "a lone worker holds one partition at a time")
+                targets.append(Target(NAME, f"{case.label} {shape} {label}: wall time / whole model",
+                                      res["ratio"]["median"], limit, "<=", "x", note))
+
+            add("threads", "1 worker", lambda: crowdgraph.ThreadExecutor(workers=1, threads_per_worker=1),
+                THREADS_TARGET, runs_lone[row])
+            add("threads", f"warm crowd ({n_parts} worker{plural})",
+                lambda: crowdgraph.ThreadExecutor(workers=n_parts, threads_per_worker=1), THREADS_TARGET,
+                runs_warm[row])
+            if TcpExecutor is not None:
+                add("tcp", "1 worker", lambda: TcpExecutor.local(workers=1, memory=budget, threads=1), TCP_TARGET,
+                    runs_lone[row])
+                add("tcp", f"warm crowd ({n_parts} worker{plural})",
+                    lambda: TcpExecutor.local(workers=n_parts, memory=budget, threads=1), TCP_TARGET,
+                    runs_warm[row])
+
+            # Time to first result: a fresh executor (every partition loaded just in time)
+            # against opening the whole model and running it once.
+            def first_threads() -> float:
+                ex = crowdgraph.ThreadExecutor(workers=1, threads_per_worker=1)
+                try:
+                    start = time.perf_counter()
+                    compiled.run(feeds, ex)
+                    return time.perf_counter() - start
+                finally:
+                    ex.close()
+
+            def first_whole() -> float:
+                start = time.perf_counter()
+                run_session(open_session(whole_bytes, 1), feeds)
+                return time.perf_counter() - start
+
+            res = alternate(first_threads, first_whole, runs_first, warmup=0, measure=lambda fn: fn())
+            rows.append({"model": case.label, "shape": shape, "budget": budget, "partitions": n_parts,
+                         "executor": "threads", "crowd": "first result, fresh 1 worker", "runs": runs_first,
+                         "loads_per_run": n_parts, "partitioned_s": res["a"], "whole_s": res["b"],
+                         "ratio": res["ratio"], "compile_s": compile_s, "target": None})
+            del whole
+            show(f"  {case.label} {shape}: done ({time.perf_counter() - began:.0f} s)")
+
+    show(table(
+        ["model", "shape", "parts", "executor, crowd", "runs", "loads/run", "load s", "task s", "partitioned s",
+         "whole s", "ratio [min-max]", "target"],
+        [(r["model"], r["shape"], r["partitions"], f"{r['executor']}, {r['crowd']}", r["runs"], r["loads_per_run"],
+          r.get("load_seconds_last_run"), r.get("task_seconds_last_run"),
+          r["partitioned_s"]["median"], r["whole_s"]["median"], ratio_cell(r["ratio"]),
+          "-" if r["target"] is None else f"<= {r['target']:g}x") for r in rows],
+        title=f"Overhead: partitioned / whole model, 1 onnxruntime thread each, budget {budget}, "
+              f"median of alternating runs (load s, task s: partition loads and time inside the "
+              f"partitions' sessions in the last partitioned run)"))
+    show("Compile time (s): " + ", ".join(f"{r['model']} {r['shape']}: {r['compile_s']:.1f}"
+                                         for r in rows if "compile_s" in r))
+    return common.result(NAME, quick, config={"budget": budget, "threads": 1, "runs_warm": runs_warm,
+                                              "runs_lone_worker": runs_lone, "runs_first_result": runs_first,
+                                              "tcp": TcpExecutor is not None},
+                         rows=rows, targets=targets, seconds=time.perf_counter() - began)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return common.module_main(NAME, run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
