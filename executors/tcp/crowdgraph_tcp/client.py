@@ -35,7 +35,7 @@ from crowdgraph.executor import Executor, Job, Reporter
 from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.wire import Message
 
-from .common import CAFILE_ENV, LOG, TOKEN_ENV, client_ssl_context, parse_url, read_token
+from .common import CAFILE_ENV, LOG, SHUFFLE_TENSORS, TOKEN_ENV, client_ssl_context, parse_url, read_token
 from .coordinator import Action, _pop
 from .streams import FrameReader, now, write_message, write_parts
 
@@ -444,7 +444,7 @@ class RemoteExecutor(Executor):
             arrays = {name: np.asarray(value) for name, value in inputs.items()}
             parts = wire.encode_parts(Message(wire.RUN, {"task": list(key), "outputs": list(partition.outputs),
                                                          "worker": worker}, tensors=arrays),
-                                      codec=self.codec, version=self.version, shuffle=True)
+                                      codec=self.codec, version=self.version, shuffle=SHUFFLE_TENSORS)
         except (TypeError, ValueError) as exc:
             reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
             return

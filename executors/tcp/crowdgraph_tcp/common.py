@@ -20,6 +20,11 @@ LOG = logging.getLogger("crowdgraph.tcp")
 DEFAULT_PORT = 8786
 #: Environment variable holding the shared token (workers and drivers).
 TOKEN_ENV = "CROWDGRAPH_TOKEN"
+
+#: Byte-shuffle float tensors before lz4?  Measured on DistilBERT's boundary
+#: tensors (docs/benchmarks.md): it saves about 8% of the bytes but makes
+#: encode + decode about five times slower, so tensors go unshuffled.
+SHUFFLE_TENSORS = False
 #: Environment variable naming a CA file to trust for TLS (drivers).
 CAFILE_ENV = "CROWDGRAPH_CAFILE"
 #: Default heartbeat interval in seconds announced in WELCOME.

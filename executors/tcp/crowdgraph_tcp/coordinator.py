@@ -39,7 +39,7 @@ from crowdgraph import wire
 from crowdgraph.errors import ProtocolError
 from crowdgraph.wire import Message
 
-from .common import DEFAULT_HEARTBEAT, LOG
+from .common import DEFAULT_HEARTBEAT, LOG, SHUFFLE_TENSORS
 from .streams import FrameReader, now, write_message, write_parts
 
 __all__ = ["Action", "Peer", "Listener", "Coordinator"]
@@ -559,7 +559,7 @@ class Coordinator:
     def _send(self, w: Peer, action: Action) -> None:
         if action.parts is None:
             assert action.message is not None
-            action.parts = wire.encode_parts(action.message, codec=w.codec, version=w.version, shuffle=True)
+            action.parts = wire.encode_parts(action.message, codec=w.codec, version=w.version, shuffle=SHUFFLE_TENSORS)
         action.message = None
         action.size = write_parts(w.stream, action.parts)
         action.parts = None

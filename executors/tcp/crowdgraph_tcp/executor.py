@@ -36,7 +36,7 @@ from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.units import parse_bytes
 from crowdgraph.wire import Message
 
-from .common import DEFAULT_HEARTBEAT, LOG, parse_listen, read_token, server_ssl_context
+from .common import DEFAULT_HEARTBEAT, LOG, SHUFFLE_TENSORS, parse_listen, read_token, server_ssl_context
 from .coordinator import Action, Coordinator, Listener, Peer
 
 __all__ = ["TcpExecutor"]
@@ -384,7 +384,7 @@ class TcpExecutor(Executor):
         try:
             arrays = {name: np.asarray(value) for name, value in inputs.items()}
             parts = wire.encode_parts(Message(wire.RUN, {"task": list(key), "outputs": list(partition.outputs)},
-                                              tensors=arrays), codec=agreed[0], version=agreed[1], shuffle=True)
+                                              tensors=arrays), codec=agreed[0], version=agreed[1], shuffle=SHUFFLE_TENSORS)
         except (TypeError, ValueError) as exc:
             reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
             return

@@ -20,7 +20,7 @@ from typing import Any
 from crowdgraph import wire
 from crowdgraph.wire import Message
 
-from .common import DEFAULT_HEARTBEAT, LOG, parse_listen
+from .common import DEFAULT_HEARTBEAT, LOG, SHUFFLE_TENSORS, parse_listen
 from .coordinator import Action, Coordinator, Listener, Peer
 
 __all__ = ["Relay", "standing_coordinator"]
@@ -52,7 +52,7 @@ class Relay(Listener):
         if action is None or not isinstance(action.token, Peer) or not action.token.alive:
             return  # an answer nobody waits for any more (its driver left)
         header = dict(message.header, worker=worker.id)
-        action.token.send(Message(message.type, header, tensors=message.tensors), shuffle=True)
+        action.token.send(Message(message.type, header, tensors=message.tensors), shuffle=SHUFFLE_TENSORS)
 
     def dropped(self, worker_id: str, action: Action) -> None:
         driver = action.token
