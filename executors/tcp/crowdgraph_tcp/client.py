@@ -21,7 +21,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -35,29 +34,14 @@ from crowdgraph.executor import Executor, Job, Reporter
 from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.wire import Message
 
-from .common import CAFILE_ENV, LOG, SHUFFLE_TENSORS, TOKEN_ENV, client_ssl_context, parse_url, read_token
+from .common import (
+    CAFILE_ENV, LOG, PendingLoad, PendingRun, PendingUnload, SHUFFLE_TENSORS, TOKEN_ENV,
+    client_ssl_context, parse_url, read_token,
+)
 from .coordinator import Action, _pop
 from .streams import FrameReader, now, write_message, write_parts
 
 __all__ = ["RemoteExecutor"]
-
-
-@dataclass
-class _Task:
-    reporter: Reporter
-    key: TaskKey
-    bytes_in: int
-
-
-@dataclass
-class _Load:
-    reporter: Reporter
-    partition: Partition
-
-
-@dataclass
-class _Unload:
-    reporter: Reporter | None
 
 
 class RemoteExecutor(Executor):
@@ -302,7 +286,7 @@ class RemoteExecutor(Executor):
             return
         token = action.token
         rec = self.crowd.get(worker)
-        if isinstance(token, _Task):
+        if isinstance(token, PendingRun):
             if kind == wire.RESULT:
                 offset = min(self._offsets.get(worker, received - h["end"]), received - h["end"])
                 self._offsets[worker] = offset
@@ -314,7 +298,7 @@ class RemoteExecutor(Executor):
                     wire_out=size, peak_rss=h["peak_rss"], rss=h["rss"])
             else:
                 token.reporter.task_failed(worker, token.key, h.get("error", "failed"))
-        elif isinstance(token, _Load):
+        elif isinstance(token, PendingLoad):
             if kind == wire.LOADED:
                 if rec is not None:
                     rec["cached"].add(action.sha256)
@@ -329,7 +313,7 @@ class RemoteExecutor(Executor):
                 self._send_action(worker, self._load_action(worker, token, from_cache=False))
             else:
                 token.reporter.load_failed(worker, action.partition, h.get("error", "failed"))
-        elif isinstance(token, _Unload) and token.reporter is not None and kind == wire.UNLOADED:
+        elif isinstance(token, PendingUnload) and token.reporter is not None and kind == wire.UNLOADED:
             token.reporter.unloaded(worker, action.partition, rss=h["rss"])
 
     def _send_action(self, worker: str, action: Action) -> None:
@@ -410,7 +394,7 @@ class RemoteExecutor(Executor):
                                  f"{self.min_workers} needed")
         return crowd
 
-    def _load_action(self, worker: str, token: _Load, *, from_cache: bool) -> Action:
+    def _load_action(self, worker: str, token: PendingLoad, *, from_cache: bool) -> Action:
         part = token.partition
         header = {"partition": part.name, "sha256": part.sha256, "from_cache": from_cache, "worker": worker}
         blobs = {} if from_cache else {"model": part.model_bytes}
@@ -419,7 +403,7 @@ class RemoteExecutor(Executor):
 
     def _unload_action(self, worker: str, name: str, reporter: Reporter | None) -> Action:
         parts = wire.encode_parts(Message(wire.UNLOAD, {"partition": name, "worker": worker}), version=self.version)
-        return Action("unload", name, token=_Unload(reporter), parts=parts)
+        return Action("unload", name, token=PendingUnload(reporter), parts=parts)
 
     def _hand(self, worker: str, action: Action) -> None:
         assert self._loop is not None
@@ -430,7 +414,7 @@ class RemoteExecutor(Executor):
         if rec is None or self._reporter is None:
             return
         cached = partition.sha256 in rec["cached"]
-        self._hand(worker, self._load_action(worker, _Load(self._reporter, partition), from_cache=cached))
+        self._hand(worker, self._load_action(worker, PendingLoad(self._reporter, partition), from_cache=cached))
 
     def unload(self, worker: str, partition: str) -> None:
         self._hand(worker, self._unload_action(worker, partition, self._reporter))
@@ -448,7 +432,7 @@ class RemoteExecutor(Executor):
         except (TypeError, ValueError) as exc:
             reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
             return
-        self._hand(worker, Action("run", partition.name, token=_Task(reporter, key, sum(a.nbytes for a in arrays.values())),
+        self._hand(worker, Action("run", partition.name, token=PendingRun(reporter, key, sum(a.nbytes for a in arrays.values())),
                                   parts=parts, key=key))
 
     def reset(self) -> None:

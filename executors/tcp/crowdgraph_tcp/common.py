@@ -8,10 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from crowdgraph.errors import InputError
+
+if TYPE_CHECKING:  # the worker agent imports this module and stays light
+    from crowdgraph.executor import Reporter
+    from crowdgraph.partition import Partition
+    from crowdgraph.schedule import TaskKey
 
 #: Logger of everything crowdgraph-tcp reports: refused peers, lost workers.
 LOG = logging.getLogger("crowdgraph.tcp")
@@ -103,3 +109,26 @@ def client_ssl_context(cafile: str | os.PathLike | None = None, *, check_hostnam
 def frame_size(parts: list[Any]) -> int:
     """Bytes of a frame given as :func:`crowdgraph.wire.encode_parts` buffers."""
     return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+
+# What an action sent to a worker was for, kept until its answer arrives: the
+# reporter of the run that issued it (so answers from a failed run never reach
+# the next one) and what the notice needs.
+
+
+@dataclass
+class PendingRun:
+    reporter: Reporter
+    key: TaskKey
+    bytes_in: int
+
+
+@dataclass
+class PendingLoad:
+    reporter: Reporter
+    partition: Partition
+
+
+@dataclass
+class PendingUnload:
+    reporter: Reporter | None  # None: the executor's own clean-up, not reported

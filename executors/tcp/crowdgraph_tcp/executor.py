@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -36,28 +35,13 @@ from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.units import parse_bytes
 from crowdgraph.wire import Message
 
-from .common import DEFAULT_HEARTBEAT, LOG, SHUFFLE_TENSORS, parse_listen, read_token, server_ssl_context
+from .common import (
+    DEFAULT_HEARTBEAT, LOG, PendingLoad, PendingRun, PendingUnload, SHUFFLE_TENSORS,
+    parse_listen, read_token, server_ssl_context,
+)
 from .coordinator import Action, Coordinator, Listener, Peer
 
 __all__ = ["TcpExecutor"]
-
-
-@dataclass
-class _Run:
-    reporter: Reporter
-    key: TaskKey
-    bytes_in: int
-
-
-@dataclass
-class _Load:
-    reporter: Reporter
-    partition: Partition
-
-
-@dataclass
-class _Unload:
-    reporter: Reporter | None  # None: the executor's own clean-up, not reported
 
 
 class _Bridge(Listener):
@@ -84,7 +68,7 @@ class _Bridge(Listener):
         if action is None or action.token is None:
             return
         token, h, kind = action.token, message.header, message.type
-        if isinstance(token, _Run):
+        if isinstance(token, PendingRun):
             if kind == wire.RESULT:
                 start, end = worker.map_clock(h["start"], h["end"], received)
                 start = max(start, action.sent)
@@ -94,7 +78,7 @@ class _Bridge(Listener):
                     wire_in=action.size, wire_out=size, peak_rss=h["peak_rss"], rss=h["rss"])
             else:
                 token.reporter.task_failed(worker.id, token.key, h.get("error", "failed"))
-        elif isinstance(token, _Load):
+        elif isinstance(token, PendingLoad):
             if kind == wire.LOADED:
                 token.reporter.loaded(worker.id, action.partition, start=max(action.sent, received - h["seconds"]),
                                       end=received, bytes_sent=0 if action.from_cache else action.size,
@@ -108,7 +92,7 @@ class _Bridge(Listener):
                     parts=ex._load_parts(token.partition, worker.codec, worker.version)))
             else:
                 token.reporter.load_failed(worker.id, action.partition, h.get("error", "failed"))
-        elif isinstance(token, _Unload) and token.reporter is not None and kind == wire.UNLOADED:
+        elif isinstance(token, PendingUnload) and token.reporter is not None and kind == wire.UNLOADED:
             token.reporter.unloaded(worker.id, action.partition, rss=h["rss"])
 
 
@@ -339,7 +323,7 @@ class TcpExecutor(Executor):
     def _unload_now(self, w: Peer, reporter: Reporter | None) -> None:
         """Queue an UNLOAD of whatever ``w`` holds (IOLoop thread)."""
         name = self._by_sha.get(w.expected_resident or "", "resident")
-        self.coordinator.submit(w.id, Action("unload", name, token=_Unload(reporter), owner=self,
+        self.coordinator.submit(w.id, Action("unload", name, token=PendingUnload(reporter), owner=self,
                                              message=Message(wire.UNLOAD, {"partition": name})))
 
     def _load_parts(self, partition: Partition, codec: str, version: int) -> list[Any]:
@@ -360,7 +344,7 @@ class TcpExecutor(Executor):
         if agreed is None or self._reporter is None:
             return  # lost: the scheduler hears of it from worker_lost
         sha = partition.sha256
-        token = _Load(self._reporter, partition)
+        token = PendingLoad(self._reporter, partition)
         if self.coordinator.has_cached(worker, sha):
             action = Action("load", partition.name, token=token, sha256=sha, from_cache=True, owner=self,
                             message=Message(wire.LOAD, {"partition": partition.name, "sha256": sha,
@@ -372,7 +356,7 @@ class TcpExecutor(Executor):
 
     def unload(self, worker: str, partition: str) -> None:
         self.coordinator.call(self.coordinator.submit, worker, Action(
-            "unload", partition, token=_Unload(self._reporter), owner=self,
+            "unload", partition, token=PendingUnload(self._reporter), owner=self,
             message=Message(wire.UNLOAD, {"partition": partition})))
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
@@ -389,7 +373,7 @@ class TcpExecutor(Executor):
             reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
             return
         self.coordinator.call(self.coordinator.submit, worker, Action(
-            "run", partition.name, token=_Run(reporter, key, sum(a.nbytes for a in arrays.values())),
+            "run", partition.name, token=PendingRun(reporter, key, sum(a.nbytes for a in arrays.values())),
             parts=parts, key=key, owner=self))
 
     def reset(self) -> None:
