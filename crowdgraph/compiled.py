@@ -203,7 +203,7 @@ class CompiledModel:
         elif isinstance(microbatch, str):
             raise InputError(f"microbatch must be a number of rows, None or 'auto', not {microbatch!r}")
         microbatches = split_batch(feeds, self.batched_inputs(), microbatch)
-        plan = self._at_shapes({k: v.shape for k, v in microbatches[0].items()})
+        plan = self.at_shapes({k: v.shape for k, v in microbatches[0].items()})
         ex, owned = resolve_executor(executor)
         try:
             outputs, run_report = Driver(plan, microbatches, ex, mode=mode, seed=seed,  # type: ignore[arg-type]
@@ -253,8 +253,14 @@ class CompiledModel:
 
         return output_keys(dsk)
 
-    def _at_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> "CompiledModel":
-        """This plan, or one cut again for larger shapes than it was compiled at."""
+    def at_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> "CompiledModel":
+        """This plan, or one cut again for larger shapes than it was compiled at.
+
+        ``run()`` and ``to_dask()`` call it with the shapes of their first
+        micro-batch, so the budget holds at the shapes that really run.
+        Plans cut again are cached by shape; a plan loaded from disk is
+        returned as it is.
+        """
         fits = all(
             len(shape) == len(self.input_shapes.get(name, ())) and
             all(a <= b for a, b in zip(shape, self.input_shapes[name]))

@@ -176,7 +176,7 @@ def to_dask(compiled: Any, batch: Mapping[str, Any], microbatch: int | None = No
         raise InputError(f"mode must be 'streaming' or 'barrier', not {mode!r}")
     feeds = compiled.check_inputs(batch)
     microbatches = split_batch(feeds, compiled.batched_inputs(), microbatch)
-    plan = compiled._at_shapes({k: v.shape for k, v in microbatches[0].items()})
+    plan = compiled.at_shapes({k: v.shape for k, v in microbatches[0].items()})
     names = tuple(feeds)
     order = list(plan.partitions)
     producer = {t: p.name for p in order for t in p.outputs}

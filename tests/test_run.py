@@ -154,7 +154,7 @@ def test_larger_micro_batches_than_compiled_are_repartitioned():
     feeds = zoo.sample_inputs(model, batch=8, sequence=64)
     got = compiled.run(feeds, microbatch=8)
     assert_matches(got, oracle(model, feeds))
-    plan = compiled._at_shapes({k: v.shape for k, v in feeds.items()})
+    plan = compiled.at_shapes({k: v.shape for k, v in feeds.items()})
     assert plan is not compiled and plan.input_shapes["input_ids"] == (8, 64)
     assert all(p.resident_bytes <= compiled.memory_budget for p in plan.partitions)
 
