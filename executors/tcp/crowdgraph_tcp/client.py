@@ -36,7 +36,7 @@ from crowdgraph.wire import Message
 
 from .common import (
     CAFILE_ENV, LOG, PendingLoad, PendingRun, PendingUnload, SHUFFLE_TENSORS, TOKEN_ENV,
-    client_ssl_context, parse_url, read_token,
+    client_ssl_context, parse_url, read_token, wait_for_workers,
 )
 from .coordinator import Action, _pop
 from .streams import FrameReader, now, write_message, write_parts
@@ -377,16 +377,8 @@ class RemoteExecutor(Executor):
         if self._closed or self._dead:
             raise ExecutionError(f"the connection to the coordinator at {self.url} is gone "
                                  f"({self._dead or 'closed'}); make a new executor")
-        deadline = time.monotonic() + self.join_timeout
-        with self._changed:
-            while len(self.crowd) < self.min_workers and not self._dead:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ExecutionError(
-                        f"only {len(self.crowd)} of the {self.min_workers} workers this run needs joined "
-                        f"{self.url} within {self.join_timeout:.0f} s; start workers with "
-                        f"`crowdgraph-worker {self.url} --token-file FILE --memory 64MB`")
-                self._changed.wait(min(left, 0.25))
+        wait_for_workers(self._changed, lambda: len(self.crowd), self.min_workers, self.join_timeout, self.url,
+                         gone=lambda: bool(self._dead))
         by_sha = {p.sha256: name for name, p in job.partitions.items()}
         crowd = self._crowd_snapshot((reporter, by_sha), 60.0)
         if len(crowd) < self.min_workers:

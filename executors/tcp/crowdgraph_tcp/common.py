@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import threading
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
-from crowdgraph.errors import InputError
+from crowdgraph.errors import ExecutionError, InputError
 
 if TYPE_CHECKING:  # the worker agent imports this module and stays light
     from crowdgraph.executor import Reporter
@@ -132,3 +134,21 @@ class PendingLoad:
 @dataclass
 class PendingUnload:
     reporter: Reporter | None  # None: the executor's own clean-up, not reported
+
+
+def wait_for_workers(changed: threading.Condition, connected: Callable[[], int], count: int,
+                     timeout: float, url: str, gone: Callable[[], bool] = lambda: False) -> None:
+    """Block until ``connected()`` reaches ``count`` (``changed`` is notified on each join).
+
+    Raises :class:`ExecutionError` saying how to start workers when
+    ``timeout`` seconds pass first; returns early once ``gone()`` is true.
+    """
+    deadline = time.monotonic() + timeout
+    with changed:
+        while connected() < count and not gone():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ExecutionError(
+                    f"only {connected()} of the {count} workers this run needs joined {url} within "
+                    f"{timeout:.0f} s; start workers with `crowdgraph-worker {url} --token-file FILE --memory 64MB`")
+            changed.wait(min(left, 0.25))

@@ -37,7 +37,7 @@ from crowdgraph.wire import Message
 
 from .common import (
     DEFAULT_HEARTBEAT, LOG, PendingLoad, PendingRun, PendingUnload, SHUFFLE_TENSORS,
-    parse_listen, read_token, server_ssl_context,
+    parse_listen, read_token, server_ssl_context, wait_for_workers,
 )
 from .coordinator import Action, Coordinator, Listener, Peer
 
@@ -280,18 +280,6 @@ class TcpExecutor(Executor):
 
     # -- the executor protocol -----------------------------------------------
 
-    def _wait_for_workers(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while len(self.coordinator.workers) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ExecutionError(
-                        f"only {len(self.coordinator.workers)} of the {count} workers this run needs "
-                        f"joined within {timeout:.0f} s; start workers with "
-                        f"`crowdgraph-worker {self.url} --token-file FILE --memory 64MB`")
-                self._changed.wait(min(left, 0.25))
-
     def _info(self, w: Peer, resident: str | None) -> WorkerInfo:
         cached = frozenset(self._by_sha[s] for s in w.cached if s in self._by_sha)
         return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, resident=resident)
@@ -299,7 +287,8 @@ class TcpExecutor(Executor):
     def start(self, job: Job, reporter: Reporter) -> list[WorkerInfo]:
         if self._closed:
             raise ExecutionError("this TcpExecutor is closed; make a new one")
-        self._wait_for_workers(self.min_workers, self.join_timeout)
+        wait_for_workers(self._changed, lambda: len(self.coordinator.workers), self.min_workers,
+                         self.join_timeout, self.url)
         by_sha = {p.sha256: name for name, p in job.partitions.items()}
         with self._encoded_lock:
             self._encoded.clear()
