@@ -10,7 +10,6 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import helper

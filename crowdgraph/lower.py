@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Union
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .errors import InputError, ModelError
 

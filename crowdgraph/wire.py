@@ -54,7 +54,6 @@ import math
 import re
 import secrets
 import struct
-import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence

@@ -20,7 +20,6 @@ import platform
 import socket
 import sys
 import threading
-import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -29,14 +28,14 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 
 from crowdgraph import Partition, wire
-from crowdgraph.errors import AuthenticationError, ExecutionError, InputError, ProtocolError
+from crowdgraph.errors import ExecutionError, InputError, ProtocolError
 from crowdgraph.executor import Executor, Job, Reporter
 from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.wire import Message
 
 from .common import (
-    CAFILE_ENV, LOG, PendingLoad, PendingRun, PendingUnload, SHUFFLE_TENSORS, TOKEN_ENV,
-    client_ssl_context, parse_url, read_token, wait_for_workers,
+    CAFILE_ENV, LOG, PendingLoad, Refused, PendingRun, PendingUnload, SHUFFLE_TENSORS, TOKEN_ENV,
+    client_ssl_context, join, parse_url, read_token, wait_for_workers,
 )
 from .coordinator import Action, _pop
 from .streams import FrameReader, now, write_message, write_parts
@@ -148,29 +147,18 @@ class RemoteExecutor(Executor):
             hello = {"versions": list(wire.SUPPORTED_VERSIONS), "name": f"driver@{socket.gethostname()}",
                      "memory_budget": 0, "cores": 1, "platform": f"{sys.platform}-{platform.machine()}",
                      "codecs": list(wire.CODECS), "cached": [], "role": "driver"}
-            stream.write(wire.encode(Message(wire.HELLO, hello), version=1))
-            challenge, _ = await reader.next()
-            if challenge.type == wire.REFUSE:
-                raise ExecutionError(f"the coordinator at {self.url} refused this driver: "
-                                     f"{challenge.header['reason']}")
-            if challenge.type != wire.CHALLENGE:
-                raise ProtocolError(f"expected CHALLENGE after HELLO, got {challenge.type}")
-            version, codec = challenge.header["version"], challenge.header["codec"]
-            if version not in wire.SUPPORTED_VERSIONS or codec not in wire.CODECS:
-                raise ProtocolError(f"the coordinator chose version {version} / codec {codec!r}, not offered")
-            nonce = wire.make_nonce()
-            stream.write(wire.encode(Message(wire.AUTH, {
-                "signature": wire.sign(self.token, bytes.fromhex(challenge.header["nonce"]), role="worker"),
-                "nonce": nonce.hex()}), version=version))
-            welcome, _ = await reader.next()
-            if welcome.type == wire.REFUSE:
-                raise ExecutionError(f"the coordinator at {self.url} refused this driver: "
-                                     f"{welcome.header['reason']}")
-            if welcome.type != wire.WELCOME:
-                raise ProtocolError(f"expected WELCOME after AUTH, got {welcome.type}")
-            if not wire.verify(self.token, nonce, welcome.header["signature"], role="coordinator"):
-                raise AuthenticationError(f"the coordinator at {self.url} did not prove that it knows the token")
-            if welcome.header.get("role") != "driver":
+
+            async def send(data: bytes) -> None:
+                await stream.write(data)
+
+            async def receive() -> Message:
+                return (await reader.next())[0]
+
+            try:
+                welcome, version, codec = await join(send, receive, self.token, hello, self.url)
+            except Refused as exc:
+                raise ExecutionError(f"the coordinator at {self.url} refused this driver: {exc}") from None
+            if welcome.get("role") != "driver":
                 raise ExecutionError(f"the coordinator at {self.url} does not take drivers; run "
                                      "`crowdgraph serve` there (an in-process TcpExecutor serves only itself)")
         except BaseException:
@@ -179,7 +167,7 @@ class RemoteExecutor(Executor):
         reader.decoder.max_frame_bytes = self.max_frame_bytes
         reader.on_bytes = self._got_bytes
         self._stream, self.codec, self.version = stream, codec, version
-        self.id, self.heartbeat = welcome.header["worker_id"], float(welcome.header["heartbeat"])
+        self.id, self.heartbeat = welcome["worker_id"], float(welcome["heartbeat"])
         self._last_recv = self._last_sent = now()
         self._ticker = PeriodicCallback(self._tick, self.heartbeat * 1000 / 4)
         self._ticker.start()

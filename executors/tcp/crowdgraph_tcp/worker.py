@@ -53,7 +53,7 @@ from crowdgraph.runtime import current_rss, open_session, release_memory, run_se
 from crowdgraph.units import format_bytes, parse_bytes
 from crowdgraph.wire import Message
 
-from .common import client_ssl_context, parse_url, read_token
+from .common import Refused, client_ssl_context, join, parse_url, read_token
 
 __all__ = ["PartitionCache", "Agent", "main"]
 
@@ -242,10 +242,6 @@ def _remove(path: Path) -> None:
         pass
 
 
-class _Refused(Exception):
-    """The coordinator sent REFUSE."""
-
-
 class _Lost(Exception):
     """The connection dropped or went silent."""
 
@@ -300,7 +296,7 @@ class Agent:
                 if not self.reconnect:
                     return EXIT_OK
                 self.say("the coordinator said goodbye; reconnecting")
-            except _Refused as exc:
+            except Refused as exc:
                 self.say(f"the coordinator refused this worker: {exc}")
                 return EXIT_REFUSED
             except AuthenticationError as exc:
@@ -356,34 +352,15 @@ class Agent:
         hello = {"versions": list(wire.SUPPORTED_VERSIONS), "name": self.name, "memory_budget": self.memory,
                  "cores": self.threads, "platform": _platform(), "codecs": list(wire.CODECS),
                  "cached": self.cache.digests(), "rss": self.floor_rss}
-        writer.write(wire.encode(Message(wire.HELLO, hello), version=1))
-        await writer.drain()
-        challenge = await next_message()
-        if challenge.type == wire.REFUSE:
-            raise _Refused(challenge.header["reason"])
-        if challenge.type != wire.CHALLENGE:
-            raise ProtocolError(f"expected CHALLENGE or REFUSE after HELLO, got {challenge.type}")
-        version, codec = challenge.header["version"], challenge.header["codec"]
-        if version not in wire.SUPPORTED_VERSIONS or codec not in wire.CODECS:
-            raise ProtocolError(f"the coordinator chose version {version} and codec {codec!r}, which this "
-                                f"worker did not offer")
-        nonce = wire.make_nonce()
-        writer.write(wire.encode(Message(wire.AUTH, {
-            "signature": wire.sign(self.token, bytes.fromhex(challenge.header["nonce"]), role="worker"),
-            "nonce": nonce.hex()}), version=version))
-        await writer.drain()
-        welcome = await next_message()
-        if welcome.type == wire.REFUSE:
-            raise _Refused(welcome.header["reason"])
-        if welcome.type != wire.WELCOME:
-            raise ProtocolError(f"expected WELCOME or REFUSE after AUTH, got {welcome.type}")
-        if not wire.verify(self.token, nonce, welcome.header["signature"], role="coordinator"):
-            raise AuthenticationError(
-                f"the coordinator at {self.url} did not prove that it knows the token; it may be an "
-                "impostor. Nothing was loaded or run; check the address and the token")
+
+        async def send(data: bytes) -> None:
+            writer.write(data)
+            await writer.drain()
+
+        welcome, version, codec = await join(send, next_message, self.token, hello, self.url)
         self.codec, self.version = codec, version
-        self.worker_id = welcome.header["worker_id"]
-        heartbeat = float(welcome.header["heartbeat"])
+        self.worker_id = welcome["worker_id"]
+        heartbeat = float(welcome["heartbeat"])
         self.say(f"joined {self.url} as {self.worker_id} ({self.name}, budget {format_bytes(self.memory)}, "
                  f"codec {codec}, heartbeat {heartbeat:g} s)")
         return heartbeat
