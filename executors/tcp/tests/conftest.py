@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,33 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "a condition") -> N
         time.sleep(0.02)
 
 
+class BackgroundRun:
+    """``compiled.run(feeds, executor=..., **options)`` on a thread, so a test can act meanwhile."""
+
+    def __init__(self, compiled, feeds, executor, **options):
+        self.outputs = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(compiled, feeds, executor, options))
+        self.thread.start()
+
+    def _run(self, compiled, feeds, executor, options) -> None:
+        try:
+            self.outputs = compiled.run(feeds, executor=executor, **options)
+        except BaseException as exc:  # re-raised by result()
+            self.error = exc
+
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def result(self, timeout: float):
+        """The run's outputs; raises what the run raised, or if it is still going after ``timeout``."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the run did not end within {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.outputs
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable
@@ -54,7 +82,8 @@ def python() -> str:
 
 @pytest.fixture
 def tcp_helpers():
-    """child_env(), stop_process(proc), wait_until(pred, timeout, what) for the tests."""
+    """child_env(), stop_process(proc), wait_until(pred, timeout, what), BackgroundRun for the tests."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(child_env=child_env, stop_process=stop_process, wait_until=wait_until)
+    return SimpleNamespace(child_env=child_env, stop_process=stop_process, wait_until=wait_until,
+                           BackgroundRun=BackgroundRun)

@@ -8,7 +8,6 @@ Only 127.0.0.1 is used.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -109,34 +108,23 @@ def test_a_mixed_crowd_matches_the_oracle(crowd, case, mode):
     assert workers - browser_ids, f"no task ran on a Python worker: {sorted(workers)}"
 
 
-def test_closing_a_page_mid_run_still_matches_the_oracle(browser):
+def test_closing_a_page_mid_run_still_matches_the_oracle(browser, tcp_helpers):
     model, feeds, compiled = tiny_case()
     with TcpExecutor.local(memory=["24MB"], web=True, heartbeat=1.0) as ex:
         pages = [join(browser, ex)[0] for _ in range(2)]
-        result: dict = {}
-
-        def go():
-            try:
-                result["out"] = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
-            except BaseException as exc:  # reported below
-                result["error"] = exc
-
-        runner = threading.Thread(target=go)
-        runner.start()
+        run = tcp_helpers.BackgroundRun(compiled, feeds, ex, microbatch=1, timeout=RUN_TIMEOUT)
         closed = None
         deadline = time.monotonic() + 60
-        while closed is None and runner.is_alive() and time.monotonic() < deadline:
+        while closed is None and run.running() and time.monotonic() < deadline:
             for page in pages:
                 if page.state().get("tasks", 0) >= 1:
                     page.close()
                     closed = page
                     break
             time.sleep(0.02)
-        runner.join(RUN_TIMEOUT)
+        outputs = run.result(RUN_TIMEOUT)
         assert closed is not None, "no page ran a task before the run ended"
-        assert not runner.is_alive()
-        assert "error" not in result, result.get("error")
-        assert_matches(result["out"], oracle(model, feeds))
+        assert_matches(outputs, oracle(model, feeds))
         for page in pages:
             page.close()
 

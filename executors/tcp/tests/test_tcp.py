@@ -327,16 +327,7 @@ def test_bad_peers_are_closed_while_good_workers_carry_on(tmp_path, caplog, tcp_
     want = oracle(model, feeds)
     with TcpExecutor.local(workers=3, memory="64MB", handshake_timeout=2.0) as ex:
         port = ex.coordinator.port
-        result: dict[str, object] = {}
-
-        def drive() -> None:
-            try:
-                result["outputs"] = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
-            except BaseException as exc:  # reported below
-                result["error"] = exc
-
-        runner = threading.Thread(target=drive)
-        runner.start()
+        run = tcp_helpers.BackgroundRun(compiled, feeds, ex, microbatch=1, timeout=RUN_TIMEOUT)
         wrong_token = subprocess.Popen(
             [sys.executable, "-m", "crowdgraph_tcp.worker", ex.url, "--token", "not-the-token",
              "--memory", "64MB", "--cache-dir", str(tmp_path / "intruder")],
@@ -398,9 +389,8 @@ def test_bad_peers_are_closed_while_good_workers_carry_on(tmp_path, caplog, tcp_
             assert b"refused" in err and b"authentication failed" in err, err
         finally:
             tcp_helpers.stop_process(wrong_token)
-            runner.join(RUN_TIMEOUT + 10)
-        assert "error" not in result, result.get("error")
-        assert_matches(result["outputs"], want)
+            outputs = run.result(RUN_TIMEOUT + 10)
+        assert_matches(outputs, want)
         assert sorted(ex.processes) == sorted(ex.coordinator.workers), "the good workers are all still there"
         got = compiled.run(feeds, executor=ex, microbatch=8, timeout=RUN_TIMEOUT)
         assert_matches(got, want)
