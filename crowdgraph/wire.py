@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from crowdgraph.errors import ProtocolError
+from crowdgraph.errors import AuthenticationError, ProtocolError
 from crowdgraph.units import format_bytes
 
 try:  # lz4 is a dependency of crowdgraph, but a stripped-down peer may lack it.
@@ -811,6 +811,26 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._frame_len = 0  # length of the frame being buffered, once its header is in
         self._error: ProtocolError | None = None
+        #: Size on the wire of the last frame decoded, fixed header included.
+        self.last_frame_bytes = 0
+
+    @property
+    def needed(self) -> int:
+        """Bytes still missing to complete the frame being received.
+
+        Between frames this is the fixed header's size; once a header is in,
+        the rest of that frame (its body length is at offset 8).  A reader
+        that never asks for more than this gets at most one frame per
+        :meth:`feed`, and so the exact size of every frame.
+
+        >>> decoder = FrameDecoder()
+        >>> decoder.needed
+        24
+        >>> frame = encode(Message(PING, {"seq": 1}))
+        >>> decoder.feed(frame[:HEADER_SIZE]), decoder.needed == len(frame) - HEADER_SIZE
+        ([], True)
+        """
+        return max(self._frame_len, HEADER_SIZE) - len(self._buffer)
 
     @property
     def buffered(self) -> int:
@@ -852,6 +872,7 @@ class FrameDecoder:
                     break
                 messages.append(_decode_body(view[pos + HEADER_SIZE:pos + total], type_name,
                                              control_len, count, self.max_frame_bytes))
+                self.last_frame_bytes = total
                 pos += total
                 self._frame_len = 0
             else:
@@ -1088,3 +1109,412 @@ def negotiate(hello_header: dict[str, Any],
             f"{list(supported_codecs)}; every peer must at least list 'none'"
         )
     return max(common), codec
+
+
+def frame_length(data: bytes | bytearray | memoryview) -> int:
+    """Size of the frame whose fixed header starts ``data``, from its body length at offset 8.
+
+    Only the length is read; :class:`FrameDecoder` checks the rest.
+
+    >>> frame = encode(Message(PING, {"seq": 1}))
+    >>> frame_length(frame) == len(frame)
+    True
+    """
+    if len(data) < HEADER_SIZE:
+        raise ProtocolError(f"{len(data)} bytes are shorter than the {HEADER_SIZE}-byte fixed header")
+    return HEADER_SIZE + _HEADER.unpack_from(data)[4]
+
+
+# --------------------------------------------------------------------------
+# The connection state machine (h11-style: bytes in, messages out, no I/O).
+# --------------------------------------------------------------------------
+
+#: Who is at either end of a connection.  Workers and drivers open it
+#: (HELLO says which, :data:`ROLES`); the coordinator accepts it.
+COORDINATOR, WORKER, DRIVER = "coordinator", "worker", "driver"
+
+# Handshake and life states.  The joining side (worker, driver) goes
+# SEND_HELLO -> AWAIT_CHALLENGE -> AWAIT_WELCOME -> OPEN; the coordinator
+# AWAIT_HELLO -> AWAIT_AUTH -> AUTHENTICATED (its caller names the peer in
+# WELCOME) -> OPEN.  BYE or REFUSE ends in CLOSED, a broken rule in ERROR.
+SEND_HELLO, AWAIT_CHALLENGE, AWAIT_WELCOME = "SEND_HELLO", "AWAIT_CHALLENGE", "AWAIT_WELCOME"
+AWAIT_HELLO, AWAIT_AUTH, AUTHENTICATED = "AWAIT_HELLO", "AWAIT_AUTH", "AUTHENTICATED"
+OPEN, CLOSED, ERROR = "OPEN", "CLOSED", "ERROR"
+
+_HEARTBEAT = frozenset({PING, PONG, BYE})
+# (sender, receiver) -> what the sender may send once the connection is OPEN,
+# besides PING, PONG and BYE.  Frames to and from a driver name their worker.
+_TRAFFIC: dict[tuple[str, str], frozenset[str]] = {
+    (COORDINATOR, WORKER): frozenset({LOAD, UNLOAD, RUN}),
+    (WORKER, COORDINATOR): frozenset({LOADED, UNLOADED, RESULT, FAILED}),
+    (DRIVER, COORDINATOR): frozenset({CROWD, LOAD, UNLOAD, RUN}),
+    (COORDINATOR, DRIVER): frozenset({CROWD, JOINED, LOST, LOADED, UNLOADED, RESULT, FAILED}),
+}
+_NAMES_WORKER = frozenset({LOAD, UNLOAD, RUN, LOADED, UNLOADED, RESULT, FAILED})
+
+
+def _traffic_problem(sender: str, receiver: str, kind: str, header: dict[str, Any] | None) -> str | None:
+    """What is wrong with ``sender`` sending ``kind`` to ``receiver`` on an open connection, or None.
+
+    >>> _traffic_problem(WORKER, COORDINATOR, RESULT, None) is None
+    True
+    >>> _traffic_problem(DRIVER, COORDINATOR, RUN, {"task": ["p0", 0], "outputs": []})
+    "a RUN between a driver and the coordinator must name its worker in 'worker'"
+    """
+    allowed = _TRAFFIC[sender, receiver]
+    if kind not in allowed and kind not in _HEARTBEAT:
+        return (f"a {sender} may not send {kind} to a {receiver}; it sends "
+                f"{', '.join(sorted(allowed))}, PING, PONG and BYE")
+    if DRIVER in (sender, receiver) and kind in _NAMES_WORKER and header is not None \
+            and not isinstance(header.get("worker"), str):
+        return f"a {kind} between a driver and the coordinator must name its worker in 'worker'"
+    return None
+
+
+class Refused(ProtocolError):
+    """The coordinator answered the handshake with REFUSE; the message is its reason."""
+
+
+class Connection:
+    """One end of a crowdgraph connection as a state machine, with no I/O.
+
+    Bytes the socket delivered go in through :meth:`receive_data`, which
+    returns the messages the caller has to act on; messages go out through
+    :meth:`send` (or :meth:`sending` for a frame encoded elsewhere) and the
+    bytes to write come from :meth:`data_to_send`.  Everything the protocol
+    rules say lives here: the handshake order HELLO -> CHALLENGE -> AUTH ->
+    WELCOME (or REFUSE), the HMAC proofs both ways, the version and codec
+    agreement, which side may send which message, the frame size limits
+    before and after the handshake, and the heartbeat (answering PING,
+    deadlines as data: the caller passes the time, :meth:`expired` and
+    :meth:`ping` say what is due).
+
+    A broken rule, on either side, raises :class:`ProtocolError` and moves
+    the connection to ``ERROR``; a frame telling the peer why (REFUSE during
+    the handshake, BYE after it) is then waiting in :meth:`data_to_send`.
+    Write it, then close the socket.
+
+    Parameters
+    ----------
+    role
+        This side: :data:`COORDINATOR`, :data:`WORKER` or :data:`DRIVER`.
+    token
+        The shared secret; it never leaves this object, only HMACs of it.
+    now
+        The caller's clock when the connection opened.
+    heartbeat
+        Coordinator: the interval announced in WELCOME (the joining side
+        learns it from WELCOME).
+    codecs
+        Codecs this side offers (joining side) or accepts, most preferred first.
+    max_frame_bytes
+        Largest frame once the handshake is done; before it the limit is
+        :data:`HANDSHAKE_MAX_FRAME_BYTES`.
+    handshake_timeout
+        Seconds from ``now`` within which the handshake must be done.
+    admit
+        Coordinator: called with the peer's HELLO header; returns a reason to
+        refuse it (say, a driver where none are taken) or None.
+
+    Examples
+    --------
+    A worker joins a coordinator over an in-memory pair:
+
+    >>> coordinator = Connection(COORDINATOR, token=b"s3cret", now=0.0, heartbeat=5.0)
+    >>> worker = Connection(WORKER, token=b"s3cret", now=0.0, codecs=["zlib", "none"])
+    >>> worker.hello({"name": "pi", "memory_budget": 2**26, "cores": 4,
+    ...               "platform": "linux-aarch64", "cached": []}, now=0.0)
+    >>> def pump(src, dst):
+    ...     return dst.receive_data(b"".join(bytes(p) for p in src.data_to_send()), now=0.1)
+    >>> pump(worker, coordinator), pump(coordinator, worker)        # HELLO; CHALLENGE
+    ([], [])
+    >>> [m.type for m in pump(worker, coordinator)], coordinator.state  # AUTH proved the token
+    (['HELLO'], 'AUTHENTICATED')
+    >>> coordinator.welcome("w1", now=0.1)
+    >>> [m.type for m in pump(coordinator, worker)], worker.state, worker.peer_id, worker.codec
+    (['WELCOME'], 'OPEN', 'w1', 'zlib')
+    >>> worker.send(Message(LOAD, {"partition": "p0", "sha256": "0" * 64, "from_cache": True}), now=0.2)
+    Traceback (most recent call last):
+    ...
+    crowdgraph.errors.ProtocolError: a worker may not send LOAD to a coordinator; it sends FAILED, ...
+    >>> worker.state
+    'ERROR'
+    """
+
+    def __init__(self, role: str, *, token: bytes, now: float, heartbeat: float | None = None,
+                 codecs: Sequence[str] = CODECS, versions: Sequence[int] = SUPPORTED_VERSIONS,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 admit: Callable[[dict[str, Any]], str | None] | None = None) -> None:
+        if role not in (COORDINATOR, *ROLES):
+            raise ValueError(f"role must be one of {[COORDINATOR, *ROLES]}, got {role!r}")
+        if not isinstance(token, (bytes, bytearray)) or not token:
+            raise ValueError("the shared token must be non-empty bytes (encode a str as UTF-8)")
+        if role == COORDINATOR and not (heartbeat and heartbeat > 0):
+            raise ValueError(f"the coordinator announces a heartbeat > 0 seconds, got {heartbeat}")
+        self.role = role
+        #: The other side's role; a coordinator learns it from HELLO.
+        self.peer_role = COORDINATOR if role != COORDINATOR else WORKER
+        self.state = AWAIT_HELLO if role == COORDINATOR else SEND_HELLO
+        self.heartbeat = float(heartbeat) if heartbeat else None
+        self.codecs, self.versions = tuple(codecs), tuple(versions)
+        self.max_frame_bytes = int(max_frame_bytes)
+        self.handshake_deadline = now + handshake_timeout
+        #: Protocol version and codec agreed in the handshake.
+        self.version, self.codec = 1, "none"
+        #: The joining side's HELLO header (both sides) and the id WELCOME gave it.
+        self.hello_header: dict[str, Any] = {}
+        self.peer_id: str | None = None
+        #: The caller's clock at the last bytes received and the last frame sent.
+        self.last_received = self.last_sent = now
+        self._token = bytes(token)
+        self._admit = admit
+        self._nonce = b""  # the nonce this side asked the other to sign
+        self._peer_nonce = b""
+        self._decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES, versions=self.versions)
+        self._outbox: list[list[bytes | memoryview]] = []
+        self._ping_seq = 0
+
+    # -- reading ------------------------------------------------------------
+
+    @property
+    def needed(self) -> int:
+        """Bytes still missing to complete the frame being received (see :attr:`FrameDecoder.needed`)."""
+        return self._decoder.needed
+
+    @property
+    def last_frame_bytes(self) -> int:
+        """Size on the wire of the last frame received."""
+        return self._decoder.last_frame_bytes
+
+    def receive_data(self, data: bytes | bytearray | memoryview, *, now: float) -> list[Message]:
+        """Take bytes from the peer; return the messages the caller must act on.
+
+        Handshake frames and heartbeats are answered here (the answers wait
+        in :meth:`data_to_send`).  What comes back: the coordinator gets the
+        peer's HELLO once its AUTH proved the token (answer it with
+        :meth:`welcome`), the joining side gets WELCOME once it proved the
+        coordinator knows the token, and after that every message but PING
+        and PONG, BYE included (the connection is then CLOSED).
+
+        Raises
+        ------
+        Refused
+            The coordinator refused this side (its reason is the message).
+        AuthenticationError
+            The peer failed to prove the shared token.
+        ProtocolError
+            The bytes or their order break the protocol; close the connection
+            after writing :meth:`data_to_send`.
+        """
+        if self.state in (CLOSED, ERROR):
+            return []
+        if data:
+            self.last_received = now
+        try:
+            return [seen for message in self._decoder.feed(data)
+                    if (seen := self._take(message, now)) is not None]
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def _take(self, message: Message, now: float) -> Message | None:
+        """Apply one received message to the state; return what the caller sees of it."""
+        kind, state = message.type, self.state
+        if state == CLOSED:
+            return None
+        if kind == REFUSE and state in (AWAIT_CHALLENGE, AWAIT_WELCOME):
+            self.state = CLOSED
+            raise Refused(message.header["reason"])
+        expected = {AWAIT_HELLO: HELLO, AWAIT_CHALLENGE: CHALLENGE, AWAIT_AUTH: AUTH,
+                    AWAIT_WELCOME: WELCOME}.get(state)
+        if expected is not None and kind != expected:
+            first = "the first frame must be HELLO" if state == AWAIT_HELLO else f"expected {expected}"
+            raise ProtocolError(f"{first}, not {kind}")
+        if state == AWAIT_HELLO:
+            self._take_hello(message.header, now)
+            return None
+        if state == AWAIT_CHALLENGE:
+            self._take_challenge(message.header, now)
+            return None
+        if state == AWAIT_AUTH:
+            if not verify(self._token, self._nonce, message.header["signature"], role=WORKER):
+                raise AuthenticationError("authentication failed: the token does not match the "
+                                          "coordinator's (check --token-file / CROWDGRAPH_TOKEN)")
+            self._peer_nonce = bytes.fromhex(message.header["nonce"])
+            self.state = AUTHENTICATED
+            return Message(HELLO, dict(self.hello_header))
+        if state == AWAIT_WELCOME:
+            if not verify(self._token, self._nonce, message.header["signature"], role=COORDINATOR):
+                raise AuthenticationError(
+                    "the coordinator did not prove that it knows the token; it may be an impostor. "
+                    "Nothing was loaded or run; check the address and the token")
+            if message.header.get("role", WORKER) != self.role:
+                raise ProtocolError(f"the coordinator welcomed this {self.role} as a "
+                                    f"{message.header.get('role', WORKER)}; it does not take "
+                                    f"{self.role}s")
+            self.peer_id, self.heartbeat = message.header["worker_id"], float(message.header["heartbeat"])
+            self._open()
+            return message
+        if state != OPEN:
+            raise ProtocolError(f"a {self.peer_role} may not send {kind} before the handshake is done")
+        problem = _traffic_problem(self.peer_role, self.role, kind, message.header)
+        if problem is not None:
+            raise ProtocolError(problem)
+        if kind == PING:
+            self.send(Message(PONG, {"seq": message.header["seq"]}), now=now)
+        elif kind == BYE:
+            self.state = CLOSED
+        return None if kind in (PING, PONG) else message
+
+    def _take_hello(self, header: dict[str, Any], now: float) -> None:
+        self.hello_header = dict(header)
+        self.peer_role = header.get("role", WORKER)
+        reason = self._admit(self.hello_header) if self._admit is not None else None
+        version, codec = negotiate(header, self.versions, self.codecs)
+        if reason is not None:
+            raise ProtocolError(reason)
+        self._nonce = make_nonce()
+        self.state = AWAIT_AUTH
+        self._queue(Message(CHALLENGE, {"nonce": self._nonce.hex(), "version": version, "codec": codec}), now)
+        self.version, self.codec = version, codec
+
+    def _take_challenge(self, header: dict[str, Any], now: float) -> None:
+        version, codec = header["version"], header["codec"]
+        if version not in self.hello_header["versions"] or codec not in self.hello_header["codecs"]:
+            raise ProtocolError(f"the coordinator chose version {version} and codec {codec!r}, "
+                                "which were not offered")
+        self.version, self.codec = version, codec
+        self._nonce = make_nonce()
+        self.state = AWAIT_WELCOME
+        self._queue(Message(AUTH, {
+            "signature": sign(self._token, bytes.fromhex(header["nonce"]), role=WORKER),
+            "nonce": self._nonce.hex()}), now)
+
+    def _open(self) -> None:
+        self.state = OPEN
+        self._decoder.max_frame_bytes = self.max_frame_bytes
+
+    # -- writing ------------------------------------------------------------
+
+    def hello(self, header: dict[str, Any], *, now: float) -> None:
+        """Joining side: queue HELLO (``versions``, ``codecs`` and ``role`` are filled in)."""
+        if self.state != SEND_HELLO:
+            self._misuse(f"HELLO goes first and once; this {self.role} is {self.state}")
+        self.hello_header = dict(header, versions=list(self.versions), codecs=list(self.codecs))
+        if self.role == DRIVER:
+            self.hello_header["role"] = DRIVER
+        self.state = AWAIT_CHALLENGE
+        self._queue(Message(HELLO, self.hello_header), now)
+
+    def welcome(self, peer_id: str, *, now: float) -> None:
+        """Coordinator: queue WELCOME naming the authenticated peer ``peer_id``; the connection opens."""
+        if self.state != AUTHENTICATED:
+            self._misuse(f"WELCOME answers a proven AUTH; this connection is {self.state}")
+        header: dict[str, Any] = {"worker_id": peer_id, "heartbeat": self.heartbeat,
+                                  "signature": sign(self._token, self._peer_nonce, role=COORDINATOR)}
+        if self.peer_role == DRIVER:
+            header["role"] = DRIVER
+        self.peer_id = peer_id
+        self._queue(Message(WELCOME, header), now)
+        self._open()
+
+    def sending(self, type_name: str, *, now: float, header: dict[str, Any] | None = None) -> None:
+        """Check that this side may send a ``type_name`` frame now, and note it as sent.
+
+        For frames encoded elsewhere (on another thread, or once for many
+        peers) and written by the caller; :meth:`send` does this itself.
+        ``header`` is the frame's header where the rules look into it (a
+        driver's frames name their worker).
+        """
+        if self.state != OPEN:
+            self._misuse(f"a {self.role} may not send {type_name} while the connection is {self.state}")
+        problem = _traffic_problem(self.role, self.peer_role, type_name, header)
+        if problem is not None:
+            self._misuse(problem)
+        if type_name == BYE:
+            self.state = CLOSED
+        self.last_sent = now
+
+    def send(self, message: Message, *, now: float, shuffle: bool = False) -> int:
+        """Queue ``message`` with the agreed codec and version; return its size in bytes.
+
+        Returns 0, queueing nothing, once the connection is CLOSED (a BYE
+        crossed this message).  Raises :class:`ProtocolError` (and moves to
+        ERROR) when the rules do not allow this side to send it now.
+        """
+        if self.state == CLOSED:
+            return 0
+        self.sending(message.type, now=now, header=message.header)
+        return self._queue(message, now, shuffle=shuffle)
+
+    def goodbye(self, reason: str, *, now: float) -> None:
+        """Queue BYE with ``reason`` (or REFUSE during a coordinator's handshake); the connection closes."""
+        if self.state in (CLOSED, ERROR):
+            return
+        kind = REFUSE if self.role == COORDINATOR and self.state != OPEN else BYE
+        if kind == BYE and self.state != OPEN:  # a joining side that gives up just closes
+            self.state = CLOSED
+            return
+        self._queue(Message(kind, {"reason": reason}), now)
+        self.state = CLOSED
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        """The buffers to write, in order, since the last call (empties the queue)."""
+        parts = [part for frame in self._outbox for part in frame]
+        self._outbox.clear()
+        return parts
+
+    def _queue(self, message: Message, now: float, *, shuffle: bool = False) -> int:
+        # HELLO, CHALLENGE and REFUSE travel before (or without) an agreed version.
+        version = 1 if message.type in (HELLO, CHALLENGE, REFUSE) else self.version
+        parts = encode_parts(message, codec=self.codec, version=version, shuffle=shuffle)
+        self._outbox.append(parts)
+        self.last_sent = now
+        return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+    def _misuse(self, text: str) -> None:
+        exc = ProtocolError(text)
+        self._fail(exc)
+        raise exc
+
+    def _fail(self, exc: ProtocolError) -> None:
+        """Move to ERROR, queueing the frame that tells the peer why (if this side may send one)."""
+        if self.state in (CLOSED, ERROR):
+            self.state = ERROR
+            return
+        if isinstance(exc, Refused):
+            self.state = CLOSED
+            return
+        if self.role == COORDINATOR and self.state != OPEN:
+            self._queue(Message(REFUSE, {"reason": str(exc)}), self.last_sent)
+        elif self.state == OPEN:
+            self._queue(Message(BYE, {"reason": f"protocol error: {exc}"}), self.last_sent)
+        self.state = ERROR
+
+    # -- time ---------------------------------------------------------------
+
+    def expired(self, now: float) -> str | None:
+        """Why the connection is to be closed for silence at ``now``, or None.
+
+        Before it opens: the handshake took longer than its timeout.  Once
+        open: nothing arrived for :data:`HEARTBEAT_MISSES` heartbeats.
+        """
+        if self.state not in (OPEN, CLOSED, ERROR):
+            if now > self.handshake_deadline:
+                return "the handshake did not complete in time"
+            return None
+        assert self.heartbeat is not None
+        silent = now - self.last_received
+        if self.state == OPEN and silent > HEARTBEAT_MISSES * self.heartbeat:
+            return (f"no frame for {silent:.1f} s ({HEARTBEAT_MISSES} heartbeats of "
+                    f"{self.heartbeat:g} s): the {self.peer_role} stopped, or the network dropped")
+        return None
+
+    def ping(self, now: float) -> bool:
+        """Queue a PING when a heartbeat passed since the last frame sent; return whether it did."""
+        if self.state != OPEN or self.heartbeat is None or now - self.last_sent < self.heartbeat:
+            return False
+        self._ping_seq += 1
+        self.send(Message(PING, {"seq": self._ping_seq}), now=now)
+        return True

@@ -10,17 +10,10 @@ import os
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from crowdgraph import wire
-from crowdgraph.errors import AuthenticationError, ExecutionError, InputError, ProtocolError
-
-if TYPE_CHECKING:  # the worker agent imports this module and stays light
-    from crowdgraph.executor import Reporter
-    from crowdgraph.partition import Partition
-    from crowdgraph.schedule import TaskKey
+from crowdgraph.errors import ExecutionError, InputError
 
 #: Logger of everything crowdgraph-tcp reports: refused peers, lost workers.
 LOG = logging.getLogger("crowdgraph.tcp")
@@ -30,10 +23,6 @@ DEFAULT_PORT = 8786
 #: Environment variable holding the shared token (workers and drivers).
 TOKEN_ENV = "CROWDGRAPH_TOKEN"
 
-#: Byte-shuffle float tensors before lz4?  Measured on DistilBERT's boundary
-#: tensors (docs/benchmarks.md): it saves about 8% of the bytes but makes
-#: encode + decode about five times slower, so tensors go unshuffled.
-SHUFFLE_TENSORS = False
 #: Environment variable naming a CA file to trust for TLS (drivers).
 CAFILE_ENV = "CROWDGRAPH_CAFILE"
 #: Default heartbeat interval in seconds announced in WELCOME.
@@ -114,29 +103,6 @@ def frame_size(parts: list[Any]) -> int:
     return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
 
 
-# What an action sent to a worker was for, kept until its answer arrives: the
-# reporter of the run that issued it (so answers from a failed run never reach
-# the next one) and what the notice needs.
-
-
-@dataclass
-class PendingRun:
-    reporter: Reporter
-    key: TaskKey
-    bytes_in: int
-
-
-@dataclass
-class PendingLoad:
-    reporter: Reporter
-    partition: Partition
-
-
-@dataclass
-class PendingUnload:
-    reporter: Reporter | None  # None: the executor's own clean-up, not reported
-
-
 def wait_for_workers(changed: threading.Condition, connected: Callable[[], int], count: int,
                      timeout: float, url: str, gone: Callable[[], bool] = lambda: False) -> None:
     """Block until ``connected()`` reaches ``count`` (``changed`` is notified on each join).
@@ -153,42 +119,3 @@ def wait_for_workers(changed: threading.Condition, connected: Callable[[], int],
                     f"only {connected()} of the {count} workers this run needs joined {url} within "
                     f"{timeout:.0f} s; start workers with `crowdgraph-worker {url} --token-file FILE --memory 64MB`")
             changed.wait(min(left, 0.25))
-
-
-class Refused(Exception):
-    """The coordinator answered the handshake with REFUSE; the reason is the message."""
-
-
-async def join(send: Callable[[bytes], Awaitable[None]], receive: Callable[[], Awaitable[wire.Message]],
-               token: bytes, hello: dict[str, Any], url: str) -> tuple[dict[str, Any], int, str]:
-    """The joining side of the handshake (docs/protocol.md section 7), for workers and drivers.
-
-    Sends HELLO, answers the CHALLENGE with AUTH, checks that WELCOME
-    proves the coordinator knows the token.  Returns the WELCOME header and
-    the agreed protocol version and codec.  Raises :class:`Refused` on
-    REFUSE, :class:`AuthenticationError` when the coordinator cannot prove
-    the token, :class:`ProtocolError` on anything out of order.
-    """
-    await send(wire.encode(wire.Message(wire.HELLO, hello), version=1))
-    challenge = await receive()
-    if challenge.type == wire.REFUSE:
-        raise Refused(challenge.header["reason"])
-    if challenge.type != wire.CHALLENGE:
-        raise ProtocolError(f"expected CHALLENGE or REFUSE after HELLO, got {challenge.type}")
-    version, codec = challenge.header["version"], challenge.header["codec"]
-    if version not in wire.SUPPORTED_VERSIONS or codec not in wire.CODECS:
-        raise ProtocolError(f"the coordinator chose version {version} and codec {codec!r}, which were not offered")
-    nonce = wire.make_nonce()
-    await send(wire.encode(wire.Message(wire.AUTH, {
-        "signature": wire.sign(token, bytes.fromhex(challenge.header["nonce"]), role="worker"),
-        "nonce": nonce.hex()}), version=version))
-    welcome = await receive()
-    if welcome.type == wire.REFUSE:
-        raise Refused(welcome.header["reason"])
-    if welcome.type != wire.WELCOME:
-        raise ProtocolError(f"expected WELCOME or REFUSE after AUTH, got {welcome.type}")
-    if not wire.verify(token, nonce, welcome.header["signature"], role="coordinator"):
-        raise AuthenticationError(
-            f"the coordinator at {url} did not prove that it knows the token; it may be an "
-            "impostor. Nothing was loaded or run; check the address and the token")
-    return welcome.header, version, codec

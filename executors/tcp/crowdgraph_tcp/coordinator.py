@@ -39,33 +39,26 @@ from crowdgraph import wire
 from crowdgraph.errors import ProtocolError
 from crowdgraph.wire import Message
 
-from .common import DEFAULT_HEARTBEAT, LOG, SHUFFLE_TENSORS
-from .streams import FrameReader, now, write_message, write_parts
+from .bridge import Action, take_answer
+from .common import DEFAULT_HEARTBEAT, LOG
+from .streams import Link, now
 
-__all__ = ["Action", "Peer", "Listener", "Coordinator"]
+__all__ = ["Action", "CacheHold", "Peer", "Listener", "Coordinator"]
 
 
-@dataclass(eq=False)
-class Action:
-    """One LOAD, UNLOAD or RUN on its way to a worker, and what its answer is for.
+@dataclass
+class CacheHold:
+    """A worker's actions wait behind an unanswered LOAD from its cache.
 
-    ``parts`` is the encoded frame (for the worker's codec), or None and
-    ``message`` is encoded on the IOLoop thread when it is sent.  ``token``
-    comes back with the answer; ``owner`` is who may release a cache-miss
-    hold (the executor, or a driver connection).
+    If the cache misses, the same partition must go first with its bytes
+    (docs/protocol.md §7.4): until then later actions are held.  ``owner``
+    (the executor, or a driver connection) is who may release the hold;
+    ``missed`` says the cache missed and the bytes are awaited.
     """
 
-    kind: str  # "load" | "unload" | "run"
-    partition: str
-    token: Any = None
-    parts: list[Any] | None = None
-    message: Message | None = None
-    sha256: str | None = None
-    from_cache: bool = False
-    key: tuple[str, int] | None = None
-    owner: Any = None
-    size: int = 0
-    sent: float = 0.0
+    sha256: str
+    owner: Any
+    missed: bool = False
 
 
 @dataclass(eq=False)
@@ -73,25 +66,31 @@ class Peer:
     """One authenticated connection: a worker or a driver."""
 
     id: str
-    role: str
     address: str
-    stream: IOStream
-    version: int
-    codec: str
-    hello: dict[str, Any]
-    last_recv: float = field(default_factory=now)
-    last_sent: float = field(default_factory=now)
+    link: Link
     alive: bool = True
-    ping_seq: int = 0
     # Worker bookkeeping (IOLoop thread only).
     cached: set[str] = field(default_factory=set)
     expected_resident: str | None = None
     outstanding: list[Action] = field(default_factory=list)
     held: deque[Action] = field(default_factory=deque)
-    hold_sha: str | None = None
-    hold_miss: bool = False
-    hold_owner: Any = None
-    clock_offset: float | None = None
+    hold: CacheHold | None = None
+
+    @property
+    def role(self) -> str:
+        return self.link.conn.peer_role
+
+    @property
+    def hello(self) -> dict[str, Any]:
+        return self.link.conn.hello_header
+
+    @property
+    def codec(self) -> str:
+        return self.link.conn.codec
+
+    @property
+    def version(self) -> int:
+        return self.link.conn.version
 
     @property
     def name(self) -> str:
@@ -106,11 +105,9 @@ class Peer:
         rss = self.hello.get("rss")
         return int(rss) if isinstance(rss, int) else None
 
-    def send(self, message: Message, *, shuffle: bool = False) -> int:
+    def send(self, message: Message) -> int:
         """Queue ``message`` with this connection's codec and version."""
-        size = write_message(self.stream, message, codec=self.codec, version=self.version, shuffle=shuffle)
-        self.last_sent = now()
-        return size
+        return self.link.send(message)
 
     def record(self) -> dict[str, Any]:
         """This worker as a CROWD / JOINED worker record."""
@@ -122,13 +119,6 @@ class Peer:
         if self.floor_rss is not None:
             rec["rss"] = self.floor_rss
         return rec
-
-    def map_clock(self, start: float, end: float, received: float) -> tuple[float, float]:
-        """Worker clock -> this side's clock, from the smallest ``received - end`` seen."""
-        offset = received - end
-        if self.clock_offset is None or offset < self.clock_offset:
-            self.clock_offset = offset
-        return start + self.clock_offset, min(received, end + self.clock_offset)
 
 
 class Listener:
@@ -157,10 +147,6 @@ class Listener:
 
     def driver_lost(self, driver: Peer, reason: str) -> None:
         """A driver is gone."""
-
-
-class _Refused(Exception):
-    pass
 
 
 class _Server(TCPServer):
@@ -346,16 +332,15 @@ class Coordinator:
             self._web_server.stop()
         writes = []
         for peer in list(self.workers.values()) + list(self.drivers.values()):
-            try:
-                writes.append(peer.stream.write(wire.encode(Message(wire.BYE, {"reason": reason}),
-                                                            version=peer.version)))
-            except StreamClosedError:
-                pass
+            peer.link.conn.goodbye(reason, now=now())
+            written = peer.link.flush()
+            if written is not None:
+                writes.append(written)
         if writes:
             await asyncio.wait(writes, timeout=1.0)
         for peer in list(self.workers.values()) + list(self.drivers.values()):
             peer.alive = False
-            peer.stream.close()
+            peer.link.stream.close()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         self._loop.stop()
@@ -376,26 +361,36 @@ class Coordinator:
             stream.set_nodelay(True)
         except Exception:  # not a TCP socket (tests may use others)
             pass
-        peer: Peer | None = None
-        reader: FrameReader | None = None
+        conn = wire.Connection(wire.COORDINATOR, token=self.token, now=now(), heartbeat=self.heartbeat,
+                               codecs=self.codecs, max_frame_bytes=self.max_frame_bytes,
+                               handshake_timeout=self.handshake_timeout, admit=self._admit)
+        link = Link(stream, conn)
         try:
-            peer, reader = await asyncio.wait_for(self._handshake(stream, where), self.handshake_timeout)
+            hello, _ = await asyncio.wait_for(link.next(), conn.handshake_deadline - now())
         except asyncio.TimeoutError:
             LOG.warning("closing %s: the handshake did not complete within %.0f s", where, self.handshake_timeout)
+            stream.close()
+            return
         except StreamClosedError as exc:
             LOG.warning("%s closed the connection during the handshake%s", where,
                         f" ({exc.real_error})" if getattr(exc, "real_error", None) else "")
-        except _Refused:
-            pass
-        except ProtocolError as exc:
-            LOG.warning("closing %s: protocol error during the handshake: %s", where, exc)
-            await self._say(stream, Message(wire.REFUSE, {"reason": f"protocol error: {exc}"}), 1)
-        except Exception:
-            LOG.exception("closing %s: unexpected error during the handshake", where)
-        if peer is None or reader is None:
             stream.close()
             return
-        if peer.role == "driver":
+        except ProtocolError as exc:
+            LOG.warning("refused %s: %s", where, exc)
+            await link.drain()
+            stream.close()
+            return
+        except Exception:
+            LOG.exception("closing %s: unexpected error during the handshake", where)
+            stream.close()
+            return
+        driver = conn.peer_role == wire.DRIVER
+        peer = Peer(f"{'d' if driver else 'w'}{next(self._ids)}", where, link,
+                    cached=set() if driver else set(hello.header.get("cached", [])))
+        conn.welcome(peer.id, now=now())
+        link.flush()
+        if driver:
             self.drivers[peer.id] = peer
             LOG.info("driver %s joined from %s", peer.id, where)
             self._notify(self.listener.driver_joined, peer)
@@ -403,81 +398,31 @@ class Coordinator:
             self.workers[peer.id] = peer
             LOG.info("worker %s (%s, budget %s bytes) joined from %s", peer.id, peer.name, peer.memory, where)
             self._notify(self.listener.worker_joined, peer)
-        await self._serve(peer, reader)
+        await self._serve(peer)
 
-    async def _say(self, stream: IOStream, message: Message, version: int) -> None:
-        """Write one frame and wait (briefly) until it left."""
-        try:
-            await asyncio.wait_for(stream.write(wire.encode(message, version=version)), 2.0)
-        except (StreamClosedError, asyncio.TimeoutError):
-            pass
+    def _admit(self, hello: dict[str, Any]) -> str | None:
+        """Why a HELLO is refused before the token is even checked, or None."""
+        if hello.get("role", wire.WORKER) == wire.DRIVER and not self.listener.accepts_drivers:
+            return ("this coordinator belongs to an in-process executor and takes no drivers; run a "
+                    "standing one with `crowdgraph serve` to drive it from another process")
+        return None
 
-    async def _refuse(self, stream: IOStream, where: str, reason: str) -> None:
-        LOG.warning("refused %s: %s", where, reason)
-        await self._say(stream, Message(wire.REFUSE, {"reason": reason}), 1)
-        raise _Refused(reason)
-
-    async def _handshake(self, stream: IOStream, where: str) -> tuple[Peer, FrameReader]:
-        decoder = wire.FrameDecoder(wire.HANDSHAKE_MAX_FRAME_BYTES)
-        reader = FrameReader(stream, decoder)
-        hello, _ = await reader.next()
-        if hello.type != wire.HELLO:
-            await self._refuse(stream, where, f"the first frame must be HELLO, not {hello.type}")
-        try:
-            version, codec = wire.negotiate(hello.header, wire.SUPPORTED_VERSIONS, self.codecs)
-        except ProtocolError as exc:
-            await self._refuse(stream, where, str(exc))
-        role = hello.header.get("role", "worker")
-        if role == "driver" and not self.listener.accepts_drivers:
-            await self._refuse(stream, where, "this coordinator belongs to an in-process executor and takes "
-                               "no drivers; run a standing one with `crowdgraph serve` to drive it from "
-                               "another process")
-        nonce = wire.make_nonce()
-        stream.write(wire.encode(Message(wire.CHALLENGE, {"nonce": nonce.hex(), "version": version,
-                                                          "codec": codec}), version=1))
-        auth, _ = await reader.next()
-        if auth.type != wire.AUTH:
-            await self._refuse(stream, where, f"expected AUTH after CHALLENGE, got {auth.type}")
-        if not wire.verify(self.token, nonce, auth.header["signature"], role="worker"):
-            await self._refuse(stream, where, "authentication failed: the token does not match the "
-                               "coordinator's (check --token-file / CROWDGRAPH_TOKEN)")
-        peer_id = f"{'d' if role == 'driver' else 'w'}{next(self._ids)}"
-        welcome = {"worker_id": peer_id, "heartbeat": self.heartbeat,
-                   "signature": wire.sign(self.token, bytes.fromhex(auth.header["nonce"]), role="coordinator")}
-        if role == "driver":
-            welcome["role"] = "driver"
-        stream.write(wire.encode(Message(wire.WELCOME, welcome), version=version))
-        decoder.max_frame_bytes = self.max_frame_bytes
-        peer = Peer(peer_id, role, where, stream, version, codec, dict(hello.header),
-                    cached=set(hello.header.get("cached", [])) if role == "worker" else set())
-        reader.on_bytes = lambda: setattr(peer, "last_recv", now())
-        return peer, reader
-
-    async def _serve(self, peer: Peer, reader: FrameReader) -> None:
+    async def _serve(self, peer: Peer) -> None:
         try:
             while peer.alive:
-                message, size = await reader.next()
-                kind = message.type
-                if kind == wire.PING:
-                    peer.send(Message(wire.PONG, {"seq": message.header["seq"]}))
-                elif kind == wire.PONG:
-                    pass
-                elif kind == wire.BYE:
-                    self._lose(peer, f"it said goodbye ({message.header.get('reason', 'no reason given')})",
-                               quiet=True)
-                elif peer.role == "worker" and kind in (wire.LOADED, wire.UNLOADED, wire.RESULT, wire.FAILED):
+                message, size = await peer.link.next()
+                if message.type == wire.BYE:
+                    self._lose(peer, f"it said BYE ({message.header.get('reason', 'no reason given')})",
+                               clean=True)
+                elif peer.role == wire.WORKER:
                     self._on_reply(peer, message, size)
-                elif peer.role == "driver" and kind in (wire.CROWD, wire.LOAD, wire.UNLOAD, wire.RUN):
-                    if kind != wire.CROWD and not isinstance(message.header.get("worker"), str):
-                        raise ProtocolError(f"a driver's {kind} must name its worker in 'worker'")
-                    self._notify(self.listener.driver_message, peer, message, size)
                 else:
-                    raise ProtocolError(f"a {peer.role} may not send {kind} after the handshake")
+                    self._notify(self.listener.driver_message, peer, message, size)
         except StreamClosedError:
             self._lose(peer, "its connection closed")
         except ProtocolError as exc:
             if peer.alive:
-                await self._say(peer.stream, Message(wire.BYE, {"reason": f"protocol error: {exc}"}), peer.version)
+                await peer.link.drain()
             self._lose(peer, f"protocol error: {exc}")
         except Exception as exc:
             LOG.exception("error serving %s", peer.id)
@@ -491,19 +436,22 @@ class Coordinator:
         except Exception:
             LOG.exception("listener %s failed", getattr(fn, "__name__", fn))
 
-    def _lose(self, peer: Peer, reason: str, *, quiet: bool = False) -> None:
+    def _lose(self, peer: Peer, reason: str, *, clean: bool = False) -> None:
         peer.alive = False
-        table = self.drivers if peer.role == "driver" else self.workers
+        table = self.drivers if peer.role == wire.DRIVER else self.workers
         mine = table.get(peer.id) is peer
         if mine:  # out of the table before the peer can see its connection close
             del table[peer.id]
-        peer.stream.close()
+        peer.link.stream.close()
         if not mine or self._stopping:
             return
-        (LOG.info if quiet else LOG.warning)("%s %s (%s) lost: %s", peer.role, peer.id, peer.address, reason)
-        if peer.role == "driver":
+        if clean:
+            LOG.info("%s %s (%s) disconnected cleanly: %s", peer.role, peer.id, peer.address, reason)
+        else:
+            LOG.warning("%s %s (%s) lost: %s", peer.role, peer.id, peer.address, reason)
+        if peer.role == wire.DRIVER:
             for w in list(self.workers.values()):
-                if w.hold_sha is not None and w.hold_owner is peer:
+                if w.hold is not None and w.hold.owner is peer:
                     self.release(w)
             self._notify(self.listener.driver_lost, peer, reason)
         else:
@@ -513,15 +461,12 @@ class Coordinator:
 
     def _tick(self) -> None:
         t = now()
-        limit = wire.HEARTBEAT_MISSES * self.heartbeat
         for peer in list(self.workers.values()) + list(self.drivers.values()):
-            silent = t - peer.last_recv
-            if silent > limit:
-                self._lose(peer, f"no frame for {silent:.1f} s ({wire.HEARTBEAT_MISSES} heartbeats of "
-                                 f"{self.heartbeat:g} s): it stopped, or its network dropped")
-            elif t - peer.last_sent >= self.heartbeat:
-                peer.ping_seq += 1
-                peer.send(Message(wire.PING, {"seq": peer.ping_seq}))
+            reason = peer.link.conn.expired(t)
+            if reason is not None:
+                self._lose(peer, reason)
+            elif peer.link.conn.ping(t):
+                peer.link.flush()
 
     # -- actions for workers (IOLoop thread) -------------------------------
 
@@ -529,79 +474,66 @@ class Coordinator:
         """Send ``action`` to worker ``worker_id`` in order (IOLoop thread).
 
         While a LOAD from the worker's cache is unanswered, later actions
-        wait: if the cache misses, the same partition must go first with
-        its bytes (docs/protocol.md §7.4).
+        wait (see :class:`CacheHold`).
         """
         w = self.workers.get(worker_id)
         if w is None or not w.alive:
             self._notify(self.listener.dropped, worker_id, action)
             return
-        if action.kind == "load":
+        if action.kind == wire.LOAD:
             w.expected_resident = action.sha256
-        elif action.kind == "unload":
+        elif action.kind == wire.UNLOAD:
             w.expected_resident = None
-        if w.hold_sha is not None:
-            if (w.hold_miss and action.kind == "load" and not action.from_cache
-                    and action.sha256 == w.hold_sha):
-                w.hold_sha, w.hold_miss, w.hold_owner = None, False, None
-                self._send(w, action)
-                self._flush(w)
-            else:
-                w.held.append(action)
-            return
-        self._send(w, action)
+        if w.hold is None:
+            self._send(w, action)
+        elif w.hold.missed and action.kind == wire.LOAD and not action.from_cache and action.sha256 == w.hold.sha256:
+            self.release(w, first=action)
+        else:
+            w.held.append(action)
 
-    def release(self, w: Peer) -> None:
-        """Stop holding ``w``'s actions after a cache miss nobody will repair."""
-        w.hold_sha, w.hold_miss, w.hold_owner = None, False, None
-        self._flush(w)
+    def release(self, w: Peer, first: Action | None = None) -> None:
+        """End ``w``'s cache hold: send ``first`` (the missed partition's bytes), then what waited."""
+        w.hold = None
+        if first is not None:
+            self._send(w, first)
+        while w.held and w.hold is None and w.alive:
+            self._send(w, w.held.popleft())
 
     def _send(self, w: Peer, action: Action) -> None:
         if action.parts is None:
             assert action.message is not None
-            action.parts = wire.encode_parts(action.message, codec=w.codec, version=w.version, shuffle=SHUFFLE_TENSORS)
+            action.parts = wire.encode_parts(action.message, codec=w.codec, version=w.version)
         action.message = None
-        action.size = write_parts(w.stream, action.parts)
+        action.size = w.link.send_encoded(action.kind, action.parts)
         action.parts = None
-        action.sent = w.last_sent = now()
+        action.sent = now()
         w.outstanding.append(action)
-        if action.kind == "load" and action.sha256:
+        if action.kind == wire.LOAD and action.sha256:
             if action.from_cache:
-                w.hold_sha, w.hold_miss, w.hold_owner = action.sha256, False, action.owner
+                w.hold = CacheHold(action.sha256, action.owner)
             else:
                 w.cached.add(action.sha256)
 
-    def _flush(self, w: Peer) -> None:
-        while w.held and w.hold_sha is None and w.alive:
-            self._send(w, w.held.popleft())
-
     def _on_reply(self, w: Peer, message: Message, size: int) -> None:
         received = now()
-        h, kind = message.header, message.type
-        if kind == wire.RESULT or (kind == wire.FAILED and "task" in h):
-            key = (h["task"][0], h["task"][1])
-            action = _pop(w.outstanding, lambda a: a.kind == "run" and a.key == key)
-        elif kind == wire.LOADED or (kind == wire.FAILED and "load" in h):
-            name = h.get("partition", h.get("load"))
-            action = _pop(w.outstanding, lambda a: a.kind == "load" and a.partition == name)
-        else:
-            action = _pop(w.outstanding, lambda a: a.kind == "unload" and a.partition == h["partition"])
+        action = take_answer(w.outstanding, message)
         if action is None:
-            LOG.warning("worker %s answered %s %s, which matches nothing sent to it; ignored", w.id, kind, h)
-        flush = False
-        if action is not None and action.kind == "load" and action.sha256:
-            if kind == wire.LOADED:
+            LOG.warning("worker %s answered %s %s, which matches nothing sent to it; ignored",
+                        w.id, message.type, message.header)
+        release = False
+        if action is not None and action.kind == wire.LOAD and action.sha256:
+            hold = w.hold if w.hold is not None and w.hold.sha256 == action.sha256 else None
+            if message.type == wire.LOADED:
                 w.cached.add(action.sha256)
-                if action.from_cache and w.hold_sha == action.sha256 and not w.hold_miss:
-                    w.hold_sha, w.hold_owner, flush = None, None, True
-            elif action.from_cache and w.hold_sha == action.sha256:
+                release = action.from_cache and hold is not None and not hold.missed
+            elif action.from_cache and hold is not None:
                 w.cached.discard(action.sha256)
-                w.hold_miss = True  # held until the bytes come (submit) or release()
+                hold.missed = True  # held until the bytes come (submit) or release()
             elif w.expected_resident == action.sha256:
                 w.expected_resident = None
         self._notify(self.listener.reply, w, action, message, size, received)
-        if flush:
-            self._flush(w)
+        if release:
+            self.release(w)
 
     # -- lookups (any thread) ----------------------------------------------
 
@@ -614,13 +546,6 @@ class Coordinator:
         """Whether the worker is believed to hold ``sha256`` in its cache (a hint)."""
         w = self.workers.get(worker_id)
         return w is not None and sha256 in w.cached
-
-
-def _pop(items: list[Action], match: Callable[[Action], bool]) -> Action | None:
-    for i, item in enumerate(items):
-        if match(item):
-            return items.pop(i)
-    return None
 
 
 def _address(address: Any) -> str:

@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from crowdgraph import wire
 from crowdgraph.errors import ExecutionError, InputError
 from crowdgraph.executor import Executor, Job, Reporter
@@ -35,17 +33,15 @@ from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.units import parse_bytes
 from crowdgraph.wire import Message
 
-from .common import (
-    DEFAULT_HEARTBEAT, LOG, PendingLoad, PendingRun, PendingUnload, SHUFFLE_TENSORS,
-    parse_listen, read_token, server_ssl_context, wait_for_workers,
-)
-from .coordinator import Action, Coordinator, Listener, Peer
+from .bridge import Action, DriverBridge, Holding
+from .common import DEFAULT_HEARTBEAT, parse_listen, read_token, server_ssl_context, wait_for_workers
+from .coordinator import Coordinator, Listener, Peer
 
 __all__ = ["TcpExecutor"]
 
 
-class _Bridge(Listener):
-    """Coordinator events -> reporter notices (IOLoop thread)."""
+class _ExecutorListener(Listener):
+    """Coordinator events -> reporter notices through the executor's bridge (IOLoop thread)."""
 
     def __init__(self, executor: "TcpExecutor"):
         self.executor = executor
@@ -54,46 +50,28 @@ class _Bridge(Listener):
         ex = self.executor
         with ex._changed:
             ex._changed.notify_all()
-        if ex._reporter is not None and ex._job is not None:
-            ex._reporter.worker_joined(ex._info(worker, None))
+        if ex.bridge.reporter is not None:
+            ex.bridge.reporter.worker_joined(ex.bridge.info(_holding(worker)))
 
     def worker_lost(self, worker: Peer, reason: str) -> None:
         ex = self.executor
         with ex._changed:
             ex._changed.notify_all()
-        if ex._reporter is not None:
-            ex._reporter.worker_lost(worker.id, reason)
+        ex.bridge.lost(worker.id)
+        if ex.bridge.reporter is not None:
+            ex.bridge.reporter.worker_lost(worker.id, reason)
 
     def reply(self, worker: Peer, action: Action | None, message: Message, size: int, received: float) -> None:
-        if action is None or action.token is None:
+        if action is None:
             return
-        token, h, kind = action.token, message.header, message.type
-        if isinstance(token, PendingRun):
-            if kind == wire.RESULT:
-                start, end = worker.map_clock(h["start"], h["end"], received)
-                start = max(start, action.sent)
-                token.reporter.task_finished(
-                    worker.id, token.key, message.tensors, start=start, end=max(end, start),
-                    bytes_in=token.bytes_in, bytes_out=sum(v.nbytes for v in message.tensors.values()),
-                    wire_in=action.size, wire_out=size, peak_rss=h["peak_rss"], rss=h["rss"])
-            else:
-                token.reporter.task_failed(worker.id, token.key, h.get("error", "failed"))
-        elif isinstance(token, PendingLoad):
-            if kind == wire.LOADED:
-                token.reporter.loaded(worker.id, action.partition, start=max(action.sent, received - h["seconds"]),
-                                      end=received, bytes_sent=0 if action.from_cache else action.size,
-                                      from_cache=action.from_cache, rss=h["rss"])
-            elif action.from_cache:  # the worker's cache lost it: send the bytes, ahead of what waits
-                LOG.info("worker %s no longer caches %s (%s); sending its bytes", worker.id,
-                         action.partition, h.get("error"))
-                ex = self.executor
-                ex.coordinator.submit(worker.id, Action(
-                    "load", action.partition, token=token, sha256=action.sha256, owner=ex,
-                    parts=ex._load_parts(token.partition, worker.codec, worker.version)))
-            else:
-                token.reporter.load_failed(worker.id, action.partition, h.get("error", "failed"))
-        elif isinstance(token, PendingUnload) and token.reporter is not None and kind == wire.UNLOADED:
-            token.reporter.unloaded(worker.id, action.partition, rss=h["rss"])
+        ex = self.executor
+        resend = ex.bridge.answered(worker.id, action, message, size, received)
+        if resend is not None:  # the worker's cache lost it: the bytes go ahead of what waits
+            ex._submit_now(worker.id, resend)
+
+
+def _holding(w: Peer) -> Holding:
+    return Holding(w.id, w.memory, w.cached, w.expected_resident)
 
 
 class TcpExecutor(Executor):
@@ -145,9 +123,7 @@ class TcpExecutor(Executor):
         self.join_timeout = float(join_timeout)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
-        self._reporter: Reporter | None = None
-        self._job: Job | None = None
-        self._by_sha: dict[str, str] = {}
+        self.bridge = DriverBridge()
         self._encoded: dict[tuple[str, str, int], list[Any]] = {}
         self._encoded_lock = threading.Lock()
         self._changed = threading.Condition()
@@ -155,7 +131,7 @@ class TcpExecutor(Executor):
         self._tmp: str | None = None
         self._closed = False
         ssl_options = server_ssl_context(certfile, keyfile) if certfile else None
-        self.coordinator = Coordinator(self.token, host, port, listener=_Bridge(self), ssl_options=ssl_options,
+        self.coordinator = Coordinator(self.token, host, port, listener=_ExecutorListener(self), ssl_options=ssl_options,
                                        heartbeat=heartbeat, handshake_timeout=handshake_timeout,
                                        max_frame_bytes=max_frame_bytes,
                                        web_port=web_port if web else None).start()
@@ -280,28 +256,18 @@ class TcpExecutor(Executor):
 
     # -- the executor protocol -----------------------------------------------
 
-    def _info(self, w: Peer, resident: str | None) -> WorkerInfo:
-        cached = frozenset(self._by_sha[s] for s in w.cached if s in self._by_sha)
-        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, resident=resident)
-
     def start(self, job: Job, reporter: Reporter) -> list[WorkerInfo]:
         if self._closed:
             raise ExecutionError("this TcpExecutor is closed; make a new one")
         wait_for_workers(self._changed, lambda: len(self.coordinator.workers), self.min_workers,
                          self.join_timeout, self.url)
-        by_sha = {p.sha256: name for name, p in job.partitions.items()}
         with self._encoded_lock:
             self._encoded.clear()
 
         def snapshot() -> list[WorkerInfo]:
-            self._reporter, self._job, self._by_sha = reporter, job, by_sha
-            crowd = []
-            for w in list(self.coordinator.workers.values()):
-                sha = w.expected_resident
-                resident = by_sha.get(sha) if sha else None
-                if sha and resident is None:  # a partition of another plan: free its memory
-                    self._unload_now(w, None)
-                crowd.append(self._info(w, resident))
+            crowd, unloads = self.bridge.start(job, reporter, map(_holding, list(self.coordinator.workers.values())))
+            for worker, action in unloads:
+                self._submit_now(worker, action)
             return crowd
 
         crowd = self.coordinator.run_sync(snapshot)
@@ -309,67 +275,53 @@ class TcpExecutor(Executor):
             raise ExecutionError(f"only {len(crowd)} workers are connected, {self.min_workers} needed")
         return crowd
 
-    def _unload_now(self, w: Peer, reporter: Reporter | None) -> None:
-        """Queue an UNLOAD of whatever ``w`` holds (IOLoop thread)."""
-        name = self._by_sha.get(w.expected_resident or "", "resident")
-        self.coordinator.submit(w.id, Action("unload", name, token=PendingUnload(reporter), owner=self,
-                                             message=Message(wire.UNLOAD, {"partition": name})))
+    def _submit_now(self, worker: str, action: Action) -> None:
+        """Hand ``action`` to the coordinator (IOLoop thread)."""
+        self.coordinator.submit(worker, self._prepare(worker, action))
 
-    def _load_parts(self, partition: Partition, codec: str, version: int) -> list[Any]:
-        """The LOAD frame carrying ``partition``'s bytes, encoded once per codec."""
-        key = (partition.sha256, codec, version)
+    def _prepare(self, worker: str, action: Action) -> Action:
+        """Mark ``action`` as this executor's; encode a LOAD's bytes (once per codec)."""
+        action.owner = self
+        agreed = self.coordinator.codec_of(worker)
+        if action.kind == wire.LOAD and not action.from_cache and agreed is not None:
+            assert action.message is not None
+            action.parts, action.message = self._load_parts(action.message, *agreed), None
+        return action
+
+    def _load_parts(self, message: Message, codec: str, version: int) -> list[Any]:
+        """The LOAD frame carrying a partition's bytes, encoded once per codec."""
+        key = (message.header["sha256"], codec, version)
         with self._encoded_lock:
             parts = self._encoded.get(key)
         if parts is None:
-            parts = wire.encode_parts(Message(wire.LOAD, {"partition": partition.name, "sha256": partition.sha256,
-                                                          "from_cache": False},
-                                              blobs={"model": partition.model_bytes}), codec=codec, version=version)
+            parts = wire.encode_parts(message, codec=codec, version=version)
             with self._encoded_lock:
                 self._encoded[key] = parts
         return parts
 
     def load(self, worker: str, partition: Partition) -> None:
-        agreed = self.coordinator.codec_of(worker)
-        if agreed is None or self._reporter is None:
+        if self.coordinator.codec_of(worker) is None:
             return  # lost: the scheduler hears of it from worker_lost
-        sha = partition.sha256
-        token = PendingLoad(self._reporter, partition)
-        if self.coordinator.has_cached(worker, sha):
-            action = Action("load", partition.name, token=token, sha256=sha, from_cache=True, owner=self,
-                            message=Message(wire.LOAD, {"partition": partition.name, "sha256": sha,
-                                                        "from_cache": True}))
-        else:
-            action = Action("load", partition.name, token=token, sha256=sha, owner=self,
-                            parts=self._load_parts(partition, *agreed))
-        self.coordinator.call(self.coordinator.submit, worker, action)
+        action = self.bridge.load(worker, partition, from_cache=self.coordinator.has_cached(worker, partition.sha256))
+        if action is not None:  # the bytes are encoded here, not on the coordinator's thread
+            self.coordinator.call(self.coordinator.submit, worker, self._prepare(worker, action))
 
     def unload(self, worker: str, partition: str) -> None:
-        self.coordinator.call(self.coordinator.submit, worker, Action(
-            "unload", partition, token=PendingUnload(self._reporter), owner=self,
-            message=Message(wire.UNLOAD, {"partition": partition})))
+        self.coordinator.call(self._submit_now, worker, self.bridge.unload(worker, partition, self.bridge.reporter))
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
         agreed = self.coordinator.codec_of(worker)
-        reporter = self._reporter
-        if agreed is None or reporter is None:
+        if agreed is None:
             return
-        key = (str(key[0]), int(key[1]))
-        try:
-            arrays = {name: np.asarray(value) for name, value in inputs.items()}
-            parts = wire.encode_parts(Message(wire.RUN, {"task": list(key), "outputs": list(partition.outputs)},
-                                              tensors=arrays), codec=agreed[0], version=agreed[1], shuffle=SHUFFLE_TENSORS)
-        except (TypeError, ValueError) as exc:
-            reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
-            return
-        self.coordinator.call(self.coordinator.submit, worker, Action(
-            "run", partition.name, token=PendingRun(reporter, key, sum(a.nbytes for a in arrays.values())),
-            parts=parts, key=key, owner=self))
+        action = self.bridge.run(worker, key, partition, inputs,
+                                 lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1]))
+        if action is not None:
+            self.coordinator.call(self._submit_now, worker, action)
 
     def reset(self) -> None:
         def unload_all() -> None:
-            for w in list(self.coordinator.workers.values()):
-                if w.expected_resident is not None:
-                    self._unload_now(w, None)
+            for worker, action in self.bridge.reset(map(_holding, list(self.coordinator.workers.values()))):
+                self._submit_now(worker, action)
 
         self.coordinator.call(unload_all)
 

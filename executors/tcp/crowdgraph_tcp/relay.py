@@ -20,12 +20,10 @@ from typing import Any
 from crowdgraph import wire
 from crowdgraph.wire import Message
 
-from .common import DEFAULT_HEARTBEAT, LOG, SHUFFLE_TENSORS, parse_listen
+from .common import DEFAULT_HEARTBEAT, LOG, parse_listen
 from .coordinator import Action, Coordinator, Listener, Peer
 
 __all__ = ["Relay", "standing_coordinator"]
-
-_KINDS = {wire.LOAD: "load", wire.UNLOAD: "unload", wire.RUN: "run"}
 
 
 class Relay(Listener):
@@ -49,13 +47,13 @@ class Relay(Listener):
             driver.send(Message(wire.LOST, {"worker": worker.id, "reason": reason}))
 
     def reply(self, worker: Peer, action: Action | None, message: Message, size: int, received: float) -> None:
-        if action is None or not isinstance(action.token, Peer) or not action.token.alive:
+        if action is None or not isinstance(action.purpose, Peer) or not action.purpose.alive:
             return  # an answer nobody waits for any more (its driver left)
         header = dict(message.header, worker=worker.id)
-        action.token.send(Message(message.type, header, tensors=message.tensors), shuffle=SHUFFLE_TENSORS)
+        action.purpose.send(Message(message.type, header, tensors=message.tensors))
 
     def dropped(self, worker_id: str, action: Action) -> None:
-        driver = action.token
+        driver = action.purpose
         if isinstance(driver, Peer) and driver.alive:
             driver.send(Message(wire.LOST, {"worker": worker_id, "reason": "no such worker (it left)"}))
 
@@ -66,11 +64,11 @@ class Relay(Listener):
             workers = [w.record() for w in self.coordinator.workers.values() if w.alive]
             driver.send(Message(wire.CROWD, {"workers": workers}))
             return
-        worker = h["worker"]  # checked by the coordinator before this is called
+        worker = h["worker"]  # the connection checked that a driver names it
         header = {k: v for k, v in h.items() if k != "worker"}
         key = (h["task"][0], h["task"][1]) if message.type == wire.RUN else None
         self.coordinator.submit(worker, Action(
-            _KINDS[message.type], h["task"][0] if key else h["partition"], token=driver, owner=driver,
+            message.type, h["task"][0] if key else h["partition"], purpose=driver, owner=driver,
             message=Message(message.type, header, tensors=message.tensors, blobs=message.blobs),
             sha256=h.get("sha256"), from_cache=bool(h.get("from_cache", False)), key=key))
 

@@ -1,87 +1,90 @@
-"""Frames over tornado IOStreams: one reader per connection, exact frame sizes.
+"""A :class:`crowdgraph.wire.Connection` over a tornado IOStream: the thin I/O around the rules.
 
-The reader hands every byte to a :class:`crowdgraph.wire.FrameDecoder`, so
-the decoder's checks (magic, version, size limit from the header alone)
-apply before the body is buffered.  It reads one frame at a time, which
-gives the exact size of each frame on the wire for the run report, and it
-notes the time of every chunk received: a large frame still arriving
-counts as a sign of life for the heartbeat.
+:class:`Link` reads from the stream no more than the connection still
+needs for the frame being received, so each read completes at most one
+frame and the size of every frame on the wire is exact (the run report
+counts it).  Every chunk received counts as a sign of life for the
+heartbeat, a large frame still arriving included.  Whatever the
+connection has to say (a CHALLENGE, a PONG, a BYE telling the peer why
+it is being closed) is written out after each read.
 """
 
 from __future__ import annotations
 
-import struct
+import asyncio
 import time
-from typing import Any, Callable
+from typing import Any
 
 from tornado.iostream import IOStream, StreamClosedError
 
 from crowdgraph import wire
-from crowdgraph.errors import ProtocolError
 
 from .common import frame_size
 
 #: Largest chunk read from a socket at once.
 CHUNK = 1 << 20
-_BODY_LENGTH = struct.Struct("<Q")  # at offset 8 of the fixed header (docs/protocol.md §2)
-
-
-class FrameReader:
-    """Read whole messages from ``stream`` through ``decoder``."""
-
-    def __init__(self, stream: IOStream, decoder: wire.FrameDecoder,
-                 on_bytes: Callable[[], None] | None = None):
-        self.stream = stream
-        self.decoder = decoder
-        self.on_bytes = on_bytes
-
-    async def next(self) -> tuple[wire.Message, int]:
-        """The next message and its size on the wire in bytes.
-
-        Raises :class:`ProtocolError` for bad bytes and
-        :class:`tornado.iostream.StreamClosedError` when the peer closed.
-        """
-        header = bytearray()
-        messages: list[wire.Message] = []
-        while len(header) < wire.HEADER_SIZE:
-            chunk = await self.stream.read_bytes(wire.HEADER_SIZE - len(header), partial=True)
-            self._got()
-            header += chunk
-            messages += self.decoder.feed(chunk)  # bad magic fails after 4 bytes, limits at 24
-        remaining = _BODY_LENGTH.unpack_from(header, 8)[0]
-        while remaining > 0:
-            chunk = await self.stream.read_bytes(min(remaining, CHUNK), partial=True)
-            self._got()
-            remaining -= len(chunk)
-            messages += self.decoder.feed(chunk)
-        if len(messages) != 1:  # cannot happen with a correct decoder; never trust silently
-            raise ProtocolError(f"expected one frame, decoded {len(messages)}")
-        return messages[0], len(header) + _BODY_LENGTH.unpack_from(header, 8)[0]
-
-    def _got(self) -> None:
-        if self.on_bytes is not None:
-            self.on_bytes()
-
-
-def write_parts(stream: IOStream, parts: list[Any]) -> int:
-    """Queue a frame (``encode_parts`` buffers) on ``stream``; return its size.
-
-    Returns 0 when the stream is closed already (the peer is being lost).
-    """
-    try:
-        for part in parts:
-            stream.write(part)
-    except StreamClosedError:
-        return 0
-    return frame_size(parts)
-
-
-def write_message(stream: IOStream, message: wire.Message, *, codec: str = "none", version: int = 1,
-                  shuffle: bool = False) -> int:
-    """Encode and queue ``message``; return its size on the wire (0 if closed)."""
-    return write_parts(stream, wire.encode_parts(message, codec=codec, version=version, shuffle=shuffle))
 
 
 def now() -> float:
     """The clock the coordinator and drivers report in (``time.perf_counter``)."""
     return time.perf_counter()
+
+
+class Link:
+    """One connection: ``stream`` carries the bytes, ``conn`` keeps the protocol's rules."""
+
+    def __init__(self, stream: IOStream, conn: wire.Connection):
+        self.stream = stream
+        self.conn = conn
+
+    async def next(self) -> tuple[wire.Message, int]:
+        """The next message the caller must act on, and its size on the wire in bytes.
+
+        Raises :class:`~crowdgraph.errors.ProtocolError` for bad bytes or
+        order (:meth:`drain` the frame saying why, then close) and
+        :class:`tornado.iostream.StreamClosedError` when the peer closed.
+        """
+        while True:
+            chunk = await self.stream.read_bytes(min(self.conn.needed, CHUNK), partial=True)
+            try:
+                messages = self.conn.receive_data(chunk, now=now())
+            finally:
+                self.flush()
+            if messages:
+                return messages[0], self.conn.last_frame_bytes
+
+    def send(self, message: wire.Message) -> int:
+        """Send ``message`` with the agreed codec; return its size (0 once closed)."""
+        size = self.conn.send(message, now=now())
+        self.flush()
+        return size
+
+    def send_encoded(self, type_name: str, parts: list[Any], header: dict[str, Any] | None = None) -> int:
+        """Send a frame encoded elsewhere (``encode_parts`` buffers); return its size (0 once closed)."""
+        if self.conn.state == wire.CLOSED:
+            return 0
+        self.conn.sending(type_name, now=now(), header=header)
+        return frame_size(parts) if self._write(parts) else 0
+
+    def flush(self) -> Any:
+        """Write what the connection queued; return the last write's future (None if nothing)."""
+        parts = self.conn.data_to_send()
+        return self._write(parts) if parts else None
+
+    def _write(self, parts: list[Any]) -> Any:
+        last = None
+        try:
+            for part in parts:
+                last = self.stream.write(part)
+        except StreamClosedError:
+            return None
+        return last
+
+    async def drain(self, timeout: float = 2.0) -> None:
+        """Write what is queued and wait at most ``timeout`` seconds for it to leave (before a close)."""
+        written = self.flush()
+        if written is not None:
+            try:
+                await asyncio.wait_for(written, timeout)
+            except (StreamClosedError, asyncio.TimeoutError):
+                pass

@@ -29,7 +29,6 @@ import asyncio
 import gzip
 import mimetypes
 import os
-import struct
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,6 @@ _HEADERS = {
 _MIME = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
          ".html": "text/html; charset=utf-8", ".png": "image/png"}
 _COMPRESSIBLE = {".mjs", ".js", ".wasm", ".html"}
-_BODY_LENGTH = struct.Struct("<Q")
 
 mimetypes.add_type("text/javascript", ".mjs")
 mimetypes.add_type("application/wasm", ".wasm")
@@ -170,7 +168,7 @@ class WebSocketStream:
 
     # -- what the handler feeds in
     def feed(self, data: bytes) -> None:
-        if len(data) < wire.HEADER_SIZE or wire.HEADER_SIZE + _BODY_LENGTH.unpack_from(data, 8)[0] != len(data):
+        if len(data) < wire.HEADER_SIZE or wire.frame_length(data) != len(data):
             self.error = ProtocolError(f"a WebSocket message must hold exactly one frame ({len(data)} bytes "
                                        "do not)") if data[:4] == wire.MAGIC or len(data) < 4 else None
         self._incoming.append(bytes(data))
@@ -206,7 +204,7 @@ class WebSocketStream:
         self._out += data
         last: Any = None
         while len(self._out) >= wire.HEADER_SIZE:
-            size = wire.HEADER_SIZE + _BODY_LENGTH.unpack_from(self._out, 8)[0]
+            size = wire.frame_length(self._out)
             if len(self._out) < size:
                 break
             frame = bytes(self._out[:size])

@@ -53,7 +53,7 @@ from crowdgraph.runtime import current_rss, open_session, release_memory, run_se
 from crowdgraph.units import format_bytes, parse_bytes
 from crowdgraph.wire import Message
 
-from .common import Refused, client_ssl_context, join, parse_url, read_token
+from .common import client_ssl_context, parse_url, read_token
 
 __all__ = ["PartitionCache", "Agent", "main"]
 
@@ -279,7 +279,6 @@ class Agent:
         self.resident: tuple[str, str] | None = None  # (partition name, sha256)
         self.codec, self.version = "none", 1
         self.floor_rss = current_rss()
-        self.last_recv = self.last_sent = time.monotonic()
 
     def say(self, text: str) -> None:
         print(f"crowdgraph-worker: {text}", file=self.log, flush=True)
@@ -296,7 +295,7 @@ class Agent:
                 if not self.reconnect:
                     return EXIT_OK
                 self.say("the coordinator said goodbye; reconnecting")
-            except Refused as exc:
+            except wire.Refused as exc:
                 self.say(f"the coordinator refused this worker: {exc}")
                 return EXIT_REFUSED
             except AuthenticationError as exc:
@@ -325,21 +324,32 @@ class Agent:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        conn = wire.Connection(wire.WORKER, token=self.token, now=time.monotonic(),
+                               max_frame_bytes=self.max_frame_bytes)
+        inbox: list[Message] = []
+
+        async def next_message() -> Message:
+            """The next message to act on; what the connection answers itself is written at once."""
+            while not inbox:
+                data = await reader.read(CHUNK)
+                if not data:
+                    raise _Lost("the coordinator closed the connection")
+                try:
+                    inbox.extend(conn.receive_data(data, now=time.monotonic()))
+                finally:
+                    writer.writelines(conn.data_to_send())
+            return inbox.pop(0)
+
         try:
-            decoder = wire.FrameDecoder(self.max_frame_bytes)
-            inbox: list[Message] = []
-
-            async def next_message() -> Message:
-                while not inbox:
-                    data = await reader.read(CHUNK)
-                    if not data:
-                        raise _Lost("the coordinator closed the connection")
-                    self.last_recv = time.monotonic()
-                    inbox.extend(decoder.feed(data))
-                return inbox.pop(0)
-
-            heartbeat = await asyncio.wait_for(self._handshake(writer, next_message), wire.HANDSHAKE_TIMEOUT)
-            await self._serve(writer, next_message, heartbeat)
+            conn.hello({"name": self.name, "memory_budget": self.memory, "cores": self.threads,
+                        "platform": _platform(), "cached": self.cache.digests(), "rss": self.floor_rss},
+                       now=time.monotonic())
+            writer.writelines(conn.data_to_send())
+            await asyncio.wait_for(next_message(), conn.handshake_deadline - time.monotonic())  # WELCOME
+            self.codec, self.version = conn.codec, conn.version
+            self.say(f"joined {self.url} as {conn.peer_id} ({self.name}, budget {format_bytes(self.memory)}, "
+                     f"codec {conn.codec}, heartbeat {conn.heartbeat:g} s)")
+            await self._serve(conn, writer, next_message)
             return True
         finally:
             writer.close()
@@ -348,73 +358,39 @@ class Agent:
             except Exception:
                 pass
 
-    async def _handshake(self, writer: asyncio.StreamWriter, next_message: Any) -> float:
-        hello = {"versions": list(wire.SUPPORTED_VERSIONS), "name": self.name, "memory_budget": self.memory,
-                 "cores": self.threads, "platform": _platform(), "codecs": list(wire.CODECS),
-                 "cached": self.cache.digests(), "rss": self.floor_rss}
-
-        async def send(data: bytes) -> None:
-            writer.write(data)
-            await writer.drain()
-
-        welcome, version, codec = await join(send, next_message, self.token, hello, self.url)
-        self.codec, self.version = codec, version
-        self.worker_id = welcome["worker_id"]
-        heartbeat = float(welcome["heartbeat"])
-        self.say(f"joined {self.url} as {self.worker_id} ({self.name}, budget {format_bytes(self.memory)}, "
-                 f"codec {codec}, heartbeat {heartbeat:g} s)")
-        return heartbeat
-
-    async def _serve(self, writer: asyncio.StreamWriter, next_message: Any, heartbeat: float) -> None:
+    async def _serve(self, conn: wire.Connection, writer: asyncio.StreamWriter, next_message: Any) -> None:
         loop = asyncio.get_running_loop()
-        outbox: asyncio.Queue[list[Any]] = asyncio.Queue()
         actions: asyncio.Queue[Message] = asyncio.Queue()
         pool = ThreadPoolExecutor(1, thread_name_prefix="crowdgraph-worker-compute")
-        self.last_recv = self.last_sent = time.monotonic()
-
-        async def send_loop() -> None:
-            while True:
-                parts = await outbox.get()
-                writer.writelines(parts)
-                await writer.drain()
-                self.last_sent = time.monotonic()
+        assert conn.heartbeat is not None
+        heartbeat = conn.heartbeat
 
         async def read_loop() -> None:
             while True:
                 message = await next_message()
-                kind = message.type
-                if kind == wire.PING:
-                    outbox.put_nowait([wire.encode(Message(wire.PONG, {"seq": message.header["seq"]}),
-                                                   version=self.version)])
-                elif kind == wire.PONG:
-                    pass
-                elif kind == wire.BYE:
+                if message.type == wire.BYE:
                     raise _Bye(message.header.get("reason", ""))
-                elif kind in (wire.LOAD, wire.UNLOAD, wire.RUN):
-                    actions.put_nowait(message)
-                else:
-                    raise ProtocolError(f"a coordinator may not send {kind} after the handshake")
+                actions.put_nowait(message)
 
         async def compute_loop() -> None:
             while True:
                 message = await actions.get()
-                parts = await loop.run_in_executor(pool, self.handle, message)
+                kind, parts = await loop.run_in_executor(pool, self.handle, message)
                 del message
-                outbox.put_nowait(parts)
+                conn.sending(kind, now=time.monotonic())
+                writer.writelines(parts)
+                await writer.drain()
 
         async def heartbeat_loop() -> None:
-            seq = 0
             while True:
                 await asyncio.sleep(heartbeat / 4)
-                t = time.monotonic()
-                if t - self.last_recv > wire.HEARTBEAT_MISSES * heartbeat:
-                    raise _Lost(f"no frame from the coordinator for {t - self.last_recv:.1f} s")
-                if t - self.last_sent >= heartbeat and outbox.empty():
-                    seq += 1
-                    self.last_sent = t
-                    outbox.put_nowait([wire.encode(Message(wire.PING, {"seq": seq}), version=self.version)])
+                reason = conn.expired(time.monotonic())
+                if reason is not None:
+                    raise _Lost(reason)
+                if conn.ping(time.monotonic()):
+                    writer.writelines(conn.data_to_send())
 
-        tasks = [asyncio.ensure_future(c) for c in (send_loop(), read_loop(), compute_loop(), heartbeat_loop())]
+        tasks = [asyncio.ensure_future(c) for c in (read_loop(), compute_loop(), heartbeat_loop())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -432,8 +408,8 @@ class Agent:
 
     # -- the work (compute thread) -------------------------------------------
 
-    def handle(self, message: Message) -> list[Any]:
-        """Carry out LOAD, UNLOAD or RUN; return the encoded answer."""
+    def handle(self, message: Message) -> tuple[str, list[Any]]:
+        """Carry out LOAD, UNLOAD or RUN; return the answer's type and its encoded frame."""
         h = message.header
         try:
             if message.type == wire.LOAD:
@@ -443,11 +419,12 @@ class Agent:
                 answer = Message(wire.UNLOADED, {"partition": h["partition"], "rss": current_rss()})
             else:
                 answer = self._run(message)
-            return wire.encode_parts(answer, codec=self.codec, version=self.version, shuffle=True)
+            return answer.type, wire.encode_parts(answer, codec=self.codec, version=self.version)
         except Exception as exc:  # reported to the coordinator, the connection stays usable
             where = {"task": h["task"]} if message.type == wire.RUN else {"load": h.get("partition", "?")}
             text = f"{type(exc).__name__}: {exc}"
-            return wire.encode_parts(Message(wire.FAILED, {**where, "error": text[:4000]}), version=self.version)
+            return wire.FAILED, wire.encode_parts(Message(wire.FAILED, {**where, "error": text[:4000]}),
+                                                  version=self.version)
 
     def _load(self, message: Message) -> Message:
         h = message.header

@@ -255,7 +255,7 @@ def test_a_worker_that_reconnects_joins_as_a_new_worker_with_its_cache(tmp_path,
             got = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
             assert_matches(got, oracle(model, feeds))
             (old,) = list(ex.coordinator.workers)
-            ex.coordinator.call(lambda: ex.coordinator.workers[old].stream.close())  # the link drops
+            ex.coordinator.call(lambda: ex.coordinator.workers[old].link.stream.close())  # the link drops
             tcp_helpers.wait_until(lambda: set(ex.coordinator.workers) - {old}, 30, "the worker to come back")
             (new,) = list(ex.coordinator.workers)
             assert new != old

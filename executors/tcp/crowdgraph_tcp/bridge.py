@@ -1,0 +1,255 @@
+"""The driver's side of LOAD / UNLOAD / RUN, sans-io: shared by both TCP executors.
+
+:class:`~crowdgraph_tcp.TcpExecutor` (a coordinator in this process) and
+:class:`~crowdgraph_tcp.client.RemoteExecutor` (a driver connection to
+``crowdgraph serve``) differ only in how a frame reaches a worker.  What
+they share lives here, free of sockets and threads: the crowd snapshot a
+run starts from, the frames each scheduler action becomes, matching a
+worker's answer to the action it answers, and turning the answer into
+:class:`~crowdgraph.executor.Reporter` notices (worker clocks mapped to
+this side's clock included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
+
+import numpy as np
+
+from crowdgraph import wire
+from crowdgraph.executor import Job, Reporter
+from crowdgraph.partition import Partition
+from crowdgraph.schedule import TaskKey, WorkerInfo
+from crowdgraph.wire import Message
+
+from .common import LOG
+
+__all__ = ["Action", "PendingRun", "PendingLoad", "PendingUnload", "Holding", "DriverBridge", "take_answer"]
+
+#: Encodes a message for the worker it goes to (codec and version agreed with it).
+Encode = Callable[[Message], list[Any]]
+
+
+@dataclass
+class PendingRun:
+    """A RUN's answer goes to ``reporter`` as task ``key``, which sent ``bytes_in`` raw bytes."""
+
+    reporter: Reporter
+    key: TaskKey
+    bytes_in: int
+
+
+@dataclass
+class PendingLoad:
+    """A LOAD's answer goes to ``reporter``; ``partition`` is at hand to resend its bytes."""
+
+    reporter: Reporter
+    partition: Partition
+
+
+@dataclass
+class PendingUnload:
+    """An UNLOAD's answer goes to ``reporter``; None: the executor's own clean-up, not reported."""
+
+    reporter: Reporter | None
+
+
+@dataclass(eq=False)
+class Action:
+    """One LOAD, UNLOAD or RUN on its way to a worker, and what its answer is for.
+
+    ``parts`` is the encoded frame, or None and ``message`` is encoded when
+    it is sent.  ``purpose`` comes back with the answer (a ``Pending*``
+    record, or the driver connection the relay answers); ``owner`` is who
+    may release a cache-miss hold (the executor, or a driver connection).
+    """
+
+    kind: Literal["LOAD", "UNLOAD", "RUN"]  # the wire message type
+    partition: str
+    purpose: Any = None
+    parts: list[Any] | None = None
+    message: Message | None = None
+    sha256: str | None = None
+    from_cache: bool = False
+    key: tuple[str, int] | None = None
+    owner: Any = None
+    size: int = 0
+    sent: float = 0.0
+
+
+def take_answer(outstanding: list[Action], message: Message) -> Action | None:
+    """Remove from ``outstanding`` and return the action ``message`` answers, or None.
+
+    A worker answers its actions of one kind in order, so the first match
+    is the one: RESULT and a task's FAILED answer the RUN of that task,
+    LOADED and a load's FAILED the LOAD of that partition, UNLOADED the
+    UNLOAD.
+
+    >>> run = Action(wire.RUN, "p0", key=("p0", 1))
+    >>> pending = [Action(wire.LOAD, "p0"), run]
+    >>> take_answer(pending, Message(wire.FAILED, {"task": ["p0", 1], "error": "x"})) is run, len(pending)
+    (True, 1)
+    """
+    h, kind = message.header, message.type
+    if kind == wire.RESULT or (kind == wire.FAILED and "task" in h):
+        key = (h["task"][0], h["task"][1])
+        matches: Callable[[Action], bool] = lambda a: a.kind == wire.RUN and a.key == key
+    elif kind == wire.LOADED or kind == wire.FAILED:
+        name = h.get("partition", h.get("load"))
+        matches = lambda a: a.kind == wire.LOAD and a.partition == name
+    else:
+        matches = lambda a: a.kind == wire.UNLOAD and a.partition == h["partition"]
+    for i, action in enumerate(outstanding):
+        if matches(action):
+            return outstanding.pop(i)
+    return None
+
+
+class Holding(NamedTuple):
+    """What the driver side knows of a worker: its budget, cache and resident partition (sha256s)."""
+
+    id: str
+    memory: int
+    cached: Iterable[str]
+    resident: str | None
+
+
+class DriverBridge:
+    """Scheduler actions -> frames, worker answers -> reporter notices (no I/O).
+
+    Parameters
+    ----------
+    address_workers
+        Frames name the worker they are for (``worker`` in the header), as a
+        driver's frames to a standing coordinator must.
+    """
+
+    def __init__(self, *, address_workers: bool = False):
+        self.address_workers = address_workers
+        #: The reporter of the current run (None before the first).
+        self.reporter: Reporter | None = None
+        #: sha256 -> partition name, for the current run's plan.
+        self.by_sha: dict[str, str] = {}
+        self._offsets: dict[str, float] = {}
+
+    # -- runs ---------------------------------------------------------------
+
+    def start(self, job: Job, reporter: Reporter,
+              crowd: Iterable[Holding]) -> tuple[list[WorkerInfo], list[tuple[str, Action]]]:
+        """Begin a run: the crowd as the scheduler sees it, and the (worker, UNLOAD)s to send first.
+
+        A worker still holding a partition of another plan has that memory
+        freed (its UNLOAD is not reported).
+        """
+        self.reporter, self.by_sha = reporter, {p.sha256: name for name, p in job.partitions.items()}
+        infos, unloads = [], []
+        for w in crowd:
+            resident = self.by_sha.get(w.resident) if w.resident else None
+            if w.resident and resident is None:
+                unloads.append((w.id, self.unload(w.id, "resident", None)))
+            infos.append(self.info(w, resident))
+        return infos, unloads
+
+    def reset(self, crowd: Iterable[Holding]) -> list[tuple[str, Action]]:
+        """(worker, UNLOAD)s, not reported, of whatever the workers hold, between runs."""
+        return [(w.id, self.unload(w.id, self.by_sha.get(w.resident, "resident"), None))
+                for w in crowd if w.resident]
+
+    def info(self, w: Holding, resident: str | None = None) -> WorkerInfo:
+        """``w`` as the scheduler sees it: its cache in the current plan's partition names."""
+        cached = frozenset(self.by_sha[s] for s in w.cached if s in self.by_sha)
+        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, resident=resident)
+
+    def lost(self, worker: str) -> None:
+        """Forget what was measured of ``worker``."""
+        self._offsets.pop(worker, None)
+
+    # -- actions -> frames --------------------------------------------------
+
+    def _header(self, worker: str, header: dict[str, Any]) -> dict[str, Any]:
+        return dict(header, worker=worker) if self.address_workers else header
+
+    def load(self, worker: str, partition: Partition, *, from_cache: bool) -> Action | None:
+        """A LOAD of ``partition`` (from the worker's cache, or with its bytes); None before a run."""
+        if self.reporter is None:
+            return None
+        return self._load(worker, PendingLoad(self.reporter, partition), from_cache)
+
+    def _load(self, worker: str, pending: PendingLoad, from_cache: bool) -> Action:
+        part = pending.partition
+        header = self._header(worker, {"partition": part.name, "sha256": part.sha256, "from_cache": from_cache})
+        blobs = {} if from_cache else {"model": part.model_bytes}
+        return Action(wire.LOAD, part.name, purpose=pending, message=Message(wire.LOAD, header, blobs=blobs),
+                      sha256=part.sha256, from_cache=from_cache)
+
+    def unload(self, worker: str, partition: str, reporter: Reporter | None) -> Action:
+        """An UNLOAD of ``partition``; its answer goes to ``reporter`` (None: not reported)."""
+        return Action(wire.UNLOAD, partition, purpose=PendingUnload(reporter),
+                      message=Message(wire.UNLOAD, self._header(worker, {"partition": partition})))
+
+    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any],
+            encode: Encode) -> Action | None:
+        """A RUN of task ``key``, encoded right here (the caller's thread) with ``encode``.
+
+        Returns None before a run, or when the inputs cannot be sent (the
+        task is then reported failed).
+        """
+        reporter = self.reporter
+        if reporter is None:
+            return None
+        key = (str(key[0]), int(key[1]))
+        try:
+            arrays = {name: np.asarray(value) for name, value in inputs.items()}
+            parts = encode(Message(wire.RUN, self._header(worker, {"task": list(key),
+                                                                   "outputs": list(partition.outputs)}),
+                                   tensors=arrays))
+        except (TypeError, ValueError) as exc:
+            reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
+            return None
+        return Action(wire.RUN, partition.name, purpose=PendingRun(reporter, key, sum(a.nbytes for a in arrays.values())),
+                      parts=parts, key=key)
+
+    # -- answers -> notices -------------------------------------------------
+
+    def answered(self, worker: str, action: Action, message: Message, size: int, received: float) -> Action | None:
+        """Report ``worker``'s answer to ``action``, which arrived at ``received`` as ``size`` bytes.
+
+        Returns the LOAD to send next when a load from the worker's cache
+        missed (the partition's bytes then go instead), else None.
+        """
+        pending, h, kind = action.purpose, message.header, message.type
+        if isinstance(pending, PendingRun):
+            if kind == wire.RESULT:
+                start, end = self._map_clock(worker, h["start"], h["end"], received)
+                start = max(start, action.sent)
+                pending.reporter.task_finished(
+                    worker, pending.key, message.tensors, start=start, end=max(end, start),
+                    bytes_in=pending.bytes_in, bytes_out=sum(v.nbytes for v in message.tensors.values()),
+                    wire_in=action.size, wire_out=size, peak_rss=h["peak_rss"], rss=h["rss"])
+            else:
+                pending.reporter.task_failed(worker, pending.key, h.get("error", "failed"))
+        elif isinstance(pending, PendingLoad):
+            if kind == wire.LOADED:
+                pending.reporter.loaded(worker, action.partition, start=max(action.sent, received - h["seconds"]),
+                                        end=received, bytes_sent=0 if action.from_cache else action.size,
+                                        from_cache=action.from_cache, rss=h["rss"])
+            elif action.from_cache:
+                LOG.info("worker %s no longer caches %s (%s); sending its bytes", worker, action.partition,
+                         h.get("error"))
+                return self._load(worker, pending, from_cache=False)
+            else:
+                pending.reporter.load_failed(worker, action.partition, h.get("error", "failed"))
+        elif isinstance(pending, PendingUnload) and pending.reporter is not None and kind == wire.UNLOADED:
+            pending.reporter.unloaded(worker, action.partition, rss=h["rss"])
+        return None
+
+    def _map_clock(self, worker: str, start: float, end: float, received: float) -> tuple[float, float]:
+        """Worker clock -> this side's clock, from the smallest ``received - end`` seen of ``worker``.
+
+        That smallest difference is the offset plus the shortest trip an
+        answer took, so times map late by at most that trip, never early.
+        """
+        offset = min(self._offsets.get(worker, received - end), received - end)
+        self._offsets[worker] = offset
+        return start + offset, min(received, end + offset)
