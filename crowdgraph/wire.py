@@ -1,11 +1,12 @@
-"""The crowdgraph wire format: frames, messages and the handshake, sans-io.
+"""The crowdgraph wire format and protocol: frames, messages and the connection rules, sans-io.
 
 This is the one file where the bytes exchanged between a coordinator and its
 workers are defined.  It holds no sockets, no asyncio and no threads: bytes go
 in, :class:`Message` objects come out, and the other way round.  The TCP
 transport and the WebSocket endpoint both use it; a Kotlin or JavaScript
 client is written from ``docs/protocol.md``, which specifies the same format
-byte by byte.
+byte by byte.  The protocol's rules (handshake order, who may send what,
+frame limits, heartbeat deadlines) live here too, in :class:`Connection`.
 
 A frame is::
 
@@ -75,7 +76,10 @@ __all__ = [
     "LOAD", "LOADED", "UNLOAD", "UNLOADED", "RUN", "RESULT", "FAILED",
     "CROWD", "JOINED", "LOST", "ROLES",
     "MESSAGE_TYPES", "Message", "encode", "encode_parts", "decode", "FrameDecoder",
-    "make_nonce", "sign", "verify", "negotiate",
+    "make_nonce", "sign", "verify", "negotiate", "frame_length",
+    "COORDINATOR", "WORKER", "DRIVER", "Connection", "Refused",
+    "SEND_HELLO", "AWAIT_CHALLENGE", "AWAIT_WELCOME", "AWAIT_HELLO", "AWAIT_AUTH", "AUTHENTICATED",
+    "OPEN", "CLOSED", "ERROR",
 ]
 
 # --------------------------------------------------------------------------
@@ -1010,7 +1014,10 @@ def _catalogue_problem(type_name: str, header: dict[str, Any], tensors: Iterable
 # Handshake helpers.
 # --------------------------------------------------------------------------
 
-_ROLES = ("worker", "coordinator")
+# The two sides an HMAC is made for (``role=`` of sign and verify): the side
+# that connects signs as "worker", whether it is a worker or a driver (its
+# role in HELLO, ROLES), and the coordinator as "coordinator".
+_SIGNING_SIDES = ("worker", "coordinator")
 
 
 def make_nonce() -> bytes:
@@ -1019,7 +1026,7 @@ def make_nonce() -> bytes:
 
 
 def _auth_message(nonce: bytes, role: str) -> bytes:
-    if role not in _ROLES:
+    if role not in _SIGNING_SIDES:
         raise ValueError(f"role must be 'worker' or 'coordinator', got {role!r}")
     if not isinstance(nonce, (bytes, bytearray)) or len(nonce) < 16:
         raise ValueError("nonce must be at least 16 random bytes (make_nonce() gives 32)")
@@ -1480,11 +1487,11 @@ class Connection:
 
     def _fail(self, exc: ProtocolError) -> None:
         """Move to ERROR, queueing the frame that tells the peer why (if this side may send one)."""
+        if isinstance(exc, Refused):  # a refusal is an orderly close, not a broken rule
+            self.state = CLOSED
+            return
         if self.state in (CLOSED, ERROR):
             self.state = ERROR
-            return
-        if isinstance(exc, Refused):
-            self.state = CLOSED
             return
         if self.role == COORDINATOR and self.state != OPEN:
             self._queue(Message(REFUSE, {"reason": str(exc)}), self.last_sent)

@@ -800,6 +800,224 @@ def test_full_handshake_through_the_codec():
     assert issubclass(AuthenticationError, ProtocolError)
 
 
+# ------------------------------------------------- the connection state machine
+
+TOKEN = b"shared-token"
+SHA = "ab" * 32
+HELLO_FIELDS = {"name": "pi-4", "memory_budget": 64 * 2**20, "cores": 4, "platform": "linux-aarch64",
+                "cached": []}
+#: One valid message of every type, as the side named first would send it.
+SAMPLES = {
+    wire.LOAD: Message(wire.LOAD, {"partition": "p0", "sha256": SHA, "from_cache": True}),
+    wire.UNLOAD: Message(wire.UNLOAD, {"partition": "p0"}),
+    wire.RUN: Message(wire.RUN, {"task": ["p0", 0], "outputs": ["y"]}),
+    wire.LOADED: Message(wire.LOADED, {"partition": "p0", "sha256": SHA, "seconds": 0.5, "rss": 1}),
+    wire.UNLOADED: Message(wire.UNLOADED, {"partition": "p0", "rss": 1}),
+    wire.RESULT: Message(wire.RESULT, {"task": ["p0", 0], "start": 0.0, "end": 1.0, "peak_rss": 1, "rss": 1},
+                         tensors={"y": np.ones(3, np.float32)}),
+    wire.FAILED: Message(wire.FAILED, {"task": ["p0", 0], "error": "boom"}),
+    wire.CROWD: Message(wire.CROWD, {}),
+    wire.JOINED: Message(wire.JOINED, {"worker": {"id": "w1", "name": "pi", "memory_budget": 1, "cores": 1,
+                                                  "platform": "p", "cached": [], "resident": None}}),
+    wire.LOST: Message(wire.LOST, {"worker": "w1", "reason": "gone"}),
+    wire.PING: Message(wire.PING, {"seq": 1}),
+    wire.PONG: Message(wire.PONG, {"seq": 1}),
+    wire.HELLO: Message(wire.HELLO, dict(HELLO_FIELDS, versions=[1], codecs=["none"])),
+    wire.CHALLENGE: Message(wire.CHALLENGE, {"nonce": "00" * 32, "version": 1, "codec": "none"}),
+    wire.AUTH: Message(wire.AUTH, {"signature": "00" * 32, "nonce": "11" * 32}),
+    wire.WELCOME: Message(wire.WELCOME, {"worker_id": "w1", "signature": "00" * 32, "heartbeat": 5.0}),
+    wire.REFUSE: Message(wire.REFUSE, {"reason": "no"}),
+}
+
+
+def pump(src: wire.Connection, dst: wire.Connection, now: float = 0.0) -> list[Message]:
+    """Move what ``src`` queued into ``dst``; return what ``dst`` hands its caller."""
+    return dst.receive_data(b"".join(bytes(p) for p in src.data_to_send()), now=now)
+
+
+def joined_pair(role: str = wire.WORKER, *, token: bytes = TOKEN, heartbeat: float = 5.0,
+                **coordinator: object) -> tuple[wire.Connection, wire.Connection]:
+    """A coordinator and a worker (or driver) connection, through the handshake, in memory."""
+    c = wire.Connection(wire.COORDINATOR, token=TOKEN, now=0.0, heartbeat=heartbeat, **coordinator)
+    j = wire.Connection(role, token=token, now=0.0)
+    j.hello(dict(HELLO_FIELDS), now=0.0)
+    assert pump(j, c) == [] and pump(c, j) == []  # HELLO, CHALLENGE
+    (hello,) = pump(j, c)                         # AUTH: the token is proven
+    assert hello.type == wire.HELLO and hello.header["name"] == "pi-4" and c.state == wire.AUTHENTICATED
+    c.welcome("d1" if role == wire.DRIVER else "w1", now=0.0)
+    (welcome,) = pump(c, j)
+    assert welcome.type == wire.WELCOME
+    return c, j
+
+
+@pytest.mark.parametrize("role", [wire.WORKER, wire.DRIVER])
+def test_the_handshake_opens_both_sides_in_memory(role):
+    c, j = joined_pair(role)
+    assert c.state == j.state == wire.OPEN
+    assert c.peer_role == role and j.peer_id == ("d1" if role == wire.DRIVER else "w1")
+    assert (c.version, c.codec) == (j.version, j.codec) == (1, wire.CODECS[0])
+    assert j.heartbeat == 5.0
+
+
+def test_a_wrong_token_is_refused_and_the_joiner_hears_why():
+    c = wire.Connection(wire.COORDINATOR, token=TOKEN, now=0.0, heartbeat=5.0)
+    j = wire.Connection(wire.WORKER, token=b"a guess", now=0.0)
+    j.hello(dict(HELLO_FIELDS), now=0.0)
+    pump(j, c)
+    pump(c, j)
+    with pytest.raises(AuthenticationError, match="authentication failed"):
+        pump(j, c)
+    assert c.state == wire.ERROR
+    with pytest.raises(wire.Refused, match="authentication failed"):
+        pump(c, j)  # the REFUSE that was queued
+    assert j.state == wire.CLOSED
+
+
+def test_a_coordinator_that_cannot_prove_the_token_is_caught():
+    j = wire.Connection(wire.WORKER, token=TOKEN, now=0.0)
+    j.hello(dict(HELLO_FIELDS), now=0.0)
+    j.data_to_send()  # the HELLO, to an impostor that does not know the token
+    challenge = Message(wire.CHALLENGE, {"nonce": wire.make_nonce().hex(), "version": 1, "codec": "none"})
+    assert j.receive_data(encode(challenge), now=0.0) == []
+    j.data_to_send()  # the AUTH
+    forged = Message(wire.WELCOME, {"worker_id": "w1", "heartbeat": 5.0,
+                                    "signature": wire.sign(b"a guess", wire.make_nonce(), role="coordinator")})
+    with pytest.raises(AuthenticationError, match="did not prove"):
+        j.receive_data(encode(forged), now=0.0)
+    assert j.state == wire.ERROR and j.data_to_send() == []  # nothing more is said to an impostor
+
+
+@pytest.mark.parametrize("first", [wire.AUTH, wire.PING, wire.RESULT, wire.LOAD, wire.BYE])
+def test_the_first_frame_must_be_hello(first):
+    c = wire.Connection(wire.COORDINATOR, token=TOKEN, now=0.0, heartbeat=5.0)
+    message = SAMPLES.get(first, Message(wire.BYE, {}))
+    with pytest.raises(ProtocolError, match="first frame must be HELLO"):
+        c.receive_data(encode(message), now=0.0)
+    assert c.state == wire.ERROR
+    (refuse,) = FrameDecoder().feed(b"".join(bytes(p) for p in c.data_to_send()))
+    assert refuse.type == wire.REFUSE and "must be HELLO" in refuse.header["reason"]
+    assert c.receive_data(encode(SAMPLES[wire.HELLO]), now=0.0) == []  # ERROR: nothing more is read
+
+
+def test_the_coordinator_may_refuse_a_role_before_the_token():
+    c = wire.Connection(wire.COORDINATOR, token=TOKEN, now=0.0, heartbeat=5.0,
+                        admit=lambda hello: "no drivers here" if hello.get("role") == "driver" else None)
+    d = wire.Connection(wire.DRIVER, token=TOKEN, now=0.0)
+    d.hello(dict(HELLO_FIELDS), now=0.0)
+    with pytest.raises(ProtocolError, match="no drivers here"):
+        pump(d, c)
+    with pytest.raises(wire.Refused, match="no drivers here"):
+        pump(c, d)
+
+
+def test_a_challenge_must_pick_what_was_offered():
+    j = wire.Connection(wire.WORKER, token=TOKEN, now=0.0, codecs=["zlib", "none"])
+    j.hello(dict(HELLO_FIELDS), now=0.0)
+    j.data_to_send()
+    challenge = Message(wire.CHALLENGE, {"nonce": "00" * 32, "version": 1, "codec": "lz4"})
+    with pytest.raises(ProtocolError, match="not offered"):
+        j.receive_data(encode(challenge), now=0.0)
+
+
+def test_frames_before_welcome_are_held_to_the_handshake_limit():
+    c = wire.Connection(wire.COORDINATOR, token=TOKEN, now=0.0, heartbeat=5.0)
+    huge = struct.pack("<4sBBHQII", b"CRWD", 1, wire.MESSAGE_TYPES[wire.HELLO], 0,
+                       wire.HANDSHAKE_MAX_FRAME_BYTES, 2, 0)
+    with pytest.raises(ProtocolError, match="limit"):
+        c.receive_data(huge, now=0.0)
+    c, j = joined_pair()
+    big = Message(wire.RESULT, dict(SAMPLES[wire.RESULT].header), tensors={"y": np.zeros(2**19, np.float32)})
+    j.send(big, now=1.0)
+    (got,) = pump(j, c)  # 2 MiB: above the handshake limit, fine once open
+    assert got.tensors["y"].shape == (2**19,)
+
+
+# Who may send what once the connection is open (docs/protocol.md §6, §7.4).
+MAY_SEND = {
+    (wire.WORKER, wire.COORDINATOR): {wire.LOADED, wire.UNLOADED, wire.RESULT, wire.FAILED},
+    (wire.COORDINATOR, wire.WORKER): {wire.LOAD, wire.UNLOAD, wire.RUN},
+    (wire.DRIVER, wire.COORDINATOR): {wire.CROWD, wire.LOAD, wire.UNLOAD, wire.RUN},
+    (wire.COORDINATOR, wire.DRIVER): {wire.CROWD, wire.JOINED, wire.LOST, wire.LOADED, wire.UNLOADED,
+                                      wire.RESULT, wire.FAILED},
+}
+
+
+def _addressed(message: Message, role: str) -> Message:
+    header = dict(message.header, worker="w1") if role == wire.DRIVER and message.type in (
+        wire.LOAD, wire.UNLOAD, wire.RUN, wire.LOADED, wire.UNLOADED, wire.RESULT, wire.FAILED) else message.header
+    return Message(message.type, header, tensors=message.tensors, blobs=message.blobs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(role=st.sampled_from([wire.WORKER, wire.DRIVER]), coordinator_sends=st.booleans(),
+       kinds=st.lists(st.sampled_from(sorted(SAMPLES)), min_size=1, max_size=6))
+def test_open_connections_take_exactly_what_the_roles_allow(role, coordinator_sends, kinds):
+    """Invariant: a message is taken iff the catalogue lets that side send it; anything else ends the
+    connection in ERROR with a BYE saying why, and nothing is read after that."""
+    c, j = joined_pair(role)
+    sender, receiver = (c, j) if coordinator_sends else (j, c)
+    allowed = MAY_SEND[sender.role, receiver.role] | {wire.PING, wire.PONG}
+    for kind in kinds:
+        frame = encode(_addressed(SAMPLES[kind], role))
+        if receiver.state == wire.ERROR:
+            assert receiver.receive_data(frame, now=1.0) == []
+            continue
+        if kind in allowed:
+            got = receiver.receive_data(frame, now=1.0)
+            assert [m.type for m in got] == ([] if kind in (wire.PING, wire.PONG) else [kind])
+            answer = receiver.data_to_send()
+            assert bool(answer) == (kind == wire.PING)  # a PING is answered with PONG by the machine
+        else:
+            with pytest.raises(ProtocolError, match="may not send|must be|not " + kind):
+                receiver.receive_data(frame, now=1.0)
+            assert receiver.state == wire.ERROR
+            (bye,) = FrameDecoder().feed(b"".join(bytes(p) for p in receiver.data_to_send()))
+            assert bye.type == wire.BYE and "protocol error" in bye.header["reason"]
+        # The sender's own check agrees with the receiver's.
+        probe = joined_pair(role)[0 if coordinator_sends else 1]
+        if kind in allowed:
+            probe.send(_addressed(SAMPLES[kind], role), now=1.0)
+        else:
+            with pytest.raises(ProtocolError):
+                probe.send(_addressed(SAMPLES[kind], role), now=1.0)
+            assert probe.state == wire.ERROR
+
+
+def test_a_driver_must_name_the_worker_of_its_actions():
+    c, d = joined_pair(wire.DRIVER)
+    with pytest.raises(ProtocolError, match="name its worker"):
+        d.send(SAMPLES[wire.RUN], now=1.0)
+    with pytest.raises(ProtocolError, match="name its worker"):
+        c.receive_data(encode(SAMPLES[wire.RUN]), now=1.0)
+
+
+def test_heartbeat_deadlines_are_data():
+    c, j = joined_pair(heartbeat=2.0)
+    assert not j.ping(1.9) and j.ping(2.0)        # a heartbeat after the last frame sent
+    assert pump(j, c, now=2.1) == []              # PING is answered inside the machine ...
+    assert [m.type for m in FrameDecoder().feed(b"".join(bytes(p) for p in c.data_to_send()))] == [wire.PONG]
+    assert c.expired(2.1 + 3 * 2.0) is None       # ... and counts as a sign of life
+    assert "no frame for 6.1 s" in c.expired(8.2)
+    fresh = wire.Connection(wire.COORDINATOR, token=TOKEN, now=10.0, heartbeat=2.0, handshake_timeout=3.0)
+    assert fresh.expired(12.9) is None and "handshake" in fresh.expired(13.1)
+
+
+def test_bye_closes_and_later_sends_are_dropped():
+    c, j = joined_pair()
+    j.goodbye("done", now=1.0)
+    (bye,) = pump(j, c)
+    assert bye.type == wire.BYE and bye.header["reason"] == "done"
+    assert c.state == j.state == wire.CLOSED
+    assert c.send(SAMPLES[wire.RUN], now=2.0) == 0 and c.data_to_send() == []
+
+
+def test_a_coordinator_cannot_welcome_before_the_token_is_proven():
+    c = wire.Connection(wire.COORDINATOR, token=TOKEN, now=0.0, heartbeat=5.0)
+    with pytest.raises(ProtocolError, match="WELCOME answers a proven AUTH"):
+        c.welcome("w1", now=0.0)
+    assert c.state == wire.ERROR
+
+
 @pytest.mark.parametrize(("versions", "codecs", "ours", "expected"), [
     ([1], ["lz4", "zlib", "none"], ([1], ["lz4", "zlib", "none"]), (1, "lz4")),
     ([1, 2, 3], ["none", "zlib"], ([1, 2], ["lz4", "zlib", "none"]), (2, "zlib")),  # our preference

@@ -1,6 +1,9 @@
 // The crowdgraph worker page: joins the coordinator that served it over a WebSocket and speaks
 // docs/protocol.md (one frame per binary message).  Partitions run in compute.mjs (a Web Worker
 // with onnxruntime-web); this thread keeps the connection, the heartbeat and the page.
+// The protocol's rules live in the coordinator's wire.Connection, which closes this page's
+// connection on any frame out of order; the page itself checks only what keeps it safe: that
+// the coordinator proves the token before anything is loaded.
 import { decodeFrame, encodeFrame, frameType, sign, sha256, hex, unhex, sameText, capIrVersion,
          stringsRaw, DTYPE_CODE, HAS_INFLATE } from "/proto.mjs";
 
