@@ -1426,14 +1426,18 @@ class Connection:
         self._queue(Message(WELCOME, header), now)
         self._open()
 
-    def sending(self, type_name: str, *, now: float, header: dict[str, Any] | None = None) -> None:
+    def sending(self, type_name: str, *, now: float, header: dict[str, Any] | None = None) -> bool:
         """Check that this side may send a ``type_name`` frame now, and note it as sent.
 
         For frames encoded elsewhere (on another thread, or once for many
         peers) and written by the caller; :meth:`send` does this itself.
         ``header`` is the frame's header where the rules look into it (a
-        driver's frames name their worker).
+        driver's frames name their worker).  Returns False, noting nothing,
+        once the connection is CLOSED or ERROR: the frame crossed a BYE or
+        a broken rule and is dropped, not written.
         """
+        if self.state in (CLOSED, ERROR):
+            return False
         if self.state != OPEN:
             self._misuse(f"a {self.role} may not send {type_name} while the connection is {self.state}")
         problem = _traffic_problem(self.role, self.peer_role, type_name, header)
@@ -1442,17 +1446,17 @@ class Connection:
         if type_name == BYE:
             self.state = CLOSED
         self.last_sent = now
+        return True
 
     def send(self, message: Message, *, now: float, shuffle: bool = False) -> int:
         """Queue ``message`` with the agreed codec and version; return its size in bytes.
 
-        Returns 0, queueing nothing, once the connection is CLOSED (a BYE
-        crossed this message).  Raises :class:`ProtocolError` (and moves to
+        Returns 0, queueing nothing, once the connection is CLOSED or ERROR
+        (see :meth:`sending`).  Raises :class:`ProtocolError` (and moves to
         ERROR) when the rules do not allow this side to send it now.
         """
-        if self.state == CLOSED:
+        if not self.sending(message.type, now=now, header=message.header):
             return 0
-        self.sending(message.type, now=now, header=message.header)
         return self._queue(message, now, shuffle=shuffle)
 
     def goodbye(self, reason: str, *, now: float) -> None:

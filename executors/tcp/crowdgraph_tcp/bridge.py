@@ -221,10 +221,9 @@ class DriverBridge:
         pending, h, kind = action.purpose, message.header, message.type
         if isinstance(pending, PendingRun):
             if kind == wire.RESULT:
-                start, end = self._map_clock(worker, h["start"], h["end"], received)
-                start = max(start, action.sent)
+                start, end = self._map_clock(worker, h["start"], h["end"], action.sent, received)
                 pending.reporter.task_finished(
-                    worker, pending.key, message.tensors, start=start, end=max(end, start),
+                    worker, pending.key, message.tensors, start=start, end=end,
                     bytes_in=pending.bytes_in, bytes_out=sum(v.nbytes for v in message.tensors.values()),
                     wire_in=action.size, wire_out=size, peak_rss=h["peak_rss"], rss=h["rss"])
             else:
@@ -244,12 +243,15 @@ class DriverBridge:
             pending.reporter.unloaded(worker, action.partition, rss=h["rss"])
         return None
 
-    def _map_clock(self, worker: str, start: float, end: float, received: float) -> tuple[float, float]:
-        """Worker clock -> this side's clock, from the smallest ``received - end`` seen of ``worker``.
+    def _map_clock(self, worker: str, start: float, end: float, sent: float,
+                   received: float) -> tuple[float, float]:
+        """A task's worker-clock times on this side's clock, within ``sent <= start <= end <= received``.
 
-        That smallest difference is the offset plus the shortest trip an
-        answer took, so times map late by at most that trip, never early.
+        The offset is the smallest ``received - end`` seen of ``worker``: the
+        true offset plus the shortest trip an answer took, so times map late
+        by at most that trip, never early.
         """
         offset = min(self._offsets.get(worker, received - end), received - end)
         self._offsets[worker] = offset
-        return start + offset, min(received, end + offset)
+        end = max(sent, min(received, end + offset))
+        return min(end, max(sent, start + offset)), end

@@ -61,10 +61,9 @@ class Link:
 
     def send_encoded(self, type_name: str, parts: list[Any], header: dict[str, Any] | None = None) -> int:
         """Send a frame encoded elsewhere (``encode_parts`` buffers); return its size (0 once closed)."""
-        if self.conn.state == wire.CLOSED:
+        if not self.conn.sending(type_name, now=now(), header=header):
             return 0
-        self.conn.sending(type_name, now=now(), header=header)
-        return frame_size(parts) if self._write(parts) else 0
+        return frame_size(parts) if self._write(parts) is not None else 0
 
     def flush(self) -> Any:
         """Write what the connection queued; return the last write's future (None if nothing)."""

@@ -377,9 +377,9 @@ class Agent:
                 message = await actions.get()
                 kind, parts = await loop.run_in_executor(pool, self.handle, message)
                 del message
-                conn.sending(kind, now=time.monotonic())
-                writer.writelines(parts)
-                await writer.drain()
+                if conn.sending(kind, now=time.monotonic()):
+                    writer.writelines(parts)
+                    await writer.drain()
 
         async def heartbeat_loop() -> None:
             while True:

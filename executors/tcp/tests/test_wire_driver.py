@@ -1,12 +1,20 @@
-"""The wire messages and fields crowdgraph-tcp added for drivers (docs/protocol.md §7.4)."""
+"""The wire messages and fields crowdgraph-tcp added for drivers (docs/protocol.md §7.4), and the
+driver-side bridge that both TCP executors share (no sockets)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import crowdgraph
 from crowdgraph import wire
 from crowdgraph.errors import ProtocolError
+from crowdgraph.executor import Job, Reporter
 from crowdgraph.wire import Message, decode, encode
+from crowdgraph_tcp.bridge import DriverBridge, Holding, take_answer
+from tests import models
 
 RECORD = {"id": "w1", "name": "pi", "memory_budget": 64 * 2**20, "cores": 4, "platform": "linux-aarch64",
           "cached": ["ab" * 32], "resident": None, "rss": 80 * 2**20}
@@ -55,3 +63,104 @@ def test_the_new_codes_do_not_clash_and_are_documented():
     assert len(set(wire.MESSAGE_TYPES.values())) == len(wire.MESSAGE_TYPES)
     assert (wire.MESSAGE_TYPES[wire.CROWD], wire.MESSAGE_TYPES[wire.JOINED], wire.MESSAGE_TYPES[wire.LOST]) == (
         0x30, 0x31, 0x32)
+
+
+# ------------------------------------------------------- the driver-side bridge
+
+@pytest.fixture(scope="module")
+def two_partitions():
+    model, _ = models.chain(n_layers=2, width=8, batch=2)
+    compiled = crowdgraph.compile(model, partitions=2, input_shapes={"x": (2, 8)})
+    return {p.name: p for p in compiled.partitions}
+
+
+def started(partitions, crowd=(), *, address_workers=False):
+    bridge, reporter, notices = DriverBridge(address_workers=address_workers), Reporter(), []
+    reporter.add_listener(notices.append)
+    infos, unloads = bridge.start(Job(partitions), reporter, crowd)
+    return bridge, notices, infos, unloads
+
+
+def test_a_run_starts_from_the_crowd_and_frees_other_plans(two_partitions):
+    first = next(iter(two_partitions.values()))
+    crowd = [Holding("w1", 2**26, [first.sha256], first.sha256), Holding("w2", 2**26, [], "cd" * 32)]
+    bridge, _, infos, unloads = started(two_partitions, crowd)
+    assert [(i.id, i.cached, i.resident) for i in infos] == [
+        ("w1", frozenset({first.name}), first.name), ("w2", frozenset(), None)]
+    ((worker, unload),) = unloads  # w2 holds a partition of another plan
+    assert worker == "w2" and unload.kind == wire.UNLOAD and unload.purpose.reporter is None
+    assert [w for w, _ in bridge.reset(crowd)] == ["w1", "w2"]
+
+
+@pytest.mark.parametrize("address_workers", [False, True])
+def test_frames_name_their_worker_only_on_driver_connections(two_partitions, address_workers):
+    part = next(iter(two_partitions.values()))
+    bridge, *_ = started(two_partitions, address_workers=address_workers)
+    load = bridge.load("w1", part, from_cache=False)
+    assert load.message.blobs["model"] == part.model_bytes
+    assert ("worker" in load.message.header) == address_workers
+    run = bridge.run("w1", (part.name, 0), part, {"x": np.ones((2, 8), np.float32)},
+                     lambda m: [encode(m)])
+    assert (decode(run.parts[0]).header.get("worker") == "w1") == address_workers
+
+
+def test_a_cache_miss_resends_the_bytes_and_reports_nothing(two_partitions):
+    part = next(iter(two_partitions.values()))
+    bridge, notices, *_ = started(two_partitions)
+    load = bridge.load("w1", part, from_cache=True)
+    assert load.message.blobs == {}
+    resend = bridge.answered("w1", load, Message(wire.FAILED, {"load": part.name, "error": "not cached"}), 90, 1.0)
+    assert resend.kind == wire.LOAD and not resend.from_cache and resend.purpose is load.purpose
+    assert resend.message.blobs["model"] == part.model_bytes and notices == []
+    resend.sent = 1.0
+    assert bridge.answered("w1", resend, Message(wire.LOADED, {"partition": part.name, "sha256": part.sha256,
+                                                                 "seconds": 0.5, "rss": 7}), 90, 2.0) is None
+    (loaded,) = notices
+    assert loaded.kind == "loaded" and loaded.stats["start"] == 1.5 and loaded.stats["rss"] == 7
+
+
+def test_inputs_that_cannot_be_sent_fail_the_task(two_partitions):
+    part = next(iter(two_partitions.values()))
+    bridge, notices, *_ = started(two_partitions)
+    assert bridge.run("w1", (part.name, 0), part, {"x": np.ones(2, dtype=[("a", "i4")])}, lambda m: [encode(m)]) is None
+    (failed,) = notices
+    assert failed.kind == "failed" and "cannot send the inputs" in failed.error
+
+
+@settings(max_examples=80, deadline=None)
+@given(offset=st.floats(-1e4, 1e4), answers=st.lists(
+    st.tuples(st.floats(0, 10), st.floats(0, 5), st.floats(0, 2), st.floats(0, 1)), min_size=1, max_size=8))
+def test_worker_times_map_into_the_send_to_receive_window(two_partitions, offset, answers):
+    """Invariant: a task's mapped times lie between its RUN leaving and its RESULT arriving, in order,
+    and never before the true time (worker clock + the true offset), whatever the trips took."""
+    part = next(iter(two_partitions.values()))
+    bridge, notices, *_ = started(two_partitions)
+    t = 0.0
+    for i, (wait, compute, trip_out, trip_back) in enumerate(answers):
+        t += wait
+        sent = t
+        start_w = sent + trip_out - offset           # the worker's clock reads driver time - offset
+        end_w = start_w + compute
+        received = end_w + offset + trip_back
+        t = received
+        run = bridge.run("w1", (part.name, i), part, {}, lambda m: [b""])
+        run.sent = sent
+        bridge.answered("w1", run, Message(wire.RESULT, {"task": [part.name, i], "start": start_w, "end": end_w,
+                                                          "peak_rss": 1, "rss": 1}), 10, received)
+        stats = notices[-1].stats
+        assert sent <= stats["start"] <= stats["end"] <= received
+        assert stats["end"] >= end_w + offset - 1e-6 * (1 + abs(offset))
+
+
+def test_answers_match_their_actions_by_kind_and_key(two_partitions):
+    part = next(iter(two_partitions.values()))
+    bridge, *_ = started(two_partitions)
+    runs = [bridge.run("w1", (part.name, i), part, {}, lambda m: [b""]) for i in range(3)]
+    load, unload = bridge.load("w1", part, from_cache=True), bridge.unload("w1", part.name, None)
+    outstanding = [*runs, load, unload]
+    assert take_answer(outstanding, Message(wire.UNLOADED, {"partition": part.name, "rss": 1})) is unload
+    assert take_answer(outstanding, Message(wire.RESULT, {"task": [part.name, 1], "start": 0, "end": 0,
+                                                          "peak_rss": 0, "rss": 0})) is runs[1]
+    assert take_answer(outstanding, Message(wire.FAILED, {"load": part.name, "error": "x"})) is load
+    assert take_answer(outstanding, Message(wire.FAILED, {"load": "p9", "error": "x"})) is None
+    assert outstanding == [runs[0], runs[2]]
