@@ -1377,8 +1377,8 @@ class Connection:
     def _take_hello(self, header: dict[str, Any], now: float) -> None:
         self.hello_header = dict(header)
         self.peer_role = header.get("role", WORKER)
-        reason = self._admit(self.hello_header) if self._admit is not None else None
         version, codec = negotiate(header, self.versions, self.codecs)
+        reason = self._admit(self.hello_header) if self._admit is not None else None
         if reason is not None:
             raise ProtocolError(reason)
         self._nonce = make_nonce()
@@ -1463,12 +1463,11 @@ class Connection:
         """Queue BYE with ``reason`` (or REFUSE during a coordinator's handshake); the connection closes."""
         if self.state in (CLOSED, ERROR):
             return
-        kind = REFUSE if self.role == COORDINATOR and self.state != OPEN else BYE
-        if kind == BYE and self.state != OPEN:  # a joining side that gives up just closes
-            self.state = CLOSED
-            return
-        self._queue(Message(kind, {"reason": reason}), now)
-        self.state = CLOSED
+        if self.state == OPEN:
+            self._queue(Message(BYE, {"reason": reason}), now)
+        elif self.role == COORDINATOR:
+            self._queue(Message(REFUSE, {"reason": reason}), now)
+        self.state = CLOSED  # a joining side that gives up during the handshake just closes
 
     def data_to_send(self) -> list[bytes | memoryview]:
         """The buffers to write, in order, since the last call (empties the queue)."""

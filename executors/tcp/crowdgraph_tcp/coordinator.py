@@ -1,9 +1,11 @@
 """The coordinator: a tornado TCP server, on its own IOLoop thread, that workers join.
 
 One :class:`Coordinator` owns the listening socket and every connection.
-Per connection it runs the handshake of docs/protocol.md §7 (HELLO,
-CHALLENGE, AUTH, WELCOME or REFUSE), then reads frames and keeps the
-heartbeat.  What the frames *mean* for a run is left to a
+Each connection's rules (the handshake of docs/protocol.md §7, who may
+send what, the heartbeat deadlines) are kept by a
+:class:`crowdgraph.wire.Connection`; this module moves the bytes, names
+the peers and keeps each worker's actions in order.  What the frames
+*mean* for a run is left to a
 :class:`Listener`: the in-process :class:`~crowdgraph_tcp.TcpExecutor`
 turns them into reporter notices, the standing coordinator of
 ``crowdgraph serve`` relays them to drivers (:mod:`crowdgraph_tcp.relay`).

@@ -139,9 +139,9 @@ def test_worker_times_map_into_the_send_to_receive_window(two_partitions, offset
     for i, (wait, compute, trip_out, trip_back) in enumerate(answers):
         t += wait
         sent = t
+        received = sent + trip_out + compute + trip_back
         start_w = sent + trip_out - offset           # the worker's clock reads driver time - offset
         end_w = start_w + compute
-        received = end_w + offset + trip_back
         t = received
         run = bridge.run("w1", (part.name, i), part, {}, lambda m: [b""])
         run.sent = sent
