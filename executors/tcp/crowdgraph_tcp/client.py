@@ -200,6 +200,9 @@ class RemoteExecutor(Executor):
 
     def _dispatch(self, message: Message, size: int) -> None:
         h, kind = message.header, message.type
+        if kind not in (wire.BYE, wire.CROWD, wire.JOINED, wire.LOST):
+            self._answer(h["worker"], message, size)  # relayed; the connection checked that it names its worker
+            return
         if kind == wire.BYE:
             self._lost(f"it disconnected cleanly ({h.get('reason', '')})")
         elif kind == wire.CROWD:
@@ -219,8 +222,6 @@ class RemoteExecutor(Executor):
             self.bridge.lost(worker)
             if self.bridge.reporter is not None:
                 self.bridge.reporter.worker_lost(worker, h["reason"])
-        else:  # an answer, relayed (the connection checked that it names its worker)
-            self._answer(h["worker"], message, size)
         with self._changed:
             self._changed.notify_all()
 
@@ -231,7 +232,10 @@ class RemoteExecutor(Executor):
             return
         rec = self.crowd.get(worker)
         if rec is not None and action.kind == wire.LOAD and action.sha256:
-            (rec["cached"].add if message.type == wire.LOADED else rec["cached"].discard)(action.sha256)
+            if message.type == wire.LOADED:
+                rec["cached"].add(action.sha256)
+            elif action.from_cache:  # the worker's cache no longer holds it
+                rec["cached"].discard(action.sha256)
         resend = self.bridge.answered(worker, action, message, size, received)
         if resend is not None:  # the coordinator holds the rest until these bytes come
             self._send_action(worker, resend)
