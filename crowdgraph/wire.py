@@ -110,7 +110,7 @@ SECTION_HEADER_SIZE = _SECTION.size  # 28
 DEFAULT_MAX_FRAME_BYTES = 256 * 2**20
 #: Limit for frames before the handshake is done (HELLO, AUTH): an
 #: unauthenticated peer should not make the coordinator buffer 256 MiB.
-#: Set ``decoder.max_frame_bytes`` to it until WELCOME, then raise it.
+#: :class:`Connection` holds both sides to it until WELCOME, then raises it.
 HANDSHAKE_MAX_FRAME_BYTES = 2**20
 #: Highest tensor rank on the wire (numpy 1.x allows 32).
 MAX_NDIM = 32
@@ -786,8 +786,8 @@ class FrameDecoder:
     Notes
     -----
     ``max_frame_bytes`` is read for every frame header as it completes, so a
-    coordinator can start with :data:`HANDSHAKE_MAX_FRAME_BYTES` and raise
-    it when it sends WELCOME (before which a worker sends nothing large).
+    :class:`Connection` starts with :data:`HANDSHAKE_MAX_FRAME_BYTES` and raises
+    it once the handshake is done (before which nobody sends anything large).
 
     After :meth:`feed` raised :class:`ProtocolError` the decoder is unusable:
     the stream position is lost, and every further call raises again.  Close
