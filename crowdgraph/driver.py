@@ -27,7 +27,7 @@ from .errors import CrowdgraphError, ExecutionError
 from .executor import Executor, Job, Notice, Reporter
 from .report import LoadRecord, RunReport, TaskRecord
 from .schedule import (
-    Action, Load, LoadFinished, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
+    Action, Load, LoadFinished, Policy, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
     Unload, WorkerJoined, WorkerLost,
 )
 from .taskgraph import Mode, build_task_graph, data_consumers, data_producers
@@ -41,7 +41,7 @@ class Driver:
 
     def __init__(self, compiled: Any, microbatches: Sequence[Mapping[str, np.ndarray]], executor: Executor,
                  *, mode: Mode = "streaming", seed: int = 0, progress: bool = False,
-                 timeout: float | None = None):
+                 timeout: float | None = None, policy: Policy = "cost"):
         self.compiled = compiled
         self.microbatches = microbatches
         self.executor = executor
@@ -59,6 +59,7 @@ class Driver:
         }
         self.issued: dict[TaskKey, tuple[str, int]] = {}
         self.seed = seed
+        self.policy = policy
         self.progress = progress
         self.timeout = timeout
         self.scheduler: Scheduler | None = None
@@ -70,8 +71,11 @@ class Driver:
         workers = list(self.executor.start(Job(self.partitions, self.compiled.memory_budget), self.reporter))
         for w in workers:
             self.report.add_worker(w.id, w.memory, w.speed)
+        rows = _rows_scale(self.compiled, self.microbatches)
         self.scheduler = Scheduler(self.tasks, {p: part.resident_bytes for p, part in self.partitions.items()},
-                                   workers, seed=self.seed)
+                                   workers, seed=self.seed, policy=self.policy,
+                                   weight_bytes={p: part.weight_bytes for p, part in self.partitions.items()},
+                                   flops={p: part.flops * rows for p, part in self.partitions.items()})
         self.report.start = self.executor.now()
         bar = _progress_bar(len(self.tasks)) if self.progress else None
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -111,7 +115,9 @@ class Driver:
             assert notice.key is not None and worker is not None and notice.outputs is not None
             key = notice.key
             was_done = key in sched.finished
-            actions = sched.handle(TaskFinished(worker, key))
+            s = notice.stats
+            duration = s["end"] - s["start"] if "start" in s and "end" in s else None
+            actions = sched.handle(TaskFinished(worker, key, duration))
             if was_done or key not in sched.finished:
                 self.executor.forget(list(notice.outputs.values()))  # late duplicate
                 return actions
@@ -210,6 +216,20 @@ class Driver:
             result.append(self.executor.gather(handles))
             self.executor.forget(list(handles.values()))
         return result
+
+
+def _rows_scale(compiled: Any, microbatches: Sequence[Mapping[str, Any]]) -> float:
+    """Rows of the first micro-batch over the rows the plan was compiled at.
+
+    A partition's FLOPs are counted at the compiled shapes; the scheduler's
+    first estimate of a task's cost scales them to the rows that run.
+    """
+    batched = compiled.batched_inputs()
+    if not batched or not microbatches:
+        return 1.0
+    name = batched[0]
+    compiled_rows = max(1, compiled.input_shapes[name][0])
+    return np.shape(microbatches[0][name])[0] / compiled_rows
 
 
 def _progress_bar(total: int) -> Any:

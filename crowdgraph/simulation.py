@@ -25,7 +25,7 @@ import numpy as np
 from .errors import InputError
 from .executor import Executor, Job, Notice, Reporter
 from .partition import Partition
-from .schedule import TaskKey, WorkerInfo
+from .schedule import Policy, TaskKey, WorkerInfo
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class SimulatedExecutor(Executor):
 
 def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[str, Sequence[int]] | Sequence[int],
              *, microbatch: int | None = None, mode: str = "streaming", cost: CostModel | None = None,
-             losses: Mapping[str, float] | None = None, seed: int = 0) -> Any:
+             losses: Mapping[str, float] | None = None, seed: int = 0, policy: Policy = "cost") -> Any:
     """How long would ``crowd`` take?  Returns a :class:`~crowdgraph.report.RunReport` in virtual seconds.
 
     ``batch_shape`` is a mapping of input name to shape, or one shape for
@@ -181,10 +181,14 @@ def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[st
              ((s.name, s) for s in compiled.inputs)}
     batched = compiled.batched_inputs()
     microbatches = split_batch(batch, batched, microbatch)
-    compiled_rows = max(1, compiled.input_shapes[batched[0]][0]) if batched else 1
+    # The plan run() would use: cut again when a micro-batch is larger than
+    # the compiled shapes, so FLOPs and bytes are those of the real shapes.
+    plan = compiled.at_shapes({k: v.shape for k, v in microbatches[0].items()})
+    compiled_rows = max(1, plan.input_shapes[batched[0]][0]) if batched else 1
     scale = {i: (mb[batched[0]].shape[0] / compiled_rows if batched else 1.0) for i, mb in enumerate(microbatches)}
     executor = SimulatedExecutor(crowd, cost, scale=scale, losses=losses)
-    _, report = Driver(compiled, microbatches, executor, mode=mode, seed=seed).run()  # type: ignore[arg-type]
+    _, report = Driver(plan, microbatches, executor, mode=mode, seed=seed,  # type: ignore[arg-type]
+                       policy=policy).run()
     return report
 
 
