@@ -18,6 +18,7 @@ Only this loop touches the scheduler, so the scheduler needs no locks.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Mapping, Sequence
 
@@ -75,7 +76,8 @@ class Driver:
         self.scheduler = Scheduler(self.tasks, {p: part.resident_bytes for p, part in self.partitions.items()},
                                    workers, seed=self.seed, policy=self.policy,
                                    weight_bytes={p: part.weight_bytes for p, part in self.partitions.items()},
-                                   flops={p: part.flops * rows for p, part in self.partitions.items()})
+                                   flops={p: part.flops * rows for p, part in self.partitions.items()},
+                                   star_bandwidth=getattr(self.executor, "star_bandwidth", math.inf))
         self.report.start = self.executor.now()
         bar = _progress_bar(len(self.tasks)) if self.progress else None
         deadline = None if self.timeout is None else time.monotonic() + self.timeout

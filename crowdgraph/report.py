@@ -80,6 +80,10 @@ class RunReport:
     makespan:
         Seconds from the start of the run to its last event (virtual
         seconds for a simulation).
+    coordinator_link_busy:
+        Seconds the coordinator's link was busy (simulations), or None.
+    notes:
+        What bounded or disturbed the run, in words (printed last).
     """
 
     executor: str
@@ -92,6 +96,8 @@ class RunReport:
     replaced: list[tuple[str, int]] = field(default_factory=list)
     start: float = 0.0
     end: float = 0.0
+    coordinator_link_busy: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def makespan(self) -> float:
@@ -102,6 +108,14 @@ class RunReport:
     def tier_counts(self) -> dict[int, int]:
         """How many tasks ran at each affinity tier."""
         return dict(sorted(Counter(t.tier for t in self.tasks).items()))
+
+    @property
+    def holders(self) -> dict[str, list[str]]:
+        """Workers that ran each partition, in order of their first task of it."""
+        held: dict[str, dict[str, None]] = {}
+        for t in self.tasks:
+            held.setdefault(t.partition, {})[t.worker] = None
+        return {p: list(ws) for p, ws in held.items()}
 
     @property
     def weight_bytes_sent(self) -> int:
@@ -165,6 +179,7 @@ class RunReport:
             f"partition bytes sent {format_bytes(self.weight_bytes_sent)}"
             + (f"; {len(self.replaced)} tasks placed again after worker loss" if self.replaced else "")
         )
+        lines.extend(self.notes)
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

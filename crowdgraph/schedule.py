@@ -353,6 +353,7 @@ class _Worker:
     __slots__ = (
         "id", "info", "memory", "speed", "inv_speed", "rank", "cached_fit",
         "resident", "loads", "queue", "version", "epoch", "pos", "tree", "loading",
+        "stored", "sent",
     )
 
     def __init__(self, info: WorkerInfo, rank: int, need: Mapping[str, int]) -> None:
@@ -373,6 +374,9 @@ class _Worker:
         self.pos = -1  # slot in the idle trees
         self.tree: _MinTree | None = None  # idle tree this worker sits in
         self.loading = 0.0  # speed x seconds of its unconfirmed load, for the cost rule
+        # Partitions on its local storage: cached, or loaded in this run.
+        self.stored: set[str] = set(info.cached)
+        self.sent: deque[int] = deque()  # star bytes of each unconfirmed load
 
 
 class _MinTree:
@@ -453,6 +457,10 @@ class Scheduler:
     flops
         Floating-point operations of one task of each partition, the first
         estimate of its duration (default 0: learnt from ``TaskFinished``).
+    star_bandwidth
+        Bytes per second of the coordinator's link, when every weight
+        transfer crosses it (a star); loads then queue behind the weights
+        already on their way.  Default: no shared link.
 
     Raises
     ------
@@ -493,6 +501,7 @@ class Scheduler:
         policy: Policy = "cost",
         weight_bytes: Mapping[str, int] | None = None,
         flops: Mapping[str, float] | None = None,
+        star_bandwidth: float = math.inf,
     ) -> None:
         if policy not in POLICIES:
             raise PlanningError(
@@ -545,6 +554,8 @@ class Scheduler:
             p: float((flops or {}).get(p, 0)) / FLOPS_PER_SECOND for p in used
         }
         self._measured: dict[str, int] = {p: 0 for p in used}
+        self._star_bandwidth = float(star_bandwidth)
+        self._star_bytes = 0  # weights of unconfirmed loads crossing the star
 
         self._part = part
         self._prio = prio
@@ -698,6 +709,7 @@ class Scheduler:
             w = self._live.get(event.worker)
             if w is not None and w.loads and w.loads[0] == event.partition:
                 w.loads.popleft()
+                self._star_bytes -= w.sent.popleft()
                 if not w.loads and w.loading:  # its resident partition is loaded now
                     self._loading[w.resident] -= w.loading  # type: ignore[index]
                     w.loading = 0.0
@@ -758,6 +770,7 @@ class Scheduler:
         w.epoch = -1
         if w.resident is not None and self._holders.get(w.resident, {}).pop(wid, 0) is None:
             self._holder_left(w, w.resident)
+        self._star_bytes -= sum(w.sent)
         queued = list(w.queue)
         for key in queued:
             self._queued_n[self._part[key]] -= 1
@@ -1031,8 +1044,11 @@ class Scheduler:
     def _load_seconds(self, w: _Worker, p: str) -> float:
         """Expected seconds to make ``p`` resident on ``w`` (not holding it)."""
         wb = self._weights[p]
-        link = w.info.disk_bandwidth if p in w.info.cached else w.info.bandwidth
-        return wb / link + wb / DESERIALIZE_BYTES_PER_SECOND
+        if p in w.stored:
+            fetch = wb / w.info.disk_bandwidth
+        else:  # behind the weights already on their way through the star
+            fetch = max(wb / w.info.bandwidth, (self._star_bytes + wb) / self._star_bandwidth)
+        return fetch + wb / DESERIALIZE_BYTES_PER_SECOND
 
     def _sweep_tier1(self, actions: list[Action]) -> None:
         """Queue every ready task whose partition some worker holds."""
@@ -1144,11 +1160,16 @@ class Scheduler:
                 if self._holders.get(old, {}).pop(w.id, 0) is None:
                     self._holder_left(w, old)
             actions.append(Load(w.id, p))
+            loading = w.speed * self._load_seconds(w, p)
+            sent = 0 if p in w.stored else int(self._weights[p])
             w.loads.append(p)
+            w.sent.append(sent)
+            w.stored.add(p)
+            self._star_bytes += sent
             w.resident = self._resident[w.id] = p
             self._holders[p][w.id] = None
             # Until its load is confirmed, a new holder is about a load late.
-            w.loading = w.speed * self._load_seconds(w, p)
+            w.loading = loading
             self._holder_speed[p] += w.speed
             self._loading[p] += w.loading
             if self._ready_n[p]:

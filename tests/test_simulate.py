@@ -83,7 +83,7 @@ def test_a_measured_profile_overrides_flops(distilbert_plan):
     crowd = [Worker("a", memory="128MB")]
     profile = {p.name: 1.0 for p in distilbert_plan.partitions}
     fast_links = CostModel(profile=profile, bandwidth=1e15, latency=0.0, deserialize_bytes_per_second=1e15,
-                           disk_bytes_per_second=1e15)
+                           disk_bytes_per_second=1e15, coordinator_bandwidth=1e15)
     report = crowdgraph.simulate(distilbert_plan, crowd, (8, 128), microbatch=8, cost=fast_links)
     assert report.makespan == pytest.approx(len(distilbert_plan.partitions), rel=1e-6)
 
@@ -128,3 +128,41 @@ def _chain_plan(layers, rows):
         model, feeds = models.chain(n_layers=layers, width=32, batch=rows)
         _PLANS[key] = crowdgraph.compile(model, partitions=layers, sample=feeds)
     return _PLANS[key]
+
+
+def test_symbolic_shapes_are_costed_at_the_batch_shapes():
+    # Compiled without input_shapes, the sequence axis is bound to 1; the
+    # simulation must cost the 128-token batch it is given, as run() would.
+    model = zoo.distilbert("tiny")
+    loose = crowdgraph.compile(model, partitions=3)
+    exact = crowdgraph.compile(model, partitions=3, input_shapes={"input_ids": (1, 128)})
+    crowd = [Worker(f"w{n}", memory="1GB") for n in range(3)]
+    got = crowdgraph.simulate(loose, crowd, (8, 128), microbatch=1)
+    want = crowdgraph.simulate(exact, crowd, (8, 128), microbatch=1)
+    assert sum(p.flops for p in loose.partitions) < 0.1 * sum(p.flops for p in exact.partitions)
+    assert got.makespan == pytest.approx(want.makespan, rel=0.02)
+    assert sum(t.bytes_in for t in got.tasks) == sum(t.bytes_in for t in want.tasks)
+
+
+def test_the_report_names_the_coordinator_link_when_it_bounds_the_run(distilbert_plan):
+    crowd = [Worker(f"phone{n}", memory="128MB") for n in range(12)]
+    slow_star = CostModel(coordinator_bandwidth=2e6)
+    bound = crowdgraph.simulate(distilbert_plan, crowd, (16, 128), microbatch=1, cost=slow_star)
+    assert bound.coordinator_link_busy >= 0.9 * bound.makespan
+    assert any("coordinator link bounds this run" in n and "2.0 MB/s" in n for n in bound.notes)
+    assert bound.notes[-1] in str(bound)
+    free = crowdgraph.simulate(distilbert_plan, crowd, (16, 128), microbatch=1,
+                               cost=CostModel(coordinator_bandwidth=float("inf")))
+    assert free.notes == [] and free.makespan < bound.makespan
+
+
+def test_a_bigger_warm_crowd_is_a_faster_crowd(distilbert_plan):
+    names = frozenset(p.name for p in distilbert_plan.partitions)
+
+    def makespan(n, policy):
+        crowd = [Worker(f"w{k}", memory="128MB", cached=names) for k in range(n)]
+        return crowdgraph.simulate(distilbert_plan, crowd, (32, 128), microbatch=1, policy=policy).makespan
+
+    assert makespan(3, "cost") <= makespan(3, "pipeline")
+    assert makespan(12, "cost") <= makespan(12, "pipeline")
+    assert makespan(12, "cost") <= makespan(3, "cost") / 2.5  # 3x at 64 micro-batches: benchmarks/crowd.py
