@@ -77,7 +77,9 @@ class Driver:
                                    workers, seed=self.seed, policy=self.policy,
                                    weight_bytes={p: part.weight_bytes for p, part in self.partitions.items()},
                                    flops={p: part.flops * rows for p, part in self.partitions.items()},
-                                   star_bandwidth=getattr(self.executor, "star_bandwidth", math.inf))
+                                   star_bandwidth=getattr(self.executor, "star_bandwidth", math.inf),
+                                   tensor_bytes={p: (part.input_bytes + part.output_bytes) * rows
+                                                 for p, part in self.partitions.items()})
         self.report.start = self.executor.now()
         bar = _progress_bar(len(self.tasks)) if self.progress else None
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
