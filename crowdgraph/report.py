@@ -46,6 +46,19 @@ class LoadRecord:
 
 
 @dataclass
+class BackupRecord:
+    """A straggling task that got a second copy on another worker."""
+
+    partition: str
+    microbatch: int
+    straggler: str
+    backup: str
+    after: float  #: seconds the straggler had run it when the backup was placed
+    winner: str | None = None  #: whose result was used
+    dropped: str | None = None  #: whose later result was dropped (None: still running at the end)
+
+
+@dataclass
 class WorkerRecord:
     """Totals for one worker."""
 
@@ -84,6 +97,8 @@ class RunReport:
         Seconds the coordinator's link was busy (simulations), or None.
     notes:
         What bounded or disturbed the run, in words (printed last).
+    backups:
+        Straggling tasks that got a backup copy, and whose result won.
     """
 
     executor: str
@@ -98,6 +113,7 @@ class RunReport:
     end: float = 0.0
     coordinator_link_busy: float | None = None
     notes: list[str] = field(default_factory=list)
+    backups: list[BackupRecord] = field(default_factory=list)
 
     @property
     def makespan(self) -> float:
@@ -179,6 +195,10 @@ class RunReport:
             f"partition bytes sent {format_bytes(self.weight_bytes_sent)}"
             + (f"; {len(self.replaced)} tasks placed again after worker loss" if self.replaced else "")
         )
+        for b in self.backups:
+            lines.append(f"task ({b.partition}, {b.microbatch}) was slow on {b.straggler} after {b.after:.1f} s: "
+                         f"backed up on {b.backup}, result of {b.winner or 'neither'} used"
+                         + (f", {b.dropped}'s dropped" if b.dropped else ""))
         lines.extend(self.notes)
         return "\n".join(lines)
 

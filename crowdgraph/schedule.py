@@ -171,6 +171,7 @@ __all__ = [
     "LoadFinished",
     "TaskFinished",
     "ResultsLost",
+    "TaskOverdue",
     "Load",
     "Unload",
     "Run",
@@ -287,6 +288,20 @@ class TaskFinished:
 
 
 @dataclass(frozen=True)
+class TaskOverdue:
+    """The task ``worker`` runs has taken much longer than its estimate,
+    though the worker still answers (a slow phone, thermal throttling).
+
+    The driver sends it; the scheduler answers with a backup copy of the
+    task on an idle worker, if there is one.  Whichever copy finishes
+    first wins; the other's result is dropped.
+    """
+
+    worker: str
+    key: TaskKey
+
+
+@dataclass(frozen=True)
 class ResultsLost:
     """Finished results that are gone (they lived on a lost worker).
 
@@ -329,7 +344,7 @@ class Run:
     tier: int
 
 
-Event = Union[WorkerJoined, WorkerLost, LoadFinished, TaskFinished, ResultsLost]
+Event = Union[WorkerJoined, WorkerLost, LoadFinished, TaskFinished, ResultsLost, TaskOverdue]
 Action = Union[Load, Unload, Run]
 
 #: Placement policies; see "Policies" in the module docstring.
@@ -592,6 +607,7 @@ class Scheduler:
         self._state: dict[TaskKey, int] = {}
         self._missing: dict[TaskKey, int] = {}  # unfinished predecessors
         self._where: dict[TaskKey, str] = {}  # queued task -> worker
+        self._copies: dict[TaskKey, str] = {}  # queued task -> worker of its second copy
         self._produced_on: dict[TaskKey, str] = {}  # finished task -> worker
         self._unfinished: dict[str, int] = {p: 0 for p in used}
         self._ready_heap: dict[str, list[tuple[Any, TaskKey]]] = {p: [] for p in used}
@@ -679,6 +695,15 @@ class Scheduler:
         w = self._live.get(worker)
         return tuple(w.queue) if w is not None else ()
 
+    def estimate(self, partition: str) -> float:
+        """Expected seconds of one task of ``partition`` on a speed-1.0 worker."""
+        return self._estimate[partition]
+
+    @property
+    def copies(self) -> Mapping[TaskKey, str]:
+        """Tasks with a backup copy still queued, and the worker of that copy."""
+        return MappingProxyType(self._copies)
+
     @property
     def ready(self) -> tuple[TaskKey, ...]:
         """Ready tasks not yet placed, in priority order.
@@ -734,6 +759,8 @@ class Scheduler:
             self._on_worker_joined(event.worker)
         elif isinstance(event, ResultsLost):
             self._on_results_lost(event.keys)
+        elif isinstance(event, TaskOverdue):
+            return self._back_up(event.worker, event.key)
         else:
             raise TypeError(f"not a scheduler event: {event!r}")
         return self._place()
@@ -744,9 +771,18 @@ class Scheduler:
         w = self._live.get(wid)
         if w is None or key not in w.queue:
             return  # a late duplicate, or from a worker already given up
+        slower = self._copies.get(key) if self._where.get(key) == wid else self._where.get(key)
+        self._dequeue(w, key)
+        if self._state[key] == _FINISHED:
+            return  # the slower copy of a task with a backup: its result is dropped
         if duration is not None and math.isfinite(duration) and duration >= 0:
             self._learn(self._part[key], duration * w.speed)
-        self._dequeue(w, key)
+        if slower is not None and slower != wid:
+            # The straggler still runs its copy: what waits behind it runs elsewhere.
+            s = self._live[slower]
+            for behind in list(s.queue)[1:]:
+                self._dequeue(s, behind)
+                self._make_ready(behind)
         state, missing = self._state, self._missing
         state[key] = _FINISHED
         self._produced_on[key] = wid
@@ -755,6 +791,24 @@ class Scheduler:
             missing[s] -= 1
             if missing[s] == 0 and state[s] == _WAITING:
                 self._make_ready(s)
+
+    def _back_up(self, wid: str, key: TaskKey) -> list[Action]:
+        """A second copy of ``key``, running on ``wid``, on the best idle worker."""
+        w = self._live.get(wid)
+        if w is None or not w.queue or next(iter(w.queue)) != key or key in self._copies:
+            return []  # not running there (any more), or backed up already
+        p = self._part[key]
+        if self._idle_holders[p]:
+            backup, tier = self._best_idle_holder(p), 1
+        else:
+            tier, backup = self._best_idle(p)  # type: ignore[assignment]
+        if backup is None:
+            return []
+        actions: list[Action] = []
+        self._assign(key, backup, tier, actions)
+        self._where[key] = wid  # the first copy stays the task's home
+        self._copies[key] = backup.id
+        return actions
 
     def _learn(self, p: str, seconds: float) -> None:
         """Fold one measured duration (at speed 1.0) into ``p``'s estimate.
@@ -792,8 +846,14 @@ class Scheduler:
             self._star_bytes -= self._tensor_bytes[self._part[key]]
         w.queue.clear()
         for key in queued:
-            del self._where[key]
-            self._make_ready(key)
+            if self._copies.get(key) == wid:  # a backup copy: the first goes on alone
+                del self._copies[key]
+            elif key in self._copies:  # the backup copy goes on alone
+                self._where[key] = self._copies.pop(key)
+            else:
+                del self._where[key]
+                if self._state[key] != _FINISHED:  # else the slower copy, no longer needed
+                    self._make_ready(key)
         self._check_feasible()
 
     def _on_worker_joined(self, info: WorkerInfo) -> None:
@@ -831,15 +891,20 @@ class Scheduler:
         for key in keys:
             if state.get(key) != _FINISHED:
                 continue
-            state[key] = _WAITING
             del self._produced_on[key]
             self._unfinished[self._part[key]] += 1
-            again.append(key)
+            if key in self._where:  # the slower copy of a backed-up task still runs: it delivers
+                state[key] = _QUEUED
+            else:
+                state[key] = _WAITING
+                again.append(key)
             for s in self._succs[key]:
                 missing[s] += 1
                 if state[s] == _READY:
                     self._unready(s)
                 elif state[s] == _QUEUED:
+                    if s in self._copies:
+                        self._dequeue(self._live[self._copies[s]], s)
                     self._dequeue(self._live[self._where[s]], s)
                     state[s] = _WAITING
         for key in again:
@@ -897,7 +962,13 @@ class Scheduler:
         p = self._part[key]
         self._queued_n[p] -= 1
         self._star_bytes -= self._tensor_bytes[p]
-        del self._where[key]
+        # Of a task with two copies, the other one stays queued where it is.
+        other = self._copies.pop(key, None)
+        if self._where.get(key) == w.id:
+            if other is None:
+                del self._where[key]
+            else:
+                self._where[key] = other
         if w.queue:
             self._push_holder(w)
         else:
@@ -1053,8 +1124,8 @@ class Scheduler:
         if (i is not None and self._load_seconds(i, p) + c / i.speed < drain
                 and (p in i.stored or not self._loading[p] or self._star_bytes / self._star_bandwidth < c)):
             return i, tier
-        if len(h.queue) <= PREFETCH:
-            return h, 1
+        if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
+            return h, 1  # (not behind the slower copy of a backed-up task)
         return None
 
     def _best_idle_holder(self, p: str) -> _Worker:

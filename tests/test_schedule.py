@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter, deque
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from crowdgraph.schedule import (
     Scheduler,
     TaskFinished,
     TaskKey,
+    TaskOverdue,
     Unload,
     WorkerInfo,
     WorkerJoined,
@@ -715,17 +717,28 @@ def check_batch(
             ), f"{key} left while an idle worker fits"
 
 
-def check_state(s: Scheduler, g: nx.DiGraph, need: dict[str, int]) -> None:
-    """Every task is in exactly one state and the states agree with the graph."""
+def check_state(s: Scheduler, g: nx.DiGraph, need: dict[str, int],
+                backed_up: AbstractSet[TaskKey] = frozenset()) -> None:
+    """Every task is in exactly one state and the states agree with the graph.
+
+    A task is queued on one worker, or on two while it has a backup copy;
+    a finished task may still be queued where its slower copy runs.
+    """
     finished = set(s.finished)
     ready = set(s.ready)
     where: dict[TaskKey, str] = {}
     for wid, q in s.queues.items():
         for key in q:
-            assert key not in where, f"{key} queued twice"
+            if key in where:
+                assert s.copies.get(key) in (wid, where[key]), f"{key} queued twice without a backup"
             where[key] = wid
             assert s.resident[wid] == key[0], "a worker's queue is all of its resident partition"
+    for key in s.copies:
+        assert key not in finished and sum(key in q for q in s.queues.values()) == 2
     for key in g.nodes:
+        if key in finished and key in where:
+            assert key in backed_up, f"{key} finished yet queued, and it never had a backup"
+            del where[key]
         preds_done = all(u in finished for u in g.predecessors(key))
         kinds = [key in finished, key in ready, key in where]
         assert sum(kinds) <= 1, key
@@ -738,6 +751,22 @@ def check_state(s: Scheduler, g: nx.DiGraph, need: dict[str, int]) -> None:
             assert s.workers[wid].memory >= need[p]
     assert set(s.produced_on) == finished
     assert s.done == (len(finished) == g.number_of_nodes())
+
+
+def check_backup(s: Scheduler, event: TaskOverdue, actions: list[Action],
+                 before: dict[str, tuple[TaskKey, ...]]) -> None:
+    """A backup is one Run of the running task, on a worker that was idle,
+    after the Unload/Load it needs; nothing else moves."""
+    if not actions:
+        return
+    assert before.get(event.worker, ())[:1] == (event.key,), f"backup of {event.key}, which is not running"
+    assert event.key not in s.finished
+    *moves, run = actions
+    assert isinstance(run, Run) and run.key == event.key and run.worker != event.worker
+    assert before[run.worker] == (), "a backup goes to an idle worker"
+    assert all(isinstance(a, (Unload, Load)) and a.worker == run.worker for a in moves)
+    assert (run.tier == 1) == (not moves)
+    assert s.copies[event.key] == run.worker
 
 
 def infeasible(s: Scheduler, g: nx.DiGraph, need: dict[str, int]) -> bool:
@@ -794,6 +823,7 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
     sim = SimExecutor()
     sim.held = {w.id: w.resident for w in crowd}
     unconfirmed: Counter[str] = Counter()  # Loads whose LoadFinished was not fed yet
+    backed_up: set[TaskKey] = set()  # tasks that ever had a backup copy
     events: list[Event] = []
     batches: list[list[Action]] = []
 
@@ -803,8 +833,10 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
         before = set(s.finished)
         queued_here = (
             isinstance(event, TaskFinished) and event.key in s.queue(event.worker)
+            and event.key not in before
         )
         rank_before = dict(s.tie_break)
+        before_queues = dict(s.queues)
         try:
             actions = s.start() if event is None else s.handle(event)
         except WorkerLostError:
@@ -824,8 +856,11 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
         else:
             assert after == before
         assert {w: r for w, r in s.tie_break.items() if w in rank_before} == rank_before, "ranks are kept"
-        check_batch(s, g, need, actions)
-        check_state(s, g, need)
+        if isinstance(event, TaskOverdue):
+            check_backup(s, event, actions, before_queues)
+        else:
+            check_batch(s, g, need, actions)
+        check_state(s, g, need, backed_up)
         unconfirmed.update(a.worker for a in actions if isinstance(a, Load))
         for wid, p in s.loaded.items():
             # loaded names the resident partition exactly when every Load
@@ -837,7 +872,7 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
         return True
 
     feed(None)
-    losses = joins = dups = result_losses = bogus = 0
+    losses = joins = dups = result_losses = bogus = overdue = 0
     finished_log: list[TaskFinished] = []
     for _ in range(3000):
         if s.done:
@@ -854,6 +889,8 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
             options.append(("results", ""))
         if bogus < 3:
             options.append(("bogus-load", ""))
+        if overdue < 3 and any(s.queues.values()):
+            options.append(("overdue", ""))
         # Mostly let workers work; now and then lose, join or repeat something.
         disturb = len(options) > len(sim.busy()) and data.draw(st.integers(0, 5)) == 5
         if not disturb:
@@ -906,6 +943,12 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
             wrong = data.draw(st.sampled_from(sorted(set(need) | {"old-model"})))
             if wrong != next((a.partition for a in sim.queues.get(wid, ()) if isinstance(a, Load)), None):
                 feed(LoadFinished(wid, wrong))
+        elif kind == "overdue":
+            overdue += 1
+            wid = data.draw(st.sampled_from(sorted(w for w, q in s.queues.items() if q)))
+            key = data.draw(st.sampled_from(s.queue(wid)))  # the running task, or a queued one
+            feed(TaskOverdue(wid, key))
+            backed_up.update(s.copies)
         elif kind == "dup":
             dups += 1
             if not feed(data.draw(st.sampled_from(finished_log))):
@@ -1048,3 +1091,32 @@ def test_joined_again_while_live_is_ignored_and_a_returning_worker_keeps_its_ran
     s.handle(WorkerLost("b"))
     s.handle(WorkerJoined(WorkerInfo("b", 100)))
     assert dict(s.tie_break) == ranks  # ranks follow ids, not join order
+
+
+def test_an_overdue_task_gets_a_backup_and_the_first_result_wins() -> None:
+    s = Scheduler(chain_of(1), MEM, [WorkerInfo("a", 100), WorkerInfo("b", 100)], seed=1)
+    (run,) = runs(s.start())
+    slow, other = run.worker, ({"a", "b"} - {run.worker}).pop()
+    assert s.handle(TaskOverdue(other, ("p0", 0))) == []  # not running there
+    assert s.handle(TaskOverdue(slow, ("p0", 0))) == [Load(other, "p0"), Run(other, ("p0", 0), 3)]
+    assert s.handle(TaskOverdue(slow, ("p0", 0))) == []  # one backup at a time
+    assert s.copies == {("p0", 0): other}
+    s.handle(TaskFinished(other, ("p0", 0)))
+    assert s.done and s.produced_on[("p0", 0)] == other
+    assert s.queue(slow) == (("p0", 0),)  # still running its copy
+    s.handle(TaskFinished(slow, ("p0", 0)))  # dropped
+    assert s.produced_on[("p0", 0)] == other and s.queues == {"a": (), "b": ()}
+
+
+@pytest.mark.parametrize("lost", ["straggler", "backup"])
+def test_losing_either_copy_leaves_the_other_running(lost: str) -> None:
+    s = Scheduler(chain_of(2), MEM, [WorkerInfo("a", 100, speed=2.0), WorkerInfo("b", 100)],
+                  policy="pipeline")
+    s.start()  # a runs (p0, 0) and has (p0, 1) queued
+    s.handle(TaskOverdue("a", ("p0", 0)))
+    gone, stays = ("a", "b") if lost == "straggler" else ("b", "a")
+    after = s.handle(WorkerLost(gone))
+    assert ("p0", 0) in s.queue(stays) and not s.copies
+    assert all(r.key != ("p0", 0) for r in runs(after))  # not placed a third time
+    s.handle(TaskFinished(stays, ("p0", 0)))
+    assert ("p0", 0) in s.finished
