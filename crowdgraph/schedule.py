@@ -71,9 +71,10 @@ The rules
   behind the queued ones).  A load whose weights cross a shared
   coordinator link (``star_bandwidth``) is costed behind the bytes already
   on their way through it (unconfirmed loads, tensors of queued tasks),
-  and while those exceed one task's estimate, a partition takes such a
-  replica only when none of its loads is still unconfirmed: replicas of
-  a saturated star only take bandwidth from each other.  Otherwise the task queues on the best holder if that
+  and while those take more than a quarter of the drain time, a
+  partition takes such a replica only when none of its loads is still
+  unconfirmed: replicas of a saturated star only take bandwidth from
+  each other.  Otherwise the task queues on the best holder if that
   holder has at most :data:`PREFETCH` task queued, else it stays ready
   and is weighed again after the next event.  So a bottleneck partition
   gets as many holders as its backlog pays for, and a bigger crowd is a
@@ -1122,7 +1123,7 @@ class Scheduler:
         # are whole: the fluid backlog alone undercounts a short one).
         drain = max((queued + self._ready_n[p] * c) / speed, queued / speed + c / h.speed)
         if (i is not None and self._load_seconds(i, p) + c / i.speed < drain
-                and (p in i.stored or not self._loading[p] or self._star_bytes / self._star_bandwidth < c)):
+                and (p in i.stored or not self._loading[p] or self._star_bytes / self._star_bandwidth < drain / 4)):
             return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
