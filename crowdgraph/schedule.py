@@ -96,7 +96,8 @@ The rules
   tie-break: a permutation of the worker ids drawn from ``seed`` at
   construction (workers that join later rank after it, in join order; a
   worker that comes back keeps its rank).  Tier 4 never evicts a
-  partition from a worker with queued tasks.  A task that cannot be
+  partition from a worker with queued tasks; under ``"cost"`` it first
+  swaps workers whose partition has no task left to run.  A task that cannot be
   placed stays ready and is retried on every event.
 
   The holders invariant: a worker only becomes a new holder of ``p``
@@ -634,6 +635,7 @@ class Scheduler:
         self._mem_sorted: list[int] = []
         self._empty_tree = _MinTree(0)
         self._holding_tree = _MinTree(0)
+        self._spent_tree = _MinTree(0)  # holding a partition with no task left (cost rule)
 
         for info in infos:
             self._add_worker(info)
@@ -787,7 +789,15 @@ class Scheduler:
         state, missing = self._state, self._missing
         state[key] = _FINISHED
         self._produced_on[key] = wid
-        self._unfinished[self._part[key]] -= 1
+        p = self._part[key]
+        self._unfinished[p] -= 1
+        if not self._unfinished[p] and self.policy == "cost":
+            for h in self._holders[p]:  # its idle holders are now the first to swap
+                x = self._live[h]
+                if x.tree is self._holding_tree:
+                    x.tree.set(x.pos, _NONE)
+                    x.tree = self._spent_tree
+                    x.tree.set(x.pos, (x.inv_speed, x.rank, x.id))
         for s in self._succs[key]:
             missing[s] -= 1
             if missing[s] == 0 and state[s] == _WAITING:
@@ -1004,13 +1014,22 @@ class Scheduler:
         if self._holds(w):
             self._idle_holders[w.resident] += 1  # type: ignore[index]
         w.epoch = epoch = self._tick()
-        tree = self._empty_tree if w.resident is None else self._holding_tree
+        tree = self._tree_for(w)
         tree.set(w.pos, (w.inv_speed, w.rank, w.id))
         w.tree = tree
         entry = (w.inv_speed, w.rank, epoch, w.id)
         for p in w.cached_fit:
             heapq.heappush(self._caching_heap[p], entry)
         self._push_holder(w)
+
+    def _tree_for(self, w: _Worker) -> _MinTree:
+        """The idle tree of ``w``: empty, holding a partition with tasks left,
+        or (cost rule) holding one whose tasks are all done, swapped first."""
+        if w.resident is None:
+            return self._empty_tree
+        if self.policy == "cost" and not self._unfinished.get(w.resident, 0):
+            return self._spent_tree
+        return self._holding_tree
 
     def _become_busy(self, w: _Worker) -> None:
         self._idle_n -= 1
@@ -1026,10 +1045,11 @@ class Scheduler:
         self._mem_sorted = [w.memory for w in workers]
         self._empty_tree = _MinTree(len(workers))
         self._holding_tree = _MinTree(len(workers))
+        self._spent_tree = _MinTree(len(workers))
         for i, w in enumerate(workers):
             w.pos = i
             if w.tree is not None:  # idle: put it back in its tree
-                tree = self._empty_tree if w.resident is None else self._holding_tree
+                tree = self._tree_for(w)
                 tree.set(i, (w.inv_speed, w.rank, w.id))
                 w.tree = tree
 
@@ -1205,7 +1225,9 @@ class Scheduler:
         top = self._empty_tree.suffix_min(lo)
         if top is not _NONE:
             return 3, live[top[2]]
-        top = self._holding_tree.suffix_min(lo)
+        top = self._spent_tree.suffix_min(lo)
+        if top is _NONE:
+            top = self._holding_tree.suffix_min(lo)
         if top is not _NONE:
             return 4, live[top[2]]
         return 0, None
