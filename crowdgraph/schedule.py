@@ -1135,15 +1135,16 @@ class Scheduler:
         if self.policy == "greedy":
             return None if i is None else (self._by_inputs(key, p, tier) or i, tier)
         c = self._estimate[p]
-        # When the current holders would get through the partition's
-        # backlog (their unfinished loads, queued and ready tasks) at their
-        # combined speed; a new holder must finish this task before that
+        # The drain: when the holders, at their combined speed, get through
+        # their unconfirmed loads, queued and ready tasks -- and no earlier
+        # than this task would finish behind the queued ones (tasks are
+        # whole, so the fluid backlog alone undercounts a short one).  A new
+        # holder must load and run this task before that.
         queued, speed = self._queued_n[p] * c + self._loading[p], self._holder_speed[p]
-        # ... and when this task would finish behind the queued ones (tasks
-        # are whole: the fluid backlog alone undercounts a short one).
         drain = max((queued + self._ready_n[p] * c) / speed, queued / speed + c / h.speed)
+        star_busy = self._star_bytes / self._star_bandwidth >= drain / 4
         if (i is not None and self._load_seconds(i, p) + c / i.speed < drain
-                and (p in i.stored or not self._loading[p] or self._star_bytes / self._star_bandwidth < drain / 4)):
+                and (p in i.stored or not self._loading[p] or not star_busy)):
             return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
