@@ -21,7 +21,7 @@ from typing import Any
 from . import common
 
 #: Module names, in the order they run.
-BENCHMARKS = ("scale", "transport", "streaming", "overhead", "memory", "estimate")
+BENCHMARKS = ("scale", "crowd", "transport", "streaming", "overhead", "memory", "estimate")
 
 
 def main(argv: list[str] | None = None) -> int:

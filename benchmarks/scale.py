@@ -1,6 +1,6 @@
 """Scheduler scale: CPU time per task for crowds of 10, 100 and 1,000 workers.
 
-Two measurements on a chain of 20 partitions in streaming mode (10,000
+Three measurements on a chain of 20 partitions in streaming mode (10,000
 tasks = 20 x 500 micro-batches, 100,000 tasks = 20 x 5,000):
 
 * ``scheduler``: :class:`crowdgraph.schedule.Scheduler` driven directly
@@ -10,14 +10,17 @@ tasks = 20 x 500 micro-batches, 100,000 tasks = 20 x 5,000):
   ``start()`` and ``handle()`` calls only, so the figure is the
   scheduler's own CPU time per task (plus about one timer read per call).
   Building the scheduler (which walks the task graph once) is reported
-  apart.
+  apart.  Each of the three placement policies is measured; under
+  ``cost`` (the default) every partition is 5 GFLOP and every task
+  reports 1 s / speed, so replicas are made and estimates updated.
 * ``simulate()``: the whole of :func:`crowdgraph.simulate` (task graph,
   driver loop, virtual-clock executor, report) on a chain model compiled
   into 20 partitions, CPU time per task.
 
-Reference, not measured here: Dask documents about 200 us of overhead
-per task for its threaded scheduler and about 1 ms per task for
-dask.distributed.
+* ``dask``: the same task graph as a plain Dask graph of no-op tasks run
+  by ``dask.threaded.get`` (4 threads) and ``dask.local.get_sync``, CPU
+  time per task on the same machine in the same run: all of it is
+  scheduler overhead.
 
 Run: python -m benchmarks.scale [--quick]
 """
@@ -34,7 +37,7 @@ from typing import Any
 import networkx as nx
 
 import crowdgraph
-from crowdgraph.schedule import Load, LoadFinished, Run, Scheduler, TaskFinished, WorkerInfo
+from crowdgraph.schedule import POLICIES, Load, LoadFinished, Run, Scheduler, TaskFinished, WorkerInfo
 from crowdgraph.taskgraph import build_task_graph
 
 from . import common
@@ -53,11 +56,14 @@ def crowd(n: int, seed: int = 0) -> list[WorkerInfo]:
             for i in range(n)]
 
 
-def drive(tasks: nx.DiGraph, workers: list[WorkerInfo], need: dict[str, int]) -> dict[str, float]:
+def drive(tasks: nx.DiGraph, workers: list[WorkerInfo], need: dict[str, int],
+          policy: str = "cost") -> dict[str, float]:
     """Run the scheduler to the end with FIFO completions; CPU seconds spent in it."""
     clock = time.process_time
     t0 = clock()
-    sched = Scheduler(tasks, need, workers, seed=0)
+    sched = Scheduler(tasks, need, workers, seed=0, policy=policy,  # type: ignore[arg-type]
+                      flops=dict.fromkeys(need, 5e9))
+    speed = {w.id: w.speed for w in workers}
     init = clock() - t0
     pending: deque[Any] = deque()
     spent = 0.0
@@ -69,7 +75,7 @@ def drive(tasks: nx.DiGraph, workers: list[WorkerInfo], need: dict[str, int]) ->
     while True:
         for a in actions:
             if isinstance(a, Run):
-                pending.append(TaskFinished(a.worker, a.key))
+                pending.append(TaskFinished(a.worker, a.key, 1.0 / speed[a.worker]))
             elif isinstance(a, Load):
                 pending.append(LoadFinished(a.worker, a.partition))
         if not pending:
@@ -82,6 +88,30 @@ def drive(tasks: nx.DiGraph, workers: list[WorkerInfo], need: dict[str, int]) ->
     loop = clock() - loop0
     assert sched.done, "the scheduler stopped with unfinished tasks"
     return {"init": init, "scheduler": spent, "loop": loop, "calls": calls}
+
+
+def _dask_schedulers() -> list[tuple[str, Any]]:
+    """Dask's single-machine schedulers, or none when Dask is not installed."""
+    try:
+        import dask.local
+        import dask.threaded
+    except ImportError:
+        return []
+    return [("dask.threaded.get (4 threads)", lambda dsk, keys: dask.threaded.get(dsk, keys, num_workers=4)),
+            ("dask.local.get_sync", dask.local.get_sync)]
+
+
+def _noop(*args: Any) -> None:
+    return None
+
+
+def _dask_cpu(tasks: nx.DiGraph, get: Any) -> float:
+    """CPU seconds Dask spends running ``tasks`` as no-op tasks (all of it overhead)."""
+    dsk = {key: (_noop, *tasks.predecessors(key)) for key in tasks}
+    sinks = [key for key in tasks if tasks.out_degree(key) == 0]
+    t0 = time.process_time()
+    get(dsk, sinks)
+    return time.process_time() - t0
 
 
 def _timer_cost() -> float:
@@ -105,23 +135,32 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
     for m in microbatch_counts:
         tasks = build_task_graph(chain, m, "streaming")
         n_tasks = tasks.number_of_nodes()
-        for n in worker_counts:
-            per_task, loop_task, init_task = [], [], []
+        for policy in POLICIES:
+            for n in worker_counts:
+                per_task, loop_task, init_task = [], [], []
+                for _ in range(repeats):
+                    gc.collect()
+                    r = drive(tasks, crowd(n), need, policy)
+                    per_task.append(r["scheduler"] / n_tasks * 1e6)
+                    loop_task.append(r["loop"] / n_tasks * 1e6)
+                    init_task.append(r["init"] / n_tasks * 1e6)
+                rows.append({"what": "scheduler", "policy": policy, "workers": n, "tasks": n_tasks,
+                             "partitions": PARTITIONS, "microbatches": m, "us_per_task": stats(per_task),
+                             "loop_us_per_task": stats(loop_task), "init_us_per_task": stats(init_task),
+                             "handle_calls": r["calls"]})
+                if n == TARGET_WORKERS and policy == "cost":
+                    targets.append(Target(NAME, f"scheduler CPU per task, {n} workers, {n_tasks} tasks, cost rule",
+                                          stats(per_task)["median"], TARGET_US, "<=", " us",
+                                          "Dask's own schedulers measured in the same run: see the table"))
+        for name, get in _dask_schedulers():
+            per_task = []
             for _ in range(repeats):
                 gc.collect()
-                r = drive(tasks, crowd(n), need)
-                per_task.append(r["scheduler"] / n_tasks * 1e6)
-                loop_task.append(r["loop"] / n_tasks * 1e6)
-                init_task.append(r["init"] / n_tasks * 1e6)
-            rows.append({"what": "scheduler", "workers": n, "tasks": n_tasks, "partitions": PARTITIONS,
-                         "microbatches": m, "us_per_task": stats(per_task), "loop_us_per_task": stats(loop_task),
-                         "init_us_per_task": stats(init_task), "handle_calls": r["calls"]})
-            if n == TARGET_WORKERS:
-                targets.append(Target(NAME, f"scheduler CPU per task, {n} workers, {n_tasks} tasks",
-                                      stats(per_task)["median"], TARGET_US, "<=", " us",
-                                      "Dask documents ~200 us/task (threaded scheduler) and ~1 ms/task "
-                                      "(distributed); not measured here"))
-        show(f"  scheduler, {n_tasks} tasks: done ({time.perf_counter() - began:.0f} s)")
+                per_task.append(_dask_cpu(tasks, get) / n_tasks * 1e6)
+            rows.append({"what": "dask", "policy": name, "workers": 4 if "threaded" in name else 1,
+                         "tasks": n_tasks, "partitions": PARTITIONS, "microbatches": m,
+                         "us_per_task": stats(per_task)})
+        show(f"  scheduler and dask, {n_tasks} tasks: done ({time.perf_counter() - began:.0f} s)")
 
     # The whole simulate(): a chain model cut into PARTITIONS partitions.
     from tests.models import chain as chain_model  # the repository root is on sys.path (python -m benchmarks)
@@ -145,15 +184,13 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
 
     timer = _timer_cost()
     show(table(
-        ["measured", "workers", "tasks", "us/task [min-max]", "loop us/task", "build us/task"],
-        [(r["what"], r["workers"], r["tasks"],
+        ["measured", "policy", "workers", "tasks", "us/task [min-max]", "loop us/task", "build us/task"],
+        [(r["what"], r.get("policy", "cost"), r["workers"], r["tasks"],
           common.ratio_cell(r["us_per_task"]),
           r.get("loop_us_per_task", {}).get("median"), r.get("init_us_per_task", {}).get("median"))
          for r in rows],
         title=f"Scheduler scale: chain of {PARTITIONS} partitions, streaming, CPU time per task "
               f"(median of {repeats}; one process_time read costs {timer * 1e6:.2f} us)"))
-    show("Reference (not measured here): Dask documents ~200 us/task for its threaded scheduler and "
-         "~1 ms/task for dask.distributed.")
     _plot(rows, out)
     return common.result(NAME, quick, config={"partitions": PARTITIONS, "workers": list(worker_counts),
                                               "microbatches": list(microbatch_counts), "repeats": repeats,
@@ -166,11 +203,16 @@ def _plot(rows: list[dict[str, Any]], out: pathlib.Path) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for what in ("scheduler", "simulate()"):
+    for what, policy in (("scheduler", "cost"), ("scheduler", "pipeline"), ("simulate()", None)):
         for tasks in sorted({r["tasks"] for r in rows if r["what"] == what}):
             pts = sorted((r["workers"], r["us_per_task"]["median"]) for r in rows
-                         if r["what"] == what and r["tasks"] == tasks)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{what}, {tasks} tasks")
+                         if r["what"] == what and r["tasks"] == tasks and r.get("policy") == policy)
+            label = f"{what}{f' ({policy})' if policy else ''}, {tasks} tasks"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    for r in rows:
+        if r["what"] == "dask" and r["tasks"] == max(x["tasks"] for x in rows if x["what"] == "dask"):
+            ax.axhline(r["us_per_task"]["median"], linestyle="--", color="tab:grey", linewidth=0.8)
+            ax.annotate(r["policy"], (10, r["us_per_task"]["median"]), fontsize=6)
     ax.axhline(TARGET_US, color="tab:red", linestyle=":", label=f"target {TARGET_US:g} us")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -10,6 +10,10 @@ This is the glue of stage 5 (dask.local's queue pattern).  The driver
    a task taken from the micro-batch or from earlier task outputs;
 4. waits for the executor's notices and feeds them to the scheduler,
    recording everything in a :class:`~crowdgraph.report.RunReport`;
+   a task running :data:`BACKUP_AFTER` times longer than its estimate
+   gets a backup copy on an idle worker (the first result wins), and a
+   run with no notice for ``stall_timeout`` seconds ends with an error
+   naming the tasks and workers it waits for;
 5. forgets intermediate values once every task that reads them finished,
    and joins the model outputs of all micro-batches at the end.
 
@@ -18,6 +22,7 @@ Only this loop touches the scheduler, so the scheduler needs no locks.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Mapping, Sequence
 
@@ -25,15 +30,23 @@ import numpy as np
 
 from .errors import CrowdgraphError, ExecutionError
 from .executor import Executor, Job, Notice, Reporter
-from .report import LoadRecord, RunReport, TaskRecord
+from .report import BackupRecord, LoadRecord, RunReport, TaskRecord
 from .schedule import (
-    Action, Load, LoadFinished, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
-    Unload, WorkerJoined, WorkerLost,
+    Action, Load, LoadFinished, Policy, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
+    TaskOverdue, Unload, WorkerJoined, WorkerLost,
 )
 from .taskgraph import Mode, build_task_graph, data_consumers, data_producers
 
 #: How long the driver waits for a notice before checking the clock again.
 POLL_SECONDS = 0.05
+#: A task is overdue, and gets a backup copy on an idle worker, once it has
+#: run this many times its estimate ...
+BACKUP_AFTER = 4.0
+#: ... and at least this many seconds (short tasks jitter by more than 4x).
+BACKUP_MIN_SECONDS = 1.0
+#: With no notice from the executor for this long, the run ends with an
+#: error naming the stuck tasks and workers (``stall_timeout=``).
+STALL_SECONDS = 600.0
 
 
 class Driver:
@@ -41,7 +54,8 @@ class Driver:
 
     def __init__(self, compiled: Any, microbatches: Sequence[Mapping[str, np.ndarray]], executor: Executor,
                  *, mode: Mode = "streaming", seed: int = 0, progress: bool = False,
-                 timeout: float | None = None):
+                 timeout: float | None = None, policy: Policy = "cost",
+                 stall_timeout: float = STALL_SECONDS, backups: bool = True):
         self.compiled = compiled
         self.microbatches = microbatches
         self.executor = executor
@@ -59,8 +73,14 @@ class Driver:
         }
         self.issued: dict[TaskKey, tuple[str, int]] = {}
         self.seed = seed
+        self.policy = policy
         self.progress = progress
         self.timeout = timeout
+        self.stall_timeout = stall_timeout
+        self.backups = backups
+        #: Per worker: the task at the head of its queue and when it was first seen there, loaded.
+        self.heads: dict[str, tuple[TaskKey, float]] = {}
+        self.backup_records: dict[TaskKey, BackupRecord] = {}
         self.scheduler: Scheduler | None = None
 
     # -- the loop --------------------------------------------------------
@@ -70,25 +90,39 @@ class Driver:
         workers = list(self.executor.start(Job(self.partitions, self.compiled.memory_budget), self.reporter))
         for w in workers:
             self.report.add_worker(w.id, w.memory, w.speed)
+        rows = _rows_scale(self.compiled, self.microbatches)
         self.scheduler = Scheduler(self.tasks, {p: part.resident_bytes for p, part in self.partitions.items()},
-                                   workers, seed=self.seed)
+                                   workers, seed=self.seed, policy=self.policy,
+                                   weight_bytes={p: part.weight_bytes for p, part in self.partitions.items()},
+                                   flops={p: part.flops * rows for p, part in self.partitions.items()},
+                                   star_bandwidth=getattr(self.executor, "star_bandwidth", math.inf),
+                                   tensor_bytes={p: (part.input_bytes + part.output_bytes) * rows
+                                                 for p, part in self.partitions.items()})
         self.report.start = self.executor.now()
         bar = _progress_bar(len(self.tasks)) if self.progress else None
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        last_notice = watched = time.monotonic()
         try:
             self._issue(self.scheduler.start())
             while not self.scheduler.done:
                 if not self.reporter.pending():
                     self.executor.idle()
                 notice = self.reporter.next(POLL_SECONDS)
+                now = time.monotonic()
+                if self.backups and now - watched >= POLL_SECONDS:
+                    watched = now
+                    self._watch_heads()
                 if notice is None:
-                    if deadline is not None and time.monotonic() > deadline:
+                    if deadline is not None and now > deadline:
                         raise ExecutionError(
                             f"the run did not finish within {self.timeout} s "
                             f"({len(self.scheduler.finished)} of {len(self.tasks)} tasks done); "
                             "check that the workers are alive or raise timeout="
                         )
+                    if now - last_notice > self.stall_timeout:
+                        raise ExecutionError(self._stalled(now - last_notice))
                     continue
+                last_notice = now
                 done_before = len(self.scheduler.finished)
                 self._issue(self._apply(notice))
                 if bar is not None:
@@ -100,7 +134,50 @@ class Driver:
             if bar is not None:
                 bar.close()
         self.report.end = self.executor.now()
+        self.report.backups.extend(self.backup_records.values())
         return self._outputs(), self.report
+
+    def _watch_heads(self) -> None:
+        """Note when each worker started its current task; back up those overdue.
+
+        A task counts as started when it is first seen at the head of its
+        worker's queue with the worker's loads confirmed, so a slow load is
+        not taken for a slow task.
+        """
+        sched = self.scheduler
+        assert sched is not None
+        now = self.executor.now()
+        loaded, copies = sched.loaded, sched.copies
+        for wid, queue in sched.queues.items():
+            if not queue or loaded[wid] is None:
+                self.heads.pop(wid, None)
+                continue
+            key = queue[0]
+            seen = self.heads.get(wid)
+            if seen is None or seen[0] != key:
+                self.heads[wid] = (key, now)
+                continue
+            if key in copies or key in self.backup_records or key in sched.finished:
+                continue
+            expected = sched.estimate(key[0]) / sched.workers[wid].speed
+            if now - seen[1] > max(BACKUP_AFTER * expected, BACKUP_MIN_SECONDS):
+                actions = sched.handle(TaskOverdue(wid, key))
+                if actions:
+                    backup = copies[key]
+                    self.backup_records[key] = BackupRecord(key[0], key[1], wid, backup, now - seen[1])
+                    self._issue(actions)
+
+    def _stalled(self, seconds: float) -> str:
+        """The error of a run that made no progress for ``seconds``."""
+        sched = self.scheduler
+        assert sched is not None
+        running = [f"{q[0]} on {wid}" for wid, q in sched.queues.items() if q]
+        stuck = "; ".join(running[:10]) + (f" and {len(running) - 10} more" if len(running) > 10 else "")
+        return (
+            f"no progress for {seconds:.0f} s ({len(sched.finished)} of {len(self.tasks)} tasks done): "
+            f"waiting for {stuck or 'nothing running'}; {len(sched.ready)} tasks ready with no worker "
+            "free. Check that those workers are alive and fast enough, or raise stall_timeout="
+        )
 
     def _apply(self, notice: Notice) -> list[Action]:
         """Record a notice and turn it into scheduler actions."""
@@ -111,7 +188,15 @@ class Driver:
             assert notice.key is not None and worker is not None and notice.outputs is not None
             key = notice.key
             was_done = key in sched.finished
-            actions = sched.handle(TaskFinished(worker, key))
+            backup = self.backup_records.get(key)
+            if backup is not None:  # the first copy to finish wins, the other is dropped
+                if was_done:
+                    backup.dropped = worker
+                else:
+                    backup.winner = worker
+            s = notice.stats
+            duration = s["end"] - s["start"] if "start" in s and "end" in s else None
+            actions = sched.handle(TaskFinished(worker, key, duration))
             if was_done or key not in sched.finished:
                 self.executor.forget(list(notice.outputs.values()))  # late duplicate
                 return actions
@@ -210,6 +295,20 @@ class Driver:
             result.append(self.executor.gather(handles))
             self.executor.forget(list(handles.values()))
         return result
+
+
+def _rows_scale(compiled: Any, microbatches: Sequence[Mapping[str, Any]]) -> float:
+    """Rows of the first micro-batch over the rows the plan was compiled at.
+
+    A partition's FLOPs are counted at the compiled shapes; the scheduler's
+    first estimate of a task's cost scales them to the rows that run.
+    """
+    batched = compiled.batched_inputs()
+    if not batched or not microbatches:
+        return 1.0
+    name = batched[0]
+    compiled_rows = max(1, compiled.input_shapes[name][0])
+    return np.shape(microbatches[0][name])[0] / compiled_rows
 
 
 def _progress_bar(total: int) -> Any:

@@ -46,6 +46,19 @@ class LoadRecord:
 
 
 @dataclass
+class BackupRecord:
+    """A straggling task that got a second copy on another worker."""
+
+    partition: str
+    microbatch: int
+    straggler: str
+    backup: str
+    after: float  #: seconds the straggler had run it when the backup was placed
+    winner: str | None = None  #: whose result was used
+    dropped: str | None = None  #: whose later result was dropped (None: still running at the end)
+
+
+@dataclass
 class WorkerRecord:
     """Totals for one worker."""
 
@@ -80,6 +93,12 @@ class RunReport:
     makespan:
         Seconds from the start of the run to its last event (virtual
         seconds for a simulation).
+    coordinator_link_busy:
+        Seconds the coordinator's link was busy (simulations), or None.
+    notes:
+        What bounded or disturbed the run, in words (printed last).
+    backups:
+        Straggling tasks that got a backup copy, and whose result won.
     """
 
     executor: str
@@ -92,6 +111,9 @@ class RunReport:
     replaced: list[tuple[str, int]] = field(default_factory=list)
     start: float = 0.0
     end: float = 0.0
+    coordinator_link_busy: float | None = None
+    notes: list[str] = field(default_factory=list)
+    backups: list[BackupRecord] = field(default_factory=list)
 
     @property
     def makespan(self) -> float:
@@ -102,6 +124,14 @@ class RunReport:
     def tier_counts(self) -> dict[int, int]:
         """How many tasks ran at each affinity tier."""
         return dict(sorted(Counter(t.tier for t in self.tasks).items()))
+
+    @property
+    def holders(self) -> dict[str, list[str]]:
+        """Workers that ran each partition, in order of their first task of it."""
+        held: dict[str, dict[str, None]] = {}
+        for t in self.tasks:
+            held.setdefault(t.partition, {})[t.worker] = None
+        return {p: list(ws) for p, ws in held.items()}
 
     @property
     def weight_bytes_sent(self) -> int:
@@ -165,6 +195,11 @@ class RunReport:
             f"partition bytes sent {format_bytes(self.weight_bytes_sent)}"
             + (f"; {len(self.replaced)} tasks placed again after worker loss" if self.replaced else "")
         )
+        for b in self.backups:
+            lines.append(f"task ({b.partition}, {b.microbatch}) was slow on {b.straggler} after {b.after:.1f} s: "
+                         f"backed up on {b.backup}, result of {b.winner or 'neither'} used"
+                         + (f", {b.dropped}'s dropped" if b.dropped else ""))
+        lines.extend(self.notes)
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

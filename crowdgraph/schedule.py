@@ -41,53 +41,99 @@ The rules
   inputs are all finished.  Nothing is preloaded, so no worker holds
   weights that nothing is waiting for.
 * **Placement.**  A task is placed only when it is *ready* (all its
-  predecessors finished).  The candidate workers form four tiers, best
+  predecessors finished).  Four tiers rank what a placement costs, best
   first:
 
-  1. a worker whose resident partition is the task's partition, even if
-     busy: the task queues there and no weights move;
+  1. a worker whose resident partition is the task's partition (a
+     *holder*): no weights move;
   2. an *idle* worker (nothing queued) that has the partition on local
-     storage (``cached``): loading costs no network transfer, though it
-     may first unload another partition;
-  3. an idle worker with nothing resident;
-  4. an idle worker holding another partition, which is unloaded.
+     storage (``cached``): a local read, after unloading what it holds;
+  3. an idle worker with nothing resident: a network transfer;
+  4. an idle worker holding another partition: unload, then transfer.
 
-  Within a tier the scheduler prefers the worker that produced the most
-  of the task's inputs (their bytes need not travel), then the smallest
-  ``(queue length + 1) / speed`` (the earliest expected finish), then a
-  fixed tie-break: a permutation of the worker ids drawn from ``seed`` at
-  construction (workers that join later rank after it, in join order).
+  Ready tasks of held partitions are placed first, in priority order;
+  an idle holder always takes its partition's next ready task before
+  anything else is decided, so no placement ever swaps out a partition
+  whose ready tasks a holder could run.  When every holder is busy the
+  *policy* decides (``Scheduler(policy=...)``):
 
-  Better tiers win across tasks: all ready tasks with a tier-1 worker
-  are placed first, in priority order; then the task with the best
-  available tier (lowest priority first among equals) is placed, which
-  may make further tasks of its partition tier-1, and so on until no
-  ready task has a candidate.  So an idle worker holding ``p0`` gets a
-  ready ``(p0, 1)`` rather than being switched to ``p1`` for ``(p1, 0)``.
-  Tier 4 never evicts a partition from a worker with queued tasks.  A
-  task that cannot be placed stays ready and is retried on every event.
+  ``"cost"`` (the default): the task goes where it is expected to finish
+  first.  Loading a *replica* on the best idle worker of tiers 2 to 4
+  wins when that worker would load and run the task before the holders
+  get through the partition's backlog::
 
-  A consequence worth knowing: a partition only gets a new holder when no
-  worker holds it, so no two workers hold the same partition at once
-  (unless they started the run holding it, see ``WorkerInfo.resident``).
-  The crowd runs the partitions as a pipeline, micro-batches streaming
-  through; at most one worker per partition is busy, and workers beyond
-  the number of partitions only step in when a holder is lost or
-  switches to another partition.
+      load(w, p) + estimate(p) / speed(w)
+          <  (estimate(p) x (queued + ready tasks of p) + unconfirmed loads)
+             / summed speed of p's holders
+
+  (an unconfirmed load counts as ``speed x load seconds`` of its
+  holder's time, and the drain is at least when this task would finish
+  behind the queued ones).  A load whose weights cross a shared
+  coordinator link (``star_bandwidth``) is costed behind the bytes already
+  on their way through it (unconfirmed loads, tensors of queued tasks),
+  and while those take more than a quarter of the drain time, a
+  partition takes such a replica only when none of its loads is still
+  unconfirmed: replicas of a saturated star only take bandwidth from
+  each other.  Otherwise the task queues on the best holder if that
+  holder has at most :data:`PREFETCH` task queued, else it stays ready
+  and is weighed again after the next event.  So a bottleneck partition
+  gets as many holders as its backlog pays for, and a bigger crowd is a
+  faster crowd.
+
+  ``"pipeline"``: the task always queues on the holder with the smallest
+  ``(queue length + 1) / speed``; a partition only gets a new holder when
+  no worker holds it, so the crowd runs the partitions as a pipeline and
+  workers beyond the number of partitions stay idle.
+
+  ``"greedy"``: the task goes to the best idle worker by tier order, or
+  stays ready; nothing queues behind a busy worker and nothing is costed.
+
+  A ready task of a partition that no worker holds goes to the best
+  available tier (2 to 4) among all such tasks, lowest priority first
+  among equals.  Within a tier the scheduler prefers the worker that
+  produced the most of the task's inputs (their bytes need not travel),
+  then the smallest ``(queue length + 1) / speed``, then a fixed
+  tie-break: a permutation of the worker ids drawn from ``seed`` at
+  construction (workers that join later rank after it, in join order; a
+  worker that comes back keeps its rank).  Tier 4 never evicts a
+  partition from a worker with queued tasks; under ``"cost"`` it first
+  swaps workers whose partition has no task left to run.  A task that cannot be
+  placed stays ready and is retried on every event.
+
+  The holders invariant: a worker only becomes a new holder of ``p``
+  when no other holder could take the task -- under ``"pipeline"`` when
+  ``p`` has no holder, under ``"cost"`` and ``"greedy"`` when every holder
+  of ``p`` is busy (or a worker started the run holding ``p``, see
+  ``WorkerInfo.resident``).  A worker's queue only ever holds tasks of its
+  resident partition.
 * **Lost workers.**  A lost worker's resident partition and queue are
   gone; its queued and running tasks become ready again.  Results it
   produced are kept (the driver holds them) unless a ``ResultsLost``
   event names them: those tasks are computed again, and their unfinished
-  dependents that were ready or queued wait for them again.  If no
-  remaining worker can hold some partition that still has work, or no
-  worker remains, :class:`~crowdgraph.errors.WorkerLostError` is raised.
+  dependents that were ready or queued wait for them again.  After either
+  event, if no remaining worker can hold some partition that still has
+  work, or no worker remains, :class:`~crowdgraph.errors.WorkerLostError`
+  is raised.
 * **Late messages are harmless.**  ``TaskFinished`` for a task already
   finished, from a lost worker, or for a task not queued on that worker is
-  ignored; so are ``LoadFinished`` and ``WorkerLost`` that no longer
-  match the scheduler's state.
+  ignored; so are ``LoadFinished`` that does not name the oldest
+  unconfirmed load of that worker, ``WorkerLost`` for a worker already
+  lost and ``WorkerJoined`` for a live worker (a repeated announcement).
 
-Cost
-----
+Estimates
+---------
+A partition's *estimate* is the seconds one task of it takes on a
+speed-1.0 worker.  It starts at ``flops / FLOPS_PER_SECOND`` (0 without
+FLOPs, so nothing is worth a load until a task was measured) and follows
+the durations ``TaskFinished`` carries, times the worker's speed: the
+mean of the first four, then a moving average weighing the newest by a
+quarter.  Loads cost ``weight_bytes`` over the worker's ``bandwidth``
+(``disk_bandwidth`` when cached) plus deserialisation at
+:data:`DESERIALIZE_BYTES_PER_SECOND`.  All of it is plain arithmetic on
+the events, so it is as deterministic as the rest.
+
+Scheduler CPU
+-------------
 Every event costs time proportional to the tasks and workers it touches,
 not to the size of the run: ready tasks sit in heaps by priority per
 partition, idle workers in trees ordered by memory (so "the best idle
@@ -96,7 +142,9 @@ holding each partition in heaps by expected finish time.  A worker
 joining rebuilds those trees and a worker lost checks every partition,
 both linear in the crowd; they are rare.  On the benchmark chain (20
 partitions x 500 micro-batches, 1,000 workers) the scheduler spends
-about 5 microseconds of CPU per task.
+about 20 microseconds of CPU per task under the cost rule and 7 under the
+pipeline rule; Dask's threaded scheduler spends about 50 on the same
+graph of no-op tasks (``python -m benchmarks --only scale``).
 """
 
 from __future__ import annotations
@@ -110,7 +158,7 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import networkx as nx
 
@@ -125,6 +173,7 @@ __all__ = [
     "LoadFinished",
     "TaskFinished",
     "ResultsLost",
+    "TaskOverdue",
     "Load",
     "Unload",
     "Run",
@@ -162,6 +211,11 @@ class WorkerInfo:
         tasks of that partition go to it without a ``Load``; if it does not
         fit ``memory`` or the run does not use it, it is only unloaded when
         the worker is given something else.
+    bandwidth
+        Bytes per second of the worker's link: what a partition's weights
+        take to arrive (tiers 3 and 4).  The default is Wi-Fi, 10 MB/s.
+    disk_bandwidth
+        Bytes per second the worker reads cached partitions at (tier 2).
     """
 
     id: str
@@ -169,6 +223,8 @@ class WorkerInfo:
     speed: float = 1.0
     cached: frozenset[str] = frozenset()
     resident: str | None = None
+    bandwidth: float = 10e6
+    disk_bandwidth: float = 100e6
 
     def __post_init__(self) -> None:
         if isinstance(self.memory, str):  # "64MB", as people write budgets
@@ -182,6 +238,13 @@ class WorkerInfo:
             raise ValueError(
                 f"worker {self.id!r}: speed must be a finite number > 0, got {self.speed!r}"
             )
+        for name in ("bandwidth", "disk_bandwidth"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"worker {self.id!r}: {name} must be a finite number of bytes per second > 0, "
+                    f"got {value!r}"
+                )
         # Accept any iterable of names (a set, a list) and store it frozen.
         if not isinstance(self.cached, frozenset):
             object.__setattr__(self, "cached", frozenset(self.cached))
@@ -214,7 +277,27 @@ class LoadFinished:
 
 @dataclass(frozen=True)
 class TaskFinished:
-    """A worker finished a task; its outputs are available."""
+    """A worker finished a task; its outputs are available.
+
+    ``duration`` is the seconds the worker spent on it, when the executor
+    measured them; the scheduler's estimate of the partition's cost
+    follows these measurements (see "Cost" in the module docstring).
+    """
+
+    worker: str
+    key: TaskKey
+    duration: float | None = None
+
+
+@dataclass(frozen=True)
+class TaskOverdue:
+    """The task ``worker`` runs has taken much longer than its estimate,
+    though the worker still answers (a slow phone, thermal throttling).
+
+    The driver sends it; the scheduler answers with a backup copy of the
+    task on an idle worker, if there is one.  Whichever copy finishes
+    first wins; the other's result is dropped.
+    """
 
     worker: str
     key: TaskKey
@@ -263,8 +346,23 @@ class Run:
     tier: int
 
 
-Event = Union[WorkerJoined, WorkerLost, LoadFinished, TaskFinished, ResultsLost]
+Event = Union[WorkerJoined, WorkerLost, LoadFinished, TaskFinished, ResultsLost, TaskOverdue]
 Action = Union[Load, Unload, Run]
+
+#: Placement policies; see "Policies" in the module docstring.
+Policy = Literal["cost", "pipeline", "greedy"]
+POLICIES: tuple[str, ...] = ("cost", "pipeline", "greedy")
+
+#: FLOPs per second of a speed-1.0 worker, for the first estimate of a
+#: partition's cost before any task of it was measured (a mid-range phone).
+FLOPS_PER_SECOND = 5e9
+
+#: Bytes per second at which a worker turns received weights into a session.
+DESERIALIZE_BYTES_PER_SECOND = 200e6
+
+#: Tasks a busy holder may have queued behind the one it runs, so that it
+#: starts the next one without waiting a round trip for it.
+PREFETCH = 1
 
 # Task states.
 _WAITING, _READY, _QUEUED, _FINISHED = 0, 1, 2, 3
@@ -279,7 +377,8 @@ class _Worker:
 
     __slots__ = (
         "id", "info", "memory", "speed", "inv_speed", "rank", "cached_fit",
-        "resident", "loads", "queue", "version", "epoch", "pos", "tree",
+        "resident", "loads", "queue", "version", "epoch", "pos", "tree", "loading",
+        "stored", "sent",
     )
 
     def __init__(self, info: WorkerInfo, rank: int, need: Mapping[str, int]) -> None:
@@ -299,6 +398,10 @@ class _Worker:
         self.epoch = -1  # stamps entries of the caching heaps; -1 when busy
         self.pos = -1  # slot in the idle trees
         self.tree: _MinTree | None = None  # idle tree this worker sits in
+        self.loading = 0.0  # speed x seconds of its unconfirmed load, for the cost rule
+        # Partitions on its local storage: cached, or loaded in this run.
+        self.stored: set[str] = set(info.cached)
+        self.sent: deque[int] = deque()  # star bytes of each unconfirmed load
 
 
 class _MinTree:
@@ -369,6 +472,23 @@ class Scheduler:
     seed
         Seed of the tie-break permutation of worker ids.  Same seed, same
         inputs and same events give the same actions.
+    policy
+        ``"cost"`` (replicas where they pay), ``"pipeline"`` (one holder
+        per partition) or ``"greedy"`` (any idle worker, by tier); see
+        "Placement" in the module docstring.
+    weight_bytes
+        Bytes of each partition's weights, what a load transfers (default:
+        its ``partition_memory``).
+    flops
+        Floating-point operations of one task of each partition, the first
+        estimate of its duration (default 0: learnt from ``TaskFinished``).
+    star_bandwidth
+        Bytes per second of the coordinator's link, when every transfer
+        crosses it (a star); loads then queue behind the bytes already on
+        their way.  Default: no shared link.
+    tensor_bytes
+        Bytes one task of each partition receives and sends (default 0),
+        what its queued tasks put on the star.
 
     Raises
     ------
@@ -405,7 +525,18 @@ class Scheduler:
         partition_memory: Mapping[str, int],
         workers: Iterable[WorkerInfo],
         seed: int = 0,
+        *,
+        policy: Policy = "cost",
+        weight_bytes: Mapping[str, int] | None = None,
+        flops: Mapping[str, float] | None = None,
+        star_bandwidth: float = math.inf,
+        tensor_bytes: Mapping[str, int] | None = None,
     ) -> None:
+        if policy not in POLICIES:
+            raise PlanningError(
+                f"policy must be one of {', '.join(map(repr, POLICIES))}, not {policy!r}"
+            )
+        self.policy: Policy = policy
         infos = list(workers)
         if not infos:
             raise PlanningError(
@@ -444,6 +575,20 @@ class Scheduler:
                     "recompile the model with a smaller memory_budget"
                 )
 
+        # Cost figures (see "Estimates" in the module docstring).
+        self._weights: dict[str, float] = {
+            p: float((weight_bytes or {}).get(p, self._need[p])) for p in used
+        }
+        self._estimate: dict[str, float] = {
+            p: float((flops or {}).get(p, 0)) / FLOPS_PER_SECOND for p in used
+        }
+        self._measured: dict[str, int] = {p: 0 for p in used}
+        self._star_bandwidth = float(star_bandwidth)
+        self._tensor_bytes = {p: int((tensor_bytes or {}).get(p, 0)) for p in used}
+        # Bytes on their way through the star: the weights of unconfirmed
+        # loads and the tensors of queued tasks.
+        self._star_bytes = 0
+
         self._part = part
         self._prio = prio
         self._preds: dict[TaskKey, tuple[TaskKey, ...]] = {
@@ -464,12 +609,13 @@ class Scheduler:
         self._state: dict[TaskKey, int] = {}
         self._missing: dict[TaskKey, int] = {}  # unfinished predecessors
         self._where: dict[TaskKey, str] = {}  # queued task -> worker
+        self._copies: dict[TaskKey, str] = {}  # queued task -> worker of its second copy
         self._produced_on: dict[TaskKey, str] = {}  # finished task -> worker
         self._unfinished: dict[str, int] = {p: 0 for p in used}
         self._ready_heap: dict[str, list[tuple[Any, TaskKey]]] = {p: [] for p in used}
         self._ready_n: dict[str, int] = {p: 0 for p in used}
         self._ready_parts: dict[str, None] = {}  # partitions with ready tasks
-        self._t1_todo: dict[str, None] = {}  # partitions whose ready tasks may now go to a holder
+        self._t1_todo: dict[str, None] = {}  # held partitions whose ready tasks to place again
 
         # Worker state.
         self._live: dict[str, _Worker] = {}
@@ -480,10 +626,16 @@ class Scheduler:
         self._clock = 0  # stamps for lazily deleted heap entries
         self._holders: dict[str, dict[str, None]] = {p: {} for p in used}
         self._holder_heap: dict[str, list[tuple[float, int, int, str]]] = {p: [] for p in used}
+        self._idle_holders: dict[str, int] = {p: 0 for p in used}
+        self._queued_n: dict[str, int] = {p: 0 for p in used}  # tasks in workers' queues
+        self._holder_speed: dict[str, float] = {p: 0.0 for p in used}  # summed over holders
+        self._loading: dict[str, float] = {p: 0.0 for p in used}  # speed x load seconds left
+        self._deferred: dict[str, None] = {}  # held partitions whose ready tasks wait a turn
         self._caching_heap: dict[str, list[tuple[float, int, int, str]]] = {p: [] for p in used}
         self._mem_sorted: list[int] = []
         self._empty_tree = _MinTree(0)
         self._holding_tree = _MinTree(0)
+        self._spent_tree = _MinTree(0)  # holding a partition with no task left (cost rule)
 
         for info in infos:
             self._add_worker(info)
@@ -546,6 +698,15 @@ class Scheduler:
         w = self._live.get(worker)
         return tuple(w.queue) if w is not None else ()
 
+    def estimate(self, partition: str) -> float:
+        """Expected seconds of one task of ``partition`` on a speed-1.0 worker."""
+        return self._estimate[partition]
+
+    @property
+    def copies(self) -> Mapping[TaskKey, str]:
+        """Tasks with a backup copy still queued, and the worker of that copy."""
+        return MappingProxyType(self._copies)
+
     @property
     def ready(self) -> tuple[TaskKey, ...]:
         """Ready tasks not yet placed, in priority order.
@@ -584,38 +745,94 @@ class Scheduler:
             If ``event`` is not one of the :data:`Event` types.
         """
         if isinstance(event, TaskFinished):
-            self._on_task_finished(event.worker, event.key)
+            self._on_task_finished(event.worker, event.key, event.duration)
         elif isinstance(event, LoadFinished):
             # Bookkeeping only: executors run each worker's actions in order,
             # so nothing waits for a load to finish.
             w = self._live.get(event.worker)
             if w is not None and w.loads and w.loads[0] == event.partition:
                 w.loads.popleft()
+                self._star_bytes -= w.sent.popleft()
+                if not w.loads and w.loading:  # its resident partition is loaded now
+                    self._loading[w.resident] -= w.loading  # type: ignore[index]
+                    w.loading = 0.0
         elif isinstance(event, WorkerLost):
             self._on_worker_lost(event.worker)
         elif isinstance(event, WorkerJoined):
             self._on_worker_joined(event.worker)
         elif isinstance(event, ResultsLost):
             self._on_results_lost(event.keys)
+        elif isinstance(event, TaskOverdue):
+            return self._back_up(event.worker, event.key)
         else:
             raise TypeError(f"not a scheduler event: {event!r}")
         return self._place()
 
     # -- events -------------------------------------------------------------
 
-    def _on_task_finished(self, wid: str, key: TaskKey) -> None:
+    def _on_task_finished(self, wid: str, key: TaskKey, duration: float | None) -> None:
         w = self._live.get(wid)
         if w is None or key not in w.queue:
             return  # a late duplicate, or from a worker already given up
+        slower = self._copies.get(key) if self._where.get(key) == wid else self._where.get(key)
         self._dequeue(w, key)
+        if self._state[key] == _FINISHED:
+            return  # the slower copy of a task with a backup: its result is dropped
+        if duration is not None and math.isfinite(duration) and duration >= 0:
+            self._learn(self._part[key], duration * w.speed)
+        if slower is not None and slower != wid:
+            # The straggler still runs its copy: what waits behind it runs elsewhere.
+            s = self._live[slower]
+            for behind in list(s.queue)[1:]:
+                self._dequeue(s, behind)
+                self._make_ready(behind)
         state, missing = self._state, self._missing
         state[key] = _FINISHED
         self._produced_on[key] = wid
-        self._unfinished[self._part[key]] -= 1
+        p = self._part[key]
+        self._unfinished[p] -= 1
+        if not self._unfinished[p] and self.policy == "cost":
+            for h in self._holders[p]:  # its idle holders are now the first to swap
+                x = self._live[h]
+                if x.tree is self._holding_tree:
+                    x.tree.set(x.pos, _NONE)
+                    x.tree = self._spent_tree
+                    x.tree.set(x.pos, (x.inv_speed, x.rank, x.id))
         for s in self._succs[key]:
             missing[s] -= 1
             if missing[s] == 0 and state[s] == _WAITING:
                 self._make_ready(s)
+
+    def _back_up(self, wid: str, key: TaskKey) -> list[Action]:
+        """A second copy of ``key``, running on ``wid``, on the best idle worker."""
+        w = self._live.get(wid)
+        if w is None or not w.queue or next(iter(w.queue)) != key or key in self._copies:
+            return []  # not running there (any more), or backed up already
+        p = self._part[key]
+        if self._idle_holders[p]:
+            backup, tier = self._best_idle_holder(p), 1
+        else:
+            tier, backup = self._best_idle(p)  # type: ignore[assignment]
+        if backup is None:
+            return []
+        actions: list[Action] = []
+        self._assign(key, backup, tier, actions)
+        self._where[key] = wid  # the first copy stays the task's home
+        self._copies[key] = backup.id
+        return actions
+
+    def _learn(self, p: str, seconds: float) -> None:
+        """Fold one measured duration (at speed 1.0) into ``p``'s estimate.
+
+        The mean of the first four measurements, then a moving average
+        that weighs the newest by a quarter; the FLOPs seed only counts
+        until the first measurement.
+        """
+        n = self._measured[p] = self._measured[p] + 1
+        if n == 1:
+            self._estimate[p] = seconds
+        else:
+            self._estimate[p] += (seconds - self._estimate[p]) / min(n, 4)
 
     def _on_worker_lost(self, wid: str) -> None:
         w = self._live.pop(wid, None)
@@ -625,17 +842,29 @@ class Scheduler:
         del self._infos[wid], self._resident[wid]
         if not w.queue:
             self._idle_n -= 1
+            if self._holds(w):
+                self._idle_holders[w.resident] -= 1  # type: ignore[index]
         if w.tree is not None:
             w.tree.set(w.pos, _NONE)
             w.tree = None
         w.epoch = -1
-        if w.resident is not None:
-            self._holders.get(w.resident, {}).pop(wid, None)
+        if w.resident is not None and self._holders.get(w.resident, {}).pop(wid, 0) is None:
+            self._holder_left(w, w.resident)
+        self._star_bytes -= sum(w.sent)
         queued = list(w.queue)
+        for key in queued:
+            self._queued_n[self._part[key]] -= 1
+            self._star_bytes -= self._tensor_bytes[self._part[key]]
         w.queue.clear()
         for key in queued:
-            del self._where[key]
-            self._make_ready(key)
+            if self._copies.get(key) == wid:  # a backup copy: the first goes on alone
+                del self._copies[key]
+            elif key in self._copies:  # the backup copy goes on alone
+                self._where[key] = self._copies.pop(key)
+            else:
+                del self._where[key]
+                if self._state[key] != _FINISHED:  # else the slower copy, no longer needed
+                    self._make_ready(key)
         self._check_feasible()
 
     def _on_worker_joined(self, info: WorkerInfo) -> None:
@@ -655,7 +884,17 @@ class Scheduler:
         # Warm from an earlier run: a holder of its partition if it fits.
         if p is not None and p in self._need and self._need[p] <= w.memory:
             self._holders[p][info.id] = None
+            self._holder_speed[p] += w.speed
         return w
+
+    def _holder_left(self, w: _Worker, p: str) -> None:
+        """Take ``w`` out of the sums the cost rule keeps over ``p``'s holders."""
+        if self._holders[p]:
+            self._holder_speed[p] -= w.speed
+            self._loading[p] -= w.loading
+        else:  # start again from exact zeros
+            self._holder_speed[p] = self._loading[p] = 0.0
+        w.loading = 0.0
 
     def _on_results_lost(self, keys: Iterable[TaskKey]) -> None:
         state, missing = self._state, self._missing
@@ -663,20 +902,27 @@ class Scheduler:
         for key in keys:
             if state.get(key) != _FINISHED:
                 continue
-            state[key] = _WAITING
             del self._produced_on[key]
             self._unfinished[self._part[key]] += 1
-            again.append(key)
+            if key in self._where:  # the slower copy of a backed-up task still runs: it delivers
+                state[key] = _QUEUED
+            else:
+                state[key] = _WAITING
+                again.append(key)
             for s in self._succs[key]:
                 missing[s] += 1
                 if state[s] == _READY:
                     self._unready(s)
                 elif state[s] == _QUEUED:
+                    if s in self._copies:
+                        self._dequeue(self._live[self._copies[s]], s)
                     self._dequeue(self._live[self._where[s]], s)
                     state[s] = _WAITING
         for key in again:
             if missing[key] == 0:
                 self._make_ready(key)
+        # The lost results may belong to a partition no live worker can hold.
+        self._check_feasible()
 
     def _check_feasible(self) -> None:
         if self._n_tasks == len(self._produced_on):
@@ -724,7 +970,16 @@ class Scheduler:
 
     def _dequeue(self, w: _Worker, key: TaskKey) -> None:
         del w.queue[key]
-        del self._where[key]
+        p = self._part[key]
+        self._queued_n[p] -= 1
+        self._star_bytes -= self._tensor_bytes[p]
+        # Of a task with two copies, the other one stays queued where it is.
+        other = self._copies.pop(key, None)
+        if self._where.get(key) == w.id:
+            if other is None:
+                del self._where[key]
+            else:
+                self._where[key] = other
         if w.queue:
             self._push_holder(w)
         else:
@@ -750,10 +1005,16 @@ class Scheduler:
             ]
             heapq.heapify(heap)
 
+    def _holds(self, w: _Worker) -> bool:
+        """Whether ``w`` counts as a holder of its resident partition."""
+        return w.resident is not None and w.id in self._holders.get(w.resident, ())
+
     def _become_idle(self, w: _Worker) -> None:
         self._idle_n += 1
+        if self._holds(w):
+            self._idle_holders[w.resident] += 1  # type: ignore[index]
         w.epoch = epoch = self._tick()
-        tree = self._empty_tree if w.resident is None else self._holding_tree
+        tree = self._tree_for(w)
         tree.set(w.pos, (w.inv_speed, w.rank, w.id))
         w.tree = tree
         entry = (w.inv_speed, w.rank, epoch, w.id)
@@ -761,8 +1022,19 @@ class Scheduler:
             heapq.heappush(self._caching_heap[p], entry)
         self._push_holder(w)
 
+    def _tree_for(self, w: _Worker) -> _MinTree:
+        """The idle tree of ``w``: empty, holding a partition with tasks left,
+        or (cost rule) holding one whose tasks are all done, swapped first."""
+        if w.resident is None:
+            return self._empty_tree
+        if self.policy == "cost" and not self._unfinished.get(w.resident, 0):
+            return self._spent_tree
+        return self._holding_tree
+
     def _become_busy(self, w: _Worker) -> None:
         self._idle_n -= 1
+        if self._holds(w):
+            self._idle_holders[w.resident] -= 1  # type: ignore[index]
         w.epoch = -1
         if w.tree is not None:
             w.tree.set(w.pos, _NONE)
@@ -773,10 +1045,11 @@ class Scheduler:
         self._mem_sorted = [w.memory for w in workers]
         self._empty_tree = _MinTree(len(workers))
         self._holding_tree = _MinTree(len(workers))
+        self._spent_tree = _MinTree(len(workers))
         for i, w in enumerate(workers):
             w.pos = i
             if w.tree is not None:  # idle: put it back in its tree
-                tree = self._empty_tree if w.resident is None else self._holding_tree
+                tree = self._tree_for(w)
                 tree.set(i, (w.inv_speed, w.rank, w.id))
                 w.tree = tree
 
@@ -785,15 +1058,23 @@ class Scheduler:
     def _place(self) -> list[Action]:
         """Place ready tasks until none has a candidate worker."""
         actions: list[Action] = []
+        if self._deferred:  # what waited a turn is weighed again after every event
+            self._t1_todo.update(self._deferred)
+            self._deferred.clear()
         while True:
-            self._sweep_tier1(actions)
+            if self.policy == "pipeline":
+                self._sweep_tier1(actions)
+            else:
+                self._place_held(actions)
             if not self._idle_n or not self._ready_parts:
                 return actions
-            # No ready partition has a holder now: look for the best tier
-            # (2 to 4) any ready task can get, lowest priority among equals.
+            # Ready partitions that no worker holds: the best tier (2 to 4)
+            # any of them can get, lowest priority among equals.
             best: tuple[int, Any, TaskKey] | None = None
             best_worker: _Worker | None = None
             for p in self._ready_parts:
+                if self._holders[p]:
+                    continue  # weighed by _place_held
                 top = self._peek_ready(p)
                 tier, worker = self._best_idle(p)
                 if worker is None:
@@ -809,6 +1090,80 @@ class Scheduler:
             self._take_ready(key)
             chosen = self._by_inputs(key, p, tier) or best_worker
             self._assign(key, chosen, tier, actions)
+
+    def _place_held(self, actions: list[Action]) -> None:
+        """Place the ready tasks of held partitions, in priority order, by
+        :meth:`_choose`; a partition whose top task waits is weighed again
+        after the next event."""
+        todo = self._t1_todo
+        if not todo:
+            return
+        held = [p for p in todo if self._holders[p] and self._ready_n[p]]
+        todo.clear()
+        # Idle holders first take what is ready for them, so that no later
+        # placement swaps out a partition whose ready tasks they could run.
+        for p in held:
+            while self._idle_holders[p] and self._ready_n[p]:
+                key = self._peek_ready(p)[1]
+                heapq.heappop(self._ready_heap[p])
+                self._take_ready(key)
+                self._assign(key, self._best_idle_holder(p), 1, actions)
+        heap = [(*self._peek_ready(p), p) for p in held if self._ready_n[p]]
+        heapq.heapify(heap)
+        while heap:
+            _, key, p = heapq.heappop(heap)
+            choice = self._choose(key, p)
+            if choice is None:
+                self._deferred[p] = None
+                continue
+            w, tier = choice
+            heapq.heappop(self._ready_heap[p])  # the top, as peeked
+            self._take_ready(key)
+            self._assign(key, w, tier, actions)
+            if self._ready_n[p]:
+                heapq.heappush(heap, (*self._peek_ready(p), p))
+
+    def _choose(self, key: TaskKey, p: str) -> tuple[_Worker, int] | None:
+        """Worker and tier for ready task ``key`` of held partition ``p``,
+        or None to leave it ready (policies "cost" and "greedy")."""
+        h = self._best_holder(p)
+        if not h.queue:
+            return h, 1
+        if self._idle_holders[p]:  # a slower holder is idle: it starts at once
+            return self._best_idle_holder(p), 1
+        tier, i = self._best_idle(p)
+        if self.policy == "greedy":
+            return None if i is None else (self._by_inputs(key, p, tier) or i, tier)
+        c = self._estimate[p]
+        # The drain: when the holders, at their combined speed, get through
+        # their unconfirmed loads, queued and ready tasks -- and no earlier
+        # than this task would finish behind the queued ones (tasks are
+        # whole, so the fluid backlog alone undercounts a short one).  A new
+        # holder must load and run this task before that.
+        queued, speed = self._queued_n[p] * c + self._loading[p], self._holder_speed[p]
+        drain = max((queued + self._ready_n[p] * c) / speed, queued / speed + c / h.speed)
+        star_busy = self._star_bytes / self._star_bandwidth >= drain / 4
+        if (i is not None and self._load_seconds(i, p) + c / i.speed < drain
+                and (p in i.stored or not self._loading[p] or not star_busy)):
+            return i, tier
+        if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
+            return h, 1  # (not behind the slower copy of a backed-up task)
+        return None
+
+    def _best_idle_holder(self, p: str) -> _Worker:
+        """The fastest idle holder of ``p`` (there is one)."""
+        live = self._live
+        return min((live[wid] for wid in self._holders[p] if not live[wid].queue),
+                   key=lambda w: (w.inv_speed, w.rank))
+
+    def _load_seconds(self, w: _Worker, p: str) -> float:
+        """Expected seconds to make ``p`` resident on ``w`` (not holding it)."""
+        wb = self._weights[p]
+        if p in w.stored:
+            fetch = wb / w.info.disk_bandwidth
+        else:  # behind the weights already on their way through the star
+            fetch = max(wb / w.info.bandwidth, (self._star_bytes + wb) / self._star_bandwidth)
+        return fetch + wb / DESERIALIZE_BYTES_PER_SECOND
 
     def _sweep_tier1(self, actions: list[Action]) -> None:
         """Queue every ready task whose partition some worker holds."""
@@ -871,7 +1226,9 @@ class Scheduler:
         top = self._empty_tree.suffix_min(lo)
         if top is not _NONE:
             return 3, live[top[2]]
-        top = self._holding_tree.suffix_min(lo)
+        top = self._spent_tree.suffix_min(lo)
+        if top is _NONE:
+            top = self._holding_tree.suffix_min(lo)
         if top is not _NONE:
             return 4, live[top[2]]
         return 0, None
@@ -914,16 +1271,29 @@ class Scheduler:
         if not w.queue:
             self._become_busy(w)
         if w.resident != p:
-            if w.resident is not None:
-                actions.append(Unload(w.id, w.resident))
-                self._holders.get(w.resident, {}).pop(w.id, None)
+            old = w.resident
+            if old is not None:
+                actions.append(Unload(w.id, old))
+                if self._holders.get(old, {}).pop(w.id, 0) is None:
+                    self._holder_left(w, old)
             actions.append(Load(w.id, p))
+            loading = w.speed * self._load_seconds(w, p)
+            sent = 0 if p in w.stored else int(self._weights[p])
             w.loads.append(p)
+            w.sent.append(sent)
+            w.stored.add(p)
+            self._star_bytes += sent
             w.resident = self._resident[w.id] = p
             self._holders[p][w.id] = None
+            # Until its load is confirmed, a new holder is about a load late.
+            w.loading = loading
+            self._holder_speed[p] += w.speed
+            self._loading[p] += w.loading
             if self._ready_n[p]:
                 self._t1_todo[p] = None
         w.queue[key] = None
+        self._queued_n[p] += 1
+        self._star_bytes += self._tensor_bytes[p]
         self._where[key] = w.id
         self._state[key] = _QUEUED
         self._push_holder(w)

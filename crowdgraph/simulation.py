@@ -10,13 +10,20 @@ is the in-memory crowd the scheduler's tests use.
 
 All tensors travel through the coordinator (a star, as with phones behind
 NAT): a task's inputs come down the worker's link and its outputs go up
-it before the task counts as finished.
+it before the task counts as finished, and partition weights that are
+not cached come down it too.  Every such transfer also crosses the
+coordinator's own link, which carries one transfer at a time at
+``CostModel.coordinator_bandwidth``: a big enough crowd saturates it, as
+a real star does, and the report then says that the coordinator link,
+not the crowd, bounds the run.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -25,7 +32,13 @@ import numpy as np
 from .errors import InputError
 from .executor import Executor, Job, Notice, Reporter
 from .partition import Partition
-from .schedule import TaskKey, WorkerInfo
+from .schedule import Policy, TaskKey, WorkerInfo
+from .units import format_bytes
+
+
+#: Share of the makespan the coordinator link must be busy for the report
+#: to name it as what bounds the run.
+STAR_BOUND = 0.9
 
 
 @dataclass(frozen=True)
@@ -34,7 +47,10 @@ class CostModel:
 
     The defaults describe a mid-range phone on Wi-Fi: about 5 GFLOP/s of
     sustained onnxruntime throughput, 10 MB/s each way with 5 ms latency,
-    weights deserialised at 200 MB/s, cached partitions read at 100 MB/s.
+    weights deserialised at 200 MB/s, cached partitions read at 100 MB/s;
+    the coordinator is a laptop on the same access point, 50 MB/s for
+    everything the crowd sends and receives together (``math.inf``: no
+    limit).
     """
 
     flops_per_second: float = 5e9
@@ -42,6 +58,7 @@ class CostModel:
     latency: float = 0.005
     deserialize_bytes_per_second: float = 200e6
     disk_bytes_per_second: float = 100e6
+    coordinator_bandwidth: float = 50e6
     #: Measured seconds per partition for one micro-batch of the compiled
     #: shapes on a speed-1.0 worker; overrides the FLOPs estimate.
     profile: Mapping[str, float] | None = None
@@ -62,6 +79,63 @@ class CostModel:
         """Seconds to make ``part`` resident (from local storage when cached)."""
         fetch = part.weight_bytes / self.disk_bytes_per_second if cached else self.transfer_seconds(part.weight_bytes)
         return fetch + part.weight_bytes / self.deserialize_bytes_per_second
+
+
+class _SharedLink:
+    """The coordinator's link: busy intervals on the virtual clock.
+
+    A transfer fills the link's free time from its start on, in as many
+    pieces as the gaps between earlier reservations need (the link
+    interleaves packets of concurrent transfers); touching intervals
+    merge, so a saturated link is one interval and a search stays short.
+
+    >>> link = _SharedLink(bandwidth=10.0)
+    >>> link.reserve(0.0, 10), link.reserve(2.0, 10)   # 1 s each
+    (1.0, 3.0)
+    >>> link.reserve(0.5, 20)   # fills 1-2 s, then 3-4 s
+    4.0
+    >>> list(zip(link.starts, link.ends))
+    [(0.0, 4.0)]
+    """
+
+    def __init__(self, bandwidth: float) -> None:
+        self.bandwidth = bandwidth
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.busy = 0.0  # seconds of transfers carried
+        self.nbytes = 0
+
+    def reserve(self, at: float, nbytes: int) -> float:
+        """Carry ``nbytes`` from ``at`` on; return when the last byte is through."""
+        if nbytes <= 0 or math.isinf(self.bandwidth):
+            return at
+        need = nbytes / self.bandwidth
+        self.busy += need
+        self.nbytes += nbytes
+        starts, ends = self.starts, self.ends
+        first = i = bisect.bisect_right(ends, at)
+        t = at
+        pieces: list[tuple[float, float]] = []
+        while need > 0:
+            if i < len(starts) and starts[i] <= t:
+                t = max(t, ends[i])
+                i += 1
+                continue
+            take = min(need, (starts[i] if i < len(starts) else math.inf) - t)
+            pieces.append((t, t + take))
+            need -= take
+            t += take
+        # Merge the pieces into the intervals they fall between.
+        lo = max(first - 1, 0)
+        merged: list[list[float]] = []
+        for s, e in sorted([*zip(starts[lo:i], ends[lo:i]), *pieces]):
+            if merged and s <= merged[-1][1] + 1e-12:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        starts[lo:i] = [s for s, _ in merged]
+        ends[lo:i] = [e for _, e in merged]
+        return t
 
 
 class SimulatedExecutor(Executor):
@@ -94,46 +168,57 @@ class SimulatedExecutor(Executor):
         self._seq = itertools.count()
         self._free_at: dict[str, float] = {}
         self._reporter: Reporter | None = None
+        self.coordinator_link = _SharedLink(self.cost.coordinator_bandwidth)
+        #: What the scheduler is told of the star: every uncached load crosses it.
+        self.star_bandwidth = self.cost.coordinator_bandwidth
 
     def start(self, job: Job, reporter: Reporter) -> list[WorkerInfo]:
         self._reporter = reporter
         self._free_at = {w: self._clock for w in self.crowd}
         for worker, at in self.losses.items():
             self._push(at, Notice("lost", worker, error=f"simulated loss at t={at:g} s"))
-        return list(self.crowd.values())
+        # The scheduler costs loads with the links this simulation uses.
+        return [replace(w, bandwidth=self.cost.bandwidth, disk_bandwidth=self.cost.disk_bytes_per_second)
+                for w in self.crowd.values()]
 
     def now(self) -> float:
         return self._clock
 
-    def _busy(self, worker: str, seconds: float) -> tuple[float, float]:
-        start = max(self._clock, self._free_at[worker])
-        end = start + seconds
-        self._free_at[worker] = end
-        return start, end
 
     def _push(self, at: float, notice: Notice) -> None:
         heapq.heappush(self._heap, (at, next(self._seq), notice))
 
+    def _transfer(self, at: float, nbytes: int) -> float:
+        """When ``nbytes`` sent at ``at`` arrive, over a worker's link and the coordinator's."""
+        return max(at + self.cost.transfer_seconds(nbytes),
+                   self.coordinator_link.reserve(at, nbytes) + self.cost.latency)
+
     def load(self, worker: str, partition: Partition) -> None:
         cached = partition.name in self.crowd[worker].cached
-        start, end = self._busy(worker, self.cost.load_seconds(partition, cached))
+        start = max(self._clock, self._free_at[worker])
+        if cached:
+            end = start + self.cost.load_seconds(partition, cached)
+        else:
+            arrived = self._transfer(start, partition.weight_bytes)
+            end = arrived + partition.weight_bytes / self.cost.deserialize_bytes_per_second
+        self._free_at[worker] = end
         sent = 0 if cached else partition.weight_bytes
         self._push(end, Notice("loaded", worker, partition=partition.name, stats=dict(
             start=start, end=end, bytes_sent=sent, from_cache=cached)))
         self.crowd[worker] = replace(self.crowd[worker], cached=self.crowd[worker].cached | {partition.name})
 
     def unload(self, worker: str, partition: str) -> None:
-        start, _ = self._busy(worker, 0.0)
+        start = max(self._clock, self._free_at[worker])
         self._push(start, Notice("unloaded", worker, partition=partition))
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
         scale = self.scale if isinstance(self.scale, float) else self.scale[key[1]]
         bytes_in = int(partition.input_bytes * scale)
         bytes_out = int(partition.output_bytes * scale)
-        seconds = (self.cost.transfer_seconds(bytes_in)
-                   + self.cost.compute_seconds(partition, scale, self.crowd[worker].speed)
-                   + self.cost.transfer_seconds(bytes_out))
-        start, end = self._busy(worker, seconds)
+        start = max(self._clock, self._free_at[worker])
+        computed = self._transfer(start, bytes_in) + self.cost.compute_seconds(
+            partition, scale, self.crowd[worker].speed)
+        end = self._free_at[worker] = self._transfer(computed, bytes_out)
         self._push(end, Notice("finished", worker, key=key, outputs={o: None for o in partition.outputs},
                                stats=dict(start=start, end=end, bytes_in=bytes_in, bytes_out=bytes_out,
                                           wire_in=bytes_in, wire_out=bytes_out)))
@@ -156,7 +241,7 @@ class SimulatedExecutor(Executor):
 
 def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[str, Sequence[int]] | Sequence[int],
              *, microbatch: int | None = None, mode: str = "streaming", cost: CostModel | None = None,
-             losses: Mapping[str, float] | None = None, seed: int = 0) -> Any:
+             losses: Mapping[str, float] | None = None, seed: int = 0, policy: Policy = "cost") -> Any:
     """How long would ``crowd`` take?  Returns a :class:`~crowdgraph.report.RunReport` in virtual seconds.
 
     ``batch_shape`` is a mapping of input name to shape, or one shape for
@@ -181,10 +266,24 @@ def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[st
              ((s.name, s) for s in compiled.inputs)}
     batched = compiled.batched_inputs()
     microbatches = split_batch(batch, batched, microbatch)
-    compiled_rows = max(1, compiled.input_shapes[batched[0]][0]) if batched else 1
+    # The plan run() would use: cut again when a micro-batch is larger than
+    # the compiled shapes, so FLOPs and bytes are those of the real shapes.
+    plan = compiled.at_shapes({k: v.shape for k, v in microbatches[0].items()})
+    compiled_rows = max(1, plan.input_shapes[batched[0]][0]) if batched else 1
     scale = {i: (mb[batched[0]].shape[0] / compiled_rows if batched else 1.0) for i, mb in enumerate(microbatches)}
     executor = SimulatedExecutor(crowd, cost, scale=scale, losses=losses)
-    _, report = Driver(compiled, microbatches, executor, mode=mode, seed=seed).run()  # type: ignore[arg-type]
+    # Simulated workers never straggle, and their clock jumps from event to event.
+    _, report = Driver(plan, microbatches, executor, mode=mode, seed=seed,  # type: ignore[arg-type]
+                       policy=policy, backups=False).run()
+    link = executor.coordinator_link
+    report.coordinator_link_busy = link.busy
+    if report.makespan > 0 and link.busy >= STAR_BOUND * report.makespan:
+        report.notes.append(
+            f"the coordinator link bounds this run: it carried {format_bytes(link.nbytes)} at "
+            f"{format_bytes(link.bandwidth)}/s, busy {link.busy:.1f} s of {report.makespan:.1f} s "
+            f"({link.busy / report.makespan:.0%}); more workers will not make it faster, a faster "
+            "coordinator link (CostModel.coordinator_bandwidth) or cached partitions will"
+        )
     return report
 
 

@@ -19,7 +19,9 @@ The checks: outputs equal the whole-model oracle in both modes; Load,
 Unload and Run mean what the protocol says (in order per worker, one
 resident partition, failures reported rather than raised); a failing task
 fails the run with a clear error and leaves the executor usable; a lost
-worker's tasks are placed again; ``close()`` leaves no thread running.
+worker's tasks are placed again; six workers on a three-partition plan run
+replicas (some partition on two or more workers, each worker one partition
+at a time within its budget); ``close()`` leaves no thread running.
 """
 
 from __future__ import annotations
@@ -64,7 +66,41 @@ class _Case:
         raise KeyError(name)
 
 
+class _ReplicaCase:
+    """Twelve micro-batches of one 128-token row through the tiny DistilBERT in
+    3 partitions: enough backlog that six workers load replicas."""
+
+    def __init__(self) -> None:
+        self.model = zoo.distilbert("tiny")
+        self.feeds = zoo.sample_inputs(self.model, batch=12, sequence=128)
+        self.compiled = compile(self.model, partitions=3, input_shapes={"input_ids": (1, 128)})
+        self.budget = max(p.resident_bytes for p in self.compiled.partitions)
+        self.expected = run_session(open_session(self.model.SerializeToString()), self.feeds)
+
+
 _CASE: _Case | None = None
+_REPLICA_CASE: _ReplicaCase | None = None
+
+
+def _replica_case() -> _ReplicaCase:
+    global _REPLICA_CASE
+    if _REPLICA_CASE is None:
+        _REPLICA_CASE = _ReplicaCase()
+    return _REPLICA_CASE
+
+
+def assert_one_partition_at_a_time(report: Any, partitions: Sequence[Any]) -> None:
+    """Every task of ``report`` ran on a worker whose latest load before it was
+    the task's partition, and that partition fit the worker's budget."""
+    need = {p.name: p.resident_bytes for p in partitions}
+    for wid, worker in report.workers.items():
+        loads = sorted((load.start, load.partition) for load in report.loads if load.worker == wid)
+        for task in (t for t in report.tasks if t.worker == wid):
+            before = [p for start, p in loads if start <= task.start]
+            assert before and before[-1] == task.partition, (
+                f"{wid} ran {task.partition} micro-batch {task.microbatch} while holding "
+                f"{before[-1] if before else 'nothing'}")
+            assert need[task.partition] <= worker.memory, f"{task.partition} does not fit {wid}"
 
 
 def _case() -> _Case:
@@ -234,6 +270,15 @@ class ExecutorConformance:
             executor.close()
         _assert_close(got, self.case.expected)
         assert killed and report.workers[killed[0]].lost, "the killed worker shows as lost in the report"
+
+    def test_replicas_share_a_busy_partition(self) -> None:
+        case = _replica_case()
+        with self.make_executor([case.budget] * 6) as executor:
+            got, report = case.compiled.run(case.feeds, executor=executor, microbatch=1, report=True)
+        _assert_close(got, case.expected)
+        holders = report.holders
+        assert max(len(ws) for ws in holders.values()) >= 2, f"no partition got a second holder: {holders}"
+        assert_one_partition_at_a_time(report, case.compiled.partitions)
 
     def test_close_leaves_nothing_running(self) -> None:
         before = set(threading.enumerate())

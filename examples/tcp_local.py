@@ -3,7 +3,8 @@
 ``TcpExecutor.local`` starts a coordinator in this process and three
 ``crowdgraph-worker`` processes (the agent a phone or a Pi runs) that
 connect to it; the run then goes over real sockets.  The second run on the
-same crowd sends no partition bytes: the workers still hold them.
+same crowd sends few or no partition bytes: the workers still hold them, or
+read them from their cache.
 
 Run it: ``python examples/tcp_local.py`` (needs ``pip install -e executors/tcp``).
 """

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-NAMES = ("scale", "transport", "streaming", "overhead", "memory", "estimate")
+NAMES = ("scale", "crowd", "transport", "streaming", "overhead", "memory", "estimate")
 KEYS = {"benchmark", "quick", "machine", "config", "rows", "targets", "seconds", "skipped"}
 MACHINE_KEYS = {"cpu", "cores", "memory_bytes", "python", "onnxruntime"}
 TARGET_KEYS = {"benchmark", "name", "value", "limit", "op", "passed", "verdict", "line"}
@@ -57,7 +57,10 @@ def test_expected_rows(quick_run):
     streaming = load("streaming")
     assert {r["crowd"] for r in streaming["simulated"] if r["compiles"]} == {"heterogeneous", "equal"}
     scale = load("scale")
-    assert {r["what"] for r in scale["rows"]} == {"scheduler", "simulate()"}
+    assert {r["what"] for r in scale["rows"]} == {"scheduler", "simulate()", "dask"}
+    crowd = load("crowd")
+    assert {"pipeline", "greedy", "cost"} <= set(crowd["rows"][0])
+    assert all(r["cost"]["makespan"] > 0 and r["cost"]["speedup"] > 0 for r in crowd["rows"])
     memory = load("memory")
     if memory["skipped"] is None:
         ran = [r for r in memory["rows"] if r.get("workers")]

