@@ -419,17 +419,24 @@ def test_nodes_that_cannot_split_say_why():
     assert "raise the budget" in str(info.value)
 
 
-def test_run_with_automatic_micro_batches():
+def test_a_batch_too_big_for_one_pass_runs_in_automatic_micro_batches():
     model = zoo.distilbert("tiny")
     feeds = zoo.sample_inputs(model, batch=12, sequence=32)
     budget = smallest_budget(model, {"input_ids": (4, 32)})
     compiled = crowdgraph.compile(model, budget, input_shapes={"input_ids": (4, 32)})
-    outputs = compiled.run(feeds, executor=crowdgraph.ThreadExecutor(workers=2), microbatch="auto")
+    outputs = compiled.run(feeds, executor=crowdgraph.ThreadExecutor(workers=2))  # microbatch="auto"
     assert_matches(outputs, oracle(model, feeds))
     assert compiled.last_report.microbatches == 3, "three micro-batches of 4 rows"
+    crowd = [crowdgraph.Worker(f"w{n}", memory=budget) for n in range(2)]
+    assert crowdgraph.simulate(compiled, crowd, (12, 32)).microbatches == 3
+    small = {k: v[:3] for k, v in feeds.items()}
+    compiled.run(small, executor=crowdgraph.ThreadExecutor(workers=2))
+    assert compiled.last_report.microbatches == 1, "a batch the plan was cut for runs whole"
+    with pytest.raises(crowdgraph.BudgetError, match=r"a micro-batch of 4 rows fits: run\(\.\.\., microbatch=4\)"):
+        compiled.run(feeds, executor=crowdgraph.ThreadExecutor(workers=2), microbatch=6)
     with pytest.raises(crowdgraph.BudgetError, match="not even a micro-batch of one row"):
         tight = crowdgraph.compile(model, budget, input_shapes={"input_ids": (1, 8)})
-        tight.run(zoo.sample_inputs(model, batch=2, sequence=128), microbatch="auto")
+        tight.run(zoo.sample_inputs(model, batch=2, sequence=128))
 
 
 # -- plans, table, example ----------------------------------------------------------------------
