@@ -25,6 +25,10 @@ partition loaded and runs it on one micro-batch::
   1.3 times, with the allocator set up as :mod:`crowdgraph.runtime` does).
 * the runtime's own overhead: a fixed part for a session and a part per
   node (kernels, graph structures), measured on DistilBERT partitions.
+  onnxruntime's one-time cost (environment, kernel registries, code
+  pages: about 7.5 MB) is not in it: a worker pays it once, with a
+  warm-up session before it takes its floor
+  (:func:`crowdgraph.runtime.warm_up`).
 
 The estimate is checked against measured peak RSS in fresh processes by
 the test suite (see docs/partitioning.md).
@@ -56,9 +60,10 @@ from .errors import BudgetError, ModelError
 from .lower import OpGraph, OpNode, skeleton
 from .units import format_bytes
 
-#: Fixed resident cost of one onnxruntime session: a one-node session
-#: measures about 10 MB above the floor; rounded up.
-RUNTIME_BASE_BYTES = 12 * 2**20
+#: Fixed resident cost of one more onnxruntime session in a warmed-up
+#: process: a one-node session measures about 1.1 MB above the floor
+#: taken after :func:`crowdgraph.runtime.warm_up`; rounded up.
+RUNTIME_BASE_BYTES = 3 * 2**19
 #: Resident cost per node of a session (kernel objects, graph structures).
 RUNTIME_NODE_BYTES = 24 * 2**10
 #: Measured activation peak over the live-tensor peak, rounded up.
