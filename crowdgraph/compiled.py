@@ -431,7 +431,7 @@ def compile(
     --------
     >>> import crowdgraph
     >>> from crowdgraph import zoo
-    >>> compiled = crowdgraph.compile(zoo.distilbert("tiny"), "14MB",
+    >>> compiled = crowdgraph.compile(zoo.distilbert("tiny"), "3MB",
     ...                               input_shapes={"input_ids": (1, 16)})
     >>> len(compiled.partitions) > 1
     True
