@@ -19,9 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 import crowdgraph
 from crowdgraph import zoo
@@ -45,25 +43,15 @@ def models(quick: bool):
         yield "exported DistilBERT", str(path), lambda m, b: test_models.exported_distilbert_inputs(b, 128, size="full")
 
 
-def relu_chain(nodes: int) -> onnx.ModelProto:
-    """``nodes`` Relu nodes in a row on a 1x16 tensor: a session's cost with next to no data."""
-    names = ["x"] + [f"t{k}" for k in range(nodes)]
-    graph = helper.make_graph(
-        [helper.make_node("Relu", [a], [b], name=f"relu{k}") for k, (a, b) in enumerate(zip(names, names[1:]))],
-        "relu_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
-        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1, 16])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 def runtime_rows(folder: pathlib.Path, repeats: int = 3) -> list[dict[str, Any]]:
     """Cold and warm cost of sessions on tiny models, the smallest of ``repeats`` fresh processes each."""
+    from tests.models import relu_chain
+
     rows = []
-    feeds = {"x": np.ones((1, 16), np.float32)}
     for nodes in (1, 64):
+        model, feeds = relu_chain(nodes)
         path = folder / f"relu{nodes}.onnx"
-        onnx.save_model(relu_chain(nodes), str(path))
+        onnx.save_model(model, str(path))
         cold = [measure_in_fresh_process(path, feeds, warm=False) for _ in range(repeats)]
         warm = [measure_in_fresh_process(path, feeds) for _ in range(repeats)]
         rows.append({"nodes": nodes, "cold": min(r["above_floor"] for r in cold),

@@ -460,6 +460,7 @@ def test_table_lists_the_split_nodes_and_plans_keep_them(tmp_path):
     assert cmd_inspect(args) == 0
 
 
+@pytest.mark.slow  # compiles and runs full DistilBERT in a subprocess; test_embedded_distilbert_full_at_16mb is the fast check
 def test_split_small_budget_example(tmp_path):
     done = subprocess.run([sys.executable, str(EXAMPLES / "split_small_budget.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
