@@ -63,7 +63,7 @@ from .units import format_bytes
 #: Fixed resident cost of one more onnxruntime session in a warmed-up
 #: process: a one-node session measures about 1.1 MB above the floor
 #: taken after :func:`crowdgraph.runtime.warm_up`; rounded up.
-RUNTIME_BASE_BYTES = 3 * 2**19
+RUNTIME_BASE_BYTES = 3 * 2**20 // 2  # 1.5 MiB
 #: Resident cost per node of a session (kernel objects, graph structures).
 RUNTIME_NODE_BYTES = 24 * 2**10
 #: Measured activation peak over the live-tensor peak, rounded up.

@@ -13,7 +13,7 @@ for all of them:
 * no graph optimisations: fusions build new initializers next to the
   old ones while a session loads; even the basic Conv + BatchNormalization
   fusion raised ResNet-50's last-stage partitions to 1.5 times their
-  weights (measured), where without it they stay within the estimate;
+  estimate (measured), where without it they stay within it;
 * on glibc, blocks of 64 KiB and more are allocated with mmap (a fixed
   ``M_MMAP_THRESHOLD``): freed tensors go straight back to the operating
   system instead of fragmenting the heap, which otherwise keeps resident
@@ -21,7 +21,7 @@ for all of them:
 
 A process's first session costs far more than any later one: onnxruntime
 builds its environment and kernel registries and faults in its code pages
-(about 9 MB, measured), and keeps them after the session closes.  That is
+(about 7.5 MB, measured), and keeps them after the session closes.  That is
 paid once per worker, not once per partition, so a worker calls
 :func:`warm_up` before it takes its idle *floor*; the partition estimate
 then only carries what each further session costs.
@@ -35,7 +35,6 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import onnx
 
 from .errors import ModelError
 
@@ -96,7 +95,7 @@ def warm_up_model() -> bytes:
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    def const(name: str, value: np.ndarray) -> onnx.TensorProto:
+    def const(name: str, value: Any) -> TensorProto:
         return numpy_helper.from_array(np.asarray(value, np.float32), name)
 
     inits = [const("w", np.full((4, 4, 3, 3), 0.1)), const("m", np.eye(4)), const("g", np.ones(4)),
