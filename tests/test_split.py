@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import subprocess
 import sys
@@ -437,6 +438,17 @@ def test_a_batch_too_big_for_one_pass_runs_in_automatic_micro_batches():
     with pytest.raises(crowdgraph.BudgetError, match="not even a micro-batch of one row"):
         tight = crowdgraph.compile(model, budget, input_shapes={"input_ids": (1, 8)})
         tight.run(zoo.sample_inputs(model, batch=2, sequence=128))
+
+
+def test_command_line_runs_a_batch_too_big_for_one_pass(tmp_path):
+    from crowdgraph.cli import main
+
+    budget = str(smallest_budget(zoo.distilbert("tiny"), {"input_ids": (4, 32)}))
+    code = main(["run", "--size", "tiny", "--budget", budget, "--shape", "input_ids=4x32",
+                 "--batch-shape", "input_ids=12x32", "--batch-shape", "attention_mask=12x32",
+                 "--workers", "2", "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    assert json.loads((tmp_path / "r.json").read_text())["microbatches"] == 3
 
 
 # -- plans, table, example ----------------------------------------------------------------------
