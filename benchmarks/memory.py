@@ -23,6 +23,11 @@ external data, the way onnxruntime loads it with the least memory.
 Needs crowdgraph-tcp (imported lazily); without it the worker part is
 skipped and only the whole-model figure is measured.
 
+First of all it prints the floor per model: the smallest budget that
+compiles each model at one row (:func:`crowdgraph.split.smallest_budget`,
+splitting included): DistilBERT at 1x128 and the onnx package's light
+CNNs (seeded weights) at 1x3x224x224.
+
 Run: python -m benchmarks.memory [--quick]
 """
 
@@ -39,6 +44,7 @@ from typing import Any
 import crowdgraph
 from crowdgraph.errors import BudgetError
 from crowdgraph.measure import measure_in_fresh_process
+from crowdgraph.split import smallest_budget
 from crowdgraph.units import parse_bytes
 
 from . import common
@@ -124,8 +130,34 @@ def _crowd_run(TcpExecutor: Any, compiled: Any, feeds: dict[str, Any], budget: s
     return rows
 
 
+#: The light CNNs whose floor is reported (``tests.models.light_cnn``).
+FLOOR_CNNS = ("resnet50", "inception_v1", "densenet121", "squeezenet")
+QUICK_FLOOR_CNNS = ("squeezenet",)
+
+
+def floor_rows(quick: bool) -> list[dict[str, Any]]:
+    """The smallest budget that compiles each model at one row, splitting included."""
+    from tests import models as test_models
+
+    rows = []
+    for case in common.model_cases(quick):
+        feeds = case.inputs(1)
+        rows.append({"model": case.label, "shape": "x".join(map(str, feeds["input_ids"].shape)),
+                     "floor": smallest_budget(case.model, {k: v.shape for k, v in feeds.items()})})
+    for name in QUICK_FLOOR_CNNS if quick else FLOOR_CNNS:
+        model, feeds = test_models.light_cnn(name)[:2]
+        (shape,) = {v.shape for v in feeds.values()}
+        rows.append({"model": name, "shape": "x".join(map(str, shape)),
+                     "floor": smallest_budget(model, {k: v.shape for k, v in feeds.items()})})
+    show(table(["model", "shape", "smallest budget that compiles MB"],
+               [(r["model"], r["shape"], r["floor"] / 1e6) for r in rows],
+               title="Floor per model: the smallest budget that compiles it (splitting included)"))
+    return rows
+
+
 def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, Any]:
     began = time.perf_counter()
+    floors = floor_rows(quick)
     TcpExecutor = _tcp()
     budgets = QUICK_BUDGETS if quick else BUDGETS
     if TcpExecutor is None:
@@ -216,7 +248,7 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
               "included; polling can miss short peaks)"))
     _plot(rows, out)
     return common.result(NAME, quick, config={"budgets": list(budgets), "threads": 1,
-                                              "tcp": TcpExecutor is not None},
+                                              "tcp": TcpExecutor is not None, "floors": floors},
                          rows=rows, targets=targets, seconds=time.perf_counter() - began,
                          skipped=common.TCP_MISSING if TcpExecutor is None else None)
 

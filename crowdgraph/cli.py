@@ -107,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         batch = sample_batch(compiled, parse_shapes(args.batch_shape) or {}, args.seed)
     executor: Any = args.executor or ThreadExecutor(workers=args.workers)
-    outputs, report = compiled.run(batch, executor=executor, microbatch=args.microbatch, mode=args.mode,
+    outputs, report = compiled.run(batch, executor=executor, microbatch=args.microbatch or "auto", mode=args.mode,
                                    report=True, progress=sys.stderr.isatty(), seed=args.seed)
     print(compiled.table())
     print()
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--workers", type=int, default=4, help="number of thread workers (default 4)")
     p.add_argument("--executor", help="an executor name or URL instead of thread workers (tcp://host:port)")
-    p.add_argument("--microbatch", type=int, help="rows per micro-batch (default: the whole batch)")
+    p.add_argument("--microbatch", type=int,
+                   help="rows per micro-batch (default: the largest that fits the budget, the whole batch if it fits)")
     p.add_argument("--mode", default="streaming", choices=["streaming", "barrier"])
     p.add_argument("--batch-shape", action="append", metavar="NAME=DxD",
                    help="shape of a generated input batch (default: the compiled shapes)")

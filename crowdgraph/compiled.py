@@ -164,7 +164,7 @@ class CompiledModel:
             raise InputError(f"inputs disagree on the batch size (axis 0): {sizes}; give every input the same rows")
         return feeds
 
-    def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = None,
+    def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
             mode: str = "streaming", seed: int = 0, report: bool = False, progress: bool = False,
             timeout: float | None = None) -> Any:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
@@ -173,9 +173,14 @@ class CompiledModel:
         ----------
         batch:
             Input name -> array.  Inputs with a batch axis are split along
-            axis 0 into micro-batches of ``microbatch`` rows (default: one
-            micro-batch; ``"auto"``: the largest that fits the budget, see
-            :func:`~crowdgraph.split.fitting_microbatch`).
+            axis 0 into micro-batches of ``microbatch`` rows.  The default,
+            ``"auto"``, takes the largest micro-batch that fits the budget
+            (the whole batch when it fits; see
+            :func:`~crowdgraph.split.fitting_microbatch`), so a batch that
+            is too big for one pass still runs; ``None`` is one micro-batch.
+            An explicit number of rows that does not fit raises
+            :class:`~crowdgraph.errors.BudgetError` naming the micro-batch
+            that would.
         executor:
             An :class:`~crowdgraph.executor.Executor`, a registered name
             (``"threads"``), a URL (``"tcp://host:8786"``), or an object a
@@ -219,12 +224,11 @@ class CompiledModel:
     def _auto_microbatch(self, feeds: Mapping[str, np.ndarray]) -> int | None:
         """Rows of the largest micro-batch that fits the budget (None: the whole batch)."""
         batched = self.batched_inputs()
-        if not batched or self.memory_budget is None:
-            return None
-        rows = feeds[batched[0]].shape[0]
-        if self._source is None:  # a plan loaded from disk fits at the shapes it was compiled at
-            return min(rows, self.input_shapes[batched[0]][0])
         shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+        if not batched or self.memory_budget is None or _within(shapes, self.input_shapes):
+            return None  # the plan was cut at these shapes or larger: the whole batch fits
+        if self._source is None:  # a plan loaded from disk fits at the shapes it was compiled at
+            return min(feeds[batched[0]].shape[0], self.input_shapes[batched[0]][0])
         fitting = fitting_microbatch(self._source.model, self.memory_budget, shapes)
         if fitting is None:
             one = {name: ((1,) + shape[1:] if name in batched else shape) for name, shape in shapes.items()}
@@ -260,12 +264,7 @@ class CompiledModel:
         Plans cut again are cached by shape; a plan loaded from disk is
         returned as it is.
         """
-        fits = all(
-            len(shape) == len(self.input_shapes.get(name, ())) and
-            all(a <= b for a, b in zip(shape, self.input_shapes[name]))
-            for name, shape in shapes.items()
-        )
-        if fits or self._source is None:
+        if _within(shapes, self.input_shapes) or self._source is None:
             return self
         key = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
         if key not in self._replans:
@@ -303,6 +302,18 @@ class CompiledModel:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return target
+
+
+def _within(shapes: Mapping[str, tuple[int, ...]], compiled: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether every shape is at most the one the plan was compiled at, dim by dim.
+
+    >>> _within({"x": (4, 16)}, {"x": (8, 16)}), _within({"x": (16, 16)}, {"x": (8, 16)})
+    (True, False)
+    """
+    return all(
+        len(shape) == len(compiled.get(name, ())) and all(a <= b for a, b in zip(shape, compiled[name]))
+        for name, shape in shapes.items()
+    )
 
 
 def _fixed(dim: Any) -> bool:
@@ -420,7 +431,7 @@ def compile(
     --------
     >>> import crowdgraph
     >>> from crowdgraph import zoo
-    >>> compiled = crowdgraph.compile(zoo.distilbert("tiny"), "14MB",
+    >>> compiled = crowdgraph.compile(zoo.distilbert("tiny"), "3MB",
     ...                               input_shapes={"input_ids": (1, 16)})
     >>> len(compiled.partitions) > 1
     True

@@ -1,14 +1,17 @@
 """Measure what a partition really costs: peak RSS in a fresh process.
 
 The budget promise of :mod:`crowdgraph.partition` is checked this way:
-a new Python process imports numpy and onnxruntime, notes its RSS (the
+a new Python process imports numpy and onnxruntime, runs one tiny warm-up
+session (:func:`crowdgraph.runtime.warm_up`, onnxruntime's once-cost, as
+a worker does before it announces its floor), notes its RSS (the
 *floor*), opens the partition from its plan file, runs it once on real
 boundary tensors, and reports its peak RSS.  ``peak - floor`` must not
 exceed the partition's estimate.
 
 Run as ``python -m crowdgraph.measure PARTITION.onnx INPUTS.npz`` it prints
-one JSON object: ``floor``, ``peak``, ``above_floor`` (bytes) and
-``seconds``.
+one JSON object: ``cold_floor`` (the RSS before the warm-up), ``floor``,
+``peak``, ``above_floor`` (bytes) and ``seconds``.  With ``--cold`` the
+warm-up is skipped, so ``above_floor`` includes the once-cost.
 """
 
 from __future__ import annotations
@@ -42,13 +45,18 @@ def peak_rss_since_reset() -> int:
     return peak_rss()
 
 
-def measure_in_fresh_process(model_file: str | os.PathLike, feeds: Mapping[str, np.ndarray], timeout: float = 300) -> dict:
-    """Peak RSS of loading and running ``model_file`` once, in a new process."""
+def measure_in_fresh_process(model_file: str | os.PathLike, feeds: Mapping[str, np.ndarray], timeout: float = 300,
+                             warm: bool = True) -> dict:
+    """Peak RSS of loading and running ``model_file`` once, in a new process.
+
+    ``warm=False`` skips the warm-up session, so the figure above the
+    floor includes onnxruntime's once-cost.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         npz = pathlib.Path(tmp) / "inputs.npz"
         np.savez(npz, **dict(feeds))
         done = subprocess.run(
-            [sys.executable, "-m", "crowdgraph.measure", os.fspath(model_file), str(npz)],
+            [sys.executable, "-m", "crowdgraph.measure", os.fspath(model_file), str(npz)] + ([] if warm else ["--cold"]),
             capture_output=True, text=True, timeout=timeout, check=False,
         )
     if done.returncode != 0:
@@ -56,12 +64,13 @@ def measure_in_fresh_process(model_file: str | os.PathLike, feeds: Mapping[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_plan(compiled, feeds: Mapping[str, np.ndarray], folder: str | os.PathLike) -> list[dict]:
+def measure_plan(compiled, feeds: Mapping[str, np.ndarray], folder: str | os.PathLike, warm: bool = True) -> list[dict]:
     """Measure every partition of ``compiled`` on ``feeds``, each in a fresh process.
 
     The plan is saved to ``folder``; boundary tensors come from running the
     partitions in order in this process.  Returns one row a partition:
-    ``partition``, ``estimate``, ``floor``, ``peak``, ``above_floor``.
+    ``partition``, ``estimate``, ``cold_floor``, ``floor``, ``peak``,
+    ``above_floor``.
     """
     from .runtime import open_session, run_session
 
@@ -70,18 +79,24 @@ def measure_plan(compiled, feeds: Mapping[str, np.ndarray], folder: str | os.Pat
     rows = []
     for part in compiled.partitions:
         part_feeds = {name: values[name] for name in part.inputs}
-        measured = measure_in_fresh_process(plan / f"{part.name}.onnx", part_feeds)
+        measured = measure_in_fresh_process(plan / f"{part.name}.onnx", part_feeds, warm=warm)
         rows.append({"partition": part.name, "estimate": part.resident_bytes, **measured})
         values.update(run_session(open_session(part.model_bytes), part_feeds))
     return rows
 
 
 def _main(argv: list[str]) -> None:
+    import onnx  # noqa: F401  (part of the floor: workers write received partitions with it)
     import onnxruntime  # noqa: F401  (part of the floor)
 
-    from .runtime import current_rss, open_session, run_session
+    from .runtime import current_rss, open_session, run_session, tune_allocator, warm_up
 
-    model_file, npz = argv
+    cold = "--cold" in argv
+    model_file, npz = [a for a in argv if a != "--cold"]
+    tune_allocator()
+    cold_floor = current_rss()
+    if not cold:
+        warm_up()
     floor = current_rss()
     reset_peak_rss()
     start = time.perf_counter()
@@ -91,7 +106,7 @@ def _main(argv: list[str]) -> None:
     run_session(session, feeds)
     seconds = time.perf_counter() - start
     peak = peak_rss_since_reset()
-    print(json.dumps({"floor": floor, "peak": peak, "above_floor": peak - floor, "seconds": seconds}))
+    print(json.dumps({"cold_floor": cold_floor, "floor": floor, "peak": peak, "above_floor": peak - floor, "seconds": seconds}))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ partition loaded and runs it on one micro-batch::
   1.3 times, with the allocator set up as :mod:`crowdgraph.runtime` does).
 * the runtime's own overhead: a fixed part for a session and a part per
   node (kernels, graph structures), measured on DistilBERT partitions.
+  onnxruntime's one-time cost (environment, kernel registries, code
+  pages: about 7.5 MB) is not in it: a worker pays it once, with a
+  warm-up session before it takes its floor
+  (:func:`crowdgraph.runtime.warm_up`).
 
 The estimate is checked against measured peak RSS in fresh processes by
 the test suite (see docs/partitioning.md).
@@ -56,9 +60,10 @@ from .errors import BudgetError, ModelError
 from .lower import OpGraph, OpNode, skeleton
 from .units import format_bytes
 
-#: Fixed resident cost of one onnxruntime session: a one-node session
-#: measures about 10 MB above the floor; rounded up.
-RUNTIME_BASE_BYTES = 12 * 2**20
+#: Fixed resident cost of one more onnxruntime session in a warmed-up
+#: process: a one-node session measures about 1.1 MB above the floor
+#: taken after :func:`crowdgraph.runtime.warm_up`; rounded up.
+RUNTIME_BASE_BYTES = 3 * 2**20 // 2  # 1.5 MiB
 #: Resident cost per node of a session (kernel objects, graph structures).
 RUNTIME_NODE_BYTES = 24 * 2**10
 #: Measured activation peak over the live-tensor peak, rounded up.
@@ -135,6 +140,12 @@ class _Cutter:
         for name in outputs:
             self.last_reader[name] = n  # read "after the end"
         self.node_constants: list[frozenset[str]] = [self._constant_closure(nd) for nd in og.nodes]
+        # Per node, computed once: estimate() runs for many overlapping runs.
+        self.size = {name: info.nbytes for name, info in og.tensors.items()}
+        self.reads: list[tuple[str, ...]] = [
+            tuple(dict.fromkeys(r for r in nd.inputs if r not in og.constant_bytes)) for nd in og.nodes]
+        self.made: list[tuple[tuple[str, int], ...]] = [
+            tuple((o, self.size.get(o, 0)) for o in nd.outputs) for nd in og.nodes]
 
     def _constant_closure(self, node: OpNode) -> frozenset[str]:
         """Constant tensors (built and initializers) a node needs."""
@@ -147,42 +158,41 @@ class _Cutter:
                 names.update(o for o in self.og.node_protos[cn].output if o)
         return frozenset(names)
 
-    def variable_reads(self, node: OpNode) -> list[str]:
-        return [r for r in node.inputs if r not in self.og.constant_bytes]
+    def variable_reads(self, node: OpNode) -> tuple[str, ...]:
+        """The non-constant tensors ``node`` reads, each once."""
+        return self.reads[node.index]
 
     def estimate(self, i: int, j: int) -> Estimate:
         """Resident-memory estimate of ``nodes[i:j]`` (the formula above)."""
-        og = self.og
+        size, producer, last_reader = self.size, self.producer, self.last_reader
         constants: set[str] = set()
         inputs: dict[str, None] = {}
         last_in_run: dict[str, int] = {}
         for k in range(i, j):
-            node = self.nodes[k]
             constants |= self.node_constants[k]
-            for r in self.variable_reads(node):
-                if self.producer.get(r, -1) < i:
+            for r in self.reads[k]:
+                if producer.get(r, -1) < i:
                     inputs.setdefault(r)
                 last_in_run[r] = k
         outputs = tuple(
-            out for k in range(i, j) for out in self.nodes[k].outputs
-            if self.last_reader.get(out, -1) >= j
+            out for k in range(i, j) for out, _ in self.made[k] if last_reader.get(out, -1) >= j
         )
         output_set = set(outputs)
-        live = sum(og.nbytes(t) for t in inputs)
+        live = sum(size.get(t, 0) for t in inputs)
         peak = live
         for k in range(i, j):
-            node = self.nodes[k]
-            live += sum(og.nbytes(o) for o in node.outputs)
+            made = self.made[k]
+            live += sum(nbytes for _, nbytes in made)
             peak = max(peak, live)
-            for r in set(self.variable_reads(node)):
+            for r in self.reads[k]:
                 if last_in_run[r] == k and r not in inputs and r not in output_set:
-                    live -= og.nbytes(r)
-            for o in node.outputs:  # made but never read
+                    live -= size.get(r, 0)
+            for o, nbytes in made:  # made but never read
                 if o not in last_in_run and o not in output_set:
-                    live -= og.nbytes(o)
-        out_bytes = sum(og.nbytes(o) for o in outputs)
+                    live -= nbytes
+        out_bytes = sum(size.get(o, 0) for o in outputs)
         activations = int(ACTIVATION_FACTOR * max(peak, live + out_bytes))
-        weights = sum(og.constant_bytes.get(c, 0) for c in constants)
+        weights = sum(self.og.constant_bytes.get(c, 0) for c in constants)
         overhead = RUNTIME_BASE_BYTES + RUNTIME_NODE_BYTES * (j - i)
         return Estimate(weights, activations, overhead, tuple(inputs), outputs)
 

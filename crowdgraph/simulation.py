@@ -240,12 +240,14 @@ class SimulatedExecutor(Executor):
 
 
 def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[str, Sequence[int]] | Sequence[int],
-             *, microbatch: int | None = None, mode: str = "streaming", cost: CostModel | None = None,
+             *, microbatch: int | str | None = "auto", mode: str = "streaming", cost: CostModel | None = None,
              losses: Mapping[str, float] | None = None, seed: int = 0, policy: Policy = "cost") -> Any:
     """How long would ``crowd`` take?  Returns a :class:`~crowdgraph.report.RunReport` in virtual seconds.
 
     ``batch_shape`` is a mapping of input name to shape, or one shape for
-    every input that has a batch axis (``(8, 128)``).
+    every input that has a batch axis (``(8, 128)``).  ``microbatch`` is
+    as for :meth:`~crowdgraph.compiled.CompiledModel.run`: by default
+    (``"auto"``) the largest micro-batch that fits the plan's budget.
 
     Examples
     --------
@@ -265,6 +267,8 @@ def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[st
     batch = {name: np.broadcast_to(np.zeros((), spec.dtype), shapes[name]) for name, spec in
              ((s.name, s) for s in compiled.inputs)}
     batched = compiled.batched_inputs()
+    if microbatch == "auto":
+        microbatch = compiled._auto_microbatch(batch)
     microbatches = split_batch(batch, batched, microbatch)
     # The plan run() would use: cut again when a micro-batch is larger than
     # the compiled shapes, so FLOPs and bytes are those of the real shapes.

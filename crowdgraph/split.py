@@ -2,7 +2,7 @@
 
 Without it the model is cut at node granularity, so its largest node sets
 the smallest budget: DistilBERT's word-embedding Gather reads a 93.8 MB
-table, so no phone with less than about 108 MB could ever join.  This
+table, so no phone with less than about 97 MB could ever join.  This
 module rewrites such nodes into equivalent chains of smaller nodes, each
 with its own slice of the weight as a separate initializer, so the
 partitioner can put the pieces in different partitions and the budget,

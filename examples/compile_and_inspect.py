@@ -14,7 +14,7 @@ from crowdgraph import zoo
 
 def main() -> None:
     model = zoo.distilbert("tiny")          # or a path: "distilbert.onnx"
-    compiled = crowdgraph.compile(model, memory_budget="16MB", input_shapes={"input_ids": (4, 64)})
+    compiled = crowdgraph.compile(model, memory_budget="4MB", input_shapes={"input_ids": (4, 64)})
     print(compiled.table())
     for source, target, data in compiled.graph.edges(data=True):
         print(f"{source} -> {target}: {', '.join(data['tensors'])}")

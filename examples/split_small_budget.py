@@ -1,12 +1,12 @@
-"""Fit DistilBERT onto 24 MB phones: nodes too big for the budget are split.
+"""Fit DistilBERT onto 16 MB phones: nodes too big for the budget are split.
 
 The word-embedding table alone is 93.8 MB, so without operator splitting
-no partition of DistilBERT could fit under about 108 MB.  compile() cuts
+no partition of DistilBERT could fit under about 97 MB.  compile() cuts
 the embedding lookup into row shards and the largest FFN MatMuls into
-column or inner-dimension pieces, each small enough for a 24 MB worker,
+column or inner-dimension pieces, each small enough for a 16 MB worker,
 and the results still equal one whole-model session.
 
-Run it: ``python examples/split_small_budget.py [BUDGET]`` (default 24MB)
+Run it: ``python examples/split_small_budget.py [BUDGET]`` (default 16MB)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from crowdgraph.runtime import open_session, run_session
 
 
 def main() -> None:
-    budget = sys.argv[1] if len(sys.argv) > 1 else "24MB"
+    budget = sys.argv[1] if len(sys.argv) > 1 else "16MB"
     model = zoo.distilbert("full")
     batch = zoo.sample_inputs(model, batch=2, sequence=128)
     start = time.perf_counter()

@@ -96,6 +96,17 @@ def chain(n_layers: int = 4, width: int = 256, batch: int = 4, *, seed: int = 0)
     return model, {"x": _feed(rng, batch, width)}
 
 
+def relu_chain(n_nodes: int = 1, width: int = 16) -> Case:
+    """``n_nodes`` Relu nodes in a row on a ``[1, width]`` tensor: a session with next to no data.
+
+    What it costs above the floor is onnxruntime's own cost of a session.
+    """
+    names = ["x"] + [f"t{k}" for k in range(n_nodes)]
+    nodes = [helper.make_node("Relu", [a], [b], name=f"relu{k}") for k, (a, b) in enumerate(zip(names, names[1:]))]
+    model = _model(nodes, "relu_chain", [_vi("x", [1, width])], [_vi(names[-1], [1, width])], [])
+    return model, {"x": np.ones((1, width), np.float32)}
+
+
 def diamond(width: int = 64, batch: int = 4, *, seed: int = 0) -> Case:
     """One input, two branches (Relu and Tanh), joined by Add, then a MatMul."""
     rng = np.random.default_rng(seed)

@@ -49,7 +49,7 @@ from typing import Any, Sequence
 from crowdgraph import wire
 from crowdgraph.errors import AuthenticationError, CrowdgraphError, ProtocolError
 from crowdgraph.measure import peak_rss_since_reset, reset_peak_rss
-from crowdgraph.runtime import current_rss, open_session, release_memory, run_session, tune_allocator
+from crowdgraph.runtime import current_rss, open_session, release_memory, run_session, warm_up
 from crowdgraph.units import format_bytes, parse_bytes
 from crowdgraph.wire import Message
 
@@ -512,12 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_REFUSED
         memory = parse_bytes(args.memory)
         cache = PartitionCache(args.cache_dir or default_cache_dir(), parse_bytes(args.cache_size))
-        # Part of the idle floor announced in HELLO: onnxruntime runs partitions,
-        # onnx writes received ones into the cache with their weights beside them.
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-
-        tune_allocator()
+        # Part of the idle floor announced in HELLO: onnx (it writes received
+        # partitions into the cache) and onnxruntime's once-cost, paid by a
+        # warm-up session, so a partition's estimate covers only its own session.
+        warm_up()
         agent = Agent(args.url, token, memory, name=args.name, cache=cache, threads=args.threads,
                       cafile=args.cafile, reconnect=args.reconnect, max_frame_bytes=args.max_frame_bytes)
     except (CrowdgraphError, OSError) as exc:

@@ -61,7 +61,7 @@ def _spy(executor, on_notice):
 
 
 CASES = {
-    "distilbert-tiny": lambda: tiny_case()[:2] + ("14MB",),  # fits the 16 MB worker
+    "distilbert-tiny": lambda: tiny_case()[:2] + ("3MB",),  # fits the 16 MB worker
     "chain": lambda: models.chain() + (3,),
     "diamond": lambda: models.diamond() + (2,),
     "skip": lambda: models.skip() + (3,),
