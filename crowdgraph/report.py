@@ -193,9 +193,9 @@ class RunReport:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError as exc:  # the plot extra is optional
-            from .errors import CrowdgraphError
+            from .errors import MissingExtraError
 
-            raise CrowdgraphError("plot_timeline needs matplotlib: pip install 'crowdgraph[plot]'") from exc
+            raise MissingExtraError("plot_timeline needs matplotlib: pip install 'crowdgraph[plot]'") from exc
         workers = list(self.workers)
         row = {w: n for n, w in enumerate(workers)}
         parts = sorted({t.partition for t in self.tasks}, key=lambda p: (len(p), p))
