@@ -45,6 +45,11 @@ def test_simulate_crowd(tmp_path):
 def test_process_executor_example(tmp_path):
     out = run_example("process_executor.py", cwd=tmp_path)
     assert float(out.split("max abs difference to the whole model: ")[1].split()[0]) <= 1e-4
+    rows = [[c.strip() for c in line.split("  ") if c.strip()] for line in out.splitlines()
+            if line.startswith("proc-")]
+    bytes_in = [row[7] for row in rows if row[2] != "0"]  # of the workers that ran tasks
+    assert bytes_in and "0 B" not in bytes_in, out
+    assert "partition bytes sent 0 B" not in out
 
 
 def _load_example(name: str):
