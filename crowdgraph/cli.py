@@ -215,6 +215,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a model on a crowd of thread workers (or any executor) and print the report."""
     import numpy as np
 
+    from .executor import resolve_executor
+    from .report import LiveView
     from .threads import ThreadExecutor
 
     if args.inputs and (args.batch is not None or args.batch_shape):
@@ -234,10 +236,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print()
     print(plan.table())
     print()
-    _warn_idle_workers(compiled, feeds, args)
-    executor: Any = args.executor or ThreadExecutor(workers=args.workers)
-    outputs, report = compiled.run(feeds, executor=executor, microbatch=args.microbatch, mode=args.mode,
-                                   report=True, progress=sys.stderr.isatty(), seed=args.seed)
+    count = microbatch_count(compiled, feeds, args.microbatch)
+    if not args.executor:
+        _warn_idle_workers(count, len(plan.partitions), args)
+    executor, owned = resolve_executor(args.executor or ThreadExecutor(workers=args.workers))
+    view = LiveView(executor, total_tasks=count * len(plan.partitions)) if args.live else None
+    try:
+        outputs, report = compiled.run(feeds, executor=view or executor, microbatch=args.microbatch,
+                                       mode=args.mode, report=True, progress=sys.stderr.isatty() and not view,
+                                       seed=args.seed)
+    finally:
+        if view is not None:
+            view.finish()
+        if owned or not args.executor:
+            executor.close()
     print(report)
     for name, value in outputs.items():
         print(f"output {name}: shape {list(value.shape)}, dtype {value.dtype}")
@@ -255,17 +267,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_idle_workers(compiled: Any, feeds: Mapping[str, Any], args: argparse.Namespace) -> None:
-    """Say so when the batch gives the thread workers fewer micro-batches than there are workers."""
+def microbatch_count(compiled: Any, feeds: Mapping[str, Any], microbatch: int | None) -> int:
+    """How many micro-batches ``run()`` cuts ``feeds`` into."""
     batched = compiled.batched_inputs()
-    if args.executor or not batched:
-        return
-    rows = feeds[batched[0]].shape[0]
-    count = -(-rows // (args.microbatch or rows))
-    if count < args.workers and len(compiled.partitions) < args.workers:
-        print(f"note: a batch of {rows} rows makes {count} micro-batch{'es' if count > 1 else ''} of "
-              f"{len(compiled.partitions)} partitions, fewer tasks at a time than {args.workers} workers; "
-              f"give --batch {args.workers * (args.microbatch or 1)} to keep every worker busy")
+    if not batched or microbatch is None:
+        return 1
+    return -(-feeds[batched[0]].shape[0] // microbatch)
+
+
+def _warn_idle_workers(count: int, partitions: int, args: argparse.Namespace) -> None:
+    """Say so when the batch gives the thread workers fewer tasks at a time than there are workers."""
+    if count < args.workers and partitions < args.workers:
+        print(f"note: {count} micro-batch{'es' if count > 1 else ''} of {partitions} partitions are fewer "
+              f"tasks at a time than {args.workers} workers; give --batch "
+              f"{args.workers * (args.microbatch or 1)} to keep every worker busy")
 
 
 def _need_matplotlib(what: str) -> None:
@@ -351,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", help="write the timeline picture (PNG) here")
     p.add_argument("--html", help="write the report as a web page (timeline included) here")
     p.add_argument("--json", help="write the run report as JSON here")
+    p.add_argument("--live", action="store_true",
+                   help="show each worker's progress (tasks, loads, bytes) as the run goes, instead of the bar")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("demo", help="run the embedded DistilBERT on four thread workers")

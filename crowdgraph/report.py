@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import threading
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from html import escape
-from typing import Any
+from typing import Any, Sequence
 
+from .executor import Executor
 from .units import UNITS_NOTE, format_bytes
 
 
@@ -425,3 +429,162 @@ pre {{ font-size: 12px; }}
 <pre>{escape(chr(10).join(table))}</pre>
 </body></html>
 """
+
+
+# -- the live view ---------------------------------------------------------
+
+@dataclass
+class LiveWorker:
+    """What one worker has done so far in a running run."""
+
+    id: str
+    resident: str | None = None
+    tasks: int = 0
+    loads: int = 0
+    cached_loads: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    weight_bytes_sent: int = 0
+    lost: str | None = None
+
+
+class LiveState:
+    """A run's progress per worker, folded from the executor's notices (no I/O, no clock).
+
+    :class:`LiveView` feeds it and draws :meth:`lines` on a terminal while
+    the run goes on; a task reported twice (a replica finishing late)
+    counts once, as in the final report.
+
+    >>> from crowdgraph.executor import Notice
+    >>> state = LiveState(["w0", "w1"], total_tasks=4)
+    >>> state.apply(Notice("loaded", "w0", partition="p0", stats={"bytes_sent": 2_000_000}))
+    >>> state.apply(Notice("finished", "w0", key=("p0", 0), stats={"wire_in": 1000, "wire_out": 3000}))
+    >>> print("\\n".join(state.lines()))
+    1/4 tasks [#####...............]  25%
+    w0  p0  1 tasks  loads 1 (0 cached)  weights 2.0 MB  in 1.0 kB  out 3.0 kB
+    w1  -   0 tasks  loads 0 (0 cached)  weights 0 B  in 0 B  out 0 B
+    """
+
+    def __init__(self, workers: Sequence[str], total_tasks: int):
+        self.total = total_tasks
+        self.workers = {w: LiveWorker(w) for w in workers}
+        self.finished: set[tuple[str, int]] = set()
+
+    def apply(self, notice: Any) -> None:
+        """Fold one :class:`~crowdgraph.executor.Notice` into the state."""
+        if notice.kind == "joined" and notice.info is not None:
+            self.workers.setdefault(notice.info.id, LiveWorker(notice.info.id))
+            return
+        w = self.workers.get(notice.worker) if notice.worker is not None else None
+        if w is None:
+            return
+        s = notice.stats
+        if notice.kind == "loaded":
+            w.resident, w.loads = notice.partition, w.loads + 1
+            w.cached_loads += bool(s.get("from_cache"))
+            w.weight_bytes_sent += s.get("bytes_sent") or 0
+        elif notice.kind == "unloaded":
+            w.resident = None
+        elif notice.kind == "finished" and notice.key not in self.finished:
+            self.finished.add(notice.key)
+            w.tasks += 1
+            w.bytes_in += s.get("wire_in") or s.get("bytes_in") or 0
+            w.bytes_out += s.get("wire_out") or s.get("bytes_out") or 0
+        elif notice.kind == "lost":
+            w.lost = notice.error or "lost"
+
+    def lines(self, bar_width: int = 20) -> list[str]:
+        """The view: one line for the whole run, then one per worker, columns aligned."""
+        done = len(self.finished)
+        filled = bar_width * done // max(self.total, 1)
+        head = (f"{done}/{self.total} tasks [{'#' * filled}{'.' * (bar_width - filled)}] "
+                f"{100 * done // max(self.total, 1):3d}%")
+        rows = [(w.id, w.resident or "-", f"{w.tasks} tasks", f"loads {w.loads} ({w.cached_loads} cached)",
+                 f"weights {format_bytes(w.weight_bytes_sent)}", f"in {format_bytes(w.bytes_in)}",
+                 f"out {format_bytes(w.bytes_out)}" + (f"  lost: {w.lost}" if w.lost else ""))
+                for w in self.workers.values()]
+        widths = [max((len(r[c]) for r in rows), default=0) for c in range(3)]
+        return [head] + ["  ".join([*(cell.ljust(wd) for cell, wd in zip(r[:3], widths)), *r[3:]]) for r in rows]
+
+
+class LiveView(Executor):
+    """Wrap an executor so that a run draws :class:`LiveState` on a terminal as it goes.
+
+    Use it for long runs: ``compiled.run(batch, executor=LiveView(executor,
+    total_tasks))``, or ``crowdgraph run --live``.  On a terminal the view
+    is redrawn in place at most every ``interval`` seconds; on anything
+    else (a pipe, a file) only the final state is written, by
+    :meth:`finish`.  Every executor method is passed through unchanged.
+    """
+
+    def __init__(self, executor: Executor, total_tasks: int, stream: Any = None, interval: float = 0.5):
+        self.executor = executor
+        self.name = executor.name
+        self.total_tasks = total_tasks
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.state: LiveState | None = None
+        self._lock = threading.Lock()
+        self._drawn = 0
+        self._last = float("-inf")
+        self._terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def start(self, job: Any, reporter: Any) -> Any:
+        workers = self.executor.start(job, reporter)
+        self.state = LiveState([w.id for w in workers], self.total_tasks)
+        reporter.add_listener(self._notice)
+        return workers
+
+    def _notice(self, notice: Any) -> None:
+        with self._lock:
+            assert self.state is not None
+            self.state.apply(notice)
+            if self._terminal and time.monotonic() - self._last >= self.interval:
+                self._last = time.monotonic()
+                self._draw()
+
+    def _draw(self) -> None:
+        assert self.state is not None
+        lines = self.state.lines()
+        up = f"\x1b[{self._drawn}F" if self._drawn else ""
+        self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))
+        self.stream.flush()
+        self._drawn = len(lines)
+
+    def finish(self) -> None:
+        """Draw the final state (call it when the run has returned)."""
+        with self._lock:
+            if self.state is not None:
+                if self._terminal:
+                    self._draw()
+                else:
+                    self.stream.write("\n".join(self.state.lines()) + "\n")
+                    self.stream.flush()
+
+    # Everything else goes to the wrapped executor as it is.
+    def load(self, worker: str, partition: Any) -> None:
+        self.executor.load(worker, partition)
+
+    def unload(self, worker: str, partition: str) -> None:
+        self.executor.unload(worker, partition)
+
+    def run(self, worker: str, key: Any, partition: Any, inputs: Any) -> None:
+        self.executor.run(worker, key, partition, inputs)
+
+    def gather(self, values: Any) -> Any:
+        return self.executor.gather(values)
+
+    def forget(self, values: Any) -> None:
+        self.executor.forget(values)
+
+    def idle(self) -> None:
+        self.executor.idle()
+
+    def now(self) -> float:
+        return float(self.executor.now())
+
+    def reset(self) -> None:
+        self.executor.reset()
+
+    def close(self) -> None:
+        self.executor.close()

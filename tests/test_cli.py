@@ -110,7 +110,7 @@ def test_run_at_the_compiled_shape_does_not_cut_again(capsys):
 def test_run_says_when_workers_have_nothing_to_do(capsys):
     assert main(["run", *TINY, "--partitions", "2", "--workers", "4", "--microbatch", "4"]) == 0
     out = capsys.readouterr().out
-    assert "note: a batch of 1 rows makes 1 micro-batch of 2 partitions" in out and "--batch 16" in out
+    assert "note: 1 micro-batch of 2 partitions are fewer tasks at a time than 4 workers" in out and "--batch 16" in out
 
 
 def test_run_inputs_from_npz_match_the_whole_model(tmp_path, capsys):
@@ -251,3 +251,16 @@ def test_next_compile_removes_what_a_killed_one_left(tmp_path):
     assert len(left) == 1 and left[0].startswith(".plan.")  # the staging folder of the killed writer
     assert main(["compile", "--size", "tiny", "--partitions", "2", "-o", str(tmp_path / "plan")]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["plan"]
+
+
+def test_live_view_ends_with_what_the_report_says(capsys):
+    assert main(["run", *TINY, "--partitions", "3", "--batch", "6", "--microbatch", "2", "--workers", "2",
+                 "--live"]) == 0
+    captured = capsys.readouterr()
+    live = captured.err.strip().splitlines()
+    assert live[0].startswith("9/9 tasks [####################] 100%")
+    table = [line.split() for line in captured.out.splitlines() if line.startswith("thread-")]
+    assert len(live) == 1 + len(table) == 3
+    for row in table:  # worker, budget (2 cells), tasks, loads, ...
+        view = next(line.split() for line in live[1:] if line.split()[0] == row[0])
+        assert view[2] == row[3] and view[5] == row[4]  # tasks and loads agree

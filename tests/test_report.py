@@ -7,6 +7,7 @@ docs/report-html.png) instead of temporary copies.
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import re
@@ -123,3 +124,27 @@ def test_html_report_in_chromium_shows_every_worker_row(report, tmp_path):
     png = picture_path(tmp_path, "report-html.png" if len(report.workers) == 4 else "report-html-50.png")
     screenshot(html, png, height=1200 if len(report.workers) > 12 else 420)
     assert visible_rows(png, x=19) == len(report.workers)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_live_view_redraws_in_place_on_a_terminal(compiled):
+    from crowdgraph.report import LiveView
+    from crowdgraph.threads import ThreadExecutor
+
+    batch = zoo.sample_inputs(zoo.distilbert("tiny"), batch=4, sequence=16)
+    screen = Terminal()
+    with ThreadExecutor(workers=3) as threads:
+        view = LiveView(threads, total_tasks=4 * len(compiled.partitions), stream=screen, interval=0.0)
+        report = compiled.run(batch, executor=view, microbatch=1, report=True)[1]
+        view.finish()
+    frames = screen.getvalue().split("\x1b[4F")  # each redraw moves up over the 1 + 3 lines drawn before
+    assert len(frames) > 2
+    last = [line.removeprefix("\x1b[2K") for line in frames[-1].splitlines()]
+    assert last[0].startswith(f"{len(report.tasks)}/{len(report.tasks)} tasks")
+    for line in last[1:]:
+        worker, _, tasks, *_ = line.split()
+        assert int(tasks) == report.workers[worker].tasks
