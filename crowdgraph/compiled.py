@@ -205,8 +205,7 @@ class CompiledModel:
         feeds = self.check_inputs(batch)
         if microbatch == "auto":
             microbatch = self._auto_microbatch(feeds)
-        elif microbatch is not None and (isinstance(microbatch, bool) or not isinstance(microbatch, (int, np.integer))
-                                         or microbatch < 1):
+        elif microbatch is not None and not is_count(microbatch):
             raise InputError(f"microbatch must be a whole number of rows of at least 1, None or 'auto', "
                              f"not {microbatch!r}")
         microbatches = split_batch(feeds, self.batched_inputs(), microbatch)
@@ -321,6 +320,15 @@ class CompiledModel:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return target
+
+
+def is_count(value: Any) -> bool:
+    """Whether ``value`` is a whole number of at least 1 (bools, floats and strings are not).
+
+    >>> [is_count(v) for v in (3, np.int64(2), 0, 1.5, True, "4")]
+    [True, True, False, False, False, False]
+    """
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value >= 1)
 
 
 def _fixed(dim: Any) -> bool:
@@ -507,8 +515,7 @@ def compile(
     if (memory_budget is None) == (partitions is None):
         raise InputError("give memory_budget= (e.g. '48MB') or partitions= (e.g. 6), not both or neither")
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
-    if partitions is not None and (isinstance(partitions, bool) or not isinstance(partitions, (int, np.integer))
-                                   or partitions < 1):
+    if partitions is not None and not is_count(partitions):
         raise InputError(f"partitions must be a whole number of at least 1, not {partitions!r}")
     if sample is not None:
         if input_shapes is not None:
