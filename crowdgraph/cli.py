@@ -146,19 +146,22 @@ def sample_batch(compiled: Any, shapes: Mapping[str, tuple[int, ...]], seed: int
                  rows: int | None = None) -> dict[str, Any]:
     """Inputs of the given shapes: normal floats, ones for integers, True for bools.
 
-    Inputs not in ``shapes`` take the shapes the plan was compiled at;
-    ``rows`` sets axis 0 of every batched input.  Ones are valid token
-    ids and attention masks alike, so language models run on them as
-    they are.
+    Inputs not in ``shapes`` take the shapes the plan was compiled at,
+    with ``rows`` on axis 0 when they are batched (default: the rows of a
+    batched input in ``shapes``, so one ``--batch-shape`` is enough).
+    Ones are valid token ids and attention masks alike, so language
+    models run on them as they are.
     """
     import numpy as np
 
     rng = np.random.default_rng(seed)
     batched = set(compiled.batched_inputs())
+    if rows is None:
+        rows = next((shapes[name][0] for name in compiled.batched_inputs() if name in shapes), None)
     batch = {}
     for spec in compiled.inputs:
         shape = tuple(shapes.get(spec.name) or compiled.input_shapes[spec.name])
-        if rows is not None and spec.name in batched:
+        if rows is not None and spec.name in batched and spec.name not in shapes:
             shape = (rows, *shape[1:])
         if np.issubdtype(spec.dtype, np.floating):
             batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)

@@ -264,3 +264,8 @@ def test_live_view_ends_with_what_the_report_says(capsys):
     for row in table:  # worker, budget (2 cells), tasks, loads, ...
         view = next(line.split() for line in live[1:] if line.split()[0] == row[0])
         assert view[2] == row[3] and view[5] == row[4]  # tasks and loads agree
+
+
+def test_one_batch_shape_sets_the_rows_of_every_batched_input(capsys):
+    assert main(["run", *TINY, "--partitions", "2", "--batch-shape", "input_ids=3x16", "--workers", "2"]) == 0
+    assert "output logits: shape [3, 2]" in capsys.readouterr().out
