@@ -1,4 +1,5 @@
 # Quick start: `make demo` (set up + run the demo), `make test` (set up + run every test).
+# README.md ("What `make test` installs") lists what each target installs and how big it is.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,12 +17,14 @@ $(VENV)/.demo-installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.test-installed: $(BIN)/python pyproject.toml executors/tcp/pyproject.toml executors/dask/pyproject.toml
+	@echo "installing crowdgraph, its plug-ins and the test tools (torch CPU, transformers, dask...) into $(VENV) (about 1.4 GB)"
 	$(BIN)/python -m pip install -q -e '.[test]' -e executors/tcp -e executors/dask
 	touch $@
 
 # onnxruntime-web for the browser worker page (pinned in package-lock.json); re-run only when the lock changes.
 $(WEB)/node_modules/.package-lock.json: $(WEB)/package-lock.json
-	@if command -v npm >/dev/null 2>&1; then cd $(WEB) && npm ci --no-audit --no-fund; \
+	@if command -v npm >/dev/null 2>&1; then echo "installing onnxruntime-web into $(WEB)/node_modules (npm ci, about 148 MB)"; \
+		cd $(WEB) && npm ci --no-audit --no-fund; \
 	else echo "npm not found: the browser worker page cannot run models (install Node.js/npm, then make web)"; fi
 
 web: $(WEB)/node_modules/.package-lock.json
@@ -30,6 +33,7 @@ web: $(WEB)/node_modules/.package-lock.json
 chromium:
 	@if command -v chromium >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium with apt-get for the browser tests (about 25 packages; apt-get update if needed)"; \
 		apt-get install -y --no-install-recommends chromium || \
 		{ apt-get update && apt-get install -y --no-install-recommends chromium; }; \
 	else echo "chromium not found (and not root with apt-get): the browser-worker tests will be skipped"; fi

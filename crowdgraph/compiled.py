@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import BudgetError, InputError, ModelError
+from .errors import BudgetError, InputError, ModelError, PlanError
 from .lower import ModelLike, OpGraph, declared_shapes, load_model, lower
 from .partition import Partition, partition, partition_graph
 from .split import SplitRecord, fitting_microbatch, smallest_budget, split_lowered
@@ -133,6 +134,11 @@ class CompiledModel:
 
     def check_inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """``batch`` as numpy arrays, or :class:`InputError` saying what to change."""
+        if not isinstance(batch, Mapping):
+            raise InputError(
+                f"the batch must map input names to arrays, got {type(batch).__name__}; "
+                f"pass {{{', '.join(repr(t.name) + ': ...' for t in self.inputs)}}}"
+            )
         expected = {t.name: t for t in self.inputs}
         unknown = sorted(set(batch) - set(expected))
         missing = sorted(set(expected) - set(batch))
@@ -204,8 +210,9 @@ class CompiledModel:
         feeds = self.check_inputs(batch)
         if microbatch == "auto":
             microbatch = self._auto_microbatch(feeds)
-        elif isinstance(microbatch, str):
-            raise InputError(f"microbatch must be a number of rows, None or 'auto', not {microbatch!r}")
+        elif microbatch is not None and not is_count(microbatch):
+            raise InputError(f"microbatch must be a whole number of rows of at least 1, None or 'auto', "
+                             f"not {microbatch!r}")
         microbatches = split_batch(feeds, self.batched_inputs(), microbatch)
         plan = self.at_shapes({k: v.shape for k, v in microbatches[0].items()})
         ex, owned = resolve_executor(executor)
@@ -282,8 +289,14 @@ class CompiledModel:
         data file beside it, so onnxruntime can map them from disk.
         """
         target = pathlib.Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        if target.exists() and not target.is_dir():
+            raise PlanError(f"{target} is a file; give a new or empty folder for the plan")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(target)
+            staging = pathlib.Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
+        except OSError as exc:
+            raise PlanError(f"cannot write a plan folder at {target} ({exc}); choose a folder you can write to") from exc
         try:
             for part in self.partitions:
                 write_partition(part, staging)
@@ -298,6 +311,10 @@ class CompiledModel:
             }
             (staging / PLAN_FILE).write_text(json.dumps(meta, indent=1))
             _replace_dir(staging, target)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise PlanError(f"cannot write the plan to {target} ({exc}); check the free space and "
+                            "permissions there") from exc
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -314,6 +331,15 @@ def _within(shapes: Mapping[str, tuple[int, ...]], compiled: Mapping[str, tuple[
         len(shape) == len(compiled.get(name, ())) and all(a <= b for a, b in zip(shape, compiled[name]))
         for name, shape in shapes.items()
     )
+
+
+def is_count(value: Any) -> bool:
+    """Whether ``value`` is a whole number of at least 1 (bools, floats and strings are not).
+
+    >>> [is_count(v) for v in (3, np.int64(2), 0, 1.5, True, "4")]
+    [True, True, False, False, False, False]
+    """
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value >= 1)
 
 
 def _fixed(dim: Any) -> bool:
@@ -342,10 +368,50 @@ def _partition_meta(p: Partition) -> dict[str, Any]:
     }
 
 
+def _staging_prefix(target: pathlib.Path, pid: int | None = None) -> str:
+    """Name prefix of the hidden folder a plan is written into before it replaces ``target``.
+
+    It carries the writer's process id, so a later save can tell a folder
+    left by a killed writer from one a live writer is filling.
+
+    >>> _staging_prefix(pathlib.Path("out/plan"), pid=42)
+    '.plan.42.staging-'
+    """
+    return f".{target.name}.{os.getpid() if pid is None else pid}.staging-"
+
+
+def remove_stale_staging(target: pathlib.Path) -> list[pathlib.Path]:
+    """Delete staging folders of ``target`` whose writer process is gone; return them.
+
+    A writer killed while writing (SIGKILL, power loss) cannot clean up
+    after itself; the next save next to it does.
+    """
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.staging-[a-z0-9_]+")
+    removed = []
+    for folder in target.parent.iterdir():
+        match = pattern.fullmatch(folder.name)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
 def _replace_dir(staging: pathlib.Path, target: pathlib.Path) -> None:
     if target.exists():
         if not (target / PLAN_FILE).is_file() and any(target.iterdir()):
-            raise ModelError(
+            raise PlanError(
                 f"{target} exists and is not a crowdgraph plan; choose an empty or new folder"
             )
         old = target.with_name(f".{target.name}.old")
@@ -368,11 +434,32 @@ def load(path: str | os.PathLike) -> CompiledModel:
         meta = json.loads((folder / PLAN_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder} is not a crowdgraph plan ({exc}); write one with compile(...).save()") from exc
-    if meta.get("format") != PLAN_FORMAT:
-        raise ModelError(f"{folder}: plan format {meta.get('format')!r} is not {PLAN_FORMAT}; recompile the model")
+    if not isinstance(meta, dict) or meta.get("format") != PLAN_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise PlanError(f"{folder}: plan format {found!r} is not {PLAN_FORMAT}; recompile the model")
+    try:
+        return _load_plan(folder, meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlanError(f"{folder}/{PLAN_FILE} is not as crowdgraph wrote it ({type(exc).__name__}: {exc}); "
+                        "recompile the model") from exc
+
+
+def _partition_file(folder: pathlib.Path, name: Any) -> pathlib.Path:
+    """The partition file ``name`` of a plan: a plain file name inside ``folder``, nothing else."""
+    if not isinstance(name, str) or not name.endswith(".onnx") or pathlib.PurePath(name).name != name \
+            or name.startswith(".") or "\\" in name:
+        raise PlanError(f"{folder}/{PLAN_FILE} names partition file {name!r}, which is not a plain .onnx "
+                        "file name inside the plan folder; recompile the model")
+    path = folder / name
+    if not path.is_file():
+        raise PlanError(f"{folder}: partition file {name} is missing; recompile the model")
+    return path
+
+
+def _load_plan(folder: pathlib.Path, meta: dict[str, Any]) -> CompiledModel:
     parts = []
     for pm in meta["partitions"]:
-        model = onnx.load(str(folder / pm["file"]))
+        model = onnx.load(str(_partition_file(folder, pm["file"])))
         for init in model.graph.initializer:
             init.ClearField("data_location")  # loaded inline now: hash it as compiled
         part = Partition(
@@ -383,7 +470,7 @@ def load(path: str | os.PathLike) -> CompiledModel:
             flops=pm.get("flops", 0),
         )
         if part.sha256 != pm["sha256"]:
-            raise ModelError(
+            raise PlanError(
                 f"{folder}: partition {part.name} does not match its recorded sha256; "
                 "the plan folder was changed, recompile it"
             )
@@ -439,6 +526,8 @@ def compile(
     if (memory_budget is None) == (partitions is None):
         raise InputError("give memory_budget= (e.g. '48MB') or partitions= (e.g. 6), not both or neither")
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
+    if partitions is not None and not is_count(partitions):
+        raise InputError(f"partitions must be a whole number of at least 1, not {partitions!r}")
     if sample is not None:
         if input_shapes is not None:
             raise InputError("give input_shapes= or sample=, not both")

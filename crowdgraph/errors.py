@@ -17,6 +17,10 @@ class ModelError(CrowdgraphError):
     """The model cannot be read, is not valid ONNX, or cannot be lowered."""
 
 
+class PlanError(ModelError):
+    """A plan folder cannot be written where asked, or is not one crowdgraph wrote."""
+
+
 class InputError(CrowdgraphError, ValueError):
     """Inputs (names, dtypes, ranks, batch sizes) do not match the model."""
 
@@ -47,3 +51,7 @@ class AuthenticationError(ProtocolError):
 
 class ExecutorNotFound(CrowdgraphError, LookupError):
     """``executor=`` names no installed executor."""
+
+
+class MissingExtraError(CrowdgraphError, ImportError):
+    """An optional feature needs a package that is not installed; names the extra to install."""

@@ -9,12 +9,18 @@ one row per worker, loads and runs in different colours).
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
+import threading
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from html import escape
+from typing import Any, Sequence
 
-from .units import format_bytes
+from .executor import Executor
+from .units import UNITS_NOTE, format_bytes
 
 
 @dataclass
@@ -200,6 +206,9 @@ class RunReport:
                          f"backed up on {b.backup}, result of {b.winner or 'neither'} used"
                          + (f", {b.dropped}'s dropped" if b.dropped else ""))
         lines.extend(self.notes)
+        lines.append(UNITS_NOTE + ("; peak RSS is the whole worker process, its idle floor (interpreter and "
+                                   "onnxruntime) included: the budget bounds what a partition adds above "
+                                   "that floor" if any(w.peak_rss for w in self.workers.values()) else ""))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,9 +227,14 @@ class RunReport:
         return text
 
     def plot_timeline(self, path: str | os.PathLike, title: str | None = None) -> None:
-        """Draw a Gantt chart (one row per worker; loads grey, runs coloured by partition).
+        """Draw a Gantt chart: one row per worker in pipeline order, loads hatched, runs by partition.
 
-        Needs matplotlib (``pip install crowdgraph[plot]``).
+        Rows are grouped by the partition each worker mostly ran (see
+        :func:`timeline_rows`), so the flow reads top to bottom; workers
+        that ran nothing share one row; micro-batch numbers are written
+        only on bars wide enough for them.  Needs
+        matplotlib (``pip install crowdgraph[plot]``); :meth:`to_html`
+        draws the same chart without it, with a tooltip on every bar.
         """
         try:
             import matplotlib
@@ -228,32 +242,384 @@ class RunReport:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError as exc:  # the plot extra is optional
-            from .errors import CrowdgraphError
+            from .errors import MissingExtraError
 
-            raise CrowdgraphError("plot_timeline needs matplotlib: pip install 'crowdgraph[plot]'") from exc
-        workers = list(self.workers)
-        row = {w: n for n, w in enumerate(workers)}
-        parts = sorted({t.partition for t in self.tasks}, key=lambda p: (len(p), p))
+            raise MissingExtraError("plot_timeline needs matplotlib: pip install 'crowdgraph[plot]'") from exc
+        rows = [r for r in timeline_rows(self) if r.group != "idle"]
+        idle = len(self.workers) - len(rows)
+        row = {r.worker: n for n, r in enumerate(rows)}
+        labels = [f"{r.worker} ({r.group})" for r in rows] + ([f"{idle} idle workers"] if idle else [])
+        parts = self.partition_order()
         colours = plt.get_cmap("tab10" if len(parts) <= 10 else "tab20")
         colour = {p: colours(n % colours.N) for n, p in enumerate(parts)}
-        fig, ax = plt.subplots(figsize=(11, 1.2 + 0.55 * len(workers)))
+        span = max(self.makespan, 1e-9)
+        row_inches = 0.42 if len(labels) <= 12 else max(0.16, 6.0 / len(labels))
+        width_inches, dpi = 11.0, 110
+        fig, ax = plt.subplots(figsize=(width_inches, 1.6 + row_inches * len(labels)))
+        plot_px = 0.72 * width_inches * dpi  # the axes' share of the figure, near enough to decide labels
+        least = span * MIN_BAR_PX / plot_px  # a sliver stays visible
         for load in self.loads:
-            ax.barh(row[load.worker], load.end - load.start, left=load.start - self.start,
-                    color="0.75", edgecolor="0.4", hatch="//", height=0.6)
+            ax.barh(row[load.worker], max(load.end - load.start, least), left=load.start - self.start,
+                    color="0.8", edgecolor="0.45", hatch="//", height=0.7, linewidth=0.3)
         for t in self.tasks:
-            ax.barh(row[t.worker], t.end - t.start, left=t.start - self.start,
-                    color=colour[t.partition], edgecolor="black", linewidth=0.3, height=0.6)
-            if len(self.tasks) <= 120:
-                ax.text(t.start - self.start + (t.end - t.start) / 2, row[t.worker], str(t.microbatch),
-                        ha="center", va="center", fontsize=6)
+            ax.barh(row[t.worker], max(t.end - t.start, least), left=t.start - self.start,
+                    color=colour[t.partition], edgecolor="black", linewidth=0.3, height=0.7)
+            text = str(t.microbatch)
+            if label_fits((t.end - t.start) / span * plot_px, text, LABEL_FONT_PX) and row_inches >= 0.3:
+                ax.text(t.start - self.start + (t.end - t.start) / 2, row[t.worker], text,
+                        ha="center", va="center", fontsize=8)
+        for n, r in enumerate(rows[1:], start=1):
+            if r.group != rows[n - 1].group:
+                ax.axhline(n - 0.5, color="0.3", linewidth=0.8)
         handles = [plt.Rectangle((0, 0), 1, 1, color=colour[p]) for p in parts]
-        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="0.75", hatch="//", edgecolor="0.4"))
-        ax.legend(handles, parts + ["load"], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
-        ax.set_yticks(range(len(workers)), workers)
-        ax.invert_yaxis()
-        ax.set_xlabel("seconds since start (numbers: micro-batch)")
-        ax.set_title(title or f"{self.mode}: {self.partitions} partitions x {self.microbatches} "
-                     f"micro-batches on {self.executor}, {self.makespan:.2f} s")
+        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="0.8", hatch="//", edgecolor="0.45"))
+        ax.legend(handles, parts + ["load"], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+                  title="partition")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8 if len(labels) <= 24 else 6)
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+        ax.set_xlim(0, span * 1.01)
+        ax.set_ylabel("worker (main partition)")
+        ax.set_xlabel("seconds since the run started (numbers on bars: micro-batch)")
+        ax.set_title(title or self.title(), fontsize=10)
+        ax.grid(axis="x", color="0.9")
+        ax.set_axisbelow(True)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=dpi)
         plt.close(fig)
+
+    def title(self) -> str:
+        """One line saying what ran where and how long it took."""
+        return (f"{self.mode}: {self.partitions} partitions x {self.microbatches} micro-batches on "
+                f"{self.executor} ({len(self.workers)} workers), {self.makespan:.2f} s")
+
+    def partition_order(self) -> list[str]:
+        """Partitions that ran, in pipeline order (``p2`` before ``p10``)."""
+        return sorted({t.partition for t in self.tasks} | {ld.partition for ld in self.loads}, key=_partition_key)
+
+    def to_html(self, path: str | os.PathLike | None = None) -> str:
+        """The report as one self-contained web page, also written to ``path`` when given.
+
+        The page holds the summary, the timeline as inline SVG (a tooltip
+        on every bar says partition, micro-batch, worker, tier, seconds and
+        bytes) and the per-worker table.  It needs no extra package and
+        loads nothing from the network.
+        """
+        text = _html_page(self)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
+
+
+#: Bars narrower than this many pixels are drawn this wide, so short partitions stay visible.
+MIN_BAR_PX = 2.0
+#: Size of the micro-batch numbers written on bars.
+LABEL_FONT_PX = 11.0
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    """One worker's row of the timeline: its id and the partition it mostly ran (its group)."""
+
+    worker: str
+    group: str
+
+
+def _partition_key(name: str) -> tuple[int, str]:
+    """Order partition names as the pipeline runs them: ``p2`` before ``p10``."""
+    return (len(name), name)
+
+
+def timeline_rows(report: RunReport) -> list[TimelineRow]:
+    """Workers in pipeline order, grouped by the partition each ran most.
+
+    Sorting by name makes the flow zig-zag between rows; sorting by the
+    partition a worker mostly ran (ties: the earliest start) makes it read
+    top to bottom, and neighbouring rows of one group are the replicas of
+    one stage.  Workers that ran nothing come last, in group ``idle``.
+
+    >>> r = RunReport("threads", "streaming", 1, 2)
+    >>> for w in ("a", "b", "c"):
+    ...     r.add_worker(w, 100, 1.0)
+    >>> r.record_task(TaskRecord("p1", 0, "a", 3, 2.0, 3.0), None, None)
+    >>> r.record_task(TaskRecord("p0", 0, "b", 3, 0.0, 1.0), None, None)
+    >>> [(row.worker, row.group) for row in timeline_rows(r)]
+    [('b', 'p0'), ('a', 'p1'), ('c', 'idle')]
+    """
+    ran: dict[str, Counter[str]] = {w: Counter() for w in report.workers}
+    first: dict[str, float] = {}
+    for t in report.tasks:
+        ran[t.worker][t.partition] += 1
+        first[t.worker] = min(first.get(t.worker, t.start), t.start)
+    group = {w: min(c, key=lambda p: (-c[p], _partition_key(p))) if c else None for w, c in ran.items()}
+
+    def key(worker: str) -> tuple:
+        g = group[worker]
+        return (g is None, _partition_key(g or ""), first.get(worker, 0.0), worker)
+
+    return [TimelineRow(w, group[w] or "idle") for w in sorted(report.workers, key=key)]
+
+
+def label_fits(width_px: float, text: str, font_px: float) -> bool:
+    """Whether ``text`` fits inside a bar ``width_px`` wide (digits are about 0.6 em wide, plus a margin).
+
+    >>> label_fits(30, "12", 11), label_fits(10, "12", 11)
+    (True, False)
+    """
+    return width_px >= 0.6 * font_px * len(text) + 4
+
+
+# -- the web page --------------------------------------------------------
+
+#: Row backgrounds of the HTML timeline, alternating, so every row is visible (and countable) at a glance.
+ROW_BANDS = ("#e6edf7", "#f7efe1")
+_PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+            "#9c755f", "#bab0ac", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+
+
+def _html_timeline(report: RunReport, width: int = 1100) -> str:
+    """The timeline as inline SVG: a row per worker, a tooltip (``<title>``) on every bar."""
+    rows = timeline_rows(report)
+    row = {r.worker: n for n, r in enumerate(rows)}
+    parts = report.partition_order()
+    colour = {p: _PALETTE[n % len(_PALETTE)] for n, p in enumerate(parts)}
+    row_px = 24 if len(rows) <= 12 else 16
+    gutter, top, axis = 170, 8, 34
+    plot = width - gutter - 10
+    span = max(report.makespan, 1e-9)
+    height = top + row_px * len(rows) + axis
+
+    def x(seconds: float) -> float:
+        return gutter + (seconds - report.start) / span * plot
+
+    out = [f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">']
+    for n, r in enumerate(rows):
+        y = top + n * row_px
+        out.append(f'<g class="worker-row" data-worker="{escape(r.worker)}"><rect x="0" y="{y}" width="{width}" '
+                   f'height="{row_px}" fill="{ROW_BANDS[n % 2]}"/><text x="6" y="{y + row_px * 0.7:.1f}">'
+                   f'{escape(r.worker)} <tspan fill="#555">({escape(r.group)})</tspan></text></g>')
+        if n and r.group != rows[n - 1].group:
+            out.append(f'<line x1="0" x2="{width}" y1="{y}" y2="{y}" stroke="#444" stroke-width="1"/>')
+    bar = row_px - 6
+    for load in report.loads:
+        y = top + row[load.worker] * row_px + 3
+        w = max((load.end - load.start) / span * plot, MIN_BAR_PX)
+        tip = (f"load {load.partition} on {load.worker}: {load.start - report.start:.3f}-"
+               f"{load.end - report.start:.3f} s, {format_bytes(load.bytes_sent)} sent"
+               + (" (from its cache)" if load.from_cache else ""))
+        out.append(f'<rect class="load" x="{x(load.start):.1f}" y="{y}" width="{w:.1f}" height="{bar}" '
+                   f'fill="#c8c8c8" stroke="#777" stroke-dasharray="3 2"><title>{escape(tip)}</title></rect>')
+    for t in report.tasks:
+        y = top + row[t.worker] * row_px + 3
+        w = max((t.end - t.start) / span * plot, MIN_BAR_PX)
+        tip = (f"{t.partition} micro-batch {t.microbatch} on {t.worker} (tier {t.tier}): "
+               f"{t.start - report.start:.3f}-{t.end - report.start:.3f} s, "
+               f"in {format_bytes(t.bytes_in)}, out {format_bytes(t.bytes_out)}")
+        out.append(f'<rect class="task" x="{x(t.start):.1f}" y="{y}" width="{w:.1f}" height="{bar}" '
+                   f'fill="{colour[t.partition]}" stroke="#222" stroke-width="0.4"><title>{escape(tip)}</title></rect>')
+        if label_fits(w, str(t.microbatch), LABEL_FONT_PX):
+            out.append(f'<text x="{x(t.start) + w / 2:.1f}" y="{y + bar * 0.78:.1f}" text-anchor="middle" '
+                       f'fill="#fff" pointer-events="none">{t.microbatch}</text>')
+    base = top + row_px * len(rows)
+    out.append(f'<line x1="{gutter}" x2="{gutter + plot}" y1="{base}" y2="{base}" stroke="#222"/>')
+    for tick in _ticks(span):
+        tx = gutter + tick / span * plot
+        out.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{base}" y2="{base + 4}" stroke="#222"/>'
+                   f'<text x="{tx:.1f}" y="{base + 16}" text-anchor="middle">{tick:g}</text>')
+    out.append(f'<text x="{gutter + plot / 2}" y="{base + 30}" text-anchor="middle">seconds since the run started '
+               '(numbers on bars: micro-batch; hover a bar for details)</text></svg>')
+    legend = "".join(f'<span class="swatch" style="background:{colour[p]}"></span>{escape(p)} ' for p in parts)
+    return f'<p class="legend">{legend}<span class="swatch load"></span>load</p>' + "".join(out)
+
+
+def _ticks(span: float) -> list[float]:
+    """About six round tick positions from 0 to ``span`` seconds.
+
+    >>> _ticks(2.6)
+    [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    """
+    raw = span / 6
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = min((m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw), default=10 * magnitude)
+    return [round(n * step, 12) for n in range(int(span / step) + 1)]
+
+
+def _html_page(report: RunReport) -> str:
+    table = str(report).splitlines()
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>crowdgraph run report</title>
+<style>
+body {{ margin: 16px; font-family: sans-serif; color: #222; }}
+h1 {{ font-size: 18px; margin: 0 0 8px; }}
+svg.timeline {{ display: block; }}
+.legend {{ font-size: 12px; margin: 4px 0 8px; }}
+.swatch {{ display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 10px; vertical-align: middle; }}
+.swatch.load {{ background: #c8c8c8; border: 1px dashed #777; }}
+pre {{ font-size: 12px; }}
+</style></head><body>
+<h1>crowdgraph run: {escape(report.title())}</h1>
+{_html_timeline(report)}
+<h2 style="font-size:15px">Workers</h2>
+<pre>{escape(chr(10).join(table))}</pre>
+</body></html>
+"""
+
+
+# -- the live view ---------------------------------------------------------
+
+@dataclass
+class LiveWorker:
+    """What one worker has done so far in a running run."""
+
+    id: str
+    resident: str | None = None
+    tasks: int = 0
+    loads: int = 0
+    cached_loads: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    weight_bytes_sent: int = 0
+    lost: str | None = None
+
+
+class LiveState:
+    """A run's progress per worker, folded from the executor's notices (no I/O, no clock).
+
+    :class:`LiveView` feeds it and draws :meth:`lines` on a terminal while
+    the run goes on; a task reported twice (a replica finishing late)
+    counts once, as in the final report.
+
+    >>> from crowdgraph.executor import Notice
+    >>> state = LiveState(["w0", "w1"], total_tasks=4)
+    >>> state.apply(Notice("loaded", "w0", partition="p0", stats={"bytes_sent": 2_000_000}))
+    >>> state.apply(Notice("finished", "w0", key=("p0", 0), stats={"wire_in": 1000, "wire_out": 3000}))
+    >>> print("\\n".join(state.lines()))
+    1/4 tasks [#####...............]  25%
+    w0  p0  1 tasks  loads 1 (0 cached)  weights 2.0 MB  in 1.0 kB  out 3.0 kB
+    w1  -   0 tasks  loads 0 (0 cached)  weights 0 B  in 0 B  out 0 B
+    """
+
+    def __init__(self, workers: Sequence[str], total_tasks: int):
+        self.total = total_tasks
+        self.workers = {w: LiveWorker(w) for w in workers}
+        self.finished: set[tuple[str, int]] = set()
+
+    def apply(self, notice: Any) -> None:
+        """Fold one :class:`~crowdgraph.executor.Notice` into the state."""
+        if notice.kind == "joined" and notice.info is not None:
+            self.workers.setdefault(notice.info.id, LiveWorker(notice.info.id))
+            return
+        w = self.workers.get(notice.worker) if notice.worker is not None else None
+        if w is None:
+            return
+        s = notice.stats
+        if notice.kind == "loaded":
+            w.resident, w.loads = notice.partition, w.loads + 1
+            w.cached_loads += bool(s.get("from_cache"))
+            w.weight_bytes_sent += s.get("bytes_sent") or 0
+        elif notice.kind == "unloaded":
+            w.resident = None
+        elif notice.kind == "finished" and notice.key not in self.finished:
+            self.finished.add(notice.key)
+            w.tasks += 1
+            w.bytes_in += s.get("wire_in") or s.get("bytes_in") or 0
+            w.bytes_out += s.get("wire_out") or s.get("bytes_out") or 0
+        elif notice.kind == "lost":
+            w.lost = notice.error or "lost"
+
+    def lines(self, bar_width: int = 20) -> list[str]:
+        """The view: one line for the whole run, then one per worker, columns aligned."""
+        done = len(self.finished)
+        filled = bar_width * done // max(self.total, 1)
+        head = (f"{done}/{self.total} tasks [{'#' * filled}{'.' * (bar_width - filled)}] "
+                f"{100 * done // max(self.total, 1):3d}%")
+        rows = [(w.id, w.resident or "-", f"{w.tasks} tasks", f"loads {w.loads} ({w.cached_loads} cached)",
+                 f"weights {format_bytes(w.weight_bytes_sent)}", f"in {format_bytes(w.bytes_in)}",
+                 f"out {format_bytes(w.bytes_out)}" + (f"  lost: {w.lost}" if w.lost else ""))
+                for w in self.workers.values()]
+        widths = [max((len(r[c]) for r in rows), default=0) for c in range(3)]
+        return [head] + ["  ".join([*(cell.ljust(wd) for cell, wd in zip(r[:3], widths)), *r[3:]]) for r in rows]
+
+
+class LiveView(Executor):
+    """Wrap an executor so that a run draws :class:`LiveState` on a terminal as it goes.
+
+    Use it for long runs: ``compiled.run(batch, executor=LiveView(executor,
+    total_tasks))``, or ``crowdgraph run --live``.  On a terminal the view
+    is redrawn in place at most every ``interval`` seconds; on anything
+    else (a pipe, a file) only the final state is written, by
+    :meth:`finish`.  Every executor method is passed through unchanged.
+    """
+
+    def __init__(self, executor: Executor, total_tasks: int, stream: Any = None, interval: float = 0.5):
+        self.executor = executor
+        self.name = executor.name
+        self.total_tasks = total_tasks
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.state: LiveState | None = None
+        self._lock = threading.Lock()
+        self._drawn = 0
+        self._last = float("-inf")
+        self._terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def start(self, job: Any, reporter: Any) -> Any:
+        workers = self.executor.start(job, reporter)
+        self.state = LiveState([w.id for w in workers], self.total_tasks)
+        reporter.add_listener(self._notice)
+        return workers
+
+    def _notice(self, notice: Any) -> None:
+        with self._lock:
+            assert self.state is not None
+            self.state.apply(notice)
+            if self._terminal and time.monotonic() - self._last >= self.interval:
+                self._last = time.monotonic()
+                self._draw()
+
+    def _draw(self) -> None:
+        assert self.state is not None
+        lines = self.state.lines()
+        up = f"\x1b[{self._drawn}F" if self._drawn else ""
+        self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))
+        self.stream.flush()
+        self._drawn = len(lines)
+
+    def finish(self) -> None:
+        """Draw the final state (call it when the run has returned)."""
+        with self._lock:
+            if self.state is not None:
+                if self._terminal:
+                    self._draw()
+                else:
+                    self.stream.write("\n".join(self.state.lines()) + "\n")
+                    self.stream.flush()
+
+    # Everything else goes to the wrapped executor as it is.
+    def load(self, worker: str, partition: Any) -> None:
+        self.executor.load(worker, partition)
+
+    def unload(self, worker: str, partition: str) -> None:
+        self.executor.unload(worker, partition)
+
+    def run(self, worker: str, key: Any, partition: Any, inputs: Any) -> None:
+        self.executor.run(worker, key, partition, inputs)
+
+    def gather(self, values: Any) -> Any:
+        return self.executor.gather(values)
+
+    def forget(self, values: Any) -> None:
+        self.executor.forget(values)
+
+    def idle(self) -> None:
+        self.executor.idle()
+
+    def now(self) -> float:
+        return float(self.executor.now())
+
+    def reset(self) -> None:
+        self.executor.reset()
+
+    def close(self) -> None:
+        self.executor.close()

@@ -48,13 +48,14 @@ def _worker_main(conn: Any) -> None:
                 _, _, name, model_bytes, digest = message
                 session, sha256 = None, None
                 session, sha256 = open_session(model_bytes), digest
-                conn.send(("loaded", generation, name, start, time.perf_counter()))
+                conn.send(("loaded", generation, name, start, time.perf_counter(), len(model_bytes)))
             elif kind == "run":
                 _, _, key, digest, inputs, outputs = message
                 if digest != sha256:
                     raise RuntimeError(f"partition {key[0]} is not loaded on this worker")
                 result = run_session(session, inputs, outputs)
-                conn.send(("finished", generation, key, result, start, time.perf_counter()))
+                conn.send(("finished", generation, key, result, start, time.perf_counter(),
+                           sum(v.nbytes for v in inputs.values())))
         except Exception as exc:  # reported to the driver, never raised here
             conn.send(("failed", generation, kind, message[2], f"{type(exc).__name__}: {exc}"))
 
@@ -123,12 +124,12 @@ class ProcessExecutor(Executor):
                 reporter = self._reporter
             kind, wid = reply[0], w.info.id
             if kind == "loaded":
-                reporter.loaded(wid, reply[2], start=reply[3], end=reply[4])
+                reporter.loaded(wid, reply[2], start=reply[3], end=reply[4], bytes_sent=reply[5])
             elif kind == "unloaded":
                 reporter.unloaded(wid, reply[2])
             elif kind == "finished":
-                _, _, key, outputs, start, end = reply
-                reporter.task_finished(wid, key, outputs, start=start, end=end,
+                _, _, key, outputs, start, end, bytes_in = reply
+                reporter.task_finished(wid, key, outputs, start=start, end=end, bytes_in=bytes_in,
                                        bytes_out=sum(v.nbytes for v in outputs.values()))
             elif kind == "failed" and reply[2] == "run":
                 reporter.task_failed(wid, reply[3], reply[4])

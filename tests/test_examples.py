@@ -34,6 +34,15 @@ def test_run_threads(tmp_path):
     assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_live_report(tmp_path):
+    done = subprocess.run([sys.executable, str(EXAMPLES / "live_report.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split("max abs difference to the whole model: ")[1].split()[0]) <= 1e-4
+    assert done.stderr.splitlines()[0].startswith("32/32 tasks")  # the live view's final state
+    assert (tmp_path / "report.html").read_text().count('class="worker-row"') == 4
+
+
 def test_simulate_crowd(tmp_path):
     out = run_example("simulate_crowd.py", cwd=tmp_path)
     times = {line.split(":")[0].strip(): float(line.split(" in ")[1].split()[0])
@@ -45,6 +54,11 @@ def test_simulate_crowd(tmp_path):
 def test_process_executor_example(tmp_path):
     out = run_example("process_executor.py", cwd=tmp_path)
     assert float(out.split("max abs difference to the whole model: ")[1].split()[0]) <= 1e-4
+    rows = [[c.strip() for c in line.split("  ") if c.strip()] for line in out.splitlines()
+            if line.startswith("proc-")]
+    bytes_in = [row[7] for row in rows if row[2] != "0"]  # of the workers that ran tasks
+    assert bytes_in and "0 B" not in bytes_in, out
+    assert "partition bytes sent 0 B" not in out
 
 
 def _load_example(name: str):

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from typing import Any
+
+from crowdgraph.cli import positive_float
+from crowdgraph.errors import InputError
 
 from .common import DEFAULT_HEARTBEAT, DEFAULT_PORT, TOKEN_ENV, read_token
 
@@ -34,7 +38,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--token-file", help=f"file holding the shared token (default: ${TOKEN_ENV})")
     p.add_argument("--certfile", help="serve TLS with this certificate (PEM)")
     p.add_argument("--keyfile", help="private key of --certfile, if not in it")
-    p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT,
+    p.add_argument("--heartbeat", type=positive_float, default=DEFAULT_HEARTBEAT,
                    help=f"seconds between heartbeats; 3 missed = lost (default {DEFAULT_HEARTBEAT:g})")
     p.add_argument("--web", action="store_true",
                    help="also serve the browser worker page: phones join by opening the printed URL / QR code")
@@ -50,6 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted; returns the exit code."""
     from .relay import standing_coordinator
 
+    for flag, path in (("--certfile", args.certfile), ("--keyfile", args.keyfile)):
+        if path is not None and not os.path.isfile(path):
+            raise InputError(f"{flag} {path}: no such file; give the PEM file of the TLS certificate and key")
     token = read_token(None, args.token_file)
     if token is None:
         print(f"crowdgraph serve: no token; give --token-file FILE or set {TOKEN_ENV} "

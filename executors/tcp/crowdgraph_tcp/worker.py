@@ -47,10 +47,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from crowdgraph import wire
+from crowdgraph.cli import Parser, byte_size, positive_int
 from crowdgraph.errors import AuthenticationError, CrowdgraphError, ProtocolError
 from crowdgraph.measure import peak_rss_since_reset, reset_peak_rss
 from crowdgraph.runtime import current_rss, open_session, release_memory, run_session, warm_up
-from crowdgraph.units import format_bytes, parse_bytes
+from crowdgraph.units import format_bytes
 from crowdgraph.wire import Message
 
 from .common import client_ssl_context, parse_url, read_token
@@ -479,7 +480,7 @@ class Agent:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="crowdgraph-worker",
         description="Join a crowdgraph coordinator and run model partitions for it.",
         epilog="The token comes from --token-file, --token or $CROWDGRAPH_TOKEN (prefer the file: "
@@ -487,17 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("url", help="the coordinator, tcp://HOST:PORT (tls://HOST:PORT for TLS)")
     parser.add_argument("--token-file", help="file holding the shared token")
     parser.add_argument("--token", help="the shared token itself (visible in ps; prefer --token-file)")
-    parser.add_argument("--memory", default="64MB",
+    parser.add_argument("--memory", type=byte_size, default="64MB",
                         help="memory budget for a partition and its activations (default 64MB)")
     parser.add_argument("--name", help="name shown in reports (default: host name)")
     parser.add_argument("--cache-dir", help=f"where partitions are kept (default {default_cache_dir()})")
-    parser.add_argument("--cache-size", default="1GB", help="cap of the cache; least recently used out first (default 1GB)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--cache-size", type=byte_size, default="1GB", help="cap of the cache; least recently used out first (default 1GB)")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
                         help="onnxruntime threads (default: every core)")
     parser.add_argument("--cafile", help="with tls://: trust this CA or self-signed certificate")
     parser.add_argument("--reconnect", action="store_true",
                         help="when the connection drops, retry with backoff (joining as a new worker)")
-    parser.add_argument("--max-frame-bytes", type=int, default=wire.DEFAULT_MAX_FRAME_BYTES,
+    parser.add_argument("--max-frame-bytes", type=positive_int, default=wire.DEFAULT_MAX_FRAME_BYTES,
                         help="largest frame accepted (default 256 MiB)")
     return parser
 
@@ -510,8 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if token is None:
             print("crowdgraph-worker: no token; give --token-file FILE (or set CROWDGRAPH_TOKEN)", file=sys.stderr)
             return EXIT_REFUSED
-        memory = parse_bytes(args.memory)
-        cache = PartitionCache(args.cache_dir or default_cache_dir(), parse_bytes(args.cache_size))
+        memory = args.memory
+        cache = PartitionCache(args.cache_dir or default_cache_dir(), args.cache_size)
         # Part of the idle floor announced in HELLO: onnx (it writes received
         # partitions into the cache) and onnxruntime's once-cost, paid by a
         # warm-up session, so a partition's estimate covers only its own session.
