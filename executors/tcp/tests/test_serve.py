@@ -67,8 +67,9 @@ def test_crowdgraph_serve_with_workers_and_a_driver_by_url(tmp_path, monkeypatch
         # Through the entry-point name: resolve_executor("tcp://...") -> TcpExecutor.from_url.
         got, second = compiled.run(feeds, executor=url, microbatch=1, report=True, timeout=RUN_TIMEOUT)
         assert_matches(got, want)
-        assert second.executor == "tcp" and second.weight_bytes_sent == 0
-        assert set(second.tier_counts) <= {1, 2}, second.tier_counts
+        # Held or cached partitions are reused; the cost rule may still load a new replica.
+        assert second.executor == "tcp" and second.weight_bytes_sent < first.weight_bytes_sent
+        assert second.tier_counts.get(1, 0) + second.tier_counts.get(2, 0) > 0, second.tier_counts
         got = compiled.run(feeds, executor=url, microbatch=2, mode="barrier", timeout=RUN_TIMEOUT)
         assert_matches(got, want)
         # A driver with the wrong token is refused with the reason.
