@@ -172,7 +172,7 @@ class CompiledModel:
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
             mode: str = "streaming", seed: int = 0, report: bool = False, progress: bool = False,
-            timeout: float | None = None) -> Any:
+            timeout: float | None = None, policy: str = "cost") -> Any:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
 
         Parameters
@@ -198,6 +198,10 @@ class CompiledModel:
         report:
             Also return the :class:`~crowdgraph.report.RunReport` (it is
             kept as :attr:`last_report` either way).
+        policy:
+            The scheduler's placement rule: ``"cost"`` (replicas where they
+            finish work sooner), or the baselines ``"pipeline"`` and
+            ``"greedy"`` (see :mod:`crowdgraph.schedule`).
 
         When a micro-batch is larger than the shapes the plan was compiled
         at, the model is partitioned again at the micro-batch's shapes so
@@ -218,7 +222,7 @@ class CompiledModel:
         ex, owned = resolve_executor(executor)
         try:
             outputs, run_report = Driver(plan, microbatches, ex, mode=mode, seed=seed,  # type: ignore[arg-type]
-                                         progress=progress, timeout=timeout).run()
+                                         progress=progress, timeout=timeout, policy=policy).run()
         finally:
             if owned:
                 ex.close()

@@ -179,10 +179,16 @@ def test_run_from_a_loaded_plan(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_model():
     model = zoo.distilbert("tiny")
     feeds = zoo.sample_inputs(model, batch=2, sequence=8)
-    return crowdgraph.compile(model, partitions=2, sample=feeds), feeds
+    return model, crowdgraph.compile(model, partitions=2, sample=feeds), feeds
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    _, compiled, feeds = tiny_model
+    return compiled, feeds
 
 
 def test_wrong_input_names(tiny):
@@ -218,3 +224,18 @@ def test_unknown_executor_lists_installed(tiny):
     compiled, feeds = tiny
     with pytest.raises(crowdgraph.ExecutorNotFound, match="threads"):
         compiled.run(feeds, executor="carrier-pigeon")
+
+
+@pytest.mark.parametrize("policy", ["cost", "pipeline", "greedy"])
+def test_every_placement_policy_matches_the_oracle(tiny_model, policy):
+    model, compiled, feeds = tiny_model
+    with ThreadExecutor(workers=4) as ex:
+        got, report = compiled.run(feeds, executor=ex, microbatch=1, policy=policy, report=True)
+    assert_matches(got, oracle(model, feeds))
+    assert len(report.tasks) == len(compiled.partitions) * 2
+
+
+def test_unknown_policy_names_the_policies(tiny):
+    compiled, feeds = tiny
+    with pytest.raises(crowdgraph.PlanningError, match="'cost', 'pipeline', 'greedy'"):
+        compiled.run(feeds, policy="fastest")
