@@ -56,7 +56,7 @@ ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-th
 PAGE_FILES = ("index.html", "worker.mjs", "compute.mjs", "proto.mjs")
 
 #: What the WASM runtime costs a tab before any partition (measured headless, docs/browser.md).
-BROWSER_RUNTIME_BYTES = 80 * 2**20
+BROWSER_RUNTIME_BYTES = 80_000_000
 #: How many times a partition's estimated resident bytes a tab really spends (docs/browser.md).
 BROWSER_MODEL_FACTOR = 3
 

@@ -105,11 +105,16 @@ def test_the_report_shows_per_worker_peak_rss_and_the_idle_floor(mixed_crowd):
 
 def test_second_run_on_the_same_crowd_sends_no_partition_bytes():
     model, feeds, compiled = tiny_case()
+    # The pipeline policy keeps one holder per partition, so the second run
+    # needs exactly what the first left resident (the cost rule may add a
+    # replica when measured durations say it pays).
     with TcpExecutor.local(workers=3, memory="64MB") as ex:
-        got, first = compiled.run(feeds, executor=ex, microbatch=2, report=True, timeout=RUN_TIMEOUT)
+        got, first = compiled.run(feeds, executor=ex, microbatch=2, report=True, timeout=RUN_TIMEOUT,
+                                  policy="pipeline")
         assert_matches(got, oracle(model, feeds))
         assert first.weight_bytes_sent > 0
-        got, second = compiled.run(feeds, executor=ex, microbatch=2, report=True, timeout=RUN_TIMEOUT)
+        got, second = compiled.run(feeds, executor=ex, microbatch=2, report=True, timeout=RUN_TIMEOUT,
+                                   policy="pipeline")
     assert_matches(got, oracle(model, feeds))
     assert second.weight_bytes_sent == 0
     assert set(second.tier_counts) <= {1, 2}, second.tier_counts

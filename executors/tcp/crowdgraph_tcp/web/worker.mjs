@@ -9,7 +9,7 @@ import { decodeFrame, encodeFrame, frameType, sign, sha256, hex, unhex, sameText
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const MB = 2 ** 20;
+const MB = 1e6;  // decimal, as everywhere in crowdgraph
 // Highest ONNX IR version onnxruntime-web 1.30 takes; partitions above it are capped on load.
 const MAX_IR_VERSION = 10;
 
@@ -39,11 +39,11 @@ let config = { runtime_bytes: 80 * MB, model_factor: 3, heartbeat: 5 };
 function parseMB(text) {
   const m = /^\s*([\d.]+)\s*(MB|M|GB|G)?\s*$/i.exec(text || "");
   if (!m) return null;
-  return Math.round(Number(m[1]) * (/^g/i.test(m[2] || "") ? 1024 : 1));
+  return Math.round(Number(m[1]) * (/^g/i.test(m[2] || "") ? 1000 : 1));
 }
 function defaultBudgetMB() {
-  const gb = navigator.deviceMemory || 2;   // Chromium: rounded device RAM in GB, at most 8
-  return Math.max(256, Math.min(2048, Math.round(gb * 1024 / 4)));
+  const gib = navigator.deviceMemory || 2;   // Chromium: rounded device RAM in GiB, at most 8
+  return Math.max(256, Math.min(2048, Math.round(gib * 2 ** 30 / MB / 4)));
 }
 const budgetMB = () => Number($("budget").value) || defaultBudgetMB();
 // The HELLO's memory_budget: (set - runtime) / model_factor.  The scheduler compares it with a
