@@ -89,7 +89,7 @@ class Driver:
         """Carry the run out; return per-micro-batch outputs (None when simulated) and the report."""
         workers = list(self.executor.start(Job(self.partitions, self.compiled.memory_budget), self.reporter))
         for w in workers:
-            self.report.add_worker(w.id, w.memory, w.speed)
+            self.report.add_worker(w.id, w.memory, w.speed, w.floor)
         rows = _rows_scale(self.compiled, self.microbatches)
         self.scheduler = Scheduler(self.tasks, {p: part.resident_bytes for p, part in self.partitions.items()},
                                    workers, seed=self.seed, policy=self.policy,
@@ -222,7 +222,7 @@ class Driver:
             return sched.handle(WorkerLost(worker))
         if kind == "joined":
             assert notice.info is not None
-            self.report.add_worker(notice.info.id, notice.info.memory, notice.info.speed)
+            self.report.add_worker(notice.info.id, notice.info.memory, notice.info.speed, notice.info.floor)
             return sched.handle(WorkerJoined(notice.info))
         if kind == "results_lost":
             return sched.handle(ResultsLost(self._lost_closure(notice.keys)))

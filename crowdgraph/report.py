@@ -82,6 +82,15 @@ class WorkerRecord:
     peak_rss: int | None = None
     rss: int | None = None
     lost: str | None = None
+    #: The worker process's RSS with no partition loaded, when it reports one.
+    floor: int | None = None
+
+    @property
+    def above_floor(self) -> int | None:
+        """Peak RSS above the idle floor: what the memory budget bounds (None when either is unknown)."""
+        if self.peak_rss is None or self.floor is None:
+            return None
+        return max(0, self.peak_rss - self.floor)
 
 
 @dataclass
@@ -146,8 +155,8 @@ class RunReport:
 
     # -- recording (driver side) -----------------------------------------
 
-    def add_worker(self, worker_id: str, memory: int, speed: float) -> None:
-        self.workers.setdefault(worker_id, WorkerRecord(worker_id, memory, speed))
+    def add_worker(self, worker_id: str, memory: int, speed: float, floor: int | None = None) -> None:
+        self.workers.setdefault(worker_id, WorkerRecord(worker_id, memory, speed, floor=floor))
 
     def record_task(self, record: TaskRecord, peak_rss: int | None, rss: int | None) -> None:
         self.tasks.append(record)
@@ -183,14 +192,16 @@ class RunReport:
 
     def __str__(self) -> str:
         head = ("worker", "budget", "tasks", "loads", "unloads", "tiers 1/2/3/4", "busy s",
-                "bytes in", "bytes out", "peak RSS", "")
+                "bytes in", "bytes out", "peak RSS", "floor", "above floor", "")
         rows = [head]
         for w in self.workers.values():
             tiers = "/".join(str(w.tiers.get(t, 0)) for t in (1, 2, 3, 4))
             rows.append((
                 w.id, format_bytes(w.memory), str(w.tasks), str(w.loads), str(w.unloads), tiers,
                 f"{w.busy:.3f}", format_bytes(w.bytes_in), format_bytes(w.bytes_out),
-                format_bytes(w.peak_rss) if w.peak_rss else "-", f"lost: {w.lost}" if w.lost else "",
+                format_bytes(w.peak_rss) if w.peak_rss else "-", format_bytes(w.floor) if w.floor else "-",
+                format_bytes(w.above_floor) if w.above_floor is not None else "-",
+                f"lost: {w.lost}" if w.lost else "",
             ))
         widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
         lines = ["  ".join(cell.ljust(wd) for cell, wd in zip(r, widths)).rstrip() for r in rows]
@@ -208,7 +219,8 @@ class RunReport:
         lines.extend(self.notes)
         lines.append(UNITS_NOTE + ("; peak RSS is the whole worker process, its idle floor (interpreter and "
                                    "onnxruntime) included: the budget bounds what a partition adds above "
-                                   "that floor" if any(w.peak_rss for w in self.workers.values()) else ""))
+                                   "that floor (\"above floor\")" if any(w.peak_rss for w in self.workers.values())
+                                   else ""))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -216,6 +216,11 @@ class WorkerInfo:
         take to arrive (tiers 3 and 4).  The default is Wi-Fi, 10 MB/s.
     disk_bandwidth
         Bytes per second the worker reads cached partitions at (tier 2).
+    floor
+        The worker process's resident memory with no partition loaded (its
+        idle floor), when it reports one.  Placement ignores it: budgets
+        count what a partition adds above the floor, and the run report
+        shows peaks next to it.
     """
 
     id: str
@@ -225,6 +230,7 @@ class WorkerInfo:
     resident: str | None = None
     bandwidth: float = 10e6
     disk_bandwidth: float = 100e6
+    floor: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.memory, str):  # "64MB", as people write budgets

@@ -107,12 +107,13 @@ def take_answer(outstanding: list[Action], message: Message) -> Action | None:
 
 
 class Holding(NamedTuple):
-    """What the driver side knows of a worker: its budget, cache and resident partition (sha256s)."""
+    """What the driver side knows of a worker: its budget, cache, resident partition (sha256s) and idle RSS."""
 
     id: str
     memory: int
     cached: Iterable[str]
     resident: str | None
+    floor: int | None = None
 
 
 class DriverBridge:
@@ -159,7 +160,7 @@ class DriverBridge:
     def info(self, w: Holding, resident: str | None = None) -> WorkerInfo:
         """``w`` as the scheduler sees it: its cache in the current plan's partition names."""
         cached = frozenset(self.by_sha[s] for s in w.cached if s in self.by_sha)
-        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, resident=resident)
+        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, resident=resident, floor=w.floor)
 
     def lost(self, worker: str) -> None:
         """Forget what was measured of ``worker``."""

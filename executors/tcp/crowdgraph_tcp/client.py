@@ -358,7 +358,7 @@ class RemoteExecutor(Executor):
 
 
 def _holding(rec: dict[str, Any]) -> Holding:
-    return Holding(rec["id"], rec["memory_budget"], rec["cached"], rec["resident"])
+    return Holding(rec["id"], rec["memory_budget"], rec["cached"], rec["resident"], rec.get("rss"))
 
 
 def _record(rec: dict[str, Any]) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class _ExecutorListener(Listener):
 
 
 def _holding(w: Peer) -> Holding:
-    return Holding(w.id, w.memory, w.cached, w.expected_resident)
+    return Holding(w.id, w.memory, w.cached, w.expected_resident, w.floor_rss)
 
 
 class TcpExecutor(Executor):

@@ -65,6 +65,7 @@ def test_crowdgraph_serve_with_workers_and_a_driver_by_url(tmp_path, monkeypatch
             assert_matches(got, want)
             assert first.weight_bytes_sent > 0 and len(first.workers) == 3
             assert all(r.peak_rss for r in first.workers.values() if r.tasks)
+            assert all(r.floor and r.above_floor is not None for r in first.workers.values() if r.tasks)
         # Through the entry-point name: resolve_executor("tcp://...") -> TcpExecutor.from_url.
         # One holder per partition (pipeline policy): the rerun reuses what is held or cached.
         got, second = compiled.run(feeds, executor=url, microbatch=1, report=True, timeout=RUN_TIMEOUT,

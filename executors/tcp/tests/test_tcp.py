@@ -101,6 +101,13 @@ def test_the_report_shows_per_worker_peak_rss_and_the_idle_floor(mixed_crowd):
         if record.tasks:
             assert record.peak_rss is not None and record.rss is not None
             assert floors[worker] and record.peak_rss > floors[worker] > 10 * 2**20
+            assert record.floor == floors[worker] and record.above_floor == record.peak_rss - record.floor
+    table = str(report).splitlines()
+    assert "above floor" in table[0]
+    for worker, record in report.workers.items():
+        if record.tasks:
+            row = next(line for line in table if line.startswith(worker + " "))
+            assert crowdgraph.format_bytes(record.floor) in row and crowdgraph.format_bytes(record.above_floor) in row
 
 
 def test_second_run_on_the_same_crowd_sends_no_partition_bytes():
