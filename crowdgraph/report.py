@@ -488,11 +488,21 @@ class LiveWorker:
     resident: str | None = None
     tasks: int = 0
     loads: int = 0
-    cached_loads: int = 0
+    #: Loads by the tier they were made at: 2 from the worker's cache, 3 onto
+    #: an empty worker, 4 after unloading another partition.
+    load_tiers: dict[int, int] = field(default_factory=dict)
     bytes_in: int = 0
     bytes_out: int = 0
     weight_bytes_sent: int = 0
     lost: str | None = None
+    #: An unload came after the last load, so a network load now is a tier-4 swap.
+    unloaded_since_load: bool = False
+
+    @property
+    def tiers(self) -> tuple[int, int, int, int]:
+        """Tasks by tier so far: each load starts one task at its tier, the other tasks needed none (tier 1)."""
+        t2, t3, t4 = (self.load_tiers.get(t, 0) for t in (2, 3, 4))
+        return max(0, self.tasks - t2 - t3 - t4), t2, t3, t4
 
 
 class LiveState:
@@ -506,10 +516,11 @@ class LiveState:
     >>> state = LiveState(["w0", "w1"], total_tasks=4)
     >>> state.apply(Notice("loaded", "w0", partition="p0", stats={"bytes_sent": 2_000_000}))
     >>> state.apply(Notice("finished", "w0", key=("p0", 0), stats={"wire_in": 1000, "wire_out": 3000}))
+    >>> state.apply(Notice("finished", "w0", key=("p0", 1), stats={"wire_in": 1000, "wire_out": 3000}))
     >>> print("\\n".join(state.lines()))
-    1/4 tasks [#####...............]  25%
-    w0  p0  1 tasks  loads 1 (0 cached)  weights 2.0 MB  in 1.0 kB  out 3.0 kB
-    w1  -   0 tasks  loads 0 (0 cached)  weights 0 B  in 0 B  out 0 B
+    2/4 tasks [##########..........]  50%
+    w0  p0  2 tasks  tiers 1/2/3/4 1/0/1/0  weights 2.0 MB  in 2.0 kB  out 6.0 kB
+    w1  -   0 tasks  tiers 1/2/3/4 0/0/0/0  weights 0 B  in 0 B  out 0 B
     """
 
     def __init__(self, workers: Sequence[str], total_tasks: int):
@@ -527,11 +538,12 @@ class LiveState:
             return
         s = notice.stats
         if notice.kind == "loaded":
-            w.resident, w.loads = notice.partition, w.loads + 1
-            w.cached_loads += bool(s.get("from_cache"))
+            tier = 2 if s.get("from_cache") else 4 if (w.unloaded_since_load or w.resident is not None) else 3
+            w.load_tiers[tier] = w.load_tiers.get(tier, 0) + 1
+            w.resident, w.loads, w.unloaded_since_load = notice.partition, w.loads + 1, False
             w.weight_bytes_sent += s.get("bytes_sent") or 0
         elif notice.kind == "unloaded":
-            w.resident = None
+            w.resident, w.unloaded_since_load = None, True
         elif notice.kind == "finished" and notice.key not in self.finished:
             self.finished.add(notice.key)
             w.tasks += 1
@@ -546,7 +558,7 @@ class LiveState:
         filled = bar_width * done // max(self.total, 1)
         head = (f"{done}/{self.total} tasks [{'#' * filled}{'.' * (bar_width - filled)}] "
                 f"{100 * done // max(self.total, 1):3d}%")
-        rows = [(w.id, w.resident or "-", f"{w.tasks} tasks", f"loads {w.loads} ({w.cached_loads} cached)",
+        rows = [(w.id, w.resident or "-", f"{w.tasks} tasks", "tiers 1/2/3/4 " + "/".join(map(str, w.tiers)),
                  f"weights {format_bytes(w.weight_bytes_sent)}", f"in {format_bytes(w.bytes_in)}",
                  f"out {format_bytes(w.bytes_out)}" + (f"  lost: {w.lost}" if w.lost else ""))
                 for w in self.workers.values()]

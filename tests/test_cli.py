@@ -261,9 +261,9 @@ def test_live_view_ends_with_what_the_report_says(capsys):
     assert live[0].startswith("9/9 tasks [####################] 100%")
     table = [line.split() for line in captured.out.splitlines() if line.startswith("thread-")]
     assert len(live) == 1 + len(table) == 3
-    for row in table:  # worker, budget (2 cells), tasks, loads, ...
+    for row in table:  # worker, budget (2 cells), tasks, loads, unloads, tiers 1/2/3/4, ...
         view = next(line.split() for line in live[1:] if line.split()[0] == row[0])
-        assert view[2] == row[3] and view[5] == row[4]  # tasks and loads agree
+        assert view[2] == row[3] and view[6] == row[6]  # tasks and tiers agree
 
 
 def test_one_batch_shape_sets_the_rows_of_every_batched_input(capsys):

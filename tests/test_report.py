@@ -146,5 +146,6 @@ def test_live_view_redraws_in_place_on_a_terminal(compiled):
     last = [line.removeprefix("\x1b[2K") for line in frames[-1].splitlines()]
     assert last[0].startswith(f"{len(report.tasks)}/{len(report.tasks)} tasks")
     for line in last[1:]:
-        worker, _, tasks, *_ = line.split()
+        worker, _, tasks, _, _, _, tiers, *_ = line.split()
         assert int(tasks) == report.workers[worker].tasks
+        assert tiers == "/".join(str(report.workers[worker].tiers.get(t, 0)) for t in (1, 2, 3, 4))
