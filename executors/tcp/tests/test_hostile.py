@@ -1,0 +1,138 @@
+"""What a hostile peer holding the token can try, and what stops it.
+
+A coordinator may send a worker any partition; a worker may answer with
+anything.  Each test plays the hostile side with crafted messages and checks
+the other side refuses it with a clear answer and keeps working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from crowdgraph import wire
+from crowdgraph.wire import Message
+from crowdgraph_tcp.worker import Agent, PartitionCache
+
+
+def _point_at(tensor: TensorProto, location: str, **extra: int) -> None:
+    """Make ``tensor`` claim its bytes live in external data at ``location`` (its raw bytes kept)."""
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    for key, value in extra.items():
+        tensor.external_data.add(key=key, value=str(value))
+
+
+def _partition(where: str, location: str, **extra: int) -> bytes:
+    """y = x + w, with one 2 KiB weight (in an initializer, a Constant, or a Constant inside an If)."""
+    weight = numpy_helper.from_array(np.arange(512, dtype=np.float32), "w")
+    if where != "subgraph":
+        _point_at(weight, location, **extra)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [512])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [512])
+    if where == "initializer":
+        nodes, initializers = [helper.make_node("Add", ["x", "w"], ["y"])], [weight]
+    elif where == "constant":
+        nodes = [helper.make_node("Constant", [], ["w"], value=weight), helper.make_node("Add", ["x", "w"], ["y"])]
+        initializers = []
+    else:  # a Constant inside both branches of an If
+        def branch(name: str) -> onnx.GraphProto:
+            inner = numpy_helper.from_array(np.arange(512, dtype=np.float32), f"w_{name}")
+            _point_at(inner, location, **extra)
+            out = helper.make_tensor_value_info(f"w_{name}_out", TensorProto.FLOAT, [512])
+            return helper.make_graph([helper.make_node("Constant", [], [f"w_{name}_out"], value=inner)],
+                                     name, [], [out])
+        flag = numpy_helper.from_array(np.array(True), "flag")
+        nodes = [helper.make_node("If", ["flag"], ["w"], then_branch=branch("then"), else_branch=branch("else")),
+                 helper.make_node("Add", ["x", "w"], ["y"])]
+        initializers = [flag]
+    graph = helper.make_graph(nodes, "hostile", [x], [y], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _load(agent: Agent, data: bytes) -> Message:
+    load = Message(wire.LOAD, {"partition": "p0", "sha256": hashlib.sha256(data).hexdigest(), "from_cache": False},
+                   blobs={"model": data})
+    kind, parts = agent.handle(load)
+    return wire.decode(b"".join(bytes(part) for part in parts))
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A worker whose cache is ``tmp_path/home/cache`` and the folders around it it must not touch."""
+    cache_dir = tmp_path / "home" / "cache"
+    agent = Agent("tcp://127.0.0.1:9", b"token", 64 << 20, cache=PartitionCache(cache_dir))
+    return agent, tmp_path, cache_dir
+
+
+@pytest.mark.parametrize("where", ["initializer", "constant", "subgraph"])
+@pytest.mark.parametrize("location", ["ABSOLUTE", "../../outside.txt", "../.bashrc", "sub/dir.data",
+                                      "OWN", "OWN+RANGE"])
+def test_a_partition_referring_to_external_data_is_refused_before_anything_is_written(sandbox, where, location):
+    agent, root, cache_dir = sandbox
+    extra = {}
+    if location == "ABSOLUTE":
+        location = str(root / "outside.txt")
+    elif location.startswith("OWN"):  # its own data file's name can only be known from the sha256; guess one
+        extra = {"offset": 0, "length": 1 << 30} if location.endswith("RANGE") else {}
+        location = "own.onnx.data"
+    before = _files(root)
+    answer = _load(agent, _partition(where, location, **extra))
+    assert answer.type == wire.FAILED
+    assert answer.header["load"] == "p0" and "external data" in answer.header["error"]
+    assert _files(root) == before  # nothing written inside the cache or outside it
+    assert agent.cache.digests() == [] and agent.session is None
+
+
+def test_the_refusal_names_the_tensor_and_the_place(sandbox):
+    agent, root, _ = sandbox
+    answer = _load(agent, _partition("constant", "../.bashrc"))
+    assert "tensor 'w' refers to external data at '../.bashrc'" in answer.header["error"]
+
+
+def test_an_honest_partition_still_loads_and_is_cached(sandbox):
+    agent, root, cache_dir = sandbox
+    weight = numpy_helper.from_array(np.arange(512, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "honest",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512])], [weight])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    answer = _load(agent, data)
+    assert answer.type == wire.LOADED
+    sha = hashlib.sha256(data).hexdigest()
+    assert agent.cache.digests() == [sha]
+    assert sorted(os.listdir(cache_dir)) == [f"{sha}.json", f"{sha}.onnx", f"{sha}.onnx.data"]
+
+
+@pytest.mark.parametrize("location, length", [("../secret.txt", 2048), ("OWN", 1 << 20)])
+def test_a_stored_entry_reaching_outside_its_data_file_is_removed_and_never_announced(tmp_path, location, length):
+    """An entry left by an older worker (valid manifest, hashes matching) that refers outside its own file."""
+    (tmp_path / "secret.txt").write_bytes(bytes(2048))
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    model = onnx.ModelProto()
+    model.ParseFromString(_partition("initializer", "x"))
+    sha = "ab" * 32
+    weight = model.graph.initializer[0]
+    weight.ClearField("raw_data")
+    del weight.external_data[:]
+    data_name = f"{sha}.onnx.data"
+    _point_at(weight, data_name if location == "OWN" else location, offset=0, length=length)
+    (cache_dir / f"{sha}.onnx").write_bytes(model.SerializeToString())
+    (cache_dir / data_name).write_bytes(bytes(2048))
+    files = {name: hashlib.sha256((cache_dir / name).read_bytes()).hexdigest() for name in (f"{sha}.onnx", data_name)}
+    (cache_dir / f"{sha}.json").write_text(json.dumps({"format": 1, "sha256": sha, "files": files}))
+    cache = PartitionCache(cache_dir)
+    assert cache.digests() == [] and os.listdir(cache_dir) == []
+    assert (tmp_path / "secret.txt").read_bytes() == bytes(2048)
