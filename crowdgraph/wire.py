@@ -71,7 +71,7 @@ except ImportError:  # pragma: no cover - exercised only where lz4 is missing
 
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "HEADER_SIZE", "SECTION_HEADER_SIZE",
-    "DEFAULT_MAX_FRAME_BYTES", "HANDSHAKE_MAX_FRAME_BYTES", "MAX_NDIM", "CODECS", "HEARTBEAT_MISSES", "HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_FRAME_BYTES", "HANDSHAKE_MAX_FRAME_BYTES", "MAX_NDIM", "MAX_STRINGS", "CODECS", "HEARTBEAT_MISSES", "HANDSHAKE_TIMEOUT",
     "HELLO", "CHALLENGE", "AUTH", "WELCOME", "REFUSE", "BYE", "PING", "PONG",
     "LOAD", "LOADED", "UNLOAD", "UNLOADED", "RUN", "RESULT", "FAILED",
     "CROWD", "JOINED", "LOST", "ROLES",
@@ -114,6 +114,10 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 2**20
 HANDSHAKE_MAX_FRAME_BYTES = 2**20
 #: Highest tensor rank on the wire (numpy 1.x allows 32).
 MAX_NDIM = 32
+#: Most string elements in one frame.  Each costs a Python object to decode,
+#: far more than its 4-byte length on the wire: 64 Mi empty strings fit a
+#: 1 MB lz4 frame and would take a minute and gigabytes to decode.
+MAX_STRINGS = 2**20
 #: A peer that has received no frame for this many heartbeat intervals
 #: considers the other side lost and closes the connection.
 HEARTBEAT_MISSES = 3
@@ -345,6 +349,9 @@ def _tensor_raw(name: str, array: np.ndarray) -> tuple[int, np.ndarray]:
     """Return (dtype code, raw little-endian C-order bytes as a uint8 array)."""
     code = _dtype_code(array.dtype)
     if code == _STRING:
+        if array.size > MAX_STRINGS:
+            raise ValueError(f"string tensor {name!r} has {array.size} elements; the wire allows "
+                             f"{MAX_STRINGS} per message")
         encoded = []
         for i, item in enumerate(array.reshape(-1).tolist()):
             if not isinstance(item, str):
@@ -590,7 +597,7 @@ def _read_sections(body: memoryview, offset: int, count: int, type_name: str,
     """Parse section headers (no decompression yet) and check they tile the body."""
     sections: list[_SectionInfo] = []
     names: dict[int, set[str]] = {_KIND_TENSOR: set(), _KIND_BLOB: set()}
-    total_raw = 0
+    total_raw = strings = 0
     for index in range(count):
         where = f"{type_name} section {index}"
         if offset + SECTION_HEADER_SIZE > len(body):
@@ -636,6 +643,10 @@ def _read_sections(body: memoryview, offset: int, count: int, type_name: str,
         elif dtype == _STRING:
             if flags:
                 raise ProtocolError(f"{where}: shuffle flag set on a string tensor")
+            strings += math.prod(shape)
+            if strings > MAX_STRINGS:
+                raise ProtocolError(f"{where}: shape {list(shape)} brings the frame to {strings} strings, "
+                                    f"above the wire's limit of {MAX_STRINGS}; send fewer per message")
             if 4 * math.prod(shape) > raw_len:
                 raise ProtocolError(f"{where}: {raw_len} raw bytes cannot hold the lengths "
                                     f"of {math.prod(shape)} strings of shape {list(shape)}")
@@ -1279,6 +1290,7 @@ class Connection:
         self._nonce = b""  # the nonce this side asked the other to sign
         self._peer_nonce = b""
         self._decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES, versions=self.versions)
+        self._decode_error: ProtocolError | None = None
         self._outbox: list[list[bytes | memoryview]] = []
         self._ping_seq = 0
 
@@ -1288,6 +1300,11 @@ class Connection:
     def needed(self) -> int:
         """Bytes still missing to complete the frame being received (see :attr:`FrameDecoder.needed`)."""
         return self._decoder.needed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the frame being received that are in already."""
+        return self._decoder.buffered
 
     @property
     def last_frame_bytes(self) -> int:
@@ -1314,13 +1331,40 @@ class Connection:
             The bytes or their order break the protocol; close the connection
             after writing :meth:`data_to_send`.
         """
+        if not data:
+            return []
+        return self.take_frames(self.decode_frames(data), now=now)
+
+    def decode_frames(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """The first half of :meth:`receive_data`: decode the frames ``data`` completes.
+
+        It touches nothing but this connection's frame decoder, so a caller
+        with an event loop may run it on another thread when a large frame
+        completes (decompressing and checking it takes a while) and keep
+        sending and answering heartbeats meanwhile; it then hands the result
+        to :meth:`take_frames` on the loop's thread.  Never raises: a broken
+        stream is kept for :meth:`take_frames` to raise.
+        """
+        if self.state in (CLOSED, ERROR) or self._decode_error is not None:
+            return []
+        try:
+            return self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._decode_error = exc
+            return []
+
+    def take_frames(self, messages: list[Message], *, now: float) -> list[Message]:
+        """The second half of :meth:`receive_data`: apply what :meth:`decode_frames` returned.
+
+        Returns and raises as :meth:`receive_data` does.
+        """
         if self.state in (CLOSED, ERROR):
             return []
-        if data:
-            self.last_received = now
+        self.last_received = now
         try:
-            return [seen for message in self._decoder.feed(data)
-                    if (seen := self._take(message, now)) is not None]
+            if self._decode_error is not None:
+                raise self._decode_error
+            return [seen for message in messages if (seen := self._take(message, now)) is not None]
         except ProtocolError as exc:
             self._fail(exc)
             raise

@@ -1193,3 +1193,39 @@ sign(new TextEncoder().encode("correct horse battery staple"), new Uint8Array(32
     assert back.type == wire.RESULT and back.header["task"] == ["p", 1]
     np.testing.assert_array_equal(back.tensors["y"], np.array([[0.5], [-1], [3]], np.float32))
     assert js["signature"] == wire.sign(b"correct horse battery staple", bytes(range(32)), role="worker")
+
+
+# ---------------------------------------------------------------- string bombs
+
+
+def string_bomb(count: int = 2**26) -> bytes:
+    """A RESULT of about 1 MB (lz4) declaring ``count`` empty strings (256 MiB raw for 64 Mi)."""
+    raw = bytes(4 * count)  # every length 0
+    payload = lz4.block.compress(raw, store_size=False)
+    control = b'{"task":["p",0],"start":0,"end":0,"peak_rss":0,"rss":0}'
+    section = section_bytes(b"y", (count,), payload, dtype=8, codec=1, raw=raw)
+    return frame_bytes(wire.MESSAGE_TYPES[wire.RESULT], control, section, 1)
+
+
+def test_a_string_bomb_is_refused_before_anything_is_decompressed():
+    frame = string_bomb()
+    assert len(frame) < 1.1e6
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="67108864 strings, above the wire's limit of 1048576"):
+            decode(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # not one of the 256 MiB it declares
+
+
+def test_the_string_limit_counts_every_tensor_of_a_frame():
+    half = wire.MAX_STRINGS // 2 + 1
+    frame = run_frame(section_bytes(b"a", (half,), bytes(4 * half), dtype=8),
+                      section_bytes(b"b", (half,), bytes(4 * half), dtype=8))
+    with pytest.raises(ProtocolError, match="tensor 'b'.*above the wire's limit"):
+        decode(frame)
+    with pytest.raises(ValueError, match="the wire allows 1048576 per message"):
+        encode(Message(wire.RUN, {"task": ["p", 0], "outputs": []},
+                       {"x": np.full(wire.MAX_STRINGS + 1, "", dtype=object)}))

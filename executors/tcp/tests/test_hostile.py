@@ -136,3 +136,4 @@ def test_a_stored_entry_reaching_outside_its_data_file_is_removed_and_never_anno
     cache = PartitionCache(cache_dir)
     assert cache.digests() == [] and os.listdir(cache_dir) == []
     assert (tmp_path / "secret.txt").read_bytes() == bytes(2048)
+
