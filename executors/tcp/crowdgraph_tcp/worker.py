@@ -525,7 +525,10 @@ class Agent:
             return answer.type, wire.encode_parts(answer, codec=self.codec, version=self.version)
         except Exception as exc:  # reported to the coordinator, the connection stays usable
             where = {"task": h["task"]} if message.type == wire.RUN else {"load": h.get("partition", "?")}
-            text = f"{type(exc).__name__}: {exc}"
+            if not wire.is_name(h.get("partition", h.get("task", ["?"])[0])):  # a message not from the wire
+                where = {"load": ascii(h.get("partition", h.get("task")))[:wire.MAX_NAME_CHARS]}
+            # backslashreplace: whatever the error quotes, the answer stays UTF-8 that can be sent
+            text = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode("utf-8")
             return wire.FAILED, wire.encode_parts(Message(wire.FAILED, {**where, "error": text[:4000]}),
                                                   version=self.version)
 

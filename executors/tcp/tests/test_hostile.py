@@ -10,6 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from crowdgraph import wire
 from crowdgraph.wire import Message
+from crowdgraph_tcp import TcpExecutor
 from crowdgraph_tcp.worker import Agent, PartitionCache
 
 
@@ -137,3 +143,67 @@ def test_a_stored_entry_reaching_outside_its_data_file_is_removed_and_never_anno
     assert cache.digests() == [] and os.listdir(cache_dir) == []
     assert (tmp_path / "secret.txt").read_bytes() == bytes(2048)
 
+
+
+# ------------------------------------------------- strings a peer sends
+
+
+def test_a_worker_named_with_a_lone_surrogate_is_refused_and_drivers_still_join():
+    """HELLO {"name": "\\ud800"} (a JSON escape no UTF-8 can carry) gets a REFUSE, not a seat in the crowd."""
+    with TcpExecutor.local(workers=1, memory="64MB") as ex:
+        with socket.create_connection(("127.0.0.1", ex.coordinator.port), timeout=10) as sock:
+            sock.sendall(_frame(wire.HELLO, {"versions": [1], "name": "NAME", "memory_budget": 1 << 26, "cores": 1,
+                                             "platform": "test", "codecs": ["none"], "cached": []}, r"\ud800"))
+            refuse = _answers(sock)[0]
+        assert refuse.type == wire.REFUSE and "lone surrogate" in refuse.header["reason"]
+        assert ex.coordinator.run_sync(lambda: len(ex.coordinator.workers)) == 1  # the honest one only
+
+
+def _frame(type_name: str, header: dict, name: str) -> bytes:
+    """A frame of ``header`` whose string "NAME" becomes the raw JSON text ``name`` (which encode would refuse)."""
+    control = json.dumps(header).replace('"NAME"', f'"{name}"').encode()
+    return struct.pack("<4sBBHQII", b"CRWD", 1, wire.MESSAGE_TYPES[type_name], 0, len(control), len(control), 0) + control
+
+
+def _answers(sock: socket.socket) -> list[Message]:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return wire.FrameDecoder().feed(data)
+
+
+def test_a_worker_given_a_partition_named_with_a_lone_surrogate_says_why_and_exits_cleanly(tmp_path, tcp_helpers):
+    token = b"hostile-test-token"
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(30)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crowdgraph_tcp.worker", f"tcp://127.0.0.1:{server.getsockname()[1]}",
+             "--token", token.decode(), "--memory", "64MB", "--cache-dir", str(tmp_path / "cache")],
+            env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            sock, _ = server.accept()
+            with sock:
+                sock.settimeout(30)
+                conn = wire.Connection(wire.COORDINATOR, token=token, now=time.monotonic(), heartbeat=30.0)
+                while not conn.receive_data(sock.recv(65536), now=time.monotonic()):
+                    sock.sendall(b"".join(conn.data_to_send()))
+                conn.welcome("w1", now=time.monotonic())
+                sock.sendall(b"".join(conn.data_to_send()))
+                sock.sendall(_frame(wire.LOAD, {"partition": "NAME", "sha256": "0" * 64, "from_cache": True},
+                                    r"\ud800"))
+                answers = _answers(sock)
+            assert proc.wait(30) == 1
+        finally:
+            tcp_helpers.stop_process(proc)
+    out = proc.stdout.read().decode()
+    assert [m.type for m in answers] == [wire.BYE] and "lone surrogate" in answers[0].header["reason"]
+    assert "lone surrogate" in out and "Traceback" not in out, out
+
+
+def test_every_answer_of_the_worker_to_a_bad_load_can_be_sent(sandbox):
+    """Even a LOAD that never came through the wire (names unchecked) gets a FAILED that encodes."""
+    agent, _, _ = sandbox
+    load = Message(wire.LOAD, {"partition": "\ud800", "sha256": "0" * 64, "from_cache": True})
+    kind, parts = agent.handle(load)
+    failed = wire.decode(b"".join(bytes(part) for part in parts))
+    assert kind == failed.type == wire.FAILED and "not in this worker's cache" in failed.header["error"]
