@@ -22,10 +22,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from crowdgraph import wire
+import crowdgraph
+from crowdgraph import wire, zoo
 from crowdgraph.wire import Message
 from crowdgraph_tcp import TcpExecutor
 from crowdgraph_tcp.worker import Agent, PartitionCache
+from tests.oracle import assert_matches, oracle
 
 
 def _point_at(tensor: TensorProto, location: str, **extra: int) -> None:
@@ -207,3 +209,45 @@ def test_every_answer_of_the_worker_to_a_bad_load_can_be_sent(sandbox):
     kind, parts = agent.handle(load)
     failed = wire.decode(b"".join(bytes(part) for part in parts))
     assert kind == failed.type == wire.FAILED and "not in this worker's cache" in failed.header["error"]
+
+
+# ------------------------------------------------------ results that lie
+
+#: A worker agent whose results have twice the rows they should.
+LIAR = """
+import sys
+import numpy as np
+from crowdgraph_tcp import worker
+
+honest_run = worker.Agent._run
+
+def lying_run(self, message):
+    answer = honest_run(self, message)
+    answer.tensors = {name: np.concatenate([value, value]) for name, value in answer.tensors.items()}
+    return answer
+
+worker.Agent._run = lying_run
+sys.exit(worker.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_whose_results_break_the_output_specs_is_dropped_and_the_run_still_matches(tmp_path, tcp_helpers):
+    model = zoo.distilbert("tiny")
+    feeds = zoo.sample_inputs(model, batch=4, sequence=16)
+    compiled = crowdgraph.compile(model, partitions=3, input_shapes={name: (1, 16) for name in feeds})
+    with TcpExecutor.local(workers=1, memory="64MB") as ex:
+        liar = subprocess.Popen(
+            [sys.executable, "-c", LIAR, ex.url, "--token", ex.token.decode(), "--memory", "64MB",
+             "--name", "liar", "--threads", "1", "--cache-dir", str(tmp_path / "liar")],
+            env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            tcp_helpers.wait_until(lambda: ex.coordinator.run_sync(lambda: len(ex.coordinator.workers)) == 2,
+                                   what="the lying worker to join")
+            got = compiled.run(feeds, executor=ex, microbatch=1, timeout=60)
+            assert liar.wait(30) == 0  # told BYE: it leaves
+        finally:
+            tcp_helpers.stop_process(liar)
+        report = compiled.last_report
+    assert_matches(got, oracle(model, feeds))
+    (lost,) = [w.lost for w in report.workers.values() if w.lost]
+    assert "sent a bad result for task" in lost and "rows; the micro-batch has 1" in lost
