@@ -16,7 +16,8 @@ knows the shared token, and then does what the coordinator says:
 At most one partition is loaded at a time.  Nothing received is ever
 unpickled, evaluated or imported: frames are :mod:`crowdgraph.wire`
 messages, model bytes are only handed to onnxruntime after their sha256
-matched.
+matched and no tensor of theirs refers to a file (external data) other
+than the entry's own data file (:func:`external_data_problem`).
 
 Usage::
 
