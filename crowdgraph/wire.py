@@ -71,7 +71,7 @@ except ImportError:  # pragma: no cover - exercised only where lz4 is missing
 
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "HEADER_SIZE", "SECTION_HEADER_SIZE",
-    "DEFAULT_MAX_FRAME_BYTES", "HANDSHAKE_MAX_FRAME_BYTES", "MAX_NDIM", "CODECS", "HEARTBEAT_MISSES", "HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_FRAME_BYTES", "HANDSHAKE_MAX_FRAME_BYTES", "MAX_NDIM", "MAX_STRINGS", "MAX_NAME_CHARS", "MAX_TEXT_CHARS", "is_name", "CODECS", "HEARTBEAT_MISSES", "HANDSHAKE_TIMEOUT",
     "HELLO", "CHALLENGE", "AUTH", "WELCOME", "REFUSE", "BYE", "PING", "PONG",
     "LOAD", "LOADED", "UNLOAD", "UNLOADED", "RUN", "RESULT", "FAILED",
     "CROWD", "JOINED", "LOST", "ROLES",
@@ -114,6 +114,14 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 2**20
 HANDSHAKE_MAX_FRAME_BYTES = 2**20
 #: Highest tensor rank on the wire (numpy 1.x allows 32).
 MAX_NDIM = 32
+#: Longest name a peer may give (a worker, a partition, a tensor), in characters.
+MAX_NAME_CHARS = 1024
+#: Longest free text in a header (an error, a reason), in characters.
+MAX_TEXT_CHARS = 65536
+#: Most string elements in one frame.  Each costs a Python object to decode,
+#: far more than its 4-byte length on the wire: 64 Mi empty strings fit a
+#: 1 MB lz4 frame and would take a minute and gigabytes to decode.
+MAX_STRINGS = 2**20
 #: A peer that has received no frame for this many heartbeat intervals
 #: considers the other side lost and closes the connection.
 HEARTBEAT_MISSES = 3
@@ -345,6 +353,9 @@ def _tensor_raw(name: str, array: np.ndarray) -> tuple[int, np.ndarray]:
     """Return (dtype code, raw little-endian C-order bytes as a uint8 array)."""
     code = _dtype_code(array.dtype)
     if code == _STRING:
+        if array.size > MAX_STRINGS:
+            raise ValueError(f"string tensor {name!r} has {array.size} elements; the wire allows "
+                             f"{MAX_STRINGS} per message")
         encoded = []
         for i, item in enumerate(array.reshape(-1).tolist()):
             if not isinstance(item, str):
@@ -569,6 +580,11 @@ def _parse_control(data: memoryview, type_name: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ProtocolError(f"control part of a {type_name} frame is a JSON "
                             f"{type(header).__name__}, not an object")
+    try:  # a JSON escape such as "\ud800" decodes to a lone surrogate, which no UTF-8 can carry back
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"control part of a {type_name} frame holds a string with a lone surrogate "
+                            "(not Unicode text); send valid UTF-8") from None
     return header
 
 
@@ -590,7 +606,7 @@ def _read_sections(body: memoryview, offset: int, count: int, type_name: str,
     """Parse section headers (no decompression yet) and check they tile the body."""
     sections: list[_SectionInfo] = []
     names: dict[int, set[str]] = {_KIND_TENSOR: set(), _KIND_BLOB: set()}
-    total_raw = 0
+    total_raw = strings = 0
     for index in range(count):
         where = f"{type_name} section {index}"
         if offset + SECTION_HEADER_SIZE > len(body):
@@ -636,6 +652,10 @@ def _read_sections(body: memoryview, offset: int, count: int, type_name: str,
         elif dtype == _STRING:
             if flags:
                 raise ProtocolError(f"{where}: shuffle flag set on a string tensor")
+            strings += math.prod(shape)
+            if strings > MAX_STRINGS:
+                raise ProtocolError(f"{where}: shape {list(shape)} brings the frame to {strings} strings, "
+                                    f"above the wire's limit of {MAX_STRINGS}; send fewer per message")
             if 4 * math.prod(shape) > raw_len:
                 raise ProtocolError(f"{where}: {raw_len} raw bytes cannot hold the lengths "
                                     f"of {math.prod(shape)} strings of shape {list(shape)}")
@@ -905,21 +925,31 @@ def _is_number(v: Any) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
 
+def is_name(v: Any) -> bool:
+    """Whether ``v`` may travel as a name (worker, partition, tensor): printable, bounded, not empty.
+
+    >>> is_name("p0"), is_name(""), is_name("a\\nb"), is_name("x" * (MAX_NAME_CHARS + 1))
+    (True, False, False, False)
+    """
+    return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS and v.isprintable()
+
+
 def _is_task(v: Any) -> bool:
-    return (isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
-            and _is_int(v[1]))
+    return isinstance(v, list) and len(v) == 2 and is_name(v[0]) and _is_int(v[1])
 
 
 _Check = tuple[Callable[[Any], bool], str]
-_STR: _Check = (lambda v: isinstance(v, str), "a string")
+_STR: _Check = (lambda v: isinstance(v, str) and len(v) <= MAX_TEXT_CHARS,
+                f"a string of at most {MAX_TEXT_CHARS} characters")
+_NAME: _Check = (is_name, f"a printable name of 1 to {MAX_NAME_CHARS} characters")
 _HEX: _Check = (lambda v: isinstance(v, str) and _HEX64.fullmatch(v) is not None,
                 "64 lowercase hex digits")
 _COUNT: _Check = (_is_int, "an integer >= 0")
 _SECONDS: _Check = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
 _TIME: _Check = (_is_number, "a number")
-_TASK: _Check = (_is_task, "a task key [partition: str, microbatch: int >= 0]")
-_STRINGS: _Check = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                    "a list of strings")
+_TASK: _Check = (_is_task, "a task key [partition: name, microbatch: int >= 0]")
+_STRINGS: _Check = (lambda v: isinstance(v, list) and all(is_name(x) for x in v),
+                    f"a list of printable names of 1 to {MAX_NAME_CHARS} characters")
 
 _ROLE: _Check = (lambda v: v in ROLES, f"one of {list(ROLES)}")
 
@@ -928,8 +958,8 @@ def _is_worker_record(v: Any) -> bool:
     """A worker as CROWD and JOINED describe it to a driver."""
     if not isinstance(v, dict):
         return False
-    for key, check in (("id", _STR[0]), ("name", _STR[0]), ("memory_budget", _is_int),
-                       ("cores", lambda x: _is_int(x, 1)), ("platform", _STR[0]),
+    for key, check in (("id", is_name), ("name", is_name), ("memory_budget", _is_int),
+                       ("cores", lambda x: _is_int(x, 1)), ("platform", is_name),
                        ("cached", lambda x: isinstance(x, list) and all(_HEX[0](d) for d in x)),
                        ("resident", lambda x: x is None or _HEX[0](x))):
         if key not in v or not check(v[key]):
@@ -945,10 +975,10 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
     HELLO: {
         "versions": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(x, 1) for x in v),
                      "a non-empty list of integers >= 1", True),
-        "name": (*_STR, True),
+        "name": (*_NAME, True),
         "memory_budget": (*_COUNT, True),
         "cores": ((lambda v: _is_int(v, 1)), "an integer >= 1", True),
-        "platform": (*_STR, True),
+        "platform": (*_NAME, True),
         "codecs": (*_STRINGS, True),
         "cached": ((lambda v: isinstance(v, list) and all(_HEX[0](x) for x in v)),
                    "a list of sha256 hex digests", True),
@@ -959,29 +989,29 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
                 "version": ((lambda v: _is_int(v, 1)), "an integer >= 1", True),
                 "codec": ((lambda v: v in _CODEC_CODES), f"one of {list(_CODEC_CODES)}", True)},
     AUTH: {"signature": (*_HEX, True), "nonce": (*_HEX, True)},
-    WELCOME: {"worker_id": (*_STR, True), "signature": (*_HEX, True),
+    WELCOME: {"worker_id": (*_NAME, True), "signature": (*_HEX, True),
               "heartbeat": ((lambda v: _is_number(v) and v > 0), "a number > 0", True),
               "role": (*_ROLE, False)},
     REFUSE: {"reason": (*_STR, True)},
     BYE: {"reason": (*_STR, False)},
     PING: {"seq": (*_COUNT, True)},
     PONG: {"seq": (*_COUNT, True)},
-    LOAD: {"partition": (*_STR, True), "sha256": (*_HEX, True),
+    LOAD: {"partition": (*_NAME, True), "sha256": (*_HEX, True),
            "from_cache": ((lambda v: type(v) is bool), "true or false", True),
-           "worker": (*_STR, False)},
-    LOADED: {"partition": (*_STR, True), "sha256": (*_HEX, True),
-             "seconds": (*_SECONDS, True), "rss": (*_COUNT, True), "worker": (*_STR, False)},
-    UNLOAD: {"partition": (*_STR, True), "worker": (*_STR, False)},
-    UNLOADED: {"partition": (*_STR, True), "rss": (*_COUNT, True), "worker": (*_STR, False)},
-    RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_STR, False)},
+           "worker": (*_NAME, False)},
+    LOADED: {"partition": (*_NAME, True), "sha256": (*_HEX, True),
+             "seconds": (*_SECONDS, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
+    UNLOAD: {"partition": (*_NAME, True), "worker": (*_NAME, False)},
+    UNLOADED: {"partition": (*_NAME, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
+    RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_NAME, False)},
     RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),
-             "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True), "worker": (*_STR, False)},
-    FAILED: {"task": (*_TASK, False), "load": (*_STR, False), "error": (*_STR, True),
-             "worker": (*_STR, False)},
+             "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
+    FAILED: {"task": (*_TASK, False), "load": (*_NAME, False), "error": (*_STR, True),
+             "worker": (*_NAME, False)},
     CROWD: {"workers": ((lambda v: isinstance(v, list) and all(_is_worker_record(w) for w in v)),
                         "a list of worker records", False)},
     JOINED: {"worker": (*_WORKER_RECORD, True)},
-    LOST: {"worker": (*_STR, True), "reason": (*_STR, True)},
+    LOST: {"worker": (*_NAME, True), "reason": (*_STR, True)},
 }
 
 
@@ -1279,6 +1309,7 @@ class Connection:
         self._nonce = b""  # the nonce this side asked the other to sign
         self._peer_nonce = b""
         self._decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES, versions=self.versions)
+        self._decode_error: ProtocolError | None = None
         self._outbox: list[list[bytes | memoryview]] = []
         self._ping_seq = 0
 
@@ -1288,6 +1319,11 @@ class Connection:
     def needed(self) -> int:
         """Bytes still missing to complete the frame being received (see :attr:`FrameDecoder.needed`)."""
         return self._decoder.needed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the frame being received that are in already."""
+        return self._decoder.buffered
 
     @property
     def last_frame_bytes(self) -> int:
@@ -1314,13 +1350,40 @@ class Connection:
             The bytes or their order break the protocol; close the connection
             after writing :meth:`data_to_send`.
         """
+        if not data:
+            return []
+        return self.take_frames(self.decode_frames(data), now=now)
+
+    def decode_frames(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """The first half of :meth:`receive_data`: decode the frames ``data`` completes.
+
+        It touches nothing but this connection's frame decoder, so a caller
+        with an event loop may run it on another thread when a large frame
+        completes (decompressing and checking it takes a while) and keep
+        sending and answering heartbeats meanwhile; it then hands the result
+        to :meth:`take_frames` on the loop's thread.  Never raises: a broken
+        stream is kept for :meth:`take_frames` to raise.
+        """
+        if self.state in (CLOSED, ERROR) or self._decode_error is not None:
+            return []
+        try:
+            return self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._decode_error = exc
+            return []
+
+    def take_frames(self, messages: list[Message], *, now: float) -> list[Message]:
+        """The second half of :meth:`receive_data`: apply what :meth:`decode_frames` returned.
+
+        Returns and raises as :meth:`receive_data` does.
+        """
         if self.state in (CLOSED, ERROR):
             return []
-        if data:
-            self.last_received = now
+        self.last_received = now
         try:
-            return [seen for message in self._decoder.feed(data)
-                    if (seen := self._take(message, now)) is not None]
+            if self._decode_error is not None:
+                raise self._decode_error
+            return [seen for message in messages if (seen := self._take(message, now)) is not None]
         except ProtocolError as exc:
             self._fail(exc)
             raise

@@ -320,7 +320,7 @@ def test_message_repr_shows_shapes_not_values():
     (lambda: encode(Message(wire.PING, {"seq": -1})), ValueError, "'seq' must be an integer >= 0"),
     (lambda: encode(Message(wire.PING, {"seq": True})), ValueError, "'seq'"),
     (lambda: encode(Message(wire.RUN, {"task": ["p", 0, 1], "outputs": []})), ValueError, "task key"),
-    (lambda: encode(Message(wire.RUN, {"task": ["p", 0], "outputs": "y"})), ValueError, "list of strings"),
+    (lambda: encode(Message(wire.RUN, {"task": ["p", 0], "outputs": "y"})), ValueError, "list of printable names"),
     (lambda: encode(Message(wire.CHALLENGE, {"nonce": "AB" * 32, "version": 1, "codec": "lz4"})),
      ValueError, "64 lowercase hex"),
     (lambda: encode(Message(wire.FAILED, {"error": "x"})), ValueError, "exactly one of 'task'"),
@@ -586,13 +586,14 @@ def arrays(draw) -> np.ndarray:
 
 
 names = st.text(min_size=1, max_size=8)
+peer_names = names.filter(wire.is_name)  # names in headers: printable
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=8)
 extras = st.dictionaries(st.text(max_size=6).map(lambda k: "x_" + k), json_values, max_size=3)
-tasks = st.tuples(st.text(max_size=6), st.integers(0, 2**63 - 1)).map(list)
+tasks = st.tuples(peer_names, st.integers(0, 2**63 - 1)).map(list)
 hex64 = st.binary(min_size=32, max_size=32).map(bytes.hex)
 
 
@@ -602,13 +603,13 @@ def _with(extra: dict, **fields) -> dict:
 
 messages = st.one_of(
     st.builds(lambda t, o, x, e: Message(wire.RUN, _with(e, task=t, outputs=o), tensors=x),
-              tasks, st.lists(names, max_size=3), st.dictionaries(names, arrays(), max_size=4), extras),
+              tasks, st.lists(peer_names, max_size=3), st.dictionaries(names, arrays(), max_size=4), extras),
     st.builds(lambda t, s, x, e: Message(wire.RESULT, _with(e, task=t, start=s, end=s + 1,
                                                              peak_rss=2, rss=1), tensors=x),
               tasks, st.floats(-1e9, 1e9), st.dictionaries(names, arrays(), max_size=4), extras),
     st.builds(lambda p, h, b, e: Message(wire.LOAD, _with(e, partition=p, sha256=h, from_cache=False),
                                          blobs={"model": b}),
-              st.text(max_size=5), hex64, st.binary(max_size=400) | st.binary(max_size=50).map(lambda b: b * 20),
+              peer_names, hex64, st.binary(max_size=400) | st.binary(max_size=50).map(lambda b: b * 20),
               extras),
     st.builds(lambda s, e: Message(wire.PING, _with(e, seq=s)), st.integers(0, 2**63 - 1), extras),
     st.builds(lambda r: Message(wire.BYE, {} if r is None else {"reason": r}), st.none() | st.text()),
@@ -1193,3 +1194,39 @@ sign(new TextEncoder().encode("correct horse battery staple"), new Uint8Array(32
     assert back.type == wire.RESULT and back.header["task"] == ["p", 1]
     np.testing.assert_array_equal(back.tensors["y"], np.array([[0.5], [-1], [3]], np.float32))
     assert js["signature"] == wire.sign(b"correct horse battery staple", bytes(range(32)), role="worker")
+
+
+# ---------------------------------------------------------------- string bombs
+
+
+def string_bomb(count: int = 2**26) -> bytes:
+    """A RESULT of about 1 MB (lz4) declaring ``count`` empty strings (256 MiB raw for 64 Mi)."""
+    raw = bytes(4 * count)  # every length 0
+    payload = lz4.block.compress(raw, store_size=False)
+    control = b'{"task":["p",0],"start":0,"end":0,"peak_rss":0,"rss":0}'
+    section = section_bytes(b"y", (count,), payload, dtype=8, codec=1, raw=raw)
+    return frame_bytes(wire.MESSAGE_TYPES[wire.RESULT], control, section, 1)
+
+
+def test_a_string_bomb_is_refused_before_anything_is_decompressed():
+    frame = string_bomb()
+    assert len(frame) < 1.1e6
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="67108864 strings, above the wire's limit of 1048576"):
+            decode(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # not one of the 256 MiB it declares
+
+
+def test_the_string_limit_counts_every_tensor_of_a_frame():
+    half = wire.MAX_STRINGS // 2 + 1
+    frame = run_frame(section_bytes(b"a", (half,), bytes(4 * half), dtype=8),
+                      section_bytes(b"b", (half,), bytes(4 * half), dtype=8))
+    with pytest.raises(ProtocolError, match="tensor 'b'.*above the wire's limit"):
+        decode(frame)
+    with pytest.raises(ValueError, match="the wire allows 1048576 per message"):
+        encode(Message(wire.RUN, {"task": ["p", 0], "outputs": []},
+                       {"x": np.full(wire.MAX_STRINGS + 1, "", dtype=object)}))

@@ -25,7 +25,7 @@ from crowdgraph.wire import Message
 
 from .common import LOG
 
-__all__ = ["Action", "PendingRun", "PendingLoad", "PendingUnload", "Holding", "DriverBridge", "take_answer"]
+__all__ = ["Action", "OutputSpec", "output_specs", "result_problem", "PendingRun", "PendingLoad", "PendingUnload", "Holding", "DriverBridge", "take_answer"]
 
 #: Encodes a message for the worker it goes to (codec and version agreed with it).
 Encode = Callable[[Message], list[Any]]
@@ -33,11 +33,72 @@ Encode = Callable[[Message], list[Any]]
 
 @dataclass
 class PendingRun:
-    """A RUN's answer goes to ``reporter`` as task ``key``, which sent ``bytes_in`` raw bytes."""
+    """A RUN's answer goes to ``reporter`` as task ``key``, which sent ``bytes_in`` raw bytes.
+
+    ``outputs`` is what the answer must hold (see :func:`result_problem`).
+    """
 
     reporter: Reporter
     key: TaskKey
     bytes_in: int
+    outputs: dict[str, "OutputSpec"]
+
+
+class OutputSpec(NamedTuple):
+    """What one output of a task must be: its dtype, rank and (when it has a batch axis) rows."""
+
+    dtype: np.dtype
+    rank: int
+    rows: int | None
+
+
+def output_specs(partition: Partition, inputs: Mapping[str, np.ndarray]) -> dict[str, OutputSpec]:
+    """The outputs a RUN of ``partition`` on ``inputs`` must return, from the partition's graph.
+
+    An output whose first axis is the same symbolic dimension as an input's
+    first axis (the batch) must have as many rows as that input.
+    """
+    import onnx
+
+    batch = {}
+    for value in partition.model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name in inputs and dims and dims[0].dim_param and np.ndim(inputs[value.name]):
+            batch[dims[0].dim_param] = int(np.shape(inputs[value.name])[0])
+    specs = {}
+    for value in partition.model.graph.output:
+        tensor_type = value.type.tensor_type
+        dims = tensor_type.shape.dim
+        rows = batch.get(dims[0].dim_param) if dims and dims[0].dim_param else None
+        specs[value.name] = OutputSpec(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)),
+                                       len(dims), rows)
+    return specs
+
+
+def result_problem(tensors: Mapping[str, np.ndarray], specs: Mapping[str, OutputSpec]) -> str | None:
+    """What is wrong with a task's result ``tensors`` against its output ``specs``, or None.
+
+    >>> specs = {"y": OutputSpec(np.dtype("float32"), 2, 4)}
+    >>> result_problem({"y": np.zeros((4, 2), np.float32)}, specs) is None
+    True
+    >>> result_problem({"y": np.zeros((8, 2), np.float32)}, specs)
+    "output 'y' has 8 rows; the micro-batch has 4"
+    >>> result_problem({"y": np.zeros((4, 2))}, specs)
+    "output 'y' is float64, not float32"
+    >>> result_problem({}, specs)
+    "output 'y' is missing"
+    """
+    for name, spec in specs.items():
+        value = tensors.get(name)
+        if value is None:
+            return f"output {name!r} is missing"
+        if value.dtype != spec.dtype:
+            return f"output {name!r} is {value.dtype}, not {spec.dtype}"
+        if value.ndim != spec.rank:
+            return f"output {name!r} has rank {value.ndim}, not {spec.rank}"
+        if spec.rows is not None and value.shape[0] != spec.rows:
+            return f"output {name!r} has {value.shape[0]} rows; the micro-batch has {spec.rows}"
+    return None
 
 
 @dataclass
@@ -208,10 +269,26 @@ class DriverBridge:
         except (TypeError, ValueError) as exc:
             reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
             return None
-        return Action(wire.RUN, partition.name, purpose=PendingRun(reporter, key, sum(a.nbytes for a in arrays.values())),
+        return Action(wire.RUN, partition.name, purpose=PendingRun(reporter, key, sum(a.nbytes for a in arrays.values()),
+                                                                   output_specs(partition, arrays)),
                       parts=parts, key=key)
 
     # -- answers -> notices -------------------------------------------------
+
+    def bad_result(self, worker: str, action: Action, message: Message) -> str | None:
+        """Why ``message`` from ``worker`` is not a result ``action`` can take, or None.
+
+        A worker whose result breaks its partition's output specs is not to
+        be trusted with more tasks: the caller drops it, and its tasks are
+        placed again elsewhere.
+        """
+        pending = action.purpose
+        if message.type != wire.RESULT or not isinstance(pending, PendingRun):
+            return None
+        problem = result_problem(message.tensors, pending.outputs)
+        if problem is None:
+            return None
+        return f"worker {worker} sent a bad result for task {pending.key}: {problem}"
 
     def answered(self, worker: str, action: Action, message: Message, size: int, received: float) -> Action | None:
         """Report ``worker``'s answer to ``action``, which arrived at ``received`` as ``size`` bytes.

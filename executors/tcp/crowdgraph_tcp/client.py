@@ -216,19 +216,27 @@ class RemoteExecutor(Executor):
             if self.bridge.reporter is not None:
                 self.bridge.reporter.worker_joined(self.bridge.info(_holding(rec)))
         elif kind == wire.LOST:
-            worker = h["worker"]
-            self.crowd.pop(worker, None)
-            self._outstanding.pop(worker, None)
-            self.bridge.lost(worker)
-            if self.bridge.reporter is not None:
-                self.bridge.reporter.worker_lost(worker, h["reason"])
+            self._forget(h["worker"], h["reason"])
         with self._changed:
             self._changed.notify_all()
+
+    def _forget(self, worker: str, reason: str) -> None:
+        """``worker`` is gone for this driver; its tasks are placed again."""
+        self.crowd.pop(worker, None)
+        self._outstanding.pop(worker, None)
+        self.bridge.lost(worker)
+        if self.bridge.reporter is not None:
+            self.bridge.reporter.worker_lost(worker, reason)
 
     def _answer(self, worker: str, message: Message, size: int) -> None:
         received = now()
         action = take_answer(self._outstanding.get(worker, []), message)
         if action is None:
+            return
+        problem = self.bridge.bad_result(worker, action, message)
+        if problem is not None:  # not trusted with more of this driver's tasks
+            LOG.warning("%s", problem)
+            self._forget(worker, problem)
             return
         rec = self.crowd.get(worker)
         if rec is not None and action.kind == wire.LOAD and action.sha256:

@@ -438,6 +438,12 @@ class Coordinator:
         except Exception:
             LOG.exception("listener %s failed", getattr(fn, "__name__", fn))
 
+    def drop(self, peer: Peer, reason: str) -> None:
+        """Say BYE to ``peer`` with ``reason`` and lose it (IOLoop thread): it broke the rules."""
+        peer.link.conn.goodbye(reason, now=now())
+        peer.link.flush()
+        self._lose(peer, reason)
+
     def _lose(self, peer: Peer, reason: str, *, clean: bool = False) -> None:
         peer.alive = False
         table = self.drivers if peer.role == wire.DRIVER else self.workers

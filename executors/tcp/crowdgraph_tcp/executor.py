@@ -65,6 +65,10 @@ class _ExecutorListener(Listener):
         if action is None:
             return
         ex = self.executor
+        problem = ex.bridge.bad_result(worker.id, action, message)
+        if problem is not None:  # its tasks are placed again once it is lost
+            ex.coordinator.drop(worker, problem)
+            return
         resend = ex.bridge.answered(worker.id, action, message, size, received)
         if resend is not None:  # the worker's cache lost it: the bytes go ahead of what waits
             ex._submit_now(worker.id, resend)

@@ -15,6 +15,7 @@ import asyncio
 import time
 from typing import Any
 
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 
 from crowdgraph import wire
@@ -23,6 +24,8 @@ from .common import frame_size
 
 #: Largest chunk read from a socket at once.
 CHUNK = 1 << 20
+#: Frames larger than this are decoded on a worker thread, not the IOLoop's.
+OFF_LOOP_BYTES = 1 << 20
 
 
 def now() -> float:
@@ -46,8 +49,14 @@ class Link:
         """
         while True:
             chunk = await self.stream.read_bytes(min(self.conn.needed, CHUNK), partial=True)
+            if len(chunk) == self.conn.needed and self.conn.buffered + len(chunk) > OFF_LOOP_BYTES:
+                # A large frame is complete: decode it off the loop, which goes on
+                # answering heartbeats and serving the other connections meanwhile.
+                frames = await IOLoop.current().run_in_executor(None, self.conn.decode_frames, chunk)
+            else:
+                frames = self.conn.decode_frames(chunk)
             try:
-                messages = self.conn.receive_data(chunk, now=now())
+                messages = self.conn.take_frames(frames, now=now())
             finally:
                 self.flush()
             if messages:

@@ -16,7 +16,8 @@ knows the shared token, and then does what the coordinator says:
 At most one partition is loaded at a time.  Nothing received is ever
 unpickled, evaluated or imported: frames are :mod:`crowdgraph.wire`
 messages, model bytes are only handed to onnxruntime after their sha256
-matched.
+matched and no tensor of theirs refers to a file (external data) other
+than the entry's own data file (:func:`external_data_problem`).
 
 Usage::
 
@@ -44,7 +45,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from crowdgraph import wire
 from crowdgraph.cli import Parser, byte_size, positive_int
@@ -99,14 +100,18 @@ class PartitionCache:
     The bytes were checked against the partition's sha256 before they were
     stored; the manifest then catches any later change on disk.
 
-    >>> import tempfile
-    >>> cache = PartitionCache(tempfile.mkdtemp(), max_bytes=10)
-    >>> sha = hashlib.sha256(b"12345678").hexdigest()
-    >>> cache.put(sha, [b"12345678"], external=False).name == sha + ".onnx", cache.digests() == [sha]
+    >>> import onnx, tempfile
+    >>> def partition(n: int) -> bytes:  # a model of n float weights
+    ...     w = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [n], [0.5] * n)
+    ...     return onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], [w])).SerializeToString()
+    >>> cache = PartitionCache(tempfile.mkdtemp(), max_bytes=800)
+    >>> small, large = partition(100), partition(120)
+    >>> sha = hashlib.sha256(small).hexdigest()
+    >>> cache.put(sha, [small]).name == sha + ".onnx", cache.digests() == [sha]
     (True, True)
-    >>> cache.get(sha).read_bytes()
-    b'12345678'
-    >>> cache.put(hashlib.sha256(b"abcdef").hexdigest(), [b"abcdef"], external=False) is not None  # evicts
+    >>> onnx.load(cache.get(sha)).graph.initializer[0].float_data[:2]
+    [0.5, 0.5]
+    >>> cache.put(hashlib.sha256(large).hexdigest(), [large]) is not None  # evicts
     True
     >>> sha in cache.digests(), cache.get(sha)
     (False, None)
@@ -123,7 +128,7 @@ class PartitionCache:
         keep = set()
         for sha in self._shas():
             manifest = self._manifest(sha)
-            if manifest is None:
+            if manifest is None or self._external_data_problem(sha) is not None:
                 self.remove(sha)
             else:
                 keep.update(manifest["files"])
@@ -146,6 +151,17 @@ class PartitionCache:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         return None
+
+    def _external_data_problem(self, sha256: str) -> str | None:
+        """Why the stored model of ``sha256`` may not be opened (see :func:`external_data_problem`)."""
+        import onnx
+
+        data = self.folder / f"{sha256}.onnx.data"
+        try:
+            model = onnx.load(str(self.folder / f"{sha256}.onnx"), load_external_data=False)
+            return external_data_problem(model, data.name, data.stat().st_size if data.is_file() else 0)
+        except Exception as exc:  # unreadable or not a model
+            return f"the stored model cannot be read ({exc})"
 
     def _entries(self) -> list[tuple[float, int, str]]:
         """(last use, bytes, sha256) of every finished entry, least recently used first."""
@@ -185,13 +201,14 @@ class PartitionCache:
         for path in self.folder.glob(f"{sha256}*"):
             _remove(path)
 
-    def put(self, sha256: str, holder: list[bytes], *, external: bool = True) -> Path | None:
+    def put(self, sha256: str, holder: list[bytes]) -> Path | None:
         """Store the model bytes in ``holder`` (checked to hash to ``sha256``); return its file.
 
         ``holder`` is a one-item list, emptied as soon as the bytes are no
         longer needed (so they are freed before onnxruntime opens the file).
         Returns None, leaving ``holder`` as it was, when the bytes exceed the
-        cache's size.  With ``external`` the weights go to a separate data file.
+        cache's size.  The weights go to a separate data file; ValueError,
+        with nothing written, when the model refers to any external data.
         """
         size = len(holder[0])
         if size > self.max_bytes:
@@ -207,10 +224,7 @@ class PartitionCache:
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
         try:
             model_path = staging / f"{sha256}.onnx"
-            if external:
-                _write_external(holder, model_path, f"{sha256}.onnx.data")
-            else:
-                model_path.write_bytes(holder.pop())
+            _write_external(holder, model_path, f"{sha256}.onnx.data")
             files = {p.name: file_sha256(p) for p in staging.iterdir()}
             for name in files:
                 os.replace(staging / name, self.folder / name)
@@ -222,12 +236,101 @@ class PartitionCache:
         return self.folder / f"{sha256}.onnx"
 
 
-def _write_external(holder: list[bytes], path: Path, location: str) -> None:
-    """Write the model in ``holder`` to ``path`` with its weights in ``location`` beside it."""
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of ``graph``: initializers, Constant and other attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            sparse_tensors = list(attribute.sparse_tensors)
+            if attribute.HasField("sparse_tensor"):
+                sparse_tensors.append(attribute.sparse_tensor)
+            for sparse in sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+            subgraphs = list(attribute.graphs)
+            if attribute.HasField("g"):
+                subgraphs.append(attribute.g)
+            for subgraph in subgraphs:
+                yield from _tensors(subgraph)
+
+
+def external_data_problem(model: Any, location: str | None = None, data_bytes: int = 0) -> str | None:
+    """Why ``model``'s external-data references are unsafe, or None when every one is safe.
+
+    A partition may read weights only from its own data file: ``location``
+    (a plain file name beside the model), within its ``data_bytes``.  Any
+    other reference (an absolute path, a directory, ``..``, another file, a
+    range past the end) would let whoever sent the partition make this
+    worker read or write files outside its cache, so it is refused here,
+    before onnx or onnxruntime see it.  With ``location`` None no external
+    data is allowed at all (a partition as received carries its weights inline).
+
+    >>> import onnx
+    >>> model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[
+    ...     onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [2], [1.0, 2.0])]))
+    >>> external_data_problem(model) is None
+    True
+    >>> w = model.graph.initializer[0]
+    >>> w.data_location = onnx.TensorProto.EXTERNAL
+    >>> _ = w.external_data.add(key="location", value="../../etc/passwd")
+    >>> external_data_problem(model, "own.data", 8)
+    "tensor 'w' refers to external data at '../../etc/passwd', not to this partition's own data file"
+    >>> w.external_data[0].value = "own.data"
+    >>> _ = w.external_data.add(key="length", value="16")
+    >>> external_data_problem(model, "own.data", 8)
+    "tensor 'w' reads bytes 0 to 16 of external data, past the end of this partition's own data file (8 bytes)"
+    """
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != tensor.EXTERNAL and not len(tensor.external_data):
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        where = entries.get("location", "")
+        if location is None or where != location or where != os.path.basename(where):
+            return (f"tensor {tensor.name!r} refers to external data at {where!r}, "
+                    "not to this partition's own data file")
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries["length"]) if "length" in entries else data_bytes - offset
+        except ValueError:
+            return f"tensor {tensor.name!r} has an external-data offset or length that is not a whole number"
+        if offset < 0 or length < 0 or offset + length > data_bytes:
+            return (f"tensor {tensor.name!r} reads bytes {offset} to {offset + length} of external data, "
+                    f"past the end of this partition's own data file ({data_bytes} bytes)")
+    return None
+
+
+def parse_received(data: bytes) -> Any:
+    """Parse a received partition; ValueError when it refers to any external data.
+
+    A partition travels with its weights inline, so an external-data
+    reference in it can only point at files that are not its own.
+    """
     import onnx
 
     model = onnx.ModelProto()
-    model.ParseFromString(holder[0])
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:  # protobuf's DecodeError
+        raise ValueError(f"the bytes received are not an ONNX model ({exc}); refusing them") from None
+    problem = external_data_problem(model)
+    if problem is not None:
+        raise ValueError(f"refusing the partition: {problem}")
+    return model
+
+
+def _write_external(holder: list[bytes], path: Path, location: str) -> None:
+    """Write the model in ``holder`` to ``path`` with its weights in ``location`` beside it.
+
+    Raises ValueError, having written nothing, when the received model
+    already refers to external data (see :func:`parse_received`).
+    """
+    import onnx
+
+    model = parse_received(holder[0])
     holder.clear()  # the parsed model holds the weights now; free the bytes
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=location, size_threshold=1024)
@@ -423,7 +526,10 @@ class Agent:
             return answer.type, wire.encode_parts(answer, codec=self.codec, version=self.version)
         except Exception as exc:  # reported to the coordinator, the connection stays usable
             where = {"task": h["task"]} if message.type == wire.RUN else {"load": h.get("partition", "?")}
-            text = f"{type(exc).__name__}: {exc}"
+            if not wire.is_name(h.get("partition", h.get("task", ["?"])[0])):  # a message not from the wire
+                where = {"load": ascii(h.get("partition", h.get("task")))[:wire.MAX_NAME_CHARS]}
+            # backslashreplace: whatever the error quotes, the answer stays UTF-8 that can be sent
+            text = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode("utf-8")
             return wire.FAILED, wire.encode_parts(Message(wire.FAILED, {**where, "error": text[:4000]}),
                                                   version=self.version)
 
@@ -448,6 +554,7 @@ class Agent:
             del data
             source = self.cache.put(sha, holder)
             if source is None:  # larger than the whole cache: open it from memory
+                parse_received(holder[0])
                 source = holder.pop()
         gc.collect()
         release_memory()

@@ -26,6 +26,7 @@ from crowdgraph.wire import Message
 from crowdgraph_tcp import TcpExecutor
 from tests import models
 from tests.oracle import assert_matches, oracle
+from tests.test_wire import string_bomb
 
 RUN_TIMEOUT = 60.0
 MIXED = ["16MB", "24MB", "32MB", "48MB", "64MB"]
@@ -500,3 +501,13 @@ def test_entry_points_are_registered():
 
     assert installed_executors()["tcp"].load() is TcpExecutor
     assert "serve" in build_parser()._subparsers._group_actions[0].choices
+
+
+def test_a_string_bomb_closes_that_worker_and_the_coordinator_runs_on():
+    model, feeds, compiled = tiny_case(batch=2)
+    with TcpExecutor.local(workers=1, memory="64MB") as ex:
+        sock, _ = _authenticate(ex.coordinator.port, ex.token)
+        sock.sendall(string_bomb())
+        (bye,) = _until_closed(sock)
+        assert bye.type == wire.BYE and "above the wire's limit of 1048576" in bye.header["reason"]
+        assert_matches(compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT), oracle(model, feeds))

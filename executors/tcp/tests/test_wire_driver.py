@@ -43,7 +43,7 @@ def test_driver_messages_round_trip(message):
     (Message(wire.LOST, {"worker": "w1"}), "lacks 'reason'"),
     (Message(wire.HELLO, {"versions": [1], "name": "n", "memory_budget": 0, "cores": 1, "platform": "p",
                           "codecs": ["none"], "cached": [], "role": "boss"}), "role"),
-    (Message(wire.RUN, {"task": ["p0", 1], "outputs": [], "worker": 3}), "'worker' must be a string"),
+    (Message(wire.RUN, {"task": ["p0", 1], "outputs": [], "worker": 3}), "'worker' must be a printable name"),
 ])
 def test_bad_driver_messages_are_refused_both_ways(message, match):
     with pytest.raises(ValueError, match=match):
