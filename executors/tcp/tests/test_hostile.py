@@ -115,7 +115,8 @@ def test_an_honest_partition_still_loads_and_is_cached(sandbox):
     graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "honest",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512])], [weight])
-    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=zoo.IR_VERSION).SerializeToString()
     answer = _load(agent, data)
     assert answer.type == wire.LOADED
     sha = hashlib.sha256(data).hexdigest()
