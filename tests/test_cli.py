@@ -222,6 +222,8 @@ _KILL_DURING_WRITE = """
 import os, signal, sys
 import crowdgraph.compiled as compiled
 from crowdgraph.cli import main
+# As in a terminal: a shell that starts a job in the background makes it ignore SIGINT.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 written = compiled.write_partition
 def write_then_signal(part, folder):
     path = written(part, folder)
