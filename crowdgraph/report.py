@@ -487,7 +487,6 @@ class LiveWorker:
     id: str
     resident: str | None = None
     tasks: int = 0
-    loads: int = 0
     #: Loads by the tier they were made at: 2 from the worker's cache, 3 onto
     #: an empty worker, 4 after unloading another partition.
     load_tiers: dict[int, int] = field(default_factory=dict)
@@ -540,7 +539,7 @@ class LiveState:
         if notice.kind == "loaded":
             tier = 2 if s.get("from_cache") else 4 if (w.unloaded_since_load or w.resident is not None) else 3
             w.load_tiers[tier] = w.load_tiers.get(tier, 0) + 1
-            w.resident, w.loads, w.unloaded_since_load = notice.partition, w.loads + 1, False
+            w.resident, w.unloaded_since_load = notice.partition, False
             w.weight_bytes_sent += s.get("bytes_sent") or 0
         elif notice.kind == "unloaded":
             w.resident, w.unloaded_since_load = None, True
