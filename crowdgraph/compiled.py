@@ -242,7 +242,9 @@ class CompiledModel:
         """Which inputs and outputs carry the ids, mask, positions and cache (see :mod:`crowdgraph.generate`)."""
         from .generate import decoder_layout
 
-        return decoder_layout([t.name for t in self.inputs], [t.name for t in self.outputs])
+        logits = [t.dims for t in self.outputs if t.name == "logits"]
+        return decoder_layout([t.name for t in self.inputs], [t.name for t in self.outputs],
+                              logits[0] if logits else None)
 
     def generate(self, prompts: Any, *, max_new_tokens: int, attention_mask: Any = None,
                  executor: Any = "threads", stream: bool = False, do_sample: bool = False,
@@ -620,7 +622,9 @@ def _compile_decoder(proto: onnx.ModelProto, budget: int | None, partitions: int
     if input_shapes is not None:
         raise InputError("give max_length= or input_shapes=/sample=, not both: max_length sets the shapes")
     inputs = [vi.name for vi in proto.graph.input if vi.name not in {i.name for i in proto.graph.initializer}]
-    layout = decoder_layout(inputs, [vi.name for vi in proto.graph.output])
+    outputs = _specs(proto, [vi.name for vi in proto.graph.output], input=False)
+    logits = [t.dims for t in outputs if t.name == "logits"]
+    layout = decoder_layout(inputs, [t.name for t in outputs], logits[0] if logits else None)
     declared = {t.name: t.dims for t in _specs(proto, inputs, input=True)}
     shapes = generation_shapes(layout, declared, max_length)
     try:

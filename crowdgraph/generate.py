@@ -81,12 +81,14 @@ class DecoderLayout:
     cache: tuple[CachePair, ...] = ()
 
 
-def decoder_layout(inputs: Sequence[str], outputs: Sequence[str]) -> DecoderLayout:
+def decoder_layout(inputs: Sequence[str], outputs: Sequence[str],
+                   logits_dims: Sequence[Any] | None = None) -> DecoderLayout:
     """The generation roles of a decoder's input and output names.
 
     The names are those of Hugging Face Optimum's ``text-generation`` and
     ``text-generation-with-past`` exports; a model without cache inputs is
-    run by recomputing the whole prefix at every step.
+    run by recomputing the whole prefix at every step.  ``logits_dims``,
+    when known, must be ``[batch, sequence, vocab]``.
 
     >>> layout = decoder_layout(
     ...     ["input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"],
@@ -99,6 +101,11 @@ def decoder_layout(inputs: Sequence[str], outputs: Sequence[str]) -> DecoderLayo
             f"this model is not a decoder crowdgraph can generate with: it needs an input 'input_ids' "
             f"and an output 'logits' (its inputs are {list(inputs)}, outputs {list(outputs)}); "
             "export it with Optimum's text-generation task"
+        )
+    if logits_dims is not None and len(logits_dims) != 3:
+        raise ModelError(
+            f"this model's logits have dims {list(logits_dims)}, not [batch, sequence, vocab]: it is not a "
+            "decoder (a classifier?); generation needs a language-model head"
         )
     pairs = []
     for name in inputs:
@@ -291,12 +298,15 @@ class GenerationStep:
 
     ``tokens`` holds the token each sequence got at this step, and
     ``pad_token_id`` for sequences that had already finished;
-    ``finished`` is true for every sequence that has ended by now.
+    ``finished`` is true for every sequence that has ended by now;
+    ``logits`` (``[batch, vocab]``) are the scores the tokens were chosen
+    from, NaN for sequences that had already finished.
     """
 
     index: int
     tokens: np.ndarray
     finished: np.ndarray
+    logits: np.ndarray
 
 
 @dataclass
@@ -381,9 +391,12 @@ def decode(step: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], la
         if layout.position_ids:
             feeds[layout.position_ids] = positions.astype(np.int64)
         outputs = step(feeds)
-        chosen = pick_tokens(np.asarray(outputs[layout.logits])[:, -1, :], sampling, rng)
+        last = np.asarray(outputs[layout.logits])[:, -1, :]
+        chosen = pick_tokens(last, sampling, rng)
         tokens = np.full(rows, pad_token_id, np.int64)
         tokens[active] = chosen
+        logits = np.full((rows, last.shape[-1]), np.nan, last.dtype)
+        logits[active] = last
         ended = np.isin(chosen, stops)
         finished[active[ended]] = True
         tokens_so_far = np.concatenate([tokens_so_far, tokens[:, None]], axis=1)
@@ -394,7 +407,7 @@ def decode(step: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], la
             report.seconds = time.perf_counter() - started
         if index + 1 == max_new_tokens:
             finished[:] = True
-        yield GenerationStep(index, tokens, finished.copy())
+        yield GenerationStep(index, tokens, finished.copy(), logits)
         keep = ~ended
         active, new_ids = active[keep], chosen[keep][:, None]
         cache = {pair.past: np.asarray(outputs[pair.present])[keep] for pair in layout.cache}

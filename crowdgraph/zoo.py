@@ -299,7 +299,7 @@ def _decoder_size(size: str | DecoderSize) -> DecoderSize:
         ) from None
 
 
-def gpt2(size: str | DecoderSize = "small", *, seed: int = 0) -> onnx.ModelProto:
+def gpt2(size: str | DecoderSize = "small", *, seed: int = 0, use_cache: bool = True) -> onnx.ModelProto:
     """Build a GPT-2-shaped decoder with a key/value cache and random weights.
 
     The graph has the layout Hugging Face Optimum exports for
@@ -375,8 +375,10 @@ def gpt2(size: str | DecoderSize = "small", *, seed: int = 0) -> onnx.ModelProto
             z = b.linear(f"{a}.{proj}", y, d, d)
             z = b.node("Reshape", f"{a}.{proj}.Reshape", [z, heads_shape])
             heads[proj] = b.node("Transpose", f"{a}.{proj}.Transpose", [z], perm=[0, 2, 1, 3])
-        keys = b.node("Concat", f"present.{i}.key", [f"past_key_values.{i}.key", heads["k"]], axis=2)
-        values = b.node("Concat", f"present.{i}.value", [f"past_key_values.{i}.value", heads["v"]], axis=2)
+        keys, values = heads["k"], heads["v"]
+        if use_cache:
+            keys = b.node("Concat", f"present.{i}.key", [f"past_key_values.{i}.key", keys], axis=2)
+            values = b.node("Concat", f"present.{i}.value", [f"past_key_values.{i}.value", values], axis=2)
         q = b.node("Mul", f"{a}.q.Scale", [heads["q"], scale])
         kt = b.node("Transpose", f"{a}.k.TransposeForScores", [keys], perm=[0, 1, 3, 2])
         scores = b.node("MatMul", f"{a}.scores.MatMul", [q, kt])
@@ -405,21 +407,20 @@ def gpt2(size: str | DecoderSize = "small", *, seed: int = 0) -> onnx.ModelProto
 
     cache = ["batch", h, "past_sequence", head_dim]
     grown = ["batch", h, "past_sequence + sequence", head_dim]
+    caches = [f"{i}.{kind}" for i in range(cfg.n_layer) for kind in ("key", "value")] if use_cache else []
     graph = helper.make_graph(
         b.nodes,
         "gpt2",
         inputs=[
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                          ["batch", "past_sequence + sequence"]),
+                                          ["batch", "past_sequence + sequence" if use_cache else "sequence"]),
             helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
-            *(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, cache)
-              for i in range(cfg.n_layer) for kind in ("key", "value")),
+            *(helper.make_tensor_value_info(f"past_key_values.{c}", TensorProto.FLOAT, cache) for c in caches),
         ],
         outputs=[
             helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", cfg.vocab_size]),
-            *(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, grown)
-              for i in range(cfg.n_layer) for kind in ("key", "value")),
+            *(helper.make_tensor_value_info(f"present.{c}", TensorProto.FLOAT, grown) for c in caches),
         ],
     )
     return _finish(b, graph, "GPT-2-shaped decoder with a key/value cache", size, seed, cfg)
