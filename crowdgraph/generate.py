@@ -325,6 +325,20 @@ class GenerationReport:
         """New tokens over the wall time of the whole generation."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def lost_workers(self) -> dict[str, str]:
+        """Workers lost during the generation, with why."""
+        return {name: w.lost for run in self.runs for name, w in run.workers.items() if w.lost}
+
+    @property
+    def replaced(self) -> list[tuple[int, str, int]]:
+        """``(step, partition, sequence)`` of every task run again after its worker was lost.
+
+        The cache of those sequences came from the driver, so running the
+        task again on another worker rebuilt it.
+        """
+        return [(step, partition, row) for step, run in enumerate(self.runs) for partition, row in run.replaced]
+
     def worker_totals(self) -> dict[str, dict[str, float]]:
         """Per worker, over every step: tasks run, busy seconds, peak RSS seen."""
         totals: dict[str, dict[str, float]] = {}
@@ -348,6 +362,12 @@ class GenerationReport:
         for name, t in sorted(self.worker_totals().items()):
             peak = format_bytes(int(t["peak_rss"])) if t["peak_rss"] else "-"
             lines.append(f"{name:<12} {int(t['tasks']):>6} {t['busy']:>8.3g} {peak:>10}")
+        for name, why in self.lost_workers.items():
+            lines.append(f"lost {name}: {why}")
+        if self.replaced:
+            lines.append(f"{len(self.replaced)} tasks run again elsewhere (cache rebuilt from the driver's copy): "
+                         + ", ".join(f"step {s} {p} sequence {r}" for s, p, r in self.replaced[:6])
+                         + (" ..." if len(self.replaced) > 6 else ""))
         return "\n".join(lines)
 
 
