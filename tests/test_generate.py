@@ -199,3 +199,21 @@ def test_sampled_tokens_stay_within_top_k_and_top_p(rows, top_k, top_p, temperat
     assert greedy.tolist() == logits.argmax(axis=1).tolist()
     assert pick_tokens(logits, Sampling(True, temperature, top_k=1), np.random.default_rng(seed)).tolist() == \
         np.argsort(-logits.astype(np.float64) / temperature, axis=1, kind="stable")[:, 0].tolist()
+
+
+def test_the_generate_command_prints_each_step_and_the_report(capsys):
+    from crowdgraph.cli import main
+
+    argv = ["generate", "--size", "tiny", "--partitions", "2", "--max-length", "16", "--prompt-ids", "5,6,7",
+            "--prompt-ids", "8", "--max-new-tokens", "4", "--workers", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    steps = [line.split(":")[1].split() for line in out.splitlines() if line.startswith("step ")]
+    want = crowdgraph.compile(zoo.gpt2("tiny"), partitions=2, max_length=16).generate(
+        [[5, 6, 7], [8]], max_new_tokens=4)[:, -4:]
+    assert np.array(steps, dtype=np.int64).T.tolist() == want.tolist()
+    assert "2 sequences, 4 prompt tokens, 8 new tokens in 4 steps" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt-ids", "1,x"])
+    assert exit_info.value.code == 2
+    assert "'1,x' is not a list of token ids" in capsys.readouterr().err
