@@ -250,7 +250,7 @@ class CompiledModel:
                  executor: Any = "threads", stream: bool = False, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-                 mode: str = "streaming", policy: str = "cost", timeout: float | None = None) -> Any:
+                 mode: str = "streaming", policy: str = "pipeline", timeout: float | None = None) -> Any:
         """Generate ``max_new_tokens`` tokens after each prompt with a decoder model.
 
         Parameters
@@ -284,7 +284,9 @@ class CompiledModel:
 
         Each sequence is a micro-batch of its own, so several sequences are
         in flight at once and every stage has work (``mode`` and
-        ``policy`` as for :meth:`run`).  :attr:`last_report` is a
+        ``policy`` as for :meth:`run`).  The default policy is
+        ``"pipeline"``: every step is a short run, and moving a partition
+        to a second worker costs more than the step gains.  :attr:`last_report` is a
         :class:`~crowdgraph.generate.GenerationReport` (tokens per second,
         per-worker totals, every step's run report).
         """

@@ -56,6 +56,7 @@ __all__ = [
     "decode",
     "largest_fitting_length",
     "generate",
+    "simulate_generation",
 ]
 
 #: Axis of the sequence in a cache tensor ``[batch, heads, sequence, head_dim]``.
@@ -461,7 +462,7 @@ def generate(compiled: Any, prompts: Any, *, max_new_tokens: int, attention_mask
              executor: Any = "threads", stream: bool = False, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-             microbatch: int | None = 1, mode: str = "streaming", policy: str = "cost",
+             mode: str = "streaming", policy: str = "pipeline",
              timeout: float | None = None) -> Any:
     """What :meth:`crowdgraph.CompiledModel.generate` does (see there)."""
     from .executor import resolve_executor
@@ -485,8 +486,7 @@ def generate(compiled: Any, prompts: Any, *, max_new_tokens: int, attention_mask
         ex, owned = resolve_executor(executor)
 
         def step(feeds: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-            rows = None if microbatch is None else min(microbatch, len(feeds[layout.input_ids]))
-            outputs = compiled.run(feeds, ex, microbatch=rows, mode=mode, seed=seed, policy=policy,
+            outputs = compiled.run(feeds, ex, microbatch=1, mode=mode, seed=seed, policy=policy,
                                    timeout=timeout)
             report.runs.append(compiled.last_report)
             compiled.last_report = report
@@ -504,3 +504,83 @@ def generate(compiled: Any, prompts: Any, *, max_new_tokens: int, attention_mask
         return steps()
     new = [s.tokens for s in steps()]
     return np.concatenate([ids, np.stack(new, axis=1)], axis=1)
+
+
+def step_shapes(layout: DecoderLayout, cache_dims: Mapping[str, tuple[int, int]], sequence: int,
+                past: int) -> dict[str, tuple[int, ...]]:
+    """Input shapes of one step for one sequence: ``sequence`` new tokens on ``past`` cached ones.
+
+    >>> layout = decoder_layout(["input_ids", "attention_mask", "past_key_values.0.key"],
+    ...                         ["logits", "present.0.key"])
+    >>> step_shapes(layout, {"past_key_values.0.key": (4, 16)}, 1, 9)
+    {'input_ids': (1, 1), 'attention_mask': (1, 10), 'past_key_values.0.key': (1, 4, 9, 16)}
+    """
+    shapes: dict[str, tuple[int, ...]] = {layout.input_ids: (1, sequence)}
+    if layout.attention_mask:
+        shapes[layout.attention_mask] = (1, past + sequence)
+    if layout.position_ids:
+        shapes[layout.position_ids] = (1, sequence)
+    for pair in layout.cache:
+        heads, head_dim = cache_dims[pair.past]
+        shapes[pair.past] = (1, heads, past, head_dim)
+    return shapes
+
+
+def simulate_generation(compiled: Any, crowd: Sequence[Any], *, sequences: int, prompt_length: int,
+                        new_tokens: int, cost: Any = None, policy: str = "pipeline", seed: int = 0) -> GenerationReport:
+    """How many tokens per second would ``crowd`` generate?  In virtual seconds, like :func:`crowdgraph.simulate`.
+
+    Every step is simulated at its own shapes (the prefill reads the
+    prompt, step ``k`` one token on a cache of ``prompt_length + k - 1``),
+    one micro-batch per sequence, and the crowd carries what it holds and
+    has cached from one step to the next.  The cache travels with each
+    step's tensors, so its bytes are on the links.
+    """
+    from dataclasses import replace
+
+    from .compiled import CompiledModel
+    from .lower import lower
+    from .partition import node_flops
+    from .simulation import simulate
+
+    if compiled._source is None:
+        raise InputError("simulate_generation needs a plan compiled in this process (a saved plan has no model "
+                         "to cost its steps at their shapes); compile the model with max_length=")
+    layout = compiled.decoder_layout
+    if layout.cache and prompt_length + new_tokens > (compiled.max_length or prompt_length + new_tokens):
+        raise InputError(f"prompt_length + new_tokens is above the plan's max_length={compiled.max_length}")
+    cache_dims = {spec.name: (spec.dims[1], spec.dims[3]) for spec in compiled.inputs
+                  if spec.name in {pair.past for pair in layout.cache}}
+    report = GenerationReport(sequences=sequences, prompt_tokens=sequences * prompt_length)
+    crowd = list(crowd)
+    for step in range(new_tokens):
+        if not layout.cache:
+            shapes = step_shapes(layout, cache_dims, prompt_length + step, 0)
+        elif step == 0:
+            shapes = step_shapes(layout, cache_dims, prompt_length, 0)
+        else:
+            shapes = step_shapes(layout, cache_dims, 1, prompt_length + step - 1)
+        og = lower(compiled._source.model, shapes)
+        nodes = {node.name: node for node in og.nodes}
+        parts = [replace(p, flops=sum(node_flops(og, nodes[n]) for n in p.nodes if n in nodes),
+                         input_bytes=sum(og.nbytes(t) for t in p.inputs),
+                         output_bytes=sum(og.nbytes(t) for t in p.outputs)) for p in compiled.partitions]
+        plan = CompiledModel(parts, compiled.inputs, compiled.outputs, compiled.input_shapes, compiled.memory_budget)
+        run = simulate(plan, crowd, {k: (sequences, *v[1:]) for k, v in shapes.items()}, microbatch=1,
+                       cost=cost, policy=policy, seed=seed)
+        report.runs.append(run)
+        report.steps += 1
+        report.tokens += sequences
+        report.seconds += run.makespan
+        crowd = [_carried(w, run) for w in crowd]
+    return report
+
+
+def _carried(worker: Any, run: Any) -> Any:
+    """``worker`` as it is after ``run``: holding its last load, with every load cached."""
+    from dataclasses import replace
+
+    loads = sorted((load.end, load.partition) for load in run.loads if load.worker == worker.id)
+    if not loads:
+        return worker
+    return replace(worker, resident=loads[-1][1], cached=frozenset(worker.cached) | {p for _, p in loads})
