@@ -51,7 +51,7 @@ def prompts(count: int, vocab: int) -> list[list[int]]:
 def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, Any]:
     began = time.perf_counter()
     size, budget = ("small", "16MB") if quick else ("full", "128MB")
-    runs = 3 if quick else 5
+    runs = 2 if quick else 5
     model = zoo.gpt2(size)
     compiled = crowdgraph.compile(model, budget, max_length=MAX_LENGTH)
     parts = len(compiled.partitions)

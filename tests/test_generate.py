@@ -217,3 +217,18 @@ def test_the_generate_command_prints_each_step_and_the_report(capsys):
         main(["generate", "--prompt-ids", "1,x"])
     assert exit_info.value.code == 2
     assert "'1,x' is not a list of token ids" in capsys.readouterr().err
+
+
+def test_simulated_phones_carry_their_partitions_from_step_to_step(model):
+    compiled = crowdgraph.compile(model, partitions=3, max_length=MAX_LENGTH)
+    phones = [crowdgraph.Worker(f"phone{n}", memory="64MB", speed=s) for n, s in enumerate((1.0, 0.8, 0.6))]
+    one = crowdgraph.simulate_generation(compiled, phones, sequences=1, prompt_length=6, new_tokens=8)
+    four = crowdgraph.simulate_generation(compiled, phones, sequences=4, prompt_length=6, new_tokens=8)
+    assert four.tokens == 32 and four.steps == 8 and len(four.runs) == 8
+    assert [len(run.tasks) for run in four.runs] == [4 * 3] * 8
+    assert len(four.runs[0].loads) == 3 and not any(run.loads for run in four.runs[1:]), "warm after the prefill"
+    assert four.tokens_per_second > 1.5 * one.tokens_per_second, "sequences in flight fill the pipeline"
+    # The prefill reads 6 tokens, a decoding step one: steps after the first cost less.
+    compute = [sum(t.end - t.start for t in run.tasks) for run in four.runs]
+    assert compute[0] > compute[1]
+    assert compute[1] <= compute[-1], "the cache grows, so later steps cost a little more"
