@@ -232,3 +232,21 @@ def test_simulated_phones_carry_their_partitions_from_step_to_step(model):
     compute = [sum(t.end - t.start for t in run.tasks) for run in four.runs]
     assert compute[0] > compute[1]
     assert compute[1] <= compute[-1], "the cache grows, so later steps cost a little more"
+
+
+@pytest.mark.slow
+def test_an_exported_gpt2_generates_the_tokens_of_transformers():
+    import torch
+
+    from .models import exported_gpt2, gpt2_torch_model
+
+    path = exported_gpt2()
+    compiled = crowdgraph.compile(str(path), partitions=3, max_length=MAX_LENGTH)
+    assert len(compiled.partitions) == 3 and len(compiled.decoder_layout.cache) == 4
+    out = compiled.generate(PROMPTS, max_new_tokens=6)
+    model = gpt2_torch_model()
+    with torch.no_grad():
+        for row, prompt in enumerate(PROMPTS):
+            want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+            assert out[row, -6:].tolist() == want[0, len(prompt):].tolist()
