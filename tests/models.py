@@ -693,30 +693,40 @@ def _exported_once(name: str, export: Callable[[Path], str], meta: dict,
     return model_path
 
 
-# ------------------------------------------------------------ exported GPT-2
+# ------------------------------------------------- exported decoders (GPT-2, Llama)
 
-#: ``GPT2Config`` arguments of the exported decoder: GPT-2's graph at the
-#: dimensions of ``crowdgraph.zoo.DECODER_SIZES["tiny"]``.
+#: ``GPT2Config`` arguments of the exported GPT-2: its graph at the
+#: dimensions of ``crowdgraph.zoo.DECODER_SIZES["tiny"]`` (learned positions, multi-head attention).
 GPT2_CONFIG = dict(vocab_size=500, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+#: ``LlamaConfig`` arguments of the exported Llama: rotary positions, grouped-query attention
+#: (4 query heads share 2 key/value heads).
+LLAMA_CONFIG = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
+_DECODERS = {"gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2_CONFIG),
+             "llama": ("LlamaConfig", "LlamaForCausalLM", LLAMA_CONFIG)}
 
 
-def gpt2_torch_model():
-    """``GPT2LMHeadModel`` with ``torch.manual_seed(0)`` weights, in eval mode (nothing downloaded)."""
+def decoder_torch_model(kind: str = "gpt2"):
+    """A transformers causal LM (``gpt2`` or ``llama``) with ``torch.manual_seed(0)`` weights, in eval mode."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
+    config_class, model_class, arguments = _DECODERS[kind]
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(**GPT2_CONFIG)).eval()
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**arguments)).eval()
 
 
-def _export_gpt2(path: Path) -> str:
-    """GPT-2 with its cache as flat tensors in the Optimum layout, by the TorchScript exporter."""
+def _export_decoder(kind: str, path: Path) -> str:
+    """The decoder with its cache as flat tensors in the Optimum layout, by the TorchScript exporter."""
     import torch
     from transformers.cache_utils import DynamicCache
 
-    model = gpt2_torch_model()
-    layers, heads = GPT2_CONFIG["n_layer"], GPT2_CONFIG["n_head"]
-    head_dim = GPT2_CONFIG["n_embd"] // heads
+    model = decoder_torch_model(kind)
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = config.hidden_size // config.num_attention_heads
 
     class WithFlatCache(torch.nn.Module):
         """past_key_values.{i}.key/.value in, logits and present.{i}.key/.value out."""
@@ -726,7 +736,7 @@ def _export_gpt2(path: Path) -> str:
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=model.config)
+            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=config)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
             present = [t for layer in out.past_key_values.layers[:layers] for t in (layer.keys, layer.values)]
@@ -734,10 +744,10 @@ def _export_gpt2(path: Path) -> str:
 
     caches = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     batch, sequence, past = 2, 3, 4
-    args = (torch.randint(1, GPT2_CONFIG["vocab_size"], (batch, sequence)),
+    args = (torch.randint(1, config.vocab_size, (batch, sequence)),
             torch.ones(batch, past + sequence, dtype=torch.long),
             torch.arange(past, past + sequence).repeat(batch, 1),
-            *(torch.randn(batch, heads, past, head_dim) for _ in caches))
+            *(torch.randn(batch, kv_heads, past, head_dim) for _ in caches))
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
             "attention_mask": {0: "batch", 1: "past_sequence + sequence"},
             "logits": {0: "batch", 1: "sequence"},
@@ -752,6 +762,9 @@ def _export_gpt2(path: Path) -> str:
     return "torchscript"
 
 
-def exported_gpt2(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of a transformers ``GPT2LMHeadModel`` exported with its cache, exporting it once."""
-    return _exported_once("gpt2-with-past", _export_gpt2, {"config": GPT2_CONFIG}, cache_dir)
+def exported_decoder(kind: str = "gpt2", cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of a transformers decoder (``gpt2`` or ``llama``) exported with its cache, exporting it once."""
+    if kind not in _DECODERS:
+        raise ValueError(f"unknown decoder {kind!r}; use one of {sorted(_DECODERS)}")
+    return _exported_once(f"{kind}-with-past", lambda path: _export_decoder(kind, path),
+                          {"config": _DECODERS[kind][2]}, cache_dir)

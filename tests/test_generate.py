@@ -235,16 +235,17 @@ def test_simulated_phones_carry_their_partitions_from_step_to_step(model):
 
 
 @pytest.mark.slow
-def test_an_exported_gpt2_generates_the_tokens_of_transformers():
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_an_exported_decoder_generates_the_tokens_of_transformers(kind):
+    """GPT-2 (learned positions, multi-head) and Llama (rotary, grouped-query) exported with their cache."""
     import torch
 
-    from .models import exported_gpt2, gpt2_torch_model
+    from .models import decoder_torch_model, exported_decoder
 
-    path = exported_gpt2()
-    compiled = crowdgraph.compile(str(path), partitions=3, max_length=MAX_LENGTH)
+    compiled = crowdgraph.compile(str(exported_decoder(kind)), partitions=3, max_length=MAX_LENGTH)
     assert len(compiled.partitions) == 3 and len(compiled.decoder_layout.cache) == 4
     out = compiled.generate(PROMPTS, max_new_tokens=6)
-    model = gpt2_torch_model()
+    model = decoder_torch_model(kind)
     with torch.no_grad():
         for row, prompt in enumerate(PROMPTS):
             want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
