@@ -251,3 +251,19 @@ def test_an_exported_decoder_generates_the_tokens_of_transformers(kind):
             want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                   max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
             assert out[row, -6:].tolist() == want[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_one_forward_pass_of_an_exported_decoder_compiles_without_max_length():
+    """The mask's dim is declared 'past_sequence + sequence': bound as the sum, it agrees with the cache."""
+    from .models import exported_decoder
+    from .oracle import assert_matches, oracle
+
+    path = str(exported_decoder("llama"))
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(1, 500, (2, 3)), "attention_mask": np.ones((2, 7), np.int64),
+             "position_ids": np.tile(np.arange(4, 7), (2, 1)),
+             **{f"past_key_values.{i}.{k}": rng.standard_normal((2, 2, 4, 16)).astype(np.float32)
+                for i in range(2) for k in ("key", "value")}}
+    compiled = crowdgraph.compile(path, partitions=2)
+    assert_matches(compiled.run(feeds, microbatch=1), oracle(path, feeds))
