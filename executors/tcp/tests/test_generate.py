@@ -57,3 +57,23 @@ def test_a_worker_killed_mid_generation_changes_no_token():
     assert killed and killed[0] in report.lost_workers
     assert report.replaced, "the killed worker's tasks were run again"
     assert f"lost {killed[0]}" in str(report) and "cache rebuilt" in str(report)
+
+
+def test_workers_stay_within_budget_at_max_length_sampled_from_outside():
+    """Generate up to max_length on warm workers, polling each worker process's RSS from outside."""
+    from benchmarks.memory import RssSampler
+
+    max_length, budget = 64, 24_000_000
+    compiled = crowdgraph.compile(zoo.gpt2("small"), budget, max_length=max_length)
+    prompts = [[7] * 40, [8] * 24]  # 40 + 24 new tokens: the last step holds a cache of 63 tokens
+    executor = TcpExecutor.local(memory=[budget] * len(compiled.partitions), threads=1, join_timeout=60)
+    try:
+        floors = {w: peer.floor_rss for w, peer in dict(executor.coordinator.workers).items()}
+        compiled.generate(prompts, max_new_tokens=2, executor=executor)  # every partition loaded
+        with RssSampler({w: p.pid for w, p in executor.processes.items()}) as sampler:
+            compiled.generate(prompts, max_new_tokens=max_length - 40, executor=executor, timeout=120)
+    finally:
+        executor.close()
+    above = {w: sampler.max[w] - floors[w] for w in floors}
+    assert all(value <= budget for value in above.values()), f"above floor: {above}, budget {budget}"
+    assert max(above.values()) > budget / 4, f"the sampler saw the work: {above}"
