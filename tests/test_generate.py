@@ -254,6 +254,22 @@ def test_an_exported_decoder_generates_the_tokens_of_transformers(kind):
 
 
 @pytest.mark.slow
+def test_an_exported_decoder_with_external_data_generates_the_same_tokens(tmp_path):
+    import onnx
+
+    from .models import exported_decoder
+
+    path = str(exported_decoder("gpt2"))
+    external = tmp_path / "decoder.onnx"
+    onnx.save(onnx.load(path), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="decoder.onnx.data", size_threshold=0)
+    assert (tmp_path / "decoder.onnx.data").stat().st_size > 500_000  # the weights are outside the .onnx
+    inline = crowdgraph.compile(path, partitions=2, max_length=MAX_LENGTH).generate(PROMPTS, max_new_tokens=5)
+    apart = crowdgraph.compile(str(external), partitions=2, max_length=MAX_LENGTH).generate(PROMPTS, max_new_tokens=5)
+    np.testing.assert_array_equal(inline, apart)
+
+
+@pytest.mark.slow
 def test_one_forward_pass_of_an_exported_decoder_compiles_without_max_length():
     """The mask's dim is declared 'past_sequence + sequence': bound as the sum, it agrees with the cache."""
     from .models import exported_decoder
