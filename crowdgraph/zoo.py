@@ -106,6 +106,22 @@ def _size(size: str | DistilBertSize) -> DistilBertSize:
         ) from None
 
 
+@dataclass(frozen=True)
+class _Constants:
+    """Names of the shared constant initializers of a built transformer."""
+
+    zero_i: str
+    one_i: str
+    one_f: str
+    half_f: str
+    sqrt2_f: str
+    mask_min: str
+    scale: str
+    axes_12: str
+    heads_shape: str
+    merge_shape: str
+
+
 class _Builder:
     """Collects nodes and initializers with unique, meaningful names."""
 
@@ -146,6 +162,30 @@ class _Builder:
         y = self.node("MatMul", f"{prefix}.MatMul", [x, w])
         return self.node("Add", f"{prefix}.Add", [y, b])
 
+    def gelu(self, prefix: str, x: str, c: "_Constants") -> str:
+        """The exact GELU, ``x * (1 + erf(x / sqrt 2)) / 2``."""
+        g = self.node("Div", f"{prefix}.Div", [x, c.sqrt2_f])
+        g = self.node("Erf", f"{prefix}.Erf", [g])
+        g = self.node("Add", f"{prefix}.Add", [g, c.one_f])
+        g = self.node("Mul", f"{prefix}.Mul", [x, g])
+        return self.node("Mul", f"{prefix}.Half", [g, c.half_f])
+
+    def constants(self, dim: int, heads: int) -> "_Constants":
+        """The small constants both transformers use."""
+        head_dim = dim // heads
+        return _Constants(
+            zero_i=self.init("const.zero_int64", np.array(0, np.int64)),
+            one_i=self.init("const.one_int64", np.array(1, np.int64)),
+            one_f=self.init("const.one_float", np.array(1.0, np.float32)),
+            half_f=self.init("const.half_float", np.array(0.5, np.float32)),
+            sqrt2_f=self.init("const.sqrt2_float", np.array(math.sqrt(2.0), np.float32)),
+            mask_min=self.init("const.mask_min_float", np.array(_MASK_MIN, np.float32)),
+            scale=self.init("const.attention_scale", np.array(1.0 / math.sqrt(head_dim), np.float32)),
+            axes_12=self.init("const.axes_1_2", np.array([1, 2], np.int64)),
+            heads_shape=self.init("const.heads_shape", np.array([0, 0, heads, head_dim], np.int64)),
+            merge_shape=self.init("const.merge_shape", np.array([0, 0, dim], np.int64)),
+        )
+
     def layer_norm(self, prefix: str, x: str, dim: int) -> str:
         scale = self.near(f"{prefix}.weight", (dim,), 1.0)
         bias = self.near(f"{prefix}.bias", (dim,), 0.0)
@@ -177,28 +217,17 @@ def distilbert(
         raise ValueError(f"num_labels must be at least 1, got {num_labels}")
     b = _Builder(np.random.default_rng(seed))
     d, h = cfg.dim, cfg.n_heads
-    head_dim = d // h
 
-    # Small shared constants.
-    zero_i = b.init("const.zero_int64", np.array(0, np.int64))
-    one_i = b.init("const.one_int64", np.array(1, np.int64))
-    one_f = b.init("const.one_float", np.array(1.0, np.float32))
-    half_f = b.init("const.half_float", np.array(0.5, np.float32))
-    sqrt2_f = b.init("const.sqrt2_float", np.array(math.sqrt(2.0), np.float32))
-    mask_min = b.init("const.mask_min_float", np.array(_MASK_MIN, np.float32))
-    scale = b.init("const.attention_scale", np.array(1.0 / math.sqrt(head_dim), np.float32))
+    c = b.constants(d, h)
     axes_0 = b.init("const.axes_0", np.array([0], np.int64))
-    axes_12 = b.init("const.axes_1_2", np.array([1, 2], np.int64))
-    heads_shape = b.init("const.heads_shape", np.array([0, 0, h, head_dim], np.int64))
-    merge_shape = b.init("const.merge_shape", np.array([0, 0, d], np.int64))
 
     # Embeddings: word + position (positions 0..sequence-1 from the input's shape).
     word = b.normal("embeddings.word_embeddings.weight", (cfg.vocab_size, d))
     pos_table = b.normal("embeddings.position_embeddings.weight", (cfg.max_position_embeddings, d))
     words = b.node("Gather", "embeddings.word_embeddings.Gather", [word, "input_ids"], axis=0)
     shape = b.node("Shape", "embeddings.position_ids.Shape", ["input_ids"])
-    seq_len = b.node("Gather", "embeddings.position_ids.Gather", [shape, one_i], axis=0)
-    positions = b.node("Range", "embeddings.position_ids.Range", [zero_i, seq_len, one_i])
+    seq_len = b.node("Gather", "embeddings.position_ids.Gather", [shape, c.one_i], axis=0)
+    positions = b.node("Range", "embeddings.position_ids.Range", [c.zero_i, seq_len, c.one_i])
     positions = b.node("Unsqueeze", "embeddings.position_ids.Unsqueeze", [positions, axes_0])
     pos = b.node("Gather", "embeddings.position_embeddings.Gather", [pos_table, positions], axis=0)
     x = b.node("Add", "embeddings.Add", [words, pos])
@@ -206,9 +235,9 @@ def distilbert(
 
     # Additive mask bias [batch, 1, 1, sequence]: 0 where attended, float32 min where padded.
     m = b.node("Cast", "attention_mask.Cast", ["attention_mask"], to=TensorProto.FLOAT)
-    m = b.node("Sub", "attention_mask.Sub", [one_f, m])
-    m = b.node("Mul", "attention_mask.Mul", [m, mask_min])
-    mask_bias = b.node("Unsqueeze", "attention_mask.Unsqueeze", [m, axes_12])
+    m = b.node("Sub", "attention_mask.Sub", [c.one_f, m])
+    m = b.node("Mul", "attention_mask.Mul", [m, c.mask_min])
+    mask_bias = b.node("Unsqueeze", "attention_mask.Unsqueeze", [m, c.axes_12])
 
     for i in range(cfg.n_layers):
         p = f"layer.{i}"
@@ -216,32 +245,28 @@ def distilbert(
         heads = {}
         for proj, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
             y = b.linear(f"{a}.{proj}", x, d, d)
-            y = b.node("Reshape", f"{a}.{proj}.Reshape", [y, heads_shape])
+            y = b.node("Reshape", f"{a}.{proj}.Reshape", [y, c.heads_shape])
             heads[proj] = b.node("Transpose", f"{a}.{proj}.Transpose", [y], perm=perm)
-        q = b.node("Mul", f"{a}.q.Scale", [heads["q"], scale])
+        q = b.node("Mul", f"{a}.q.Scale", [heads["q"], c.scale])
         scores = b.node("MatMul", f"{a}.scores.MatMul", [q, heads["k"]])
         scores = b.node("Add", f"{a}.scores.AddMask", [scores, mask_bias])
         weights = b.node("Softmax", f"{a}.Softmax", [scores], axis=-1)
         context = b.node("MatMul", f"{a}.context.MatMul", [weights, heads["v"]])
         context = b.node("Transpose", f"{a}.context.Transpose", [context], perm=[0, 2, 1, 3])
-        context = b.node("Reshape", f"{a}.context.Reshape", [context, merge_shape])
+        context = b.node("Reshape", f"{a}.context.Reshape", [context, c.merge_shape])
         y = b.linear(f"{a}.out", context, d, d)
         y = b.node("Add", f"{a}.Residual", [y, x])
         x = b.layer_norm(f"{p}.sa_layer_norm", y, d)
 
         f = f"{p}.ffn"
         y = b.linear(f"{f}.lin1", x, d, cfg.hidden_dim)
-        g = b.node("Div", f"{f}.gelu.Div", [y, sqrt2_f])
-        g = b.node("Erf", f"{f}.gelu.Erf", [g])
-        g = b.node("Add", f"{f}.gelu.Add", [g, one_f])
-        g = b.node("Mul", f"{f}.gelu.Mul", [y, g])
-        g = b.node("Mul", f"{f}.gelu.Half", [g, half_f])
+        g = b.gelu(f"{f}.gelu", y, c)
         y = b.linear(f"{f}.lin2", g, cfg.hidden_dim, d)
         y = b.node("Add", f"{f}.Residual", [y, x])
         x = b.layer_norm(f"{p}.output_layer_norm", y, d)
 
     # Classification head on the first token.
-    x = b.node("Gather", "head.first_token.Gather", [x, zero_i], axis=1)
+    x = b.node("Gather", "head.first_token.Gather", [x, c.zero_i], axis=1)
     x = b.linear("head.pre_classifier", x, d, d)
     x = b.node("Relu", "head.pre_classifier.Relu", [x])
     x = b.linear("head.classifier", x, d, num_labels)
@@ -331,18 +356,9 @@ def gpt2(size: str | DecoderSize = "small", *, seed: int = 0, use_cache: bool = 
     d, h = cfg.n_embd, cfg.n_head
     head_dim = d // h
 
-    zero_i = b.init("const.zero_int64", np.array(0, np.int64))
-    one_i = b.init("const.one_int64", np.array(1, np.int64))
+    c = b.constants(d, h)
     zero_f = b.init("const.zero_float", np.array(0.0, np.float32))
-    one_f = b.init("const.one_float", np.array(1.0, np.float32))
-    half_f = b.init("const.half_float", np.array(0.5, np.float32))
-    sqrt2_f = b.init("const.sqrt2_float", np.array(math.sqrt(2.0), np.float32))
-    mask_min = b.init("const.mask_min_float", np.array(_MASK_MIN, np.float32))
-    scale = b.init("const.attention_scale", np.array(1.0 / math.sqrt(head_dim), np.float32))
     axes_1 = b.init("const.axes_1", np.array([1], np.int64))
-    axes_12 = b.init("const.axes_1_2", np.array([1, 2], np.int64))
-    heads_shape = b.init("const.heads_shape", np.array([0, 0, h, head_dim], np.int64))
-    merge_shape = b.init("const.merge_shape", np.array([0, 0, d], np.int64))
 
     wte = b.normal("transformer.wte.weight", (cfg.vocab_size, d))
     wpe = b.normal("transformer.wpe.weight", (cfg.n_positions, d))
@@ -353,18 +369,18 @@ def gpt2(size: str | DecoderSize = "small", *, seed: int = 0, use_cache: bool = 
     # Additive attention bias [batch, 1, sequence, total]: query i (absolute
     # position past + i) sees key j when j <= past + i and the mask keeps j.
     total = b.node("Gather", "attention_bias.total.Gather", [b.node("Shape", "attention_bias.total.Shape",
-                                                                    ["attention_mask"]), one_i], axis=0)
+                                                                    ["attention_mask"]), c.one_i], axis=0)
     sequence = b.node("Gather", "attention_bias.sequence.Gather", [b.node("Shape", "attention_bias.sequence.Shape",
-                                                                          ["input_ids"]), one_i], axis=0)
+                                                                          ["input_ids"]), c.one_i], axis=0)
     past = b.node("Sub", "attention_bias.past.Sub", [total, sequence])
-    rows = b.node("Range", "attention_bias.rows.Range", [past, total, one_i])
+    rows = b.node("Range", "attention_bias.rows.Range", [past, total, c.one_i])
     rows = b.node("Unsqueeze", "attention_bias.rows.Unsqueeze", [rows, axes_1])
-    cols = b.node("Range", "attention_bias.cols.Range", [zero_i, total, one_i])
+    cols = b.node("Range", "attention_bias.cols.Range", [c.zero_i, total, c.one_i])
     causal = b.node("LessOrEqual", "attention_bias.causal.LessOrEqual", [cols, rows])
     kept = b.node("Cast", "attention_bias.kept.Cast", ["attention_mask"], to=TensorProto.BOOL)
-    kept = b.node("Unsqueeze", "attention_bias.kept.Unsqueeze", [kept, axes_12])
+    kept = b.node("Unsqueeze", "attention_bias.kept.Unsqueeze", [kept, c.axes_12])
     seen = b.node("And", "attention_bias.And", [causal, kept])
-    bias = b.node("Where", "attention_bias.Where", [seen, zero_f, mask_min])
+    bias = b.node("Where", "attention_bias.Where", [seen, zero_f, c.mask_min])
 
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}"
@@ -373,31 +389,27 @@ def gpt2(size: str | DecoderSize = "small", *, seed: int = 0, use_cache: bool = 
         heads = {}
         for proj in ("q", "k", "v"):
             z = b.linear(f"{a}.{proj}", y, d, d)
-            z = b.node("Reshape", f"{a}.{proj}.Reshape", [z, heads_shape])
+            z = b.node("Reshape", f"{a}.{proj}.Reshape", [z, c.heads_shape])
             heads[proj] = b.node("Transpose", f"{a}.{proj}.Transpose", [z], perm=[0, 2, 1, 3])
         keys, values = heads["k"], heads["v"]
         if use_cache:
             keys = b.node("Concat", f"present.{i}.key", [f"past_key_values.{i}.key", keys], axis=2)
             values = b.node("Concat", f"present.{i}.value", [f"past_key_values.{i}.value", values], axis=2)
-        q = b.node("Mul", f"{a}.q.Scale", [heads["q"], scale])
+        q = b.node("Mul", f"{a}.q.Scale", [heads["q"], c.scale])
         kt = b.node("Transpose", f"{a}.k.TransposeForScores", [keys], perm=[0, 1, 3, 2])
         scores = b.node("MatMul", f"{a}.scores.MatMul", [q, kt])
         scores = b.node("Add", f"{a}.scores.AddBias", [scores, bias])
         weights = b.node("Softmax", f"{a}.Softmax", [scores], axis=-1)
         context = b.node("MatMul", f"{a}.context.MatMul", [weights, values])
         context = b.node("Transpose", f"{a}.context.Transpose", [context], perm=[0, 2, 1, 3])
-        context = b.node("Reshape", f"{a}.context.Reshape", [context, merge_shape])
+        context = b.node("Reshape", f"{a}.context.Reshape", [context, c.merge_shape])
         z = b.linear(f"{a}.c_proj", context, d, d)
         x = b.node("Add", f"{a}.Residual", [z, x])
 
         m = f"{p}.mlp"
         y = b.layer_norm(f"{p}.ln_2", x, d)
         y = b.linear(f"{m}.c_fc", y, d, 4 * d)
-        g = b.node("Div", f"{m}.gelu.Div", [y, sqrt2_f])
-        g = b.node("Erf", f"{m}.gelu.Erf", [g])
-        g = b.node("Add", f"{m}.gelu.Add", [g, one_f])
-        g = b.node("Mul", f"{m}.gelu.Mul", [y, g])
-        g = b.node("Mul", f"{m}.gelu.Half", [g, half_f])
+        g = b.gelu(f"{m}.gelu", y, c)
         z = b.linear(f"{m}.c_proj", g, 4 * d, d)
         x = b.node("Add", f"{m}.Residual", [z, x])
 
