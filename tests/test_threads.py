@@ -45,7 +45,7 @@ def test_two_workers_run_on_two_cores():
         for _ in range(6):
             notice = reporter.next(120)
             assert notice.kind == "finished"
-            spans.setdefault(notice.worker, []).append((notice.stats["start"], notice.stats["end"]))
+            spans.setdefault(notice.worker, []).append((notice.stats.start, notice.stats.end))
         a0, a1 = min(s for s, _ in spans["a"]), max(e for _, e in spans["a"])
         b0, b1 = min(s for s, _ in spans["b"]), max(e for _, e in spans["b"])
         overlap = min(a1, b1) - max(a0, b0)
