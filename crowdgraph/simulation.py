@@ -144,7 +144,7 @@ class SimulatedExecutor(Executor):
     Parameters
     ----------
     crowd:
-        The workers (:class:`~crowdgraph.Worker`); ``cached`` partitions
+        The workers (:class:`~crowdgraph.WorkerInfo`); ``cached`` partitions
         load from local storage.
     cost:
         The :class:`CostModel`.
@@ -251,7 +251,7 @@ def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[st
     >>> import crowdgraph
     >>> from crowdgraph import zoo
     >>> compiled = crowdgraph.compile(zoo.distilbert("tiny"), partitions=3, input_shapes={"input_ids": (1, 16)})
-    >>> crowd = [crowdgraph.Worker(f"phone{n}", memory="64MB") for n in range(3)]
+    >>> crowd = [crowdgraph.WorkerInfo(f"phone{n}", memory="64MB") for n in range(3)]
     >>> stream = crowdgraph.simulate(compiled, crowd, (8, 16), microbatch=1, mode="streaming")
     >>> barrier = crowdgraph.simulate(compiled, crowd, (8, 16), microbatch=1, mode="barrier")
     >>> stream.makespan < barrier.makespan

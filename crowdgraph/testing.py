@@ -185,7 +185,8 @@ class ExecutorConformance:
 
     def test_one_worker_runs_every_partition(self) -> None:
         with self.make_executor([self.case.budget]) as executor:
-            got, report = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=3, report=True)
+            got = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=3)
+            report = self.case.compiled.last_report
         _assert_close(got, self.case.expected)
         assert report.tier_counts.get(4, 0) >= len(self.case.compiled.partitions) - 1, "swaps happened"
 
@@ -265,7 +266,8 @@ class ExecutorConformance:
 
         watch_notices(executor, kill_first_finisher)
         try:
-            got, report = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=1, report=True)
+            got = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=1)
+            report = self.case.compiled.last_report
         finally:
             executor.close()
         _assert_close(got, self.case.expected)
@@ -274,7 +276,8 @@ class ExecutorConformance:
     def test_replicas_share_a_busy_partition(self) -> None:
         case = _replica_case()
         with self.make_executor([case.budget] * 6) as executor:
-            got, report = case.compiled.run(case.feeds, executor=executor, microbatch=1, report=True)
+            got = case.compiled.run(case.feeds, executor=executor, microbatch=1)
+            report = case.compiled.last_report
         _assert_close(got, case.expected)
         holders = report.holders
         assert max(len(ws) for ws in holders.values()) >= 2, f"no partition got a second holder: {holders}"

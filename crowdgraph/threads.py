@@ -96,7 +96,7 @@ class ThreadExecutor(Executor):
     ----------
     workers:
         A number of workers (default: one per CPU core), or a list of
-        :class:`~crowdgraph.Worker` specs.
+        :class:`~crowdgraph.WorkerInfo` specs.
     memory:
         Budget of each numbered worker (default: the plan's budget, or the
         largest partition when the plan was cut by count).
@@ -105,8 +105,8 @@ class ThreadExecutor(Executor):
 
     Examples
     --------
-    >>> from crowdgraph import ThreadExecutor, Worker
-    >>> ex = ThreadExecutor(workers=[Worker("a", memory="64MB"), Worker("b", memory="32MB", speed=0.5)])
+    >>> from crowdgraph import ThreadExecutor, WorkerInfo
+    >>> ex = ThreadExecutor(workers=[WorkerInfo("a", memory="64MB"), WorkerInfo("b", memory="32MB", speed=0.5)])
     >>> ex.close()
     """
 
