@@ -12,8 +12,11 @@ An executor knows its workers and does four things, one method each:
 Every method returns at once; the work happens in the background and the
 executor tells the driver what happened through the :class:`Reporter` it
 was given (``reporter.task_finished(...)`` and so on), from any thread.
-The driver applies those notices to the pure scheduler on its own thread
-and calls the executor again with the scheduler's next actions.
+Each call becomes one typed notice (:class:`Loaded`, :class:`Finished`,
+:class:`Lost` ...: one frozen dataclass per kind, each mirroring the
+scheduler event it becomes); the driver applies them to the pure
+scheduler on its own thread and calls the executor again with the
+scheduler's next actions.
 
 The contract (checked by :mod:`crowdgraph.testing`):
 

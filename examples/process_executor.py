@@ -17,7 +17,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from crowdgraph import Executor, Job, Partition, Reporter, TaskStats, WorkerInfo
 
@@ -93,7 +93,7 @@ class ProcessExecutor(Executor):
             self._workers[worker].resident = None
         return crowd
 
-    def _send(self, w: _Process, kind: str, *args: Any) -> None:
+    def _send(self, w: _Process, kind: Literal["load", "unload", "run", "reset", "stop"], *args: Any) -> None:
         try:
             w.conn.send((kind, self._generation, *args))
         except (OSError, ValueError):
