@@ -229,7 +229,7 @@ class Driver:
         key, worker, s = notice.key, notice.worker, notice.stats
         tier = self.issued.get(key, (worker, 0))[1]
         self.report.record_task(TaskRecord(key[0], key[1], worker, tier, s.start, s.end, s.bytes_in, s.bytes_out,
-                                           s.wire_in or 0, s.wire_out or 0), s.peak_rss, s.rss)
+                                           s.wire_in, s.wire_out), s.peak_rss, s.rss)
         self.values[key] = notice.outputs
         self.waiting[key] = {c for c in data_consumers(self.tasks, key) if c not in self.scheduler.finished}  # type: ignore[union-attr]
         for u in data_producers(self.tasks, key):

@@ -547,8 +547,8 @@ class LiveState:
             case Finished(_, key, _, stats) if key not in self.finished:
                 self.finished.add(key)
                 w.tasks += 1
-                w.bytes_in += stats.wire_in or 0
-                w.bytes_out += stats.wire_out or 0
+                w.bytes_in += stats.wire_in
+                w.bytes_out += stats.wire_out
             case Lost(_, reason):
                 w.lost = reason or "lost"
 

@@ -19,9 +19,11 @@ The checks: outputs equal the whole-model oracle in both modes; Load,
 Unload and Run mean what the protocol says (in order per worker, one
 resident partition, failures reported rather than raised); a failing task
 fails the run with a clear error and leaves the executor usable; a lost
-worker's tasks are placed again; six workers on a three-partition plan run
-replicas (some partition on two or more workers, each worker one partition
-at a time within its budget); ``close()`` leaves no thread running.
+worker's tasks are placed again; a worker still holding a partition of an
+earlier plan (same names, other content) starts the next plan's run with
+nothing resident; six workers on a three-partition plan run replicas (some
+partition on two or more workers, each worker one partition at a time
+within its budget); ``close()`` leaves no thread running.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class _Case:
         self.budget = max(p.resident_bytes for p in self.compiled.partitions)
         session = open_session(self.model.SerializeToString())
         self.expected = run_session(session, self.feeds)
+
+    @cached_property
+    def other_plan(self) -> CompiledModel:
+        """The same model cut in 2 partitions: none of them is one of :attr:`compiled`'s."""
+        return compile(self.model, partitions=2, sample=self.feeds)
 
     def partition_inputs(self, name: str) -> dict[str, np.ndarray]:
         """Real inputs of partition ``name`` for the whole batch."""
@@ -236,6 +243,16 @@ class ExecutorConformance:
             assert notices[1].error
         finally:
             executor.close()
+
+    def test_a_plan_of_other_partitions_starts_with_nothing_resident(self) -> None:
+        other = self.case.other_plan
+        budget = max(self.case.budget, *(p.resident_bytes for p in other.partitions))
+        with self.make_executor([budget]) as executor:
+            self.case.compiled.run(self.case.feeds, executor=executor, microbatch=6)
+            workers = executor.start(Job({p.name: p for p in other.partitions}, other.memory_budget), Reporter())
+            assert [w.resident for w in workers] == [None], "a partition of another plan is not resident"
+            got = other.run(self.case.feeds, executor=executor, microbatch=6)
+        _assert_close(got, self.case.expected)
 
     def test_failing_task_fails_the_run_then_the_executor_still_works(self) -> None:
         feeds = dict(self.case.feeds)

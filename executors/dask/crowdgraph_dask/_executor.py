@@ -277,7 +277,7 @@ class DaskExecutor(Executor):
             else:
                 lane.info = self._info(addr, workers[addr])
             lane.sha256 = probe["sha256"]
-        crowd, clear = self.crowd_for(job, [(self._lanes[addr].info, probe["sha256"]) for addr, probe in probes.items()])
+        crowd, clear = self.crowd_for(job, [(self._lanes[addr].info, self._lanes[addr].sha256) for addr in probes])
         for addr in clear:  # a session this run does not use
             self._lanes[addr].actions.append(("reset",))
             self._pump(self._lanes[addr])
