@@ -42,7 +42,8 @@ def crowds(budget):
     return {
         "one": [WorkerInfo("solo", memory=budget)],
         "many": [WorkerInfo(f"w{n}", memory=budget) for n in range(6)],
-        "mixed": [WorkerInfo("big", memory=budget), WorkerInfo("small", memory=1), WorkerInfo("mid", memory=budget, speed=0.5)],
+        "mixed": [WorkerInfo("big", memory=budget), WorkerInfo("small", memory=1),
+                  WorkerInfo("mid", memory=budget, speed=0.5)],
     }
 
 
@@ -83,7 +84,6 @@ def test_report_agrees_with_events(tmp_path):
     with ThreadExecutor(workers=2) as ex:
         got = compiled.run(feeds, executor=ex, microbatch=2)
         report = compiled.last_report
-    assert compiled.last_report is report
     assert len(report.tasks) == 3 * 4
     assert sorted((t.partition, t.microbatch) for t in report.tasks) == sorted(
         (p.name, i) for p in compiled.partitions for i in range(4))

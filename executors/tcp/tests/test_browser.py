@@ -100,8 +100,7 @@ def test_a_mixed_crowd_matches_the_oracle(crowd, case, mode):
     ex, pages, browser_ids = crowd
     model, feeds, compiled = CASES[case]()
     batch = next(iter(feeds.values())).shape[0]
-    got = compiled.run(feeds, executor=ex, microbatch=max(1, batch // 3), mode=mode,
-                       timeout=RUN_TIMEOUT)
+    got = compiled.run(feeds, executor=ex, microbatch=max(1, batch // 3), mode=mode, timeout=RUN_TIMEOUT)
     report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     workers = {t.worker for t in report.tasks}

@@ -60,8 +60,7 @@ def test_crowdgraph_serve_with_workers_and_a_driver_by_url(tmp_path, monkeypatch
         monkeypatch.setenv("CROWDGRAPH_TOKEN", TOKEN)
         with TcpExecutor.from_url(url, min_workers=3, join_timeout=60) as ex:
             assert isinstance(ex, RemoteExecutor)
-            got = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT,
-                               policy="pipeline")
+            got = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT, policy="pipeline")
             first = compiled.last_report
             assert_matches(got, want)
             assert first.weight_bytes_sent > 0 and len(first.workers) == 3
@@ -69,8 +68,7 @@ def test_crowdgraph_serve_with_workers_and_a_driver_by_url(tmp_path, monkeypatch
             assert all(r.floor and r.above_floor is not None for r in first.workers.values() if r.tasks)
         # Through the entry-point name: resolve_executor("tcp://...") -> TcpExecutor.from_url.
         # One holder per partition (pipeline policy): the rerun reuses what is held or cached.
-        got = compiled.run(feeds, executor=url, microbatch=1, timeout=RUN_TIMEOUT,
-                           policy="pipeline")
+        got = compiled.run(feeds, executor=url, microbatch=1, timeout=RUN_TIMEOUT, policy="pipeline")
         second = compiled.last_report
         assert_matches(got, want)
         assert second.executor == "tcp" and second.weight_bytes_sent == 0

@@ -80,8 +80,7 @@ def test_outputs_match_the_oracle_on_a_mixed_crowd(mixed_crowd, case, mode):
         compiled = crowdgraph.compile(model, cut, input_shapes={k: (1,) + v.shape[1:] for k, v in feeds.items()})
     assert len(compiled.partitions) >= 2
     batch = next(iter(feeds.values())).shape[0]
-    got = compiled.run(feeds, executor=mixed_crowd, microbatch=max(1, batch // 3), mode=mode,
-                       timeout=RUN_TIMEOUT)
+    got = compiled.run(feeds, executor=mixed_crowd, microbatch=max(1, batch // 3), mode=mode, timeout=RUN_TIMEOUT)
     report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     assert report.executor == "tcp"
@@ -119,13 +118,11 @@ def test_second_run_on_the_same_crowd_sends_no_partition_bytes():
     # needs exactly what the first left resident (the cost rule may add a
     # replica when measured durations say it pays).
     with TcpExecutor.local(workers=3, memory="64MB") as ex:
-        got = compiled.run(feeds, executor=ex, microbatch=2, timeout=RUN_TIMEOUT,
-                           policy="pipeline")
+        got = compiled.run(feeds, executor=ex, microbatch=2, timeout=RUN_TIMEOUT, policy="pipeline")
         first = compiled.last_report
         assert_matches(got, oracle(model, feeds))
         assert first.weight_bytes_sent > 0
-        got = compiled.run(feeds, executor=ex, microbatch=2, timeout=RUN_TIMEOUT,
-                           policy="pipeline")
+        got = compiled.run(feeds, executor=ex, microbatch=2, timeout=RUN_TIMEOUT, policy="pipeline")
         second = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     assert second.weight_bytes_sent == 0
