@@ -239,6 +239,18 @@ class ResidentSession:
         process of its own, where a cycle can keep a tensor alive.
     where:
         How refusals name this worker ("this worker", "Dask worker ...").
+
+    Examples
+    --------
+    >>> resident = ResidentSession()
+    >>> resident.load(warm_up_model(), "p0", sha256="ab12")
+    >>> resident.run("p0", {"x": np.ones((1, 4, 4, 4), np.float32)}, ["y"])["y"].shape
+    (1, 4)
+    >>> resident.run("p1", {}, ["y"])
+    Traceback (most recent call last):
+    RuntimeError: partition p1 is not loaded on this worker (it holds p0); loads and runs for one worker must come in order
+    >>> resident.unload(), resident.unload()
+    (True, False)
     """
 
     def __init__(self, threads: int = 1, *, collect_garbage: bool = False, where: str = "this worker"):
