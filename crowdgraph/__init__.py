@@ -33,10 +33,10 @@ __version__ = "0.1.0"
 #: Public name -> module that defines it.
 _LAZY = {
     "CompiledModel": "compiled", "TensorSpec": "compiled", "compile": "compiled", "load": "compiled",
-    "Executor": "executor", "Job": "executor", "Reporter": "executor",
+    "Executor": "executor", "Job": "executor", "Reporter": "executor", "TaskStats": "executor",
     "Partition": "partition",
     "RunReport": "report",
-    "WorkerInfo": "schedule", "Worker": "schedule",
+    "WorkerInfo": "schedule",
     "CostModel": "simulation", "SimulatedExecutor": "simulation", "simulate": "simulation",
     "ThreadExecutor": "threads",
 }
@@ -52,7 +52,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'crowdgraph' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), "WorkerInfo" if name == "Worker" else name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
@@ -63,10 +63,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .compiled import CompiledModel, TensorSpec, compile, load
-    from .executor import Executor, Job, Reporter
+    from .executor import Executor, Job, Reporter, TaskStats
     from .partition import Partition
     from .report import RunReport
     from .schedule import WorkerInfo
-    from .schedule import WorkerInfo as Worker
     from .simulation import CostModel, SimulatedExecutor, simulate
     from .threads import ThreadExecutor

@@ -9,7 +9,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -20,6 +20,9 @@ from .lower import ModelLike, OpGraph, declared_shapes, load_model, lower
 from .partition import Partition, partition, partition_graph
 from .split import SplitRecord, fitting_microbatch, smallest_budget, split_lowered
 from .units import format_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from .report import RunReport
 
 PLAN_FORMAT = 1
 PLAN_FILE = "plan.json"
@@ -85,7 +88,8 @@ class CompiledModel:
         self.input_shapes = input_shapes
         self.memory_budget = memory_budget
         self._source = source
-        self.last_report: Any = None
+        #: The report of the latest :meth:`run` (None before the first).
+        self.last_report: RunReport | None = None
         self._by_name = {p.name: p for p in partitions}
         self._count = None if memory_budget is not None else len(partitions)
         self._replans: dict[Any, CompiledModel] = {}
@@ -171,9 +175,12 @@ class CompiledModel:
         return feeds
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
-            mode: str = "streaming", seed: int = 0, report: bool = False, progress: bool = False,
-            timeout: float | None = None, policy: str = "cost") -> Any:
+            mode: str = "streaming", seed: int = 0, progress: bool = False,
+            timeout: float | None = None, policy: str = "cost") -> dict[str, np.ndarray]:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
+
+        What happened (who ran what, when, at which tier) is kept as
+        :attr:`last_report`, a :class:`~crowdgraph.report.RunReport`.
 
         Parameters
         ----------
@@ -195,9 +202,6 @@ class CompiledModel:
         mode:
             ``"streaming"`` (a task waits only for its own micro-batch) or
             ``"barrier"`` (for every micro-batch of the previous stage).
-        report:
-            Also return the :class:`~crowdgraph.report.RunReport` (it is
-            kept as :attr:`last_report` either way).
         policy:
             The scheduler's placement rule: ``"cost"`` (replicas where they
             finish work sooner), or the baselines ``"pipeline"`` and
@@ -230,7 +234,7 @@ class CompiledModel:
         assert outputs is not None
         batched_outputs = [t.name for t in self.outputs if t.dims and not _fixed(t.dims[0])]
         joined = join_outputs(outputs, batched_outputs)
-        return (joined, run_report) if report else joined
+        return joined
 
     def _auto_microbatch(self, feeds: Mapping[str, np.ndarray]) -> int | None:
         """Rows of the largest micro-batch that fits the budget (None: the whole batch)."""
