@@ -51,9 +51,9 @@ SPEEDUP_TARGETS = {12: 3.0, 40: 6.0}
 PIPELINE_SLACK = 1.02
 
 
-def crowd(n: int, speeds: tuple[float, ...], budget: str, cached: frozenset[str]) -> list[crowdgraph.Worker]:
+def crowd(n: int, speeds: tuple[float, ...], budget: str, cached: frozenset[str]) -> list[crowdgraph.WorkerInfo]:
     """``n`` workers with ``speeds`` repeated, each caching ``cached``."""
-    return [crowdgraph.Worker(f"w{k}", memory=budget, speed=speeds[k % len(speeds)], cached=cached)
+    return [crowdgraph.WorkerInfo(f"w{k}", memory=budget, speed=speeds[k % len(speeds)], cached=cached)
             for k in range(n)]
 
 

@@ -105,7 +105,7 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
     targets.append(Target(NAME, f"{size} decoder, threads: tokens/s with 4 sequences in flight / 1 sequence",
                           gain, IN_FLIGHT_TARGET, ">=", "x"))
 
-    phones = [crowdgraph.Worker(f"phone{n}", memory=budget, speed=s) for n, s in enumerate(PHONES)]
+    phones = [crowdgraph.WorkerInfo(f"phone{n}", memory=budget, speed=s) for n, s in enumerate(PHONES)]
     simulated = []
     for sequences in (1, 4):
         rep = simulate_generation(compiled, phones, sequences=sequences, prompt_length=PROMPT, new_tokens=NEW_TOKENS)

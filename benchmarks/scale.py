@@ -171,7 +171,7 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
     sim_microbatches = (50,) if quick else (500, 5000)
     for m in sim_microbatches:
         for n in worker_counts:
-            workers = [crowdgraph.Worker(w.id, memory="64MB", speed=w.speed) for w in crowd(n)]
+            workers = [crowdgraph.WorkerInfo(w.id, memory="64MB", speed=w.speed) for w in crowd(n)]
             gc.collect()
             t0 = time.process_time()
             report = crowdgraph.simulate(compiled, workers, (m, 64), microbatch=1)

@@ -76,7 +76,7 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
             names = [p.name for p in compiled.partitions]
             for state in ("cold", "warm"):
                 for crowd_name, speeds in SPEEDS.items():
-                    crowd = [crowdgraph.Worker(f"phone{n}", memory=sim_budget, speed=s,
+                    crowd = [crowdgraph.WorkerInfo(f"phone{n}", memory=sim_budget, speed=s,
                                                cached=names if state == "warm" else (),
                                                resident=names[n] if state == "warm" and n < len(names) else None)
                              for n, s in enumerate(speeds)]

@@ -33,11 +33,11 @@ __version__ = "0.1.0"
 #: Public name -> module that defines it.
 _LAZY = {
     "CompiledModel": "compiled", "TensorSpec": "compiled", "compile": "compiled", "load": "compiled",
-    "Executor": "executor", "Job": "executor", "Reporter": "executor",
+    "Executor": "executor", "Job": "executor", "Reporter": "executor", "TaskStats": "executor",
     "GenerationReport": "generate", "simulate_generation": "generate",
     "Partition": "partition",
     "RunReport": "report",
-    "WorkerInfo": "schedule", "Worker": "schedule",
+    "WorkerInfo": "schedule",
     "CostModel": "simulation", "SimulatedExecutor": "simulation", "simulate": "simulation",
     "ThreadExecutor": "threads",
 }
@@ -53,7 +53,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'crowdgraph' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), "WorkerInfo" if name == "Worker" else name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
@@ -64,11 +64,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .compiled import CompiledModel, TensorSpec, compile, load
-    from .executor import Executor, Job, Reporter
+    from .executor import Executor, Job, Reporter, TaskStats
     from .generate import GenerationReport, simulate_generation
     from .partition import Partition
     from .report import RunReport
     from .schedule import WorkerInfo
-    from .schedule import WorkerInfo as Worker
     from .simulation import CostModel, SimulatedExecutor, simulate
     from .threads import ThreadExecutor

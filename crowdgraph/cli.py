@@ -248,14 +248,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     executor, owned = resolve_executor(args.executor or ThreadExecutor(workers=args.workers))
     view = LiveView(executor, total_tasks=count * len(plan.partitions)) if args.live else None
     try:
-        outputs, report = compiled.run(feeds, executor=view or executor, microbatch=microbatch,
-                                       mode=args.mode, report=True, progress=sys.stderr.isatty() and not view,
-                                       seed=args.seed)
+        outputs = compiled.run(feeds, executor=view or executor, microbatch=microbatch, mode=args.mode,
+                               progress=sys.stderr.isatty() and not view, seed=args.seed)
     finally:
         if view is not None:
             view.finish()
         if owned or not args.executor:
             executor.close()
+    report = compiled.last_report
     print(report)
     for name, value in outputs.items():
         print(f"output {name}: shape {list(value.shape)}, dtype {value.dtype}")
@@ -363,8 +363,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(compiled.table())
     print()
     with ThreadExecutor(workers=args.workers) as executor:
-        outputs, report = compiled.run(batch, executor=executor, microbatch=args.microbatch, mode=args.mode,
-                                       report=True, progress=sys.stderr.isatty())
+        outputs = compiled.run(batch, executor=executor, microbatch=args.microbatch, mode=args.mode,
+                               progress=sys.stderr.isatty())
+    report = compiled.last_report
     print(report)
     expected = run_session(open_session(model.SerializeToString()), batch)
     diff = float(np.max(np.abs(outputs["logits"] - expected["logits"])))

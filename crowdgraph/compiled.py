@@ -23,6 +23,7 @@ from .units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
     from .generate import DecoderLayout
+    from .report import RunReport
 
 PLAN_FORMAT = 1
 PLAN_FILE = "plan.json"
@@ -88,7 +89,8 @@ class CompiledModel:
         self.input_shapes = input_shapes
         self.memory_budget = memory_budget
         self._source = source
-        self.last_report: Any = None
+        #: The report of the latest :meth:`run` (None before the first).
+        self.last_report: RunReport | None = None
         self._by_name = {p.name: p for p in partitions}
         self._count = None if memory_budget is not None else len(partitions)
         self._replans: dict[Any, CompiledModel] = {}
@@ -176,9 +178,12 @@ class CompiledModel:
         return feeds
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
-            mode: str = "streaming", seed: int = 0, report: bool = False, progress: bool = False,
-            timeout: float | None = None, policy: str = "cost") -> Any:
+            mode: str = "streaming", seed: int = 0, progress: bool = False,
+            timeout: float | None = None, policy: str = "cost") -> dict[str, np.ndarray]:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
+
+        What happened (who ran what, when, at which tier) is kept as
+        :attr:`last_report`, a :class:`~crowdgraph.report.RunReport`.
 
         Parameters
         ----------
@@ -200,9 +205,6 @@ class CompiledModel:
         mode:
             ``"streaming"`` (a task waits only for its own micro-batch) or
             ``"barrier"`` (for every micro-batch of the previous stage).
-        report:
-            Also return the :class:`~crowdgraph.report.RunReport` (it is
-            kept as :attr:`last_report` either way).
         policy:
             The scheduler's placement rule: ``"cost"`` (replicas where they
             finish work sooner), or the baselines ``"pipeline"`` and
@@ -235,7 +237,7 @@ class CompiledModel:
         assert outputs is not None
         batched_outputs = [t.name for t in self.outputs if t.dims and not _fixed(t.dims[0])]
         joined = join_outputs(outputs, batched_outputs)
-        return (joined, run_report) if report else joined
+        return joined
 
     @property
     def decoder_layout(self) -> "DecoderLayout":

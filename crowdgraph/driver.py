@@ -29,7 +29,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import CrowdgraphError, ExecutionError
-from .executor import Executor, Job, Notice, Reporter
+from . import executor as notices
+from .executor import Executor, Failed, Finished, Job, Joined, Loaded, LoadFailed, Lost, Notice, Reporter, Unloaded
 from .report import BackupRecord, LoadRecord, RunReport, TaskRecord
 from .schedule import (
     Action, Load, LoadFinished, Policy, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
@@ -183,67 +184,52 @@ class Driver:
         """Record a notice and turn it into scheduler actions."""
         sched = self.scheduler
         assert sched is not None
-        kind, worker = notice.kind, notice.worker
-        if kind == "finished":
-            assert notice.key is not None and worker is not None and notice.outputs is not None
-            key = notice.key
-            was_done = key in sched.finished
-            backup = self.backup_records.get(key)
-            if backup is not None:  # the first copy to finish wins, the other is dropped
-                if was_done:
-                    backup.dropped = worker
-                else:
-                    backup.winner = worker
-            s = notice.stats
-            duration = s["end"] - s["start"] if "start" in s and "end" in s else None
-            actions = sched.handle(TaskFinished(worker, key, duration))
-            if was_done or key not in sched.finished:
-                self.executor.forget(list(notice.outputs.values()))  # late duplicate
+        match notice:
+            case Finished(worker, key, outputs, stats):
+                was_done = key in sched.finished
+                backup = self.backup_records.get(key)
+                if backup is not None:  # the first copy to finish wins, the other is dropped
+                    if was_done:
+                        backup.dropped = worker
+                    else:
+                        backup.winner = worker
+                actions = sched.handle(TaskFinished(worker, key, stats.duration))
+                if was_done or key not in sched.finished:
+                    self.executor.forget(list(outputs.values()))  # late duplicate
+                    return actions
+                self._finished(notice)
                 return actions
-            self._finished(key, worker, notice)
-            return actions
-        if kind == "loaded":
-            assert worker is not None and notice.partition is not None
-            s = notice.stats
-            self.report.record_load(LoadRecord(worker, notice.partition, s["start"], s["end"],
-                                               s.get("bytes_sent") or 0, bool(s.get("from_cache"))), s.get("rss"))
-            return sched.handle(LoadFinished(worker, notice.partition))
-        if kind == "unloaded":
-            assert worker is not None
-            self.report.record_unload(worker, notice.stats.get("rss"))
-            return []
-        if kind == "lost":
-            assert worker is not None
-            if worker not in sched.workers or worker in sched.lost:
+            case Loaded(worker, partition):
+                self.report.record_load(LoadRecord(worker, partition, notice.start, notice.end, notice.bytes_sent,
+                                                   notice.from_cache), notice.rss)
+                return sched.handle(LoadFinished(worker, partition))
+            case Unloaded(worker):
+                self.report.record_unload(worker, notice.rss)
                 return []
-            self.report.replaced.extend(sched.queue(worker))
-            if worker in self.report.workers:
-                self.report.workers[worker].lost = notice.error or "lost"
-            return sched.handle(WorkerLost(worker))
-        if kind == "joined":
-            assert notice.info is not None
-            self.report.add_worker(notice.info.id, notice.info.memory, notice.info.speed, notice.info.floor)
-            return sched.handle(WorkerJoined(notice.info))
-        if kind == "results_lost":
-            return sched.handle(ResultsLost(self._lost_closure(notice.keys)))
-        if kind == "failed":
-            assert notice.key is not None
-            p, i = notice.key
-            raise ExecutionError(
-                f"partition {p} failed on micro-batch {i} on worker {worker}: {notice.error}"
-            )
-        if kind == "load_failed":
-            raise ExecutionError(f"loading partition {notice.partition} on worker {worker} failed: {notice.error}")
-        raise CrowdgraphError(f"unknown notice kind {kind!r} from the executor")
+            case Lost(worker, reason):
+                if worker not in sched.workers or worker in sched.lost:
+                    return []
+                self.report.replaced.extend(sched.queue(worker))
+                if worker in self.report.workers:
+                    self.report.workers[worker].lost = reason or "lost"
+                return sched.handle(WorkerLost(worker))
+            case Joined(info):
+                self.report.add_worker(info.id, info.memory, info.speed, info.floor)
+                return sched.handle(WorkerJoined(info))
+            case notices.ResultsLost(keys):
+                return sched.handle(ResultsLost(self._lost_closure(keys)))
+            case Failed(worker, (p, i), error):
+                raise ExecutionError(f"partition {p} failed on micro-batch {i} on worker {worker}: {error}")
+            case LoadFailed(worker, partition, error):
+                raise ExecutionError(f"loading partition {partition} on worker {worker} failed: {error}")
+        raise CrowdgraphError(f"the executor reported {notice!r}, which is not a notice; "
+                              "report through the Reporter's methods")
 
-    def _finished(self, key: TaskKey, worker: str, notice: Notice) -> None:
-        s = notice.stats
+    def _finished(self, notice: Finished) -> None:
+        key, worker, s = notice.key, notice.worker, notice.stats
         tier = self.issued.get(key, (worker, 0))[1]
-        self.report.record_task(TaskRecord(key[0], key[1], worker, tier, s["start"], s["end"],
-                                           s.get("bytes_in") or 0, s.get("bytes_out") or 0,
-                                           s.get("wire_in") or 0, s.get("wire_out") or 0),
-                                s.get("peak_rss"), s.get("rss"))
-        assert notice.outputs is not None
+        self.report.record_task(TaskRecord(key[0], key[1], worker, tier, s.start, s.end, s.bytes_in, s.bytes_out,
+                                           s.wire_in, s.wire_out), s.peak_rss, s.rss)
         self.values[key] = notice.outputs
         self.waiting[key] = {c for c in data_consumers(self.tasks, key) if c not in self.scheduler.finished}  # type: ignore[union-attr]
         for u in data_producers(self.tasks, key):

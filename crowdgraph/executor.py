@@ -12,8 +12,11 @@ An executor knows its workers and does four things, one method each:
 Every method returns at once; the work happens in the background and the
 executor tells the driver what happened through the :class:`Reporter` it
 was given (``reporter.task_finished(...)`` and so on), from any thread.
-The driver applies those notices to the pure scheduler on its own thread
-and calls the executor again with the scheduler's next actions.
+Each call becomes one typed notice (:class:`Loaded`, :class:`Finished`,
+:class:`Lost` ...: one frozen dataclass per kind, each mirroring the
+scheduler event it becomes); the driver applies them to the pure
+scheduler on its own thread and calls the executor again with the
+scheduler's next actions.
 
 The contract (checked by :mod:`crowdgraph.testing`):
 
@@ -34,13 +37,13 @@ from __future__ import annotations
 import abc
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
-from .errors import ExecutorNotFound
+from .errors import ExecutorNotFound, InputError
 from .partition import Partition
 from .schedule import TaskKey, WorkerInfo
 
@@ -50,25 +53,144 @@ NoticeKind = Literal["loaded", "load_failed", "unloaded", "finished", "failed", 
 
 
 @dataclass(frozen=True)
-class Notice:
-    """One thing an executor reports; built by :class:`Reporter`'s methods."""
+class TaskStats:
+    """What an executor measured of one finished task; it fills the run report.
 
-    kind: NoticeKind
-    worker: str | None = None
-    partition: str | None = None
-    key: TaskKey | None = None
-    outputs: Mapping[str, Any] | None = None
-    error: str | None = None
-    info: WorkerInfo | None = None
-    keys: tuple[TaskKey, ...] = ()
-    stats: Mapping[str, Any] = field(default_factory=dict)
+    ``start`` and ``end`` are in the executor's clock (:meth:`Executor.now`).
+    ``bytes_in``/``bytes_out`` are the raw tensor bytes a task read and
+    wrote; ``wire_in``/``wire_out`` what crossed a link for them
+    (compressed, or 0 when the tensors stayed in place), the raw bytes when
+    not given.  ``peak_rss``/``rss`` are the worker process's resident
+    memory, when it reports them.
+
+    >>> TaskStats(start=1.0, end=1.5, bytes_in=400).wire_in
+    400
+    >>> TaskStats(start=1.0, end=1.5, bytes_in=400, wire_in=90).duration
+    0.5
+    """
+
+    start: float
+    end: float
+    bytes_in: int = 0
+    bytes_out: int = 0
+    wire_in: int | None = None
+    wire_out: int | None = None
+    peak_rss: int | None = None
+    rss: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.wire_in is None:
+            object.__setattr__(self, "wire_in", self.bytes_in)
+        if self.wire_out is None:
+            object.__setattr__(self, "wire_out", self.bytes_out)
+
+    @property
+    def duration(self) -> float:
+        """Seconds the worker spent on the task."""
+        return self.end - self.start
+
+
+# -- notices: what an executor reports, one type per kind ---------------------
+# Each mirrors the scheduler event the driver makes of it (schedule.py's
+# LoadFinished, TaskFinished, WorkerJoined, WorkerLost, ResultsLost) and
+# carries what the report records besides.  ``kind`` names the type in words.
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """``partition`` is resident on ``worker`` (loading took ``start`` to ``end``)."""
+
+    kind: ClassVar[NoticeKind] = "loaded"
+    worker: str
+    partition: str
+    start: float
+    end: float
+    bytes_sent: int = 0
+    from_cache: bool = False
+    rss: int | None = None
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """Loading ``partition`` on ``worker`` failed; the run fails with ``error``."""
+
+    kind: ClassVar[NoticeKind] = "load_failed"
+    worker: str
+    partition: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    """``partition`` was dropped from ``worker``."""
+
+    kind: ClassVar[NoticeKind] = "unloaded"
+    worker: str
+    partition: str
+    rss: int | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Task ``key`` finished on ``worker`` with ``outputs`` (tensor name -> value)."""
+
+    kind: ClassVar[NoticeKind] = "finished"
+    worker: str
+    key: TaskKey
+    outputs: Mapping[str, Any]
+    stats: TaskStats
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Task ``key`` raised on ``worker``; the run fails with ``error``."""
+
+    kind: ClassVar[NoticeKind] = "failed"
+    worker: str
+    key: TaskKey
+    error: str
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A new worker can take tasks."""
+
+    kind: ClassVar[NoticeKind] = "joined"
+    info: WorkerInfo
+
+    @property
+    def worker(self) -> str:
+        return self.info.id
+
+
+@dataclass(frozen=True)
+class Lost:
+    """``worker`` is gone (``reason`` says why); its unfinished tasks are placed again."""
+
+    kind: ClassVar[NoticeKind] = "lost"
+    worker: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResultsLost:
+    """Outputs of the finished tasks ``keys`` are gone (they lived on a lost worker)."""
+
+    kind: ClassVar[NoticeKind] = "results_lost"
+    keys: tuple[TaskKey, ...]
+
+
+#: Anything an executor reports.
+Notice = Union[Loaded, LoadFailed, Unloaded, Finished, Failed, Joined, Lost, ResultsLost]
 
 
 class Reporter:
     """What an executor calls to tell the driver what happened (thread-safe).
 
-    Times (``start``, ``end``) are in the executor's clock,
-    :meth:`Executor.now`.  Byte counts are optional; they fill the report.
+    Each method builds one notice; :meth:`notify` takes one ready-made
+    (a simulator that holds notices back until their virtual time).
+    Times are in the executor's clock, :meth:`Executor.now`.  Byte counts
+    and RSS are optional; they fill the report.
     """
 
     def __init__(self) -> None:
@@ -84,45 +206,38 @@ class Reporter:
     def loaded(self, worker: str, partition: str, *, start: float, end: float,
                bytes_sent: int = 0, from_cache: bool = False, rss: int | None = None) -> None:
         """``partition`` is now resident on ``worker``."""
-        self._put(Notice("loaded", worker, partition=partition, stats=dict(
-            start=start, end=end, bytes_sent=bytes_sent, from_cache=from_cache, rss=rss)))
+        self.notify(Loaded(worker, partition, start, end, bytes_sent, from_cache, rss))
 
     def load_failed(self, worker: str, partition: str, error: str) -> None:
         """Loading ``partition`` on ``worker`` failed; the run fails."""
-        self._put(Notice("load_failed", worker, partition=partition, error=error))
+        self.notify(LoadFailed(worker, partition, error))
 
     def unloaded(self, worker: str, partition: str, *, rss: int | None = None) -> None:
         """``partition`` was dropped from ``worker``."""
-        self._put(Notice("unloaded", worker, partition=partition, stats=dict(rss=rss)))
+        self.notify(Unloaded(worker, partition, rss))
 
-    def task_finished(self, worker: str, key: TaskKey, outputs: Mapping[str, Any], *,
-                      start: float, end: float, bytes_in: int = 0, bytes_out: int = 0,
-                      wire_in: int | None = None, wire_out: int | None = None,
-                      peak_rss: int | None = None, rss: int | None = None) -> None:
+    def task_finished(self, worker: str, key: TaskKey, outputs: Mapping[str, Any], stats: TaskStats) -> None:
         """Task ``key`` finished on ``worker`` with ``outputs`` (tensor name -> value)."""
-        self._put(Notice("finished", worker, key=key, outputs=outputs, stats=dict(
-            start=start, end=end, bytes_in=bytes_in, bytes_out=bytes_out,
-            wire_in=bytes_in if wire_in is None else wire_in,
-            wire_out=bytes_out if wire_out is None else wire_out,
-            peak_rss=peak_rss, rss=rss)))
+        self.notify(Finished(worker, key, outputs, stats))
 
     def task_failed(self, worker: str, key: TaskKey, error: str) -> None:
         """Task ``key`` raised on ``worker``; the run fails with ``error``."""
-        self._put(Notice("failed", worker, key=key, error=error))
+        self.notify(Failed(worker, key, error))
 
     def worker_joined(self, info: WorkerInfo) -> None:
         """A new worker can take tasks."""
-        self._put(Notice("joined", info.id, info=info))
+        self.notify(Joined(info))
 
     def worker_lost(self, worker: str, reason: str) -> None:
         """``worker`` is gone; its unfinished tasks are placed again."""
-        self._put(Notice("lost", worker, error=reason))
+        self.notify(Lost(worker, reason))
 
     def results_lost(self, keys: Sequence[TaskKey]) -> None:
         """Outputs of finished tasks ``keys`` are gone (they lived on a lost worker)."""
-        self._put(Notice("results_lost", keys=tuple(keys)))
+        self.notify(ResultsLost(tuple(keys)))
 
-    def _put(self, notice: Notice) -> None:
+    def notify(self, notice: Notice) -> None:
+        """Hand ``notice`` to the listeners, then to the driver."""
         for listener in self._listeners:
             listener(notice)
         self._queue.put(notice)
@@ -152,6 +267,47 @@ class Executor(abc.ABC):
 
     #: Name used in reports.
     name = "executor"
+
+    @classmethod
+    def accepts(cls, obj: Any) -> bool:
+        """Whether ``executor=obj`` means this executor, made as ``cls(obj)``.
+
+        ``compiled.run(batch, executor=obj)`` offers an object that is not
+        an executor, a name or a URL to every registered class; override
+        this to take one (``DaskExecutor`` takes a dask ``Client``).
+        """
+        return False
+
+    @classmethod
+    def from_url(cls, url: str) -> "Executor":
+        """The executor ``executor="NAME://..."`` means, NAME being this class's entry point."""
+        raise InputError(f"{cls.__name__} takes no URL ({url!r}); pass its registered name or an instance")
+
+    @staticmethod
+    def crowd_for(job: Job, holding: Iterable[tuple[WorkerInfo, str | None]]) -> tuple[list[WorkerInfo], list[str]]:
+        """The crowd as a run of ``job`` starts, and the workers to clear first.
+
+        ``holding`` pairs each worker with the sha256 of the partition it
+        holds in memory from an earlier run (None: nothing).  A partition
+        of this plan stays resident (by its name in ``job``); a worker
+        holding one of another plan is named in the second list: unload
+        it before the run, without reporting that.
+
+        >>> from crowdgraph.schedule import WorkerInfo
+        >>> part = type("Part", (), {"sha256": "ab"})()
+        >>> crowd, clear = Executor.crowd_for(Job({"p0": part}), [
+        ...     (WorkerInfo("a", 1), "ab"), (WorkerInfo("b", 1), "cd"), (WorkerInfo("c", 1), None)])
+        >>> [w.resident for w in crowd], clear
+        (['p0', None, None], ['b'])
+        """
+        by_sha = {p.sha256: name for name, p in job.partitions.items()}
+        crowd, clear = [], []
+        for info, sha256 in holding:
+            resident = by_sha.get(sha256) if sha256 else None
+            if sha256 and resident is None:
+                clear.append(info.id)
+            crowd.append(replace(info, resident=resident))
+        return crowd, clear
 
     @abc.abstractmethod
     def start(self, job: Job, reporter: Reporter) -> Sequence[WorkerInfo]:
@@ -227,8 +383,7 @@ def resolve_executor(spec: Any) -> tuple[Executor, bool]:
     else:
         for ep in installed.values():
             cls = ep.load()
-            accepts = getattr(cls, "accepts", None)
-            if accepts is not None and accepts(spec):
+            if cls.accepts(spec):
                 return cls(spec), True
     names = ", ".join(sorted(installed)) or "none"
     raise ExecutorNotFound(

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from html import escape
 from typing import Any, Sequence
 
-from .executor import Executor
+from .executor import Executor, Finished, Joined, Loaded, Lost, Notice, ResultsLost, Unloaded
 from .units import UNITS_NOTE, format_bytes
 
 
@@ -511,11 +511,12 @@ class LiveState:
     the run goes on; a task reported twice (a replica finishing late)
     counts once, as in the final report.
 
-    >>> from crowdgraph.executor import Notice
+    >>> from crowdgraph.executor import Finished, Loaded, TaskStats
     >>> state = LiveState(["w0", "w1"], total_tasks=4)
-    >>> state.apply(Notice("loaded", "w0", partition="p0", stats={"bytes_sent": 2_000_000}))
-    >>> state.apply(Notice("finished", "w0", key=("p0", 0), stats={"wire_in": 1000, "wire_out": 3000}))
-    >>> state.apply(Notice("finished", "w0", key=("p0", 1), stats={"wire_in": 1000, "wire_out": 3000}))
+    >>> state.apply(Loaded("w0", "p0", start=0.0, end=0.1, bytes_sent=2_000_000))
+    >>> stats = TaskStats(start=0.1, end=0.2, bytes_in=4000, wire_in=1000, bytes_out=9000, wire_out=3000)
+    >>> state.apply(Finished("w0", ("p0", 0), {}, stats))
+    >>> state.apply(Finished("w0", ("p0", 1), {}, stats))
     >>> print("\\n".join(state.lines()))
     2/4 tasks [##########..........]  50%
     w0  p0  2 tasks  tiers 1/2/3/4 1/0/1/0  weights 2.0 MB  in 2.0 kB  out 6.0 kB
@@ -527,29 +528,29 @@ class LiveState:
         self.workers = {w: LiveWorker(w) for w in workers}
         self.finished: set[tuple[str, int]] = set()
 
-    def apply(self, notice: Any) -> None:
-        """Fold one :class:`~crowdgraph.executor.Notice` into the state."""
-        if notice.kind == "joined" and notice.info is not None:
+    def apply(self, notice: Notice) -> None:
+        """Fold one notice (:data:`~crowdgraph.executor.Notice`) into the state."""
+        if isinstance(notice, Joined):
             self.workers.setdefault(notice.info.id, LiveWorker(notice.info.id))
             return
-        w = self.workers.get(notice.worker) if notice.worker is not None else None
+        w = self.workers.get(notice.worker) if not isinstance(notice, ResultsLost) else None
         if w is None:
             return
-        s = notice.stats
-        if notice.kind == "loaded":
-            tier = 2 if s.get("from_cache") else 4 if (w.unloaded_since_load or w.resident is not None) else 3
-            w.load_tiers[tier] = w.load_tiers.get(tier, 0) + 1
-            w.resident, w.unloaded_since_load = notice.partition, False
-            w.weight_bytes_sent += s.get("bytes_sent") or 0
-        elif notice.kind == "unloaded":
-            w.resident, w.unloaded_since_load = None, True
-        elif notice.kind == "finished" and notice.key not in self.finished:
-            self.finished.add(notice.key)
-            w.tasks += 1
-            w.bytes_in += s.get("wire_in") or s.get("bytes_in") or 0
-            w.bytes_out += s.get("wire_out") or s.get("bytes_out") or 0
-        elif notice.kind == "lost":
-            w.lost = notice.error or "lost"
+        match notice:
+            case Loaded():
+                tier = 2 if notice.from_cache else 4 if (w.unloaded_since_load or w.resident is not None) else 3
+                w.load_tiers[tier] = w.load_tiers.get(tier, 0) + 1
+                w.resident, w.unloaded_since_load = notice.partition, False
+                w.weight_bytes_sent += notice.bytes_sent
+            case Unloaded():
+                w.resident, w.unloaded_since_load = None, True
+            case Finished(_, key, _, stats) if key not in self.finished:
+                self.finished.add(key)
+                w.tasks += 1
+                w.bytes_in += stats.wire_in
+                w.bytes_out += stats.wire_out
+            case Lost(_, reason):
+                w.lost = reason or "lost"
 
     def lines(self, bar_width: int = 20) -> list[str]:
         """The view: one line for the whole run, then one per worker, columns aligned."""

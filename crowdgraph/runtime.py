@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -216,3 +218,76 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+class ResidentSession:
+    """The one partition a worker holds in memory: load, unload, run.
+
+    Every worker (a thread, a Dask worker, a ``crowdgraph-worker`` agent, a
+    process) keeps its partition in one of these, so all of them keep the
+    single-resident rule the same way: loading drops the session held
+    before it, unloading hands its memory back to the operating system,
+    and a task of any other partition is refused rather than run.  Callers
+    that share one between threads hold :attr:`lock` around each call.
+
+    Parameters
+    ----------
+    threads:
+        onnxruntime intra-op threads of the session.
+    collect_garbage:
+        Run the cycle collector before handing memory back: for a worker
+        process of its own, where a cycle can keep a tensor alive.
+    where:
+        How refusals name this worker ("this worker", "Dask worker ...").
+
+    Examples
+    --------
+    >>> resident = ResidentSession()
+    >>> resident.load(warm_up_model(), "p0", sha256="ab12")
+    >>> resident.run("p0", {"x": np.ones((1, 4, 4, 4), np.float32)}, ["y"])["y"].shape
+    (1, 4)
+    >>> resident.run("p1", {}, ["y"])
+    Traceback (most recent call last):
+    RuntimeError: partition p1 is not loaded on this worker (it holds p0); loads and runs for one worker must come in order
+    >>> resident.unload(), resident.unload()
+    (True, False)
+    """
+
+    def __init__(self, threads: int = 1, *, collect_garbage: bool = False, where: str = "this worker"):
+        self.threads = threads
+        self.collect_garbage = collect_garbage
+        self.where = where
+        self.lock = threading.Lock()
+        self.session: Any = None
+        #: Name and sha256 of the partition held (None: nothing).
+        self.name: str | None = None
+        self.sha256: str | None = None
+
+    def load(self, model: bytes | str | os.PathLike, name: str, sha256: str) -> None:
+        """Make ``model`` (bytes or a file) the resident partition, dropping the one held first."""
+        self.unload()
+        self.session = open_session(model, self.threads)
+        self.name, self.sha256 = name, sha256
+
+    def unload(self) -> bool:
+        """Drop the session and release its memory; whether one was held."""
+        if self.session is None:
+            return False
+        self.session = self.name = self.sha256 = None
+        if self.collect_garbage:
+            gc.collect()
+        release_memory()
+        return True
+
+    def run(self, name: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], *,
+            sha256: str | None = None) -> dict[str, np.ndarray]:
+        """Run partition ``name`` on ``feeds``; refuse if another is held.
+
+        With ``sha256`` the content decides (names are per plan: a later
+        plan may call the same partition otherwise), else the name.
+        """
+        held = self.sha256 == sha256 if sha256 is not None else self.name == name
+        if self.session is None or not held:
+            raise RuntimeError(f"partition {name} is not loaded on {self.where} (it holds {self.name or 'nothing'}); "
+                               "loads and runs for one worker must come in order")
+        return run_session(self.session, feeds, outputs)

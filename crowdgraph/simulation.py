@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError
-from .executor import Executor, Job, Notice, Reporter
+from .executor import Executor, Finished, Job, Loaded, Lost, Reporter, TaskStats, Unloaded
 from .partition import Partition
 from .schedule import Policy, TaskKey, WorkerInfo
 from .units import format_bytes
@@ -144,7 +144,7 @@ class SimulatedExecutor(Executor):
     Parameters
     ----------
     crowd:
-        The workers (:class:`~crowdgraph.Worker`); ``cached`` partitions
+        The workers (:class:`~crowdgraph.WorkerInfo`); ``cached`` partitions
         load from local storage.
     cost:
         The :class:`CostModel`.
@@ -164,7 +164,7 @@ class SimulatedExecutor(Executor):
         self.scale = scale
         self.losses = dict(losses or {})
         self._clock = 0.0
-        self._heap: list[tuple[float, int, Notice]] = []
+        self._heap: list[tuple[float, int, Loaded | Unloaded | Finished | Lost]] = []
         self._seq = itertools.count()
         self._free_at: dict[str, float] = {}
         self._reporter: Reporter | None = None
@@ -176,7 +176,7 @@ class SimulatedExecutor(Executor):
         self._reporter = reporter
         self._free_at = {w: self._clock for w in self.crowd}
         for worker, at in self.losses.items():
-            self._push(at, Notice("lost", worker, error=f"simulated loss at t={at:g} s"))
+            self._push(at, Lost(worker, f"simulated loss at t={at:g} s"))
         # The scheduler costs loads with the links this simulation uses.
         return [replace(w, bandwidth=self.cost.bandwidth, disk_bandwidth=self.cost.disk_bytes_per_second)
                 for w in self.crowd.values()]
@@ -184,8 +184,7 @@ class SimulatedExecutor(Executor):
     def now(self) -> float:
         return self._clock
 
-
-    def _push(self, at: float, notice: Notice) -> None:
+    def _push(self, at: float, notice: Loaded | Unloaded | Finished | Lost) -> None:
         heapq.heappush(self._heap, (at, next(self._seq), notice))
 
     def _transfer(self, at: float, nbytes: int) -> float:
@@ -203,13 +202,12 @@ class SimulatedExecutor(Executor):
             end = arrived + partition.weight_bytes / self.cost.deserialize_bytes_per_second
         self._free_at[worker] = end
         sent = 0 if cached else partition.weight_bytes
-        self._push(end, Notice("loaded", worker, partition=partition.name, stats=dict(
-            start=start, end=end, bytes_sent=sent, from_cache=cached)))
+        self._push(end, Loaded(worker, partition.name, start, end, bytes_sent=sent, from_cache=cached))
         self.crowd[worker] = replace(self.crowd[worker], cached=self.crowd[worker].cached | {partition.name})
 
     def unload(self, worker: str, partition: str) -> None:
         start = max(self._clock, self._free_at[worker])
-        self._push(start, Notice("unloaded", worker, partition=partition))
+        self._push(start, Unloaded(worker, partition))
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
         scale = self.scale if isinstance(self.scale, float) else self.scale[key[1]]
@@ -219,20 +217,19 @@ class SimulatedExecutor(Executor):
         computed = self._transfer(start, bytes_in) + self.cost.compute_seconds(
             partition, scale, self.crowd[worker].speed)
         end = self._free_at[worker] = self._transfer(computed, bytes_out)
-        self._push(end, Notice("finished", worker, key=key, outputs={o: None for o in partition.outputs},
-                               stats=dict(start=start, end=end, bytes_in=bytes_in, bytes_out=bytes_out,
-                                          wire_in=bytes_in, wire_out=bytes_out)))
+        self._push(end, Finished(worker, key, {o: None for o in partition.outputs},
+                                 TaskStats(start, end, bytes_in=bytes_in, bytes_out=bytes_out)))
 
     def idle(self) -> None:
         """Advance the virtual clock to the next event and report it."""
         while self._heap and self._reporter is not None:
             at, _, notice = heapq.heappop(self._heap)
             self._clock = max(self._clock, at)
-            if notice.kind == "lost":
-                self.crowd.pop(notice.worker or "", None)
+            if isinstance(notice, Lost):
+                self.crowd.pop(notice.worker, None)
             elif notice.worker not in self.crowd:
                 continue  # work of a lost worker never finishes
-            self._reporter._put(notice)
+            self._reporter.notify(notice)
             return
 
     def gather(self, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -254,7 +251,7 @@ def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[st
     >>> import crowdgraph
     >>> from crowdgraph import zoo
     >>> compiled = crowdgraph.compile(zoo.distilbert("tiny"), partitions=3, input_shapes={"input_ids": (1, 16)})
-    >>> crowd = [crowdgraph.Worker(f"phone{n}", memory="64MB") for n in range(3)]
+    >>> crowd = [crowdgraph.WorkerInfo(f"phone{n}", memory="64MB") for n in range(3)]
     >>> stream = crowdgraph.simulate(compiled, crowd, (8, 16), microbatch=1, mode="streaming")
     >>> barrier = crowdgraph.simulate(compiled, crowd, (8, 16), microbatch=1, mode="barrier")
     >>> stream.makespan < barrier.makespan

@@ -19,11 +19,13 @@ The checks: outputs equal the whole-model oracle in both modes; Load,
 Unload and Run mean what the protocol says (in order per worker, one
 resident partition, failures reported rather than raised); a failing task
 fails the run with a clear error and leaves the executor usable; a lost
-worker's tasks are placed again; six workers on a three-partition plan run
-replicas (some partition on two or more workers, each worker one partition
-at a time within its budget); a decoder generates the tokens of the
-whole-model loop, greedy and sampled, with its cache fed back at every
-step; ``close()`` leaves no thread running.
+worker's tasks are placed again; a worker still holding a partition of an
+earlier plan (same names, other content) starts the next plan's run with
+nothing resident; six workers on a three-partition plan run replicas (some
+partition on two or more workers, each worker one partition at a time
+within its budget); a decoder generates the tokens of the whole-model
+loop, greedy and sampled, with its cache fed back at every step;
+``close()`` leaves no thread running.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class _Case:
         self.budget = max(p.resident_bytes for p in self.compiled.partitions)
         session = open_session(self.model.SerializeToString())
         self.expected = run_session(session, self.feeds)
+
+    @cached_property
+    def other_plan(self) -> CompiledModel:
+        """The same model cut in 2 partitions: none of them is one of :attr:`compiled`'s."""
+        return compile(self.model, partitions=2, sample=self.feeds)
 
     def partition_inputs(self, name: str) -> dict[str, np.ndarray]:
         """Real inputs of partition ``name`` for the whole batch."""
@@ -220,7 +227,8 @@ class ExecutorConformance:
 
     def test_one_worker_runs_every_partition(self) -> None:
         with self.make_executor([self.case.budget]) as executor:
-            got, report = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=3, report=True)
+            got = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=3)
+            report = self.case.compiled.last_report
         _assert_close(got, self.case.expected)
         assert report.tier_counts.get(4, 0) >= len(self.case.compiled.partitions) - 1, "swaps happened"
 
@@ -271,6 +279,16 @@ class ExecutorConformance:
         finally:
             executor.close()
 
+    def test_a_plan_of_other_partitions_starts_with_nothing_resident(self) -> None:
+        other = self.case.other_plan
+        budget = max(self.case.budget, *(p.resident_bytes for p in other.partitions))
+        with self.make_executor([budget]) as executor:
+            self.case.compiled.run(self.case.feeds, executor=executor, microbatch=6)
+            workers = executor.start(Job({p.name: p for p in other.partitions}, other.memory_budget), Reporter())
+            assert [w.resident for w in workers] == [None], "a partition of another plan is not resident"
+            got = other.run(self.case.feeds, executor=executor, microbatch=6)
+        _assert_close(got, self.case.expected)
+
     def test_failing_task_fails_the_run_then_the_executor_still_works(self) -> None:
         feeds = dict(self.case.feeds)
         feeds["input_ids"] = np.full_like(feeds["input_ids"], 10**6)  # outside the vocabulary
@@ -300,7 +318,8 @@ class ExecutorConformance:
 
         watch_notices(executor, kill_first_finisher)
         try:
-            got, report = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=1, report=True)
+            got = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=1)
+            report = self.case.compiled.last_report
         finally:
             executor.close()
         _assert_close(got, self.case.expected)
@@ -309,7 +328,8 @@ class ExecutorConformance:
     def test_replicas_share_a_busy_partition(self) -> None:
         case = _replica_case()
         with self.make_executor([case.budget] * 6) as executor:
-            got, report = case.compiled.run(case.feeds, executor=executor, microbatch=1, report=True)
+            got = case.compiled.run(case.feeds, executor=executor, microbatch=1)
+            report = case.compiled.last_report
         _assert_close(got, case.expected)
         holders = report.holders
         assert max(len(ws) for ws in holders.values()) >= 2, f"no partition got a second holder: {holders}"

@@ -16,14 +16,13 @@ import os
 import queue
 import threading
 import time
-from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .executor import Executor, Job, Reporter
+from .executor import Executor, Job, Reporter, TaskStats
 from .partition import Partition
-from .runtime import open_session, release_memory, run_session
+from .runtime import ResidentSession
 from .schedule import TaskKey, WorkerInfo
 from .units import parse_bytes
 
@@ -33,10 +32,8 @@ class _ThreadWorker:
 
     def __init__(self, info: WorkerInfo, threads: int):
         self.info = info
-        self.threads = threads
         self.actions: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self.session: Any = None
-        self.sha256: str | None = None
+        self.resident = ResidentSession(threads)
         #: What will be resident once the queued actions are done.
         self.queued_sha256: str | None = None
         self.thread = threading.Thread(target=self._loop, name=f"crowdgraph-{info.id}", daemon=True)
@@ -46,10 +43,10 @@ class _ThreadWorker:
         while True:
             action = self.actions.get()
             if action[0] == "stop":
-                self._drop()
+                self.resident.unload()
                 return
             if action[0] == "reset":
-                self._drop()
+                self.resident.unload()
                 continue
             try:
                 getattr(self, "_" + action[0])(*action[1:])
@@ -69,32 +66,19 @@ class _ThreadWorker:
 
     def _load(self, reporter: Reporter, partition: Partition) -> None:
         start = time.perf_counter()
-        self._drop()
-        self.session = open_session(partition.model_bytes, self.threads)
-        self.sha256 = partition.sha256
+        self.resident.load(partition.model_bytes, partition.name, partition.sha256)
         reporter.loaded(self.info.id, partition.name, start=start, end=time.perf_counter())
 
     def _unload(self, reporter: Reporter, name: str) -> None:
-        self._drop()
+        self.resident.unload()
         reporter.unloaded(self.info.id, name)
 
-    def _drop(self) -> None:
-        if self.session is not None:
-            self.session = None
-            self.sha256 = None
-            release_memory()
-
     def _run(self, reporter: Reporter, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
-        if self.sha256 != partition.sha256:
-            raise RuntimeError(f"partition {partition.name} is not loaded on this worker")
         start = time.perf_counter()
-        outputs = run_session(self.session, inputs, partition.outputs)
-        end = time.perf_counter()
-        reporter.task_finished(
-            self.info.id, key, outputs, start=start, end=end,
-            bytes_in=sum(np.asarray(v).nbytes for v in inputs.values()),
-            bytes_out=sum(v.nbytes for v in outputs.values()),
-        )
+        outputs = self.resident.run(partition.name, inputs, partition.outputs, sha256=partition.sha256)
+        reporter.task_finished(self.info.id, key, outputs, TaskStats(
+            start, time.perf_counter(), bytes_in=sum(np.asarray(v).nbytes for v in inputs.values()),
+            bytes_out=sum(v.nbytes for v in outputs.values())))
 
     def cancel_pending(self) -> None:
         """Drop queued actions that have not started."""
@@ -112,7 +96,7 @@ class ThreadExecutor(Executor):
     ----------
     workers:
         A number of workers (default: one per CPU core), or a list of
-        :class:`~crowdgraph.Worker` specs.
+        :class:`~crowdgraph.WorkerInfo` specs.
     memory:
         Budget of each numbered worker (default: the plan's budget, or the
         largest partition when the plan was cut by count).
@@ -121,8 +105,8 @@ class ThreadExecutor(Executor):
 
     Examples
     --------
-    >>> from crowdgraph import ThreadExecutor, Worker
-    >>> ex = ThreadExecutor(workers=[Worker("a", memory="64MB"), Worker("b", memory="32MB", speed=0.5)])
+    >>> from crowdgraph import ThreadExecutor, WorkerInfo
+    >>> ex = ThreadExecutor(workers=[WorkerInfo("a", memory="64MB"), WorkerInfo("b", memory="32MB", speed=0.5)])
     >>> ex.close()
     """
 
@@ -145,13 +129,9 @@ class ThreadExecutor(Executor):
                 infos = list(self._spec)
             self._workers = {info.id: _ThreadWorker(info, self._threads) for info in infos}
         self._reporter = reporter
-        by_sha = {p.sha256: name for name, p in job.partitions.items()}
-        crowd = []
-        for w in self._workers.values():
-            resident = by_sha.get(w.queued_sha256) if w.queued_sha256 else None
-            if w.queued_sha256 and resident is None:
-                self._reset(w)
-            crowd.append(replace(w.info, resident=resident))
+        crowd, clear = self.crowd_for(job, [(w.info, w.queued_sha256) for w in self._workers.values()])
+        for worker in clear:
+            self._reset(self._workers[worker])
         return crowd
 
     def load(self, worker: str, partition: Partition) -> None:

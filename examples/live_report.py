@@ -23,7 +23,8 @@ def main() -> None:
     compiled = crowdgraph.compile(model, partitions=4, sample={k: v[:2] for k, v in batch.items()})
     with ThreadExecutor(workers=4) as threads:
         view = LiveView(threads, total_tasks=len(compiled.partitions) * 8)
-        outputs, report = compiled.run(batch, executor=view, microbatch=2, report=True)
+        outputs = compiled.run(batch, executor=view, microbatch=2)
+        report = compiled.last_report
         view.finish()
     expected = run_session(open_session(model.SerializeToString()), batch)
     print(f"max abs difference to the whole model: {np.max(np.abs(outputs['logits'] - expected['logits'])):.2e}")

@@ -17,17 +17,16 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
-from crowdgraph import Executor, Job, Partition, Reporter, WorkerInfo
+from crowdgraph import Executor, Job, Partition, Reporter, TaskStats, WorkerInfo
 
 
 def _worker_main(conn: Any) -> None:
     """The worker process: carry out actions in order, one session at most."""
-    from crowdgraph.runtime import open_session, release_memory, run_session
+    from crowdgraph.runtime import ResidentSession
 
-    session, sha256 = None, None
+    resident = ResidentSession()
     while True:
         try:
             message = conn.recv()
@@ -37,8 +36,7 @@ def _worker_main(conn: Any) -> None:
         if kind == "stop":
             return
         if kind in ("unload", "reset"):
-            session, sha256 = None, None
-            release_memory()
+            resident.unload()
             if kind == "unload":
                 conn.send(("unloaded", generation, message[2]))
             continue
@@ -46,14 +44,11 @@ def _worker_main(conn: Any) -> None:
         try:
             if kind == "load":
                 _, _, name, model_bytes, digest = message
-                session, sha256 = None, None
-                session, sha256 = open_session(model_bytes), digest
+                resident.load(model_bytes, name, digest)
                 conn.send(("loaded", generation, name, start, time.perf_counter(), len(model_bytes)))
             elif kind == "run":
                 _, _, key, digest, inputs, outputs = message
-                if digest != sha256:
-                    raise RuntimeError(f"partition {key[0]} is not loaded on this worker")
-                result = run_session(session, inputs, outputs)
+                result = resident.run(key[0], inputs, outputs, sha256=digest)
                 conn.send(("finished", generation, key, result, start, time.perf_counter(),
                            sum(v.nbytes for v in inputs.values())))
         except Exception as exc:  # reported to the driver, never raised here
@@ -92,16 +87,13 @@ class ProcessExecutor(Executor):
         with self._lock:
             self._generation += 1
             self._reporter = reporter
-        by_sha = {p.sha256: name for name, p in job.partitions.items()}
-        crowd = []
-        for w in self._workers.values():
-            if w.resident not in by_sha:
-                self._send(w, "reset")
-                w.resident = None
-            crowd.append(replace(w.info, resident=by_sha.get(w.resident) if w.resident else None))
+        crowd, clear = self.crowd_for(job, [(w.info, w.resident) for w in self._workers.values()])
+        for worker in clear:  # it holds a partition of another plan
+            self._send(self._workers[worker], "reset")
+            self._workers[worker].resident = None
         return crowd
 
-    def _send(self, w: _Process, kind: str, *args: Any) -> None:
+    def _send(self, w: _Process, kind: Literal["load", "unload", "run", "reset", "stop"], *args: Any) -> None:
         try:
             w.conn.send((kind, self._generation, *args))
         except (OSError, ValueError):
@@ -129,8 +121,8 @@ class ProcessExecutor(Executor):
                 reporter.unloaded(wid, reply[2])
             elif kind == "finished":
                 _, _, key, outputs, start, end, bytes_in = reply
-                reporter.task_finished(wid, key, outputs, start=start, end=end, bytes_in=bytes_in,
-                                       bytes_out=sum(v.nbytes for v in outputs.values()))
+                reporter.task_finished(wid, key, outputs, TaskStats(
+                    start, end, bytes_in=bytes_in, bytes_out=sum(v.nbytes for v in outputs.values())))
             elif kind == "failed" and reply[2] == "run":
                 reporter.task_failed(wid, reply[3], reply[4])
             elif kind == "failed":

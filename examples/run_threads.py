@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 import crowdgraph
-from crowdgraph import ThreadExecutor, Worker, zoo
+from crowdgraph import ThreadExecutor, WorkerInfo, zoo
 from crowdgraph.runtime import open_session, run_session
 
 
@@ -17,9 +17,9 @@ def main() -> None:
     batch = zoo.sample_inputs(model, batch=16, sequence=32)
     compiled = crowdgraph.compile(model, partitions=4, sample={k: v[:4] for k, v in batch.items()})
     big = max(p.resident_bytes for p in compiled.partitions)
-    crowd = [Worker("laptop", memory=2 * big, speed=1.0),
-             Worker("pi", memory=big, speed=0.5),
-             Worker("phone", memory=big, speed=0.3)]
+    crowd = [WorkerInfo("laptop", memory=2 * big, speed=1.0),
+             WorkerInfo("pi", memory=big, speed=0.5),
+             WorkerInfo("phone", memory=big, speed=0.3)]
     with ThreadExecutor(workers=crowd) as executor:
         outputs = compiled.run(batch, executor=executor, microbatch=4, mode="streaming")
     report = compiled.last_report

@@ -12,12 +12,12 @@ Run it: ``python examples/simulate_crowd.py``
 from __future__ import annotations
 
 import crowdgraph
-from crowdgraph import CostModel, Worker, zoo
+from crowdgraph import CostModel, WorkerInfo, zoo
 
 
 def main() -> None:
     compiled = crowdgraph.compile(zoo.distilbert("full"), "128MB", input_shapes={"input_ids": (8, 128)})
-    phones = [Worker(f"phone{n}", memory="128MB", speed=s) for n, s in enumerate([1.0, 0.8, 0.6, 0.5, 0.4])]
+    phones = [WorkerInfo(f"phone{n}", memory="128MB", speed=s) for n, s in enumerate([1.0, 0.8, 0.6, 0.5, 0.4])]
     wifi = CostModel(flops_per_second=5e9, bandwidth=10e6)
     for mode in ("barrier", "streaming"):
         report = crowdgraph.simulate(compiled, phones, (64, 128), microbatch=8, mode=mode, cost=wifi)
@@ -27,13 +27,13 @@ def main() -> None:
     names = frozenset(p.name for p in compiled.partitions)
     print("64 micro-batches of 1 row, warm phones: makespan in virtual seconds")
     for n in (3, 12, 40):
-        crowd = [Worker(f"phone{k}", memory="128MB", cached=names) for k in range(n)]
+        crowd = [WorkerInfo(f"phone{k}", memory="128MB", cached=names) for k in range(n)]
         spans = {policy: crowdgraph.simulate(compiled, crowd, (64, 128), microbatch=1, cost=wifi,
                                              policy=policy).makespan
                  for policy in ("pipeline", "cost")}
         print(f"  {n:3} phones: pipeline rule {spans['pipeline']:6.1f}, cost rule {spans['cost']:6.1f}")
 
-    crowd = [Worker(f"phone{n}", memory="128MB", speed=0.4 + (n % 7) / 10) for n in range(1000)]
+    crowd = [WorkerInfo(f"phone{n}", memory="128MB", speed=0.4 + (n % 7) / 10) for n in range(1000)]
     report = crowdgraph.simulate(compiled, crowd, (8 * 500, 128), microbatch=8, cost=wifi)
     busiest = max(len(workers) for workers in report.holders.values())
     print(f"1000 phones, 500 micro-batches: {report.makespan:.1f} virtual seconds, "

@@ -221,7 +221,7 @@ def test_the_generate_command_prints_each_step_and_the_report(capsys):
 
 def test_simulated_phones_carry_their_partitions_from_step_to_step(model):
     compiled = crowdgraph.compile(model, partitions=3, max_length=MAX_LENGTH)
-    phones = [crowdgraph.Worker(f"phone{n}", memory="64MB", speed=s) for n, s in enumerate((1.0, 0.8, 0.6))]
+    phones = [crowdgraph.WorkerInfo(f"phone{n}", memory="64MB", speed=s) for n, s in enumerate((1.0, 0.8, 0.6))]
     one = crowdgraph.simulate_generation(compiled, phones, sequences=1, prompt_length=6, new_tokens=8)
     four = crowdgraph.simulate_generation(compiled, phones, sequences=4, prompt_length=6, new_tokens=8)
     assert four.tokens == 32 and four.steps == 8 and len(four.runs) == 8

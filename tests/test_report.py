@@ -32,7 +32,7 @@ def compiled():
 
 
 def simulated(compiled, workers: int, microbatch: int) -> RunReport:
-    crowd = [crowdgraph.Worker(f"phone{k:02d}", memory="64MB", speed=1 + k % 3) for k in range(workers)]
+    crowd = [crowdgraph.WorkerInfo(f"phone{k:02d}", memory="64MB", speed=1 + k % 3) for k in range(workers)]
     return crowdgraph.simulate(compiled, crowd, (16, 16), microbatch=microbatch)
 
 
@@ -139,7 +139,8 @@ def test_live_view_redraws_in_place_on_a_terminal(compiled):
     screen = Terminal()
     with ThreadExecutor(workers=3) as threads:
         view = LiveView(threads, total_tasks=4 * len(compiled.partitions), stream=screen, interval=0.0)
-        report = compiled.run(batch, executor=view, microbatch=1, report=True)[1]
+        compiled.run(batch, executor=view, microbatch=1)
+        report = compiled.last_report
         view.finish()
     frames = screen.getvalue().split("\x1b[4F")  # each redraw moves up over the 1 + 3 lines drawn before
     assert len(frames) > 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import crowdgraph
-from crowdgraph import ThreadExecutor, Worker, zoo
+from crowdgraph import ThreadExecutor, WorkerInfo, zoo
 from crowdgraph.testing import watch_notices
 from tests import models
 from tests.oracle import assert_matches, oracle
@@ -40,9 +40,10 @@ def batched(model_feeds, rows):
 def crowds(budget):
     """One worker; more workers than partitions; mixed budgets forcing swaps."""
     return {
-        "one": [Worker("solo", memory=budget)],
-        "many": [Worker(f"w{n}", memory=budget) for n in range(6)],
-        "mixed": [Worker("big", memory=budget), Worker("small", memory=1), Worker("mid", memory=budget, speed=0.5)],
+        "one": [WorkerInfo("solo", memory=budget)],
+        "many": [WorkerInfo(f"w{n}", memory=budget) for n in range(6)],
+        "mixed": [WorkerInfo("big", memory=budget), WorkerInfo("small", memory=1),
+                  WorkerInfo("mid", memory=budget, speed=0.5)],
     }
 
 
@@ -59,7 +60,8 @@ def test_outputs_match_the_oracle(name, mode, crowd):
     want = oracle(model, feeds)
     for microbatch in ([None] if rows == 1 else [2, 5]):  # 2 does not divide 5
         with ThreadExecutor(workers=crowds(budget)[crowd]) as ex:
-            got, report = compiled.run(feeds, executor=ex, microbatch=microbatch, mode=mode, report=True)
+            got = compiled.run(feeds, executor=ex, microbatch=microbatch, mode=mode)
+            report = compiled.last_report
         assert_matches(got, want)
         assert len(report.tasks) == len(compiled.partitions) * report.microbatches
 
@@ -68,8 +70,9 @@ def test_mixed_budgets_force_tier_4_swaps():
     model, feeds = batched(models.chain(), 6)
     compiled = crowdgraph.compile(model, partitions=3, sample=feeds)
     budget = max(p.resident_bytes for p in compiled.partitions)
-    with ThreadExecutor(workers=[Worker("only-one-fits", memory=budget), Worker("tiny", memory=1)]) as ex:
-        got, report = compiled.run(feeds, executor=ex, microbatch=2, report=True)
+    with ThreadExecutor(workers=[WorkerInfo("only-one-fits", memory=budget), WorkerInfo("tiny", memory=1)]) as ex:
+        got = compiled.run(feeds, executor=ex, microbatch=2)
+        report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     assert report.workers["tiny"].tasks == 0
     assert report.tier_counts.get(4, 0) >= 2
@@ -79,8 +82,8 @@ def test_report_agrees_with_events(tmp_path):
     model, feeds = batched(models.chain(), 8)
     compiled = crowdgraph.compile(model, partitions=3, sample=feeds)
     with ThreadExecutor(workers=2) as ex:
-        got, report = compiled.run(feeds, executor=ex, microbatch=2, report=True)
-    assert compiled.last_report is report
+        got = compiled.run(feeds, executor=ex, microbatch=2)
+        report = compiled.last_report
     assert len(report.tasks) == 3 * 4
     assert sorted((t.partition, t.microbatch) for t in report.tasks) == sorted(
         (p.name, i) for p in compiled.partitions for i in range(4))
@@ -105,8 +108,10 @@ def test_second_run_on_the_same_crowd_starts_resident():
     model, feeds = batched(models.chain(), 4)
     compiled = crowdgraph.compile(model, partitions=1, sample=feeds)
     with ThreadExecutor(workers=2) as ex:
-        _, before = compiled.run(feeds, executor=ex, microbatch=2, report=True)
-        got, report = compiled.run(feeds, executor=ex, microbatch=2, report=True)
+        compiled.run(feeds, executor=ex, microbatch=2)
+        before = compiled.last_report
+        got = compiled.run(feeds, executor=ex, microbatch=2)
+        report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     # Every worker that ran the one partition still holds it: its tasks in
     # the second run come at tier 1, with no load before them.
@@ -133,7 +138,8 @@ def test_worker_lost_mid_run_its_tasks_are_placed_again():
 
     watch_notices(ex, lose_after_first_tasks)
     with ex:
-        got, report = compiled.run(feeds, executor=ex, microbatch=1, report=True)
+        got = compiled.run(feeds, executor=ex, microbatch=1)
+        report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     lost = [w for w in report.workers.values() if w.lost]
     assert len(lost) == 1
@@ -217,7 +223,7 @@ def test_empty_crowd_and_crowd_that_fits_nothing(tiny):
         compiled.run(feeds, executor=ThreadExecutor(workers=[]))
     need = max(p.resident_bytes for p in compiled.partitions)
     with pytest.raises(crowdgraph.PlanningError, match=crowdgraph.format_bytes(need - 1)[:3]):
-        compiled.run(feeds, executor=ThreadExecutor(workers=[Worker("phone", memory=need - 1)]))
+        compiled.run(feeds, executor=ThreadExecutor(workers=[WorkerInfo("phone", memory=need - 1)]))
 
 
 def test_unknown_executor_lists_installed(tiny):
@@ -230,7 +236,8 @@ def test_unknown_executor_lists_installed(tiny):
 def test_every_placement_policy_matches_the_oracle(tiny_model, policy):
     model, compiled, feeds = tiny_model
     with ThreadExecutor(workers=4) as ex:
-        got, report = compiled.run(feeds, executor=ex, microbatch=1, policy=policy, report=True)
+        got = compiled.run(feeds, executor=ex, microbatch=1, policy=policy)
+        report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     assert len(report.tasks) == len(compiled.partitions) * 2
 

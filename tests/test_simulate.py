@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crowdgraph
-from crowdgraph import CostModel, Worker, zoo
+from crowdgraph import CostModel, WorkerInfo, zoo
 from crowdgraph.taskgraph import build_task_graph, data_consumers, data_producers, join_outputs, split_batch
 from tests import models
 
@@ -45,7 +45,7 @@ def test_split_and_join_round_trip():
 
 
 def test_simulation_report_is_like_a_real_one(distilbert_plan):
-    crowd = [Worker(f"phone{n}", memory="128MB") for n in range(5)]
+    crowd = [WorkerInfo(f"phone{n}", memory="128MB") for n in range(5)]
     report = crowdgraph.simulate(distilbert_plan, crowd, (32, 128), microbatch=8, mode="streaming")
     parts = len(distilbert_plan.partitions)
     assert len(report.tasks) == parts * 4
@@ -59,7 +59,7 @@ def test_simulation_report_is_like_a_real_one(distilbert_plan):
 def test_streaming_beats_barrier_on_five_phones(distilbert_plan):
     """CROWDio's finding: streaming micro-batches cut batch latency (by 34% there)."""
     speeds = [1.0, 0.8, 0.6, 0.5, 0.4]
-    crowd = [Worker(f"phone{n}", memory="128MB", speed=s) for n, s in enumerate(speeds)]
+    crowd = [WorkerInfo(f"phone{n}", memory="128MB", speed=s) for n, s in enumerate(speeds)]
     def makespan(mode, policy):
         return crowdgraph.simulate(distilbert_plan, crowd, (32, 128), microbatch=8, mode=mode,
                                    policy=policy).makespan
@@ -74,13 +74,13 @@ def test_streaming_beats_barrier_on_five_phones(distilbert_plan):
 
 def test_cached_partitions_send_no_weights(distilbert_plan):
     names = frozenset(p.name for p in distilbert_plan.partitions)
-    crowd = [Worker(f"pi{n}", memory="128MB", cached=names) for n in range(3)]
+    crowd = [WorkerInfo(f"pi{n}", memory="128MB", cached=names) for n in range(3)]
     report = crowdgraph.simulate(distilbert_plan, crowd, (8, 128), microbatch=8)
     assert report.weight_bytes_sent == 0 and set(report.tier_counts) <= {1, 2}
 
 
 def test_a_measured_profile_overrides_flops(distilbert_plan):
-    crowd = [Worker("a", memory="128MB")]
+    crowd = [WorkerInfo("a", memory="128MB")]
     profile = {p.name: 1.0 for p in distilbert_plan.partitions}
     fast_links = CostModel(profile=profile, bandwidth=1e15, latency=0.0, deserialize_bytes_per_second=1e15,
                            disk_bytes_per_second=1e15, coordinator_bandwidth=1e15)
@@ -89,7 +89,7 @@ def test_a_measured_profile_overrides_flops(distilbert_plan):
 
 
 def test_simulated_losses_are_survived(distilbert_plan):
-    crowd = [Worker(f"phone{n}", memory="128MB") for n in range(5)]
+    crowd = [WorkerInfo(f"phone{n}", memory="128MB") for n in range(5)]
     report = crowdgraph.simulate(distilbert_plan, crowd, (64, 128), microbatch=8, losses={"phone0": 0.5, "phone2": 1.0})
     keys = [(t.partition, t.microbatch) for t in report.tasks]
     assert len(keys) == len(set(keys)) == len(distilbert_plan.partitions) * 8
@@ -97,7 +97,7 @@ def test_simulated_losses_are_survived(distilbert_plan):
 
 
 def test_a_thousand_phones_plan_in_seconds(distilbert_plan):
-    crowd = [Worker(f"phone{n}", memory="128MB", speed=0.5 + (n % 5) / 10) for n in range(1000)]
+    crowd = [WorkerInfo(f"phone{n}", memory="128MB", speed=0.5 + (n % 5) / 10) for n in range(1000)]
     report = crowdgraph.simulate(distilbert_plan, crowd, (8 * 200, 128), microbatch=8)
     assert len(report.tasks) == len(distilbert_plan.partitions) * 200
 
@@ -109,7 +109,7 @@ def test_streaming_never_slower_than_barrier_on_chains(layers, microbatches, wor
     # A property of the pipeline rule; the cost rule replicates by estimates,
     # which can order the two modes either way by a hair.
     compiled = _chain_plan(layers, microbatches)
-    crowd = [Worker(f"w{n}", memory=max(p.resident_bytes for p in compiled.partitions), speed=speeds[n])
+    crowd = [WorkerInfo(f"w{n}", memory=max(p.resident_bytes for p in compiled.partitions), speed=speeds[n])
              for n in range(workers)]
     cost = CostModel(bandwidth=bandwidth)
     stream = crowdgraph.simulate(compiled, crowd, (microbatches, 32), microbatch=1, mode="streaming", cost=cost,
@@ -136,7 +136,7 @@ def test_symbolic_shapes_are_costed_at_the_batch_shapes():
     model = zoo.distilbert("tiny")
     loose = crowdgraph.compile(model, partitions=3)
     exact = crowdgraph.compile(model, partitions=3, input_shapes={"input_ids": (1, 128)})
-    crowd = [Worker(f"w{n}", memory="1GB") for n in range(3)]
+    crowd = [WorkerInfo(f"w{n}", memory="1GB") for n in range(3)]
     got = crowdgraph.simulate(loose, crowd, (8, 128), microbatch=1)
     want = crowdgraph.simulate(exact, crowd, (8, 128), microbatch=1)
     assert sum(p.flops for p in loose.partitions) < 0.1 * sum(p.flops for p in exact.partitions)
@@ -145,7 +145,7 @@ def test_symbolic_shapes_are_costed_at_the_batch_shapes():
 
 
 def test_the_report_names_the_coordinator_link_when_it_bounds_the_run(distilbert_plan):
-    crowd = [Worker(f"phone{n}", memory="128MB") for n in range(12)]
+    crowd = [WorkerInfo(f"phone{n}", memory="128MB") for n in range(12)]
     slow_star = CostModel(coordinator_bandwidth=2e6)
     bound = crowdgraph.simulate(distilbert_plan, crowd, (16, 128), microbatch=1, cost=slow_star)
     assert bound.coordinator_link_busy >= 0.9 * bound.makespan
@@ -160,7 +160,7 @@ def test_a_bigger_warm_crowd_is_a_faster_crowd(distilbert_plan):
     names = frozenset(p.name for p in distilbert_plan.partitions)
 
     def makespan(n, policy):
-        crowd = [Worker(f"w{k}", memory="128MB", cached=names) for k in range(n)]
+        crowd = [WorkerInfo(f"w{k}", memory="128MB", cached=names) for k in range(n)]
         return crowdgraph.simulate(distilbert_plan, crowd, (32, 128), microbatch=1, policy=policy).makespan
 
     assert makespan(3, "cost") <= makespan(3, "pipeline")

@@ -428,7 +428,7 @@ def test_a_batch_too_big_for_one_pass_runs_in_automatic_micro_batches():
     outputs = compiled.run(feeds, executor=crowdgraph.ThreadExecutor(workers=2))  # microbatch="auto"
     assert_matches(outputs, oracle(model, feeds))
     assert compiled.last_report.microbatches == 3, "three micro-batches of 4 rows"
-    crowd = [crowdgraph.Worker(f"w{n}", memory=budget) for n in range(2)]
+    crowd = [crowdgraph.WorkerInfo(f"w{n}", memory=budget) for n in range(2)]
     assert crowdgraph.simulate(compiled, crowd, (12, 32)).microbatches == 3
     small = {k: v[:3] for k, v in feeds.items()}
     compiled.run(small, executor=crowdgraph.ThreadExecutor(workers=2))

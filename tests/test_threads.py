@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 import crowdgraph
-from crowdgraph import ThreadExecutor, Worker
+from crowdgraph import ThreadExecutor, WorkerInfo
 from crowdgraph.testing import ExecutorConformance
 from tests import models
 
@@ -16,7 +16,7 @@ class TestThreadExecutor(ExecutorConformance):
     can_lose_workers = True
 
     def make_executor(self, budgets):
-        return ThreadExecutor(workers=[Worker(f"w{n}", memory=b) for n, b in enumerate(budgets)])
+        return ThreadExecutor(workers=[WorkerInfo(f"w{n}", memory=b) for n, b in enumerate(budgets)])
 
     def kill_worker(self, executor, worker_id):
         executor.lose_worker(worker_id)
@@ -27,7 +27,7 @@ def test_two_workers_run_on_two_cores():
     model, feeds = models.chain(n_layers=8, width=1024, batch=256)
     compiled = crowdgraph.compile(model, partitions=1, sample=feeds)
     # Two copies of the same single-partition plan, fed together: one per worker.
-    ex = ThreadExecutor(workers=[Worker("a", memory="4GB"), Worker("b", memory="4GB")])
+    ex = ThreadExecutor(workers=[WorkerInfo("a", memory="4GB"), WorkerInfo("b", memory="4GB")])
     try:
         from crowdgraph.executor import Job, Reporter
 
@@ -45,7 +45,7 @@ def test_two_workers_run_on_two_cores():
         for _ in range(6):
             notice = reporter.next(120)
             assert notice.kind == "finished"
-            spans.setdefault(notice.worker, []).append((notice.stats["start"], notice.stats["end"]))
+            spans.setdefault(notice.worker, []).append((notice.stats.start, notice.stats.end))
         a0, a1 = min(s for s, _ in spans["a"]), max(e for _, e in spans["a"])
         b0, b1 = min(s for s, _ in spans["b"]), max(e for _, e in spans["b"])
         overlap = min(a1, b1) - max(a0, b0)

@@ -11,7 +11,8 @@ workers and tells crowdgraph when a worker leaves.
 See docs/dask.md.
 """
 
-from ._executor import MEMORY_RESOURCE, DaskExecutor, TensorHandle
+from ._executor import MEMORY_RESOURCE, DaskExecutor
+from ._results import TensorHandle
 
 __all__ = ["DaskExecutor", "MEMORY_RESOURCE", "TensorHandle"]
 __version__ = "0.1.0"

@@ -14,7 +14,11 @@ inputs of later ``run`` calls.
 How actions map to Dask
 -----------------------
 All bookkeeping lives on the client's event loop thread (the driver's
-calls hop onto it with ``loop.add_callback``), so it needs no locks:
+calls hop onto it with ``loop.add_callback``), so it needs no locks.  It
+is split by concern: the order of each worker's actions in ``_lanes``,
+workers joining and leaving in ``_cluster``, which results the driver
+still reads (and which are lost) in ``_results``; this module submits
+actions and turns their outcomes into notices.
 
 * every worker has a *lane*: the actions for it, carried out in order.  A
   ``Load``, ``Unload`` or reset waits until the worker's submitted runs
@@ -40,21 +44,21 @@ calls hop onto it with ``loop.add_callback``), so it needs no locks:
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sys
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from crowdgraph import Executor, Job, Partition, Reporter, WorkerInfo
-from crowdgraph.errors import ExecutionError, InputError, PlanningError, WorkerLostError
+from crowdgraph import Executor, Job, Partition, Reporter, TaskStats, WorkerInfo
+from crowdgraph.errors import ExecutionError, InputError, PlanningError
 
 from . import _worker
+from ._cluster import ClusterWatch, leaving_error, running
+from ._lanes import Lane, Pending
+from ._results import Results, TensorHandle
 
 logger = logging.getLogger("crowdgraph_dask")
 
@@ -65,92 +69,7 @@ MEMORY_RESOURCE = "crowdgraph_memory"
 STATS_GRACE = 5.0
 #: Seconds ``reset``/``close`` wait for workers to drop their sessions.
 RESET_TIMEOUT = 30.0
-_LEAVING = {"closing_gracefully", "closing", "closed", "failed"}
-
 TaskKey = tuple[str, int]
-
-
-def _leaving_error(result: Any) -> bool:
-    """Whether ``result`` is the error of a worker that could not be reached (it is leaving)."""
-    return isinstance(result, (OSError, TimeoutError)) or type(result).__name__ == "CommClosedError"
-
-
-class TensorHandle:
-    """One output tensor of a finished task; the data stays on its Dask worker.
-
-    The executor reports these as task outputs; the driver hands them back
-    as inputs of later tasks, and :meth:`DaskExecutor.gather` fetches them.
-    ``future`` holds the array itself, or (``item`` set) a dict holding it
-    under ``item``.
-    """
-
-    __slots__ = ("future", "name", "item")
-
-    def __init__(self, future: Any, name: str, item: str | None = None):
-        self.future = future
-        self.name = name
-        self.item = item
-
-    @property
-    def key(self) -> str:
-        """The Dask key of the result holding this tensor."""
-        return str(self.future.key)
-
-    def value_of(self, result: Any) -> Any:
-        """This tensor, out of its future's result."""
-        return result if self.item is None else result[self.item]
-
-    def __repr__(self) -> str:
-        return f"<TensorHandle {self.name!r} of {self.key} ({self.future.status})>"
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A submitted (or about to be submitted) action of one lane."""
-
-    kind: str  # "run", "load", "unload" or "reset"
-    lane: "_Lane"
-    ident: str
-    future: Any = None
-    key: TaskKey | None = None
-    partition: Partition | None = None
-    name: str | None = None
-    t0: float = 0.0
-    bytes_future: Any = None
-    input_keys: frozenset[str] = frozenset()
-    tensors: dict[str, Any] | None = None  # output name -> its own future (partitions with several outputs)
-    sources: dict[str, str | None] = field(default_factory=dict)  # input -> producer worker (None: client)
-    done: bool = False
-    stats: dict[str, Any] | None = None
-    grace: bool = False
-    waiter: Any = None  # asyncio.Future resolved when the action is over
-
-
-@dataclass(eq=False)
-class _Held:
-    """A finished run's outputs the driver may still read."""
-
-    handles: dict[str, TensorHandle]
-    worker: str
-    key: TaskKey
-    names: set[str]  # not forgotten yet
-
-    def futures(self) -> list[Any]:
-        return list({h.key: h.future for h in self.handles.values()}.values())
-
-
-class _Lane:
-    """One Dask worker as a crowd worker: its info and its actions, in order."""
-
-    def __init__(self, info: WorkerInfo, offset: float):
-        self.addr = info.id
-        self.info = info
-        self.offset = offset  # worker clock minus client clock
-        self.actions: deque[tuple[Any, ...]] = deque()
-        self.runs: dict[str, _Pending] = {}
-        self.barrier: _Pending | None = None
-        self.sha256: str | None = None
-        self.lost = False
 
 
 class DaskExecutor(Executor):
@@ -197,21 +116,17 @@ class DaskExecutor(Executor):
         self._owns_client = _owns_client
         self._threads = max(1, int(threads_per_worker))
         self._window = 1 + int(prefetch)
-        self._poll_interval = float(poll_interval)
         self._topic = f"crowdgraph-{uuid.uuid4().hex[:12]}"
         # State below is only touched on the client's event loop thread.
-        self._lanes: dict[str, _Lane] = {}
-        self._unusable: set[str] = set()  # workers that cannot run crowdgraph tasks
-        self._topics: set[str] = set()
-        self._pending: dict[str, _Pending] = {}
-        self._held: dict[str, _Held] = {}  # by run key
-        self._owner: dict[str, str] = {}  # Dask key of a tensor's future -> run key
-        self._lost_keys: set[str] = set()
-        self._gathers: dict[Any, frozenset[str]] = {}
+        self._lanes: dict[str, Lane] = {}
+        self._subscribed = False  # to this executor's topic of measurements
+        self._pending: dict[str, Pending] = {}
+        self._results = Results()
+        self._watch = ClusterWatch(client, float(poll_interval), known=lambda: list(self._lanes),
+                                   active=lambda: not self._closing and self._reporter is not None,
+                                   joined=self._join, left=self._lose)
         self._reporter: Reporter | None = None
         self._job: Job | None = None
-        self._poller: Any = None
-        self._joining: set[str] = set()
         self._closing = False
         self._closed = False
 
@@ -253,7 +168,7 @@ class DaskExecutor(Executor):
     def start(self, job: Job, reporter: Reporter) -> list[WorkerInfo]:
         self._check_open()
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        workers = {a: w for a, w in workers.items() if w.get("status", "running") not in _LEAVING}
+        workers = {a: w for a, w in workers.items() if running(w)}
         if not workers:
             raise PlanningError(
                 "the Dask cluster has no workers; start some with `dask worker <scheduler address>` "
@@ -263,7 +178,7 @@ class DaskExecutor(Executor):
         probes = self.client.run(_worker.probe, workers=list(workers), on_error="return")
         t1 = time.time()
         for addr, result in list(probes.items()):
-            if _leaving_error(result):
+            if leaving_error(result):
                 del probes[addr]  # it is leaving the cluster right now
             elif isinstance(result, BaseException):
                 raise ExecutionError(
@@ -289,7 +204,8 @@ class DaskExecutor(Executor):
         handles = {n: v for n, v in values.items() if isinstance(v, TensorHandle)}
         if handles:
             futures = list({h.key: h.future for h in handles.values()}.values())
-            results = dict(zip((str(f.key) for f in futures), self.client.sync(self._agather, futures)))
+            fetched = self.client.sync(self._results.gather, self.client, futures)
+            results = dict(zip((str(f.key) for f in futures), fetched))
             for n, h in handles.items():
                 out[n] = np.asarray(h.value_of(results[h.key]))
         return {n: out[n] for n in values}
@@ -297,7 +213,7 @@ class DaskExecutor(Executor):
     def forget(self, values: Sequence[Any]) -> None:
         handles = [v for v in values if isinstance(v, TensorHandle)]
         if handles and not self._closed:
-            self.client.loop.add_callback(self._forget, handles)
+            self.client.loop.add_callback(self._results.forget, handles)
 
     def reset(self) -> None:
         """Cancel what is queued or running and drop every worker's session."""
@@ -346,16 +262,14 @@ class DaskExecutor(Executor):
     async def _astart(self, job: Job, reporter: Reporter, workers: Mapping[str, Any],
                       probes: Mapping[str, Any], mid: float, uncertainty: float) -> list[WorkerInfo]:
         self._reporter, self._job = reporter, job
-        if self._topic not in self._topics:
+        if not self._subscribed:
             self.client.subscribe_topic(self._topic, self._on_stats)
-            self._topics.add(self._topic)
+            self._subscribed = True
         for addr in list(self._lanes):
             if addr not in probes:
                 self._drop_lane(self._lanes.pop(addr))
-        self._release_held()
-        self._lost_keys.clear()
-        by_sha = {p.sha256: name for name, p in job.partitions.items()}
-        crowd = []
+        self._results.release_all()
+        self._results.lost_keys.clear()
         for addr, probe in probes.items():
             lane = self._lanes.get(addr)
             if lane is None:
@@ -363,16 +277,11 @@ class DaskExecutor(Executor):
             else:
                 lane.info = self._info(addr, workers[addr])
             lane.sha256 = probe["sha256"]
-            resident = by_sha.get(lane.sha256) if lane.sha256 else None
-            if lane.sha256 and resident is None:  # a session this run does not use
-                lane.actions.append(("reset",))
-                self._pump(lane)
-            crowd.append(replace(lane.info, resident=resident))
-        if self._poller is None and self._poll_interval > 0:
-            from tornado.ioloop import PeriodicCallback
-
-            self._poller = PeriodicCallback(self._poll, self._poll_interval * 1000)
-            self._poller.start()
+        crowd, clear = self.crowd_for(job, [(self._lanes[addr].info, self._lanes[addr].sha256) for addr in probes])
+        for addr in clear:  # a session this run does not use
+            self._lanes[addr].actions.append(("reset",))
+            self._pump(self._lanes[addr])
+        self._watch.start()
         return crowd
 
     def _info(self, addr: str, w: Mapping[str, Any]) -> WorkerInfo:
@@ -388,14 +297,11 @@ class DaskExecutor(Executor):
         return WorkerInfo(addr, memory=memory, speed=1.0)
 
     def _add_lane(self, addr: str, w: Mapping[str, Any], probe: Mapping[str, Any],
-                  mid: float, uncertainty: float) -> _Lane:
+                  mid: float, uncertainty: float) -> Lane:
         skew = float(probe["time"]) - mid
-        lane = _Lane(self._info(addr, w), skew if abs(skew) > uncertainty + 0.005 else 0.0)
+        lane = Lane(self._info(addr, w), skew if abs(skew) > uncertainty + 0.005 else 0.0)
         self._lanes[addr] = lane
-        self._unusable.discard(addr)
-        if addr not in self._topics:  # the scheduler logs "remove-worker" on the worker's topic
-            self.client.subscribe_topic(addr, functools.partial(self._on_worker_event, addr))
-            self._topics.add(addr)
+        self._watch.follow(addr)
         return lane
 
     # -- on the event loop: carrying actions out -----------------------------
@@ -407,29 +313,23 @@ class DaskExecutor(Executor):
         lane.actions.append(action)
         self._pump(lane)
 
-    def _pump(self, lane: _Lane) -> None:
+    def _pump(self, lane: Lane) -> None:
         """Submit the lane's next actions as far as ordering allows."""
-        while lane.actions and not lane.lost and lane.barrier is None:
-            kind = lane.actions[0][0]
+        while (action := lane.next_action(self._window)) is not None:
+            kind = action[0]
             if kind == "run":
-                if len(lane.runs) >= self._window:
-                    return
-                _, key, part, inputs = lane.actions.popleft()
+                _, key, part, inputs = action
                 self._guarded(self._submit_run, lane, key, part, inputs)
-            elif lane.runs:
-                return  # a load/unload waits for the runs before it
+            elif kind == "load":
+                part = action[1]
+                pend = Pending("load", lane, f"crowdgraph-load-{part.name}-{uuid.uuid4().hex[:12]}",
+                               partition=part, name=part.name, t0=self.now())
+                lane.barrier = pend
+                asyncio.ensure_future(self._aload(pend))
             else:
-                action = lane.actions.popleft()
-                if kind == "load":
-                    part = action[1]
-                    pend = _Pending("load", lane, f"crowdgraph-load-{part.name}-{uuid.uuid4().hex[:12]}",
-                                    partition=part, name=part.name, t0=self.now())
-                    lane.barrier = pend
-                    asyncio.ensure_future(self._aload(pend))
-                else:
-                    self._guarded(self._submit_unload, lane, kind, action[1] if kind == "unload" else None)
+                self._guarded(self._submit_unload, lane, kind, action[1] if kind == "unload" else None)
 
-    def _guarded(self, fn: Any, lane: _Lane, *args: Any) -> None:
+    def _guarded(self, fn: Any, lane: Lane, *args: Any) -> None:
         try:
             fn(lane, *args)
         except Exception as exc:  # a bug or a refused submit: fail the run, never hang it
@@ -437,7 +337,7 @@ class DaskExecutor(Executor):
             if self._reporter is not None and fn == self._submit_run:
                 self._reporter.task_failed(lane.addr, args[0], f"{type(exc).__name__}: {exc}")
 
-    def _submit_run(self, lane: _Lane, key: TaskKey, part: Partition, inputs: Mapping[str, Any]) -> None:
+    def _submit_run(self, lane: Lane, key: TaskKey, part: Partition, inputs: Mapping[str, Any]) -> None:
         futures: list[Any] = []
         index: dict[str, int] = {}
         refs: dict[str, tuple[int, str | None]] = {}
@@ -446,19 +346,18 @@ class DaskExecutor(Executor):
         for tensor, value in inputs.items():
             if isinstance(value, TensorHandle):
                 fkey = value.key
-                if fkey in self._lost_keys:
+                if fkey in self._results.lost_keys:
                     return  # its input was lost; the driver places this task again
                 if fkey not in index:
                     index[fkey] = len(futures)
                     futures.append(value.future)
                 refs[tensor] = (index[fkey], value.item)
-                held = self._held.get(self._owner.get(fkey, ""))
-                sources[tensor] = held.worker if held is not None else lane.addr
+                sources[tensor] = self._results.worker_of(fkey) or lane.addr
             else:
                 arrays[tensor] = np.asarray(value)
                 sources[tensor] = None
         ident = f"crowdgraph-{key[0]}-{key[1]}-{uuid.uuid4().hex[:12]}"
-        pend = _Pending("run", lane, ident, key=key, partition=part, name=part.name,
+        pend = Pending("run", lane, ident, key=key, partition=part, name=part.name,
                         input_keys=frozenset(index), sources=sources)
         pend.future = self.client.submit(
             _worker.run_partition, self._topic, ident, part.sha256, part.name, list(part.outputs),
@@ -479,7 +378,7 @@ class DaskExecutor(Executor):
         self._pending[ident] = pend
         pend.future.add_done_callback(self._done_callback)
 
-    async def _aload(self, pend: _Pending) -> None:
+    async def _aload(self, pend: Pending) -> None:
         lane, part = pend.lane, pend.partition
         assert part is not None
         try:
@@ -489,7 +388,7 @@ class DaskExecutor(Executor):
             if lane.lost or lane.barrier is not pend:
                 return
             lane.barrier = None
-            if await self._present(lane.addr):
+            if await self._watch.present(lane.addr):
                 if self._reporter is not None:
                     self._reporter.load_failed(lane.addr, part.name, f"sending the partition failed: {exc}")
             else:
@@ -512,9 +411,9 @@ class DaskExecutor(Executor):
         self._pending[pend.ident] = pend
         pend.future.add_done_callback(self._done_callback)
 
-    def _submit_unload(self, lane: _Lane, kind: str, name: str | None) -> _Pending:
+    def _submit_unload(self, lane: Lane, kind: Literal["unload", "reset"], name: str | None) -> Pending:
         ident = f"crowdgraph-{kind}-{uuid.uuid4().hex[:12]}"
-        pend = _Pending(kind, lane, ident, name=name)
+        pend = Pending(kind, lane, ident, name=name)
         if kind == "reset":
             pend.waiter = asyncio.get_running_loop().create_future()
         sha = None
@@ -588,7 +487,7 @@ class DaskExecutor(Executor):
                     self._reporter.load_failed(lane.addr, pend.name or "?", why)
         self._pump(lane)
 
-    def _maybe_complete(self, pend: _Pending) -> None:
+    def _maybe_complete(self, pend: Pending) -> None:
         if not pend.done or self._pending.get(pend.ident) is not pend:
             return
         if pend.stats is None and pend.kind != "reset":
@@ -598,13 +497,13 @@ class DaskExecutor(Executor):
             return
         self._complete(pend)
 
-    def _complete_late(self, pend: _Pending) -> None:
+    def _complete_late(self, pend: Pending) -> None:
         if self._pending.get(pend.ident) is pend and pend.stats is None:
             logger.warning("crowdgraph-dask: no measurements arrived for %s; reporting without them", pend.ident)
             pend.stats = {}
             self._complete(pend)
 
-    def _complete(self, pend: _Pending) -> None:
+    def _complete(self, pend: Pending) -> None:
         lane, stats = pend.lane, pend.stats or {}
         self._unlink(pend, keep=pend.kind == "run")
         now = self.now()
@@ -619,17 +518,13 @@ class DaskExecutor(Executor):
             else:
                 handles = {n: TensorHandle(f, n) for n, f in pend.tensors.items()}
                 pend.future.release()  # the tensors' own futures keep what is needed
-            held = self._held[pend.ident] = _Held(handles, lane.addr, key, set(part.outputs))
-            for h in handles.values():
-                self._owner[h.key] = pend.ident
+            self._results.hold(pend.ident, handles, lane.addr, key)
             sizes = stats.get("in") or {}
             wire_in = sum(int(sizes.get(t, 0)) for t, src in pend.sources.items() if src != lane.addr)
             if reporter is not None:
-                reporter.task_finished(
-                    lane.addr, key, dict(held.handles),
-                    start=start, end=end, bytes_in=int(sum(sizes.values())), bytes_out=int(stats.get("out", 0)),
-                    wire_in=wire_in, wire_out=0, peak_rss=stats.get("peak_rss"), rss=stats.get("rss"),
-                )
+                reporter.task_finished(lane.addr, key, dict(handles), TaskStats(
+                    start, end, bytes_in=int(sum(sizes.values())), bytes_out=int(stats.get("out", 0)),
+                    wire_in=wire_in, wire_out=0, peak_rss=stats.get("peak_rss"), rss=stats.get("rss")))
         elif pend.kind == "load":
             part = pend.partition
             assert part is not None
@@ -646,7 +541,7 @@ class DaskExecutor(Executor):
                 reporter.unloaded(lane.addr, pend.name or "?", rss=stats.get("rss"))
         self._pump(lane)
 
-    def _unlink(self, pend: _Pending, keep: bool = False) -> None:
+    def _unlink(self, pend: Pending, keep: bool = False) -> None:
         """Take a finished, failed or dropped action off its lane (releasing its future unless ``keep``)."""
         if pend.future is not None and not keep:
             pend.future.release()
@@ -664,105 +559,13 @@ class DaskExecutor(Executor):
         if pend.waiter is not None and not pend.waiter.done():
             pend.waiter.set_result(None)
 
-    def _forget(self, handles: Sequence[TensorHandle]) -> None:
-        for h in handles:
-            ident = self._owner.get(h.key)
-            held = self._held.get(ident) if ident is not None else None
-            if held is None:
-                continue
-            held.names.discard(h.name)
-            if not held.names:
-                self._drop_held(ident)
-
-    def _drop_held(self, ident: str) -> _Held:
-        """Stop holding a run's outputs and release their futures."""
-        held = self._held.pop(ident)
-        for f in held.futures():
-            self._owner.pop(str(f.key), None)
-            f.release()
-        return held
-
-    async def _agather(self, futures: list[Any]) -> list[Any]:
-        keys = frozenset(str(f.key) for f in futures)
-        if keys & self._lost_keys:
-            raise WorkerLostError(self._gone_message(keys & self._lost_keys))
-        lost = asyncio.get_running_loop().create_future()
-        self._gathers[lost] = keys
-        task = asyncio.ensure_future(self.client.gather(futures, asynchronous=True))
-        try:
-            await asyncio.wait([task, lost], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._gathers.pop(lost, None)
-        if not task.done():
-            task.cancel()
-            raise WorkerLostError(self._gone_message(keys & self._lost_keys))
-        try:
-            return task.result()
-        except Exception as exc:
-            raise ExecutionError(f"fetching the model outputs from the Dask workers failed: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-
-    @staticmethod
-    def _gone_message(keys: frozenset[str]) -> str:
-        return (f"outputs {sorted(keys)} were lost with their Dask worker before they were fetched; "
-                "run the batch again")
-
     # -- on the event loop: workers coming and going --------------------------
 
-    def _on_worker_event(self, addr: str, event: tuple[float, Any]) -> None:
-        _, msg = event
-        if isinstance(msg, Mapping) and msg.get("action") == "remove-worker":
-            asyncio.ensure_future(self._lose(addr, "left the Dask cluster"))
-
-    async def _present(self, addr: str) -> bool:
-        try:
-            ident = await self.client.scheduler.identity(n_workers=-1)
-        except Exception:
-            return False
-        w = ident["workers"].get(addr)
-        return w is not None and w.get("status", "running") not in _LEAVING
-
-    async def _poll(self) -> None:
-        if self._closing or self._reporter is None:
-            return
-        try:
-            ident = await self.client.scheduler.identity(n_workers=-1)
-        except Exception:
-            return  # the scheduler is unreachable for now; Dask reconnects or the driver times out
-        workers = ident["workers"]
-        for addr in list(self._lanes):
-            w = workers.get(addr)
-            if w is None:
-                await self._lose(addr, "left the Dask cluster")
-            elif w.get("status") in _LEAVING:
-                await self._lose(addr, f"is leaving the Dask cluster ({w['status']})")
-        for addr, w in workers.items():
-            if (addr not in self._lanes and addr not in self._unusable and addr not in self._joining
-                    and w.get("status", "running") == "running"):
-                self._joining.add(addr)
-                try:
-                    await self._join(addr, w)
-                finally:
-                    self._joining.discard(addr)
-
-    async def _join(self, addr: str, w: Mapping[str, Any]) -> None:
-        t0 = time.time()
-        try:
-            probes = await self.client.run(_worker.probe, workers=[addr], on_error="return", asynchronous=True)
-        except Exception as exc:
-            logger.warning("crowdgraph-dask: new worker %s could not be probed: %s", addr, exc)
-            return
-        t1 = time.time()
-        probe = probes.get(addr)
-        if probe is None or _leaving_error(probe):
-            return  # already gone again
-        if not isinstance(probe, Mapping):
-            logger.warning("crowdgraph-dask: worker %s cannot run crowdgraph tasks (%s); not using it", addr, probe)
-            self._unusable.add(addr)
-            return
-        if self._closing or addr in self._lanes or self._reporter is None:
-            return
-        lane = self._add_lane(addr, w, probe, (t0 + t1) / 2, (t1 - t0) / 2)
+    def _join(self, addr: str, w: Mapping[str, Any], probe: Mapping[str, Any], mid: float,
+              uncertainty: float) -> None:
+        """A new worker (probed by the cluster watch) joins the crowd."""
+        assert self._reporter is not None
+        lane = self._add_lane(addr, w, probe, mid, uncertainty)
         if probe.get("sha256"):
             lane.actions.append(("reset",))
             self._pump(lane)
@@ -777,7 +580,7 @@ class DaskExecutor(Executor):
         if self._reporter is not None and not self._closing:
             self._reporter.worker_lost(addr, f"Dask worker {addr} {reason}")
         self._drop_lane(lane)
-        held = {ident: h for ident, h in self._held.items() if h.worker == addr}
+        held = self._results.held_on(addr)
         lost: list[str] = []
         if held:
             keys = [f.key for h in held.values() for f in h.futures()]
@@ -793,25 +596,20 @@ class DaskExecutor(Executor):
                     lost.append(ident)
         pumps = set()
         if lost:
-            gone = [self._drop_held(ident) for ident in lost if ident in self._held]
-            lost_keys = {str(f.key) for h in gone for f in h.futures()}
-            self._lost_keys |= lost_keys
+            tasks, lost_keys = self._results.give_up(lost)
             for pend in list(self._pending.values()):
                 if pend.kind == "run" and pend.input_keys & lost_keys:
                     self._unlink(pend)  # waiting for data that is gone: the driver places it again
                     pumps.add(pend.lane)
-            for waiter, keys in list(self._gathers.items()):
-                if keys & lost_keys and not waiter.done():
-                    waiter.set_result(None)
             if self._reporter is not None and not self._closing:
-                self._reporter.results_lost(sorted(h.key for h in gone))
+                self._reporter.results_lost(tasks)
         for other in pumps:
             if not other.lost:
                 self._pump(other)
 
     # -- on the event loop: reset and close ----------------------------------
 
-    def _drop_lane(self, lane: _Lane) -> None:
+    def _drop_lane(self, lane: Lane) -> None:
         """Forget a lane's queued and submitted actions.
 
         Releasing a future is what cancels it: the client marks it cancelled
@@ -824,27 +622,21 @@ class DaskExecutor(Executor):
             self._unlink(lane.barrier)
         lane.actions.clear()
 
-    def _release_held(self) -> None:
-        for ident in list(self._held):
-            self._drop_held(ident)
-
     async def _areset(self) -> None:
         for lane in self._lanes.values():
             self._drop_lane(lane)
-        self._release_held()
+        self._results.release_all()
         waiters = [self._submit_unload(lane, "reset", None).waiter for lane in self._lanes.values()]
         if waiters:
             await asyncio.wait(waiters, timeout=RESET_TIMEOUT)
 
     async def _aclose(self) -> None:
         self._closing = True
-        if self._poller is not None:
-            self._poller.stop()
-            self._poller = None
         await self._areset()
-        for topic in self._topics:
-            self.client.unsubscribe_topic(topic)
-        self._topics.clear()
+        self._watch.stop()
+        if self._subscribed:
+            self.client.unsubscribe_topic(self._topic)
+            self._subscribed = False
         for pend in list(self._pending.values()):
             self._unlink(pend)
         self._pending.clear()

@@ -2,8 +2,9 @@
 
 These functions are submitted by :class:`crowdgraph_dask.DaskExecutor`,
 pinned to one worker each.  The session a worker holds lives in worker-
-local state (a slot attached to the ``distributed.Worker`` object, so
-several workers in one process keep apart) between tasks.  Loading drops
+local state (a :class:`~crowdgraph.runtime.ResidentSession` kept per
+``distributed.Worker`` object, so several workers in one process keep
+apart) between tasks.  Loading drops
 the previous session first, so a worker never holds two partitions.
 
 Each task logs its measurements (worker clock, byte counts, RSS) as a Dask
@@ -20,33 +21,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from crowdgraph.runtime import current_rss, open_session, peak_rss, release_memory, run_session
+from crowdgraph.runtime import ResidentSession, current_rss, peak_rss
 
 
-class _Slot:
-    """The session one worker holds (guarded by ``lock``: one task at a time)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.session: Any = None
-        self.sha256: str | None = None
-        self.name: str | None = None
-
-    def drop(self) -> bool:
-        if self.session is None:
-            return False
-        self.session = None
-        self.sha256 = None
-        self.name = None
-        release_memory()
-        return True
-
-
-_SLOTS: "weakref.WeakKeyDictionary[Any, _Slot]" = weakref.WeakKeyDictionary()
+_SLOTS: "weakref.WeakKeyDictionary[Any, ResidentSession]" = weakref.WeakKeyDictionary()
 _SLOTS_LOCK = threading.Lock()
 
 
-def _slot(worker: Any = None) -> tuple[_Slot, Any]:
+def _slot(worker: Any = None) -> tuple[ResidentSession, Any]:
+    """The session ``worker`` (default: the one running this task) holds, and the worker."""
     if worker is None:
         from distributed import get_worker
 
@@ -54,7 +37,7 @@ def _slot(worker: Any = None) -> tuple[_Slot, Any]:
     with _SLOTS_LOCK:
         slot = _SLOTS.get(worker)
         if slot is None:
-            slot = _SLOTS[worker] = _Slot()
+            slot = _SLOTS[worker] = ResidentSession(where=f"Dask worker {worker.address}")
     return slot, worker
 
 
@@ -69,9 +52,8 @@ def load_partition(topic: str, ident: str, model_bytes: Any, sha256: str, name: 
         model_bytes = bytes(model_bytes)
     with slot.lock:
         start = time.time()
-        slot.drop()
-        slot.session = open_session(model_bytes, threads)
-        slot.sha256, slot.name = sha256, name
+        slot.threads = threads
+        slot.load(model_bytes, name, sha256)
         end = time.time()
     del model_bytes
     _log(worker, topic, {"id": ident, "start": start, "end": end, "rss": current_rss()})
@@ -84,7 +66,7 @@ def unload_partition(topic: str, ident: str, sha256: str | None) -> bool:
     with slot.lock:
         dropped = False
         if sha256 is None or slot.sha256 == sha256:
-            dropped = slot.drop()
+            dropped = slot.unload()
     _log(worker, topic, {"id": ident, "start": time.time(), "end": time.time(), "rss": current_rss()})
     return dropped
 
@@ -102,14 +84,8 @@ def run_partition(topic: str, ident: str, sha256: str, name: str, outputs: Seque
     for tensor, (index, source) in refs.items():
         feeds[tensor] = results[index] if source is None else results[index][source]
     with slot.lock:
-        if slot.sha256 != sha256:
-            held = slot.name or "nothing"
-            raise RuntimeError(
-                f"partition {name} is not loaded on Dask worker {worker.address} (it holds {held}); "
-                "loads and runs for one worker must come in order"
-            )
         start = time.time()
-        out = run_session(slot.session, feeds, outputs)
+        out = slot.run(name, feeds, outputs, sha256=sha256)
         end = time.time()
     _log(worker, topic, {
         "id": ident, "start": start, "end": end,

@@ -57,7 +57,8 @@ def test_the_entry_point_is_installed() -> None:
 @pytest.mark.parametrize("mode", ["streaming", "barrier"])
 def test_distilbert_matches_the_oracle_with_a_client_passed_as_is(client, tiny, mode) -> None:
     _, feeds, compiled, want = tiny
-    got, report = compiled.run(feeds, executor=client, microbatch=3, mode=mode, report=True, timeout=60)
+    got = compiled.run(feeds, executor=client, microbatch=3, mode=mode, timeout=60)
+    report = compiled.last_report
     assert_matches(got, want)
     assert report.executor == "dask"
     assert len(report.tasks) == len(compiled.partitions) * 3
@@ -82,8 +83,10 @@ def test_a_reused_executor_keeps_partitions_resident(client, tiny) -> None:
     # One partition: every worker that ran it in the first run still holds it.
     compiled = crowdgraph.compile(model, partitions=1, sample=feeds)
     with DaskExecutor(client) as executor:
-        first = compiled.run(feeds, executor=executor, microbatch=4, report=True, timeout=60)[1]
-        got, second = compiled.run(feeds, executor=executor, microbatch=4, report=True, timeout=60)
+        compiled.run(feeds, executor=executor, microbatch=4, timeout=60)
+        first = compiled.last_report
+        got = compiled.run(feeds, executor=executor, microbatch=4, timeout=60)
+        second = compiled.last_report
     assert_matches(got, want)
     assert first.loads and not second.loads, "the second run finds every partition resident"
     assert second.tier_counts == {1: len(second.tasks)}
@@ -137,13 +140,13 @@ def test_load_run_unload_report_in_order_with_worker_measurements(client, tiny) 
         finished = notices[1]
         assert all(isinstance(v, TensorHandle) for v in finished.outputs.values())
         stats = finished.stats
-        assert stats["start"] <= stats["end"] and stats["rss"] > 0
-        assert stats["bytes_in"] == sum(v.nbytes for v in inputs.values())
-        assert stats["wire_in"] == stats["bytes_in"], "model inputs travel from the client"
+        assert stats.start <= stats.end and stats.rss > 0
+        assert stats.bytes_in == sum(v.nbytes for v in inputs.values())
+        assert stats.wire_in == stats.bytes_in, "model inputs travel from the client"
         got = executor.gather(dict(finished.outputs))
         want = crowdgraph.runtime.run_session(crowdgraph.runtime.open_session(part.model_bytes), inputs)
         assert_matches(got, want)
-        assert stats["bytes_out"] == sum(v.nbytes for v in want.values())
+        assert stats.bytes_out == sum(v.nbytes for v in want.values())
         assert _sessions(client)[w] is None
         executor.forget(list(finished.outputs.values()))
 
@@ -284,7 +287,8 @@ def test_a_worker_leaving_mid_run_is_survived(how, wait_for, cluster_options) ->
                 c.retire_workers([worker])
 
         with _KillingExecutor(c, kill, after=12) as executor:
-            got, report = compiled.run(feeds, executor=executor, microbatch=4, report=True, timeout=120)
+            got = compiled.run(feeds, executor=executor, microbatch=4, timeout=120)
+            report = compiled.last_report
         assert_matches(got, want)
         victim = executor.victim
         assert victim is not None and report.workers[victim].lost
@@ -329,7 +333,7 @@ def test_results_lost_with_their_worker_are_reported_and_never_gathered(cluster_
                 notice = reporter.next(30)
                 assert notice is not None, f"only saw {sorted(seen)}"
                 seen[notice.kind] = notice
-            assert seen["lost"].worker == w and w in (seen["lost"].error or "")
+            assert seen["lost"].worker == w and w in seen["lost"].reason
             assert seen["results_lost"].keys == ((part.name, 0),)
             with pytest.raises(WorkerLostError, match="run the batch again"):
                 executor.gather(dict(finished.outputs))

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
 import numpy as np
 
 from crowdgraph import wire
-from crowdgraph.executor import Job, Reporter
+from crowdgraph.executor import Executor, Job, Reporter, TaskStats
 from crowdgraph.partition import Partition
 from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.wire import Message
@@ -205,23 +205,18 @@ class DriverBridge:
         freed (its UNLOAD is not reported).
         """
         self.reporter, self.by_sha = reporter, {p.sha256: name for name, p in job.partitions.items()}
-        infos, unloads = [], []
-        for w in crowd:
-            resident = self.by_sha.get(w.resident) if w.resident else None
-            if w.resident and resident is None:
-                unloads.append((w.id, self.unload(w.id, "resident", None)))
-            infos.append(self.info(w, resident))
-        return infos, unloads
+        infos, clear = Executor.crowd_for(job, [(self.info(w), w.resident) for w in crowd])
+        return infos, [(worker, self.unload(worker, "resident", None)) for worker in clear]
 
     def reset(self, crowd: Iterable[Holding]) -> list[tuple[str, Action]]:
         """(worker, UNLOAD)s, not reported, of whatever the workers hold, between runs."""
         return [(w.id, self.unload(w.id, self.by_sha.get(w.resident, "resident"), None))
                 for w in crowd if w.resident]
 
-    def info(self, w: Holding, resident: str | None = None) -> WorkerInfo:
+    def info(self, w: Holding) -> WorkerInfo:
         """``w`` as the scheduler sees it: its cache in the current plan's partition names."""
         cached = frozenset(self.by_sha[s] for s in w.cached if s in self.by_sha)
-        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, resident=resident, floor=w.floor)
+        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, floor=w.floor)
 
     def lost(self, worker: str) -> None:
         """Forget what was measured of ``worker``."""
@@ -300,10 +295,9 @@ class DriverBridge:
         if isinstance(pending, PendingRun):
             if kind == wire.RESULT:
                 start, end = self._map_clock(worker, h["start"], h["end"], action.sent, received)
-                pending.reporter.task_finished(
-                    worker, pending.key, message.tensors, start=start, end=end,
-                    bytes_in=pending.bytes_in, bytes_out=sum(v.nbytes for v in message.tensors.values()),
-                    wire_in=action.size, wire_out=size, peak_rss=h["peak_rss"], rss=h["rss"])
+                pending.reporter.task_finished(worker, pending.key, message.tensors, TaskStats(
+                    start, end, bytes_in=pending.bytes_in, bytes_out=sum(v.nbytes for v in message.tensors.values()),
+                    wire_in=action.size, wire_out=size, peak_rss=h["peak_rss"], rss=h["rss"]))
             else:
                 pending.reporter.task_failed(worker, pending.key, h.get("error", "failed"))
         elif isinstance(pending, PendingLoad):

@@ -51,7 +51,7 @@ from crowdgraph import wire
 from crowdgraph.cli import Parser, byte_size, positive_int
 from crowdgraph.errors import AuthenticationError, CrowdgraphError, ProtocolError
 from crowdgraph.measure import peak_rss_since_reset, reset_peak_rss
-from crowdgraph.runtime import current_rss, open_session, release_memory, run_session, warm_up
+from crowdgraph.runtime import ResidentSession, current_rss, release_memory, warm_up
 from crowdgraph.units import format_bytes
 from crowdgraph.wire import Message
 
@@ -379,8 +379,7 @@ class Agent:
         self.reconnect = reconnect
         self.max_frame_bytes = max_frame_bytes
         self.log = log or sys.stderr
-        self.session: Any = None
-        self.resident: tuple[str, str] | None = None  # (partition name, sha256)
+        self.resident = ResidentSession(self.threads, collect_garbage=True)
         self.codec, self.version = "none", 1
         self.floor_rss = current_rss()
 
@@ -412,7 +411,7 @@ class Agent:
                     return EXIT_LOST
                 self.say(f"connection to {self.url} lost: {what}; retrying in {delay:.0f} s")
             finally:
-                self._drop()
+                self.resident.unload()
             if joined:
                 delay = 1.0
             await asyncio.sleep(delay * (0.5 + random.random()))
@@ -519,7 +518,7 @@ class Agent:
             if message.type == wire.LOAD:
                 answer = self._load(message)
             elif message.type == wire.UNLOAD:
-                self._drop()
+                self.resident.unload()
                 answer = Message(wire.UNLOADED, {"partition": h["partition"], "rss": current_rss()})
             else:
                 answer = self._run(message)
@@ -543,13 +542,13 @@ class Agent:
             if source is None:
                 raise FileNotFoundError(f"partition {name} ({sha[:12]}) is not in this worker's cache; "
                                         "send its bytes")
-            self._drop()
+            self.resident.unload()
         else:
             data = message.blobs.pop("model")
             if hashlib.sha256(data).hexdigest() != sha:
                 raise ValueError(f"the bytes received for partition {name} do not hash to its sha256 "
                                  f"{sha[:12]}...; refusing to load them")
-            self._drop()
+            self.resident.unload()
             holder = [data]
             del data
             source = self.cache.put(sha, holder)
@@ -559,31 +558,20 @@ class Agent:
         gc.collect()
         release_memory()
         reset_peak_rss()
-        self.session = open_session(source if isinstance(source, bytes) else str(source), self.threads)
+        self.resident.load(source, name, sha)
         del source
-        self.resident = (name, sha)
         return Message(wire.LOADED, {"partition": name, "sha256": sha, "seconds": time.perf_counter() - start,
                                      "rss": current_rss()})
 
     def _run(self, message: Message) -> Message:
         h = message.header
         partition, _ = h["task"]
-        if self.session is None or self.resident is None or self.resident[0] != partition:
-            held = self.resident[0] if self.resident else "nothing"
-            raise RuntimeError(f"partition {partition} is not loaded on this worker (it holds {held})")
         start = time.perf_counter()
-        outputs = run_session(self.session, message.tensors, h["outputs"])
+        outputs = self.resident.run(partition, message.tensors, h["outputs"])
         end = time.perf_counter()
         message.tensors.clear()
         return Message(wire.RESULT, {"task": h["task"], "start": start, "end": end,
                                      "peak_rss": peak_rss_since_reset(), "rss": current_rss()}, tensors=outputs)
-
-    def _drop(self) -> None:
-        if self.session is not None:
-            self.session = None
-            self.resident = None
-            gc.collect()
-            release_memory()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,8 +101,8 @@ def test_a_mixed_crowd_matches_the_oracle(crowd, case, mode):
     ex, pages, browser_ids = crowd
     model, feeds, compiled = CASES[case]()
     batch = next(iter(feeds.values())).shape[0]
-    got, report = compiled.run(feeds, executor=ex, microbatch=max(1, batch // 3), mode=mode, report=True,
-                               timeout=RUN_TIMEOUT)
+    got = compiled.run(feeds, executor=ex, microbatch=max(1, batch // 3), mode=mode, timeout=RUN_TIMEOUT)
+    report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     workers = {t.worker for t in report.tasks}
     assert workers & browser_ids, f"no task ran in a browser: {sorted(workers)}"
@@ -254,7 +254,8 @@ def test_crowdgraph_serve_web_prints_the_join_url_and_a_qr_code_and_drives_pages
         monkeypatch.setenv("CROWDGRAPH_TOKEN", token)
         model, feeds, compiled = tiny_case()
         time.sleep(1.0)  # the Python worker joins too
-        got, report = compiled.run(feeds, executor=url, microbatch=2, report=True, timeout=RUN_TIMEOUT)
+        got = compiled.run(feeds, executor=url, microbatch=2, timeout=RUN_TIMEOUT)
+        report = compiled.last_report
         assert_matches(got, oracle(model, feeds))
         assert len({t.worker for t in report.tasks}) == 2
         page.close()

@@ -100,7 +100,7 @@ def test_a_partition_referring_to_external_data_is_refused_before_anything_is_wr
     assert answer.type == wire.FAILED
     assert answer.header["load"] == "p0" and "external data" in answer.header["error"]
     assert _files(root) == before  # nothing written inside the cache or outside it
-    assert agent.cache.digests() == [] and agent.session is None
+    assert agent.cache.digests() == [] and agent.resident.session is None
 
 
 def test_the_refusal_names_the_tensor_and_the_place(sandbox):

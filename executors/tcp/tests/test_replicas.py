@@ -56,7 +56,8 @@ def test_a_stopped_worker_is_backed_up_and_the_backup_result_wins(tiny):
     stopped: list[str] = []
     stop_on_first_load(executor, stopped)
     try:
-        got, report = compiled.run(feeds, executor=executor, microbatch=1, report=True, timeout=60)
+        got = compiled.run(feeds, executor=executor, microbatch=1, timeout=60)
+        report = compiled.last_report
     finally:
         resume(executor, stopped)
         executor.close()

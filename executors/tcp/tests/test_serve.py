@@ -60,16 +60,16 @@ def test_crowdgraph_serve_with_workers_and_a_driver_by_url(tmp_path, monkeypatch
         monkeypatch.setenv("CROWDGRAPH_TOKEN", TOKEN)
         with TcpExecutor.from_url(url, min_workers=3, join_timeout=60) as ex:
             assert isinstance(ex, RemoteExecutor)
-            got, first = compiled.run(feeds, executor=ex, microbatch=1, report=True, timeout=RUN_TIMEOUT,
-                                      policy="pipeline")
+            got = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT, policy="pipeline")
+            first = compiled.last_report
             assert_matches(got, want)
             assert first.weight_bytes_sent > 0 and len(first.workers) == 3
             assert all(r.peak_rss for r in first.workers.values() if r.tasks)
             assert all(r.floor and r.above_floor is not None for r in first.workers.values() if r.tasks)
         # Through the entry-point name: resolve_executor("tcp://...") -> TcpExecutor.from_url.
         # One holder per partition (pipeline policy): the rerun reuses what is held or cached.
-        got, second = compiled.run(feeds, executor=url, microbatch=1, report=True, timeout=RUN_TIMEOUT,
-                                   policy="pipeline")
+        got = compiled.run(feeds, executor=url, microbatch=1, timeout=RUN_TIMEOUT, policy="pipeline")
+        second = compiled.last_report
         assert_matches(got, want)
         assert second.executor == "tcp" and second.weight_bytes_sent == 0
         assert set(second.tier_counts) <= {1, 2}, second.tier_counts
@@ -112,7 +112,8 @@ def test_relayed_run_survives_a_killed_worker_and_a_cache_miss(tmp_path, tcp_hel
                     killed.append(notice.worker)
 
             watch_notices(ex, kill_first_holder)
-            got, report = compiled.run(feeds, executor=ex, microbatch=1, report=True, timeout=RUN_TIMEOUT)
+            got = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
+            report = compiled.last_report
             assert_matches(got, want)
             assert killed and report.workers[killed[0]].lost
             assert report.replaced
@@ -123,7 +124,8 @@ def test_relayed_run_survives_a_killed_worker_and_a_cache_miss(tmp_path, tcp_hel
             for path in tmp_path.glob("cache-*/*.onnx"):
                 path.unlink()
             ex.reset()  # unload: the next run must load again
-            got, report = compiled.run(feeds, executor=ex, microbatch=1, report=True, timeout=RUN_TIMEOUT)
+            got = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
+            report = compiled.last_report
             assert_matches(got, want)
             assert report.loads and all(not load.from_cache and load.bytes_sent > 0 for load in report.loads)
             assert "no longer caches" in caplog.text

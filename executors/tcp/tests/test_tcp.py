@@ -80,8 +80,8 @@ def test_outputs_match_the_oracle_on_a_mixed_crowd(mixed_crowd, case, mode):
         compiled = crowdgraph.compile(model, cut, input_shapes={k: (1,) + v.shape[1:] for k, v in feeds.items()})
     assert len(compiled.partitions) >= 2
     batch = next(iter(feeds.values())).shape[0]
-    got, report = compiled.run(feeds, executor=mixed_crowd, microbatch=max(1, batch // 3), mode=mode,
-                               report=True, timeout=RUN_TIMEOUT)
+    got = compiled.run(feeds, executor=mixed_crowd, microbatch=max(1, batch // 3), mode=mode, timeout=RUN_TIMEOUT)
+    report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     assert report.executor == "tcp"
     budgets = {w: r.memory for w, r in report.workers.items()}
@@ -95,7 +95,8 @@ def test_outputs_match_the_oracle_on_a_mixed_crowd(mixed_crowd, case, mode):
 
 def test_the_report_shows_per_worker_peak_rss_and_the_idle_floor(mixed_crowd):
     model, feeds, compiled = tiny_case()
-    got, report = compiled.run(feeds, executor=mixed_crowd, microbatch=2, report=True, timeout=RUN_TIMEOUT)
+    got = compiled.run(feeds, executor=mixed_crowd, microbatch=2, timeout=RUN_TIMEOUT)
+    report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     floors = mixed_crowd.coordinator.run_sync(lambda: {w.id: w.floor_rss for w in mixed_crowd.coordinator.workers.values()})
     for worker, record in report.workers.items():
@@ -117,12 +118,12 @@ def test_second_run_on_the_same_crowd_sends_no_partition_bytes():
     # needs exactly what the first left resident (the cost rule may add a
     # replica when measured durations say it pays).
     with TcpExecutor.local(workers=3, memory="64MB") as ex:
-        got, first = compiled.run(feeds, executor=ex, microbatch=2, report=True, timeout=RUN_TIMEOUT,
-                                  policy="pipeline")
+        got = compiled.run(feeds, executor=ex, microbatch=2, timeout=RUN_TIMEOUT, policy="pipeline")
+        first = compiled.last_report
         assert_matches(got, oracle(model, feeds))
         assert first.weight_bytes_sent > 0
-        got, second = compiled.run(feeds, executor=ex, microbatch=2, report=True, timeout=RUN_TIMEOUT,
-                                   policy="pipeline")
+        got = compiled.run(feeds, executor=ex, microbatch=2, timeout=RUN_TIMEOUT, policy="pipeline")
+        second = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     assert second.weight_bytes_sent == 0
     assert set(second.tier_counts) <= {1, 2}, second.tier_counts
@@ -138,7 +139,8 @@ def test_a_new_crowd_on_the_same_cache_loads_from_disk(tmp_path):
     assert len(cached) == len(compiled.partitions)
     assert {p.sha256 + ".onnx" for p in compiled.partitions} == set(cached)
     with TcpExecutor.local(workers=1, memory="64MB", cache_dir=tmp_path) as ex:
-        got, report = compiled.run(feeds, executor=ex, microbatch=1, report=True, timeout=RUN_TIMEOUT)
+        got = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
+        report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     assert report.weight_bytes_sent == 0
     assert report.loads and all(load.from_cache for load in report.loads)
@@ -156,7 +158,8 @@ def test_a_corrupt_cache_entry_is_caught_and_the_bytes_are_sent(tmp_path):
     files[0].write_bytes(bytes(data))
     os.remove(files[1])  # and one simply gone: announced as cached by nobody
     with TcpExecutor.local(workers=1, memory="64MB", cache_dir=tmp_path) as ex:
-        got, report = compiled.run(feeds, executor=ex, microbatch=1, report=True, timeout=RUN_TIMEOUT)
+        got = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
+        report = compiled.last_report
     assert_matches(got, oracle(model, feeds))
     sent = [load for load in report.loads if load.bytes_sent]
     assert len(sent) == 2 and not any(load.from_cache for load in sent)
@@ -180,7 +183,8 @@ def test_sigkill_one_then_two_of_five_workers_mid_run():
                 killed.append(notice.worker)
 
         _spy(ex, on_notice)
-        got, report = compiled.run(feeds, executor=ex, microbatch=128, report=True, timeout=RUN_TIMEOUT)
+        got = compiled.run(feeds, executor=ex, microbatch=128, timeout=RUN_TIMEOUT)
+        report = compiled.last_report
         assert_matches(got, oracle(model, feeds))
         assert len(killed) == 2, killed
         for worker in killed:
@@ -206,7 +210,8 @@ def test_a_stopped_worker_is_lost_by_heartbeat_and_its_tasks_placed_again():
         _spy(ex, on_notice)
         try:
             start = time.monotonic()
-            got, report = compiled.run(feeds, executor=ex, microbatch=128, report=True, timeout=RUN_TIMEOUT)
+            got = compiled.run(feeds, executor=ex, microbatch=128, timeout=RUN_TIMEOUT)
+            report = compiled.last_report
             took = time.monotonic() - start
         finally:
             for proc in ex.processes.values():
@@ -247,7 +252,8 @@ def test_a_worker_joining_mid_run_takes_tasks(tmp_path, tcp_helpers):
 
         _spy(ex, on_notice)
         try:
-            got, report = compiled.run(feeds, executor=ex, microbatch=128, report=True, timeout=RUN_TIMEOUT)
+            got = compiled.run(feeds, executor=ex, microbatch=128, timeout=RUN_TIMEOUT)
+            report = compiled.last_report
         finally:
             os.kill(only.pid, signal.SIGCONT)
             for proc in joiner:
@@ -276,7 +282,8 @@ def test_a_worker_that_reconnects_joins_as_a_new_worker_with_its_cache(tmp_path,
             assert new != old
             cached = ex.coordinator.run_sync(lambda: set(ex.coordinator.workers[new].cached))
             assert cached == {p.sha256 for p in compiled.partitions}
-            got, report = compiled.run(feeds, executor=ex, microbatch=1, report=True, timeout=RUN_TIMEOUT)
+            got = compiled.run(feeds, executor=ex, microbatch=1, timeout=RUN_TIMEOUT)
+            report = compiled.last_report
             assert_matches(got, oracle(model, feeds))
             assert report.weight_bytes_sent == 0 and set(report.workers) == {new}
         finally:
@@ -463,7 +470,8 @@ def test_tls_crowd_matches_the_oracle(tmp_path):
     with TcpExecutor.local(workers=2, memory="64MB", certfile=cert, keyfile=key,
                            worker_args=["--cafile", str(cert)]) as ex:
         assert ex.url.startswith("tls://")
-        got, report = compiled.run(feeds, executor=ex, microbatch=2, report=True, timeout=RUN_TIMEOUT)
+        got = compiled.run(feeds, executor=ex, microbatch=2, timeout=RUN_TIMEOUT)
+        report = compiled.last_report
         assert_matches(got, oracle(model, feeds))
         # A plain-TCP peer on the TLS port gets nowhere.
         sock = _connect(ex.coordinator.port)

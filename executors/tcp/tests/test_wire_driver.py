@@ -116,7 +116,7 @@ def test_a_cache_miss_resends_the_bytes_and_reports_nothing(two_partitions):
     assert bridge.answered("w1", resend, Message(wire.LOADED, {"partition": part.name, "sha256": part.sha256,
                                                                  "seconds": 0.5, "rss": 7}), 90, 2.0) is None
     (loaded,) = notices
-    assert loaded.kind == "loaded" and loaded.stats["start"] == 1.5 and loaded.stats["rss"] == 7
+    assert loaded.kind == "loaded" and loaded.start == 1.5 and loaded.rss == 7
 
 
 def test_inputs_that_cannot_be_sent_fail_the_task(two_partitions):
@@ -148,8 +148,8 @@ def test_worker_times_map_into_the_send_to_receive_window(two_partitions, offset
         bridge.answered("w1", run, Message(wire.RESULT, {"task": [part.name, i], "start": start_w, "end": end_w,
                                                           "peak_rss": 1, "rss": 1}), 10, received)
         stats = notices[-1].stats
-        assert sent <= stats["start"] <= stats["end"] <= received
-        assert stats["end"] >= end_w + offset - 1e-6 * (1 + abs(offset))
+        assert sent <= stats.start <= stats.end <= received
+        assert stats.end >= end_w + offset - 1e-6 * (1 + abs(offset))
 
 
 def test_answers_match_their_actions_by_kind_and_key(two_partitions):
