@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CompiledModel": "compiled", "TensorSpec": "compiled", "compile": "compiled", "load": "compiled",
     "Executor": "executor", "Job": "executor", "Reporter": "executor", "TaskStats": "executor",
+    "GenerationReport": "generate", "simulate_generation": "generate",
     "Partition": "partition",
     "RunReport": "report",
     "WorkerInfo": "schedule",
@@ -64,6 +65,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .compiled import CompiledModel, TensorSpec, compile, load
     from .executor import Executor, Job, Reporter, TaskStats
+    from .generate import GenerationReport, simulate_generation
     from .partition import Partition
     from .report import RunReport
     from .schedule import WorkerInfo

@@ -1,4 +1,4 @@
-"""The ``crowdgraph`` command line: inspect, compile, run, demo.
+"""The ``crowdgraph`` command line: inspect, compile, run, generate, demo.
 
 Commands that executor plug-ins add (``crowdgraph serve`` from
 crowdgraph-tcp) come in through the entry-point group
@@ -27,6 +27,7 @@ from .units import format_bytes, parse_bytes
 #: Shapes the embedded model is inspected and run at when none are given.
 DEFAULT_BATCH, DEFAULT_SEQUENCE = 1, 128
 DEFAULT_BUDGET = "128MB"
+DEFAULT_DECODER_BUDGET, DEFAULT_MAX_LENGTH = "32MB", 128
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 _PLOT_HINT = "pip install 'crowdgraph[plot]'"
@@ -272,6 +273,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_token_ids(text: str) -> list[int]:
+    """A prompt such as ``--prompt-ids 1,2,3``: token ids separated by commas.
+
+    >>> parse_token_ids("464, 3290,318")
+    [464, 3290, 318]
+    """
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of token ids such as 1,2,3")
+    return ids
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate tokens with a decoder, printing each step's tokens as they come."""
+    from .compiled import compile
+    from .executor import resolve_executor
+    from .threads import ThreadExecutor
+
+    if args.partitions is not None and args.budget is not None:
+        raise InputError("give --budget or --partitions, not both")
+    model: Any = args.model
+    if model is None:
+        from . import zoo
+
+        model = zoo.gpt2(args.size)
+    budget = None if args.partitions is not None else (args.budget or DEFAULT_DECODER_BUDGET)
+    compiled = compile(model, budget, partitions=args.partitions, max_length=args.max_length)
+    print(compiled.table())
+    print()
+    prompts = args.prompt_ids or [[1]]
+    executor, owned = resolve_executor(args.executor or ThreadExecutor(workers=args.workers))
+    try:
+        steps = compiled.generate(prompts, max_new_tokens=args.max_new_tokens, executor=executor, stream=True,
+                                  do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, seed=args.seed, eos_token_id=args.eos_id)
+        for step in steps:
+            print(f"step {step.index:>3}: " + " ".join(f"{t:>6}" for t in step.tokens.tolist()), flush=True)
+    finally:
+        if owned or not args.executor:
+            executor.close()
+    print()
+    print(compiled.last_report)
+    return 0
+
+
 def microbatch_count(compiled: Any, feeds: Mapping[str, Any], microbatch: int | None) -> int:
     """How many micro-batches ``run()`` cuts ``feeds`` into."""
     batched = compiled.batched_inputs()
@@ -377,6 +426,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show each worker's progress (tasks, loads, bytes) as the run goes, instead of the bar")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("generate", help="generate tokens with a decoder model across a crowd")
+    p.add_argument("model", nargs="?", help="a decoder .onnx model (default: the embedded GPT-2-shaped decoder)")
+    p.add_argument("--budget", type=byte_size,
+                   help=f"memory budget per worker, cache included (default {DEFAULT_DECODER_BUDGET})")
+    p.add_argument("--partitions", type=positive_int, help="cut into at most this many partitions instead")
+    p.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH,
+                   help=f"longest prompt plus new tokens the plan fits (default {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--prompt-ids", type=parse_token_ids, action="append", metavar="ID,ID,...",
+                   help="a prompt as token ids, e.g. 1,2,3 (repeatable: one sequence each; default 1)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    p.add_argument("--eos-id", type=int, action="append", help="a token id that ends a sequence (repeatable)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--top-k", type=positive_int)
+    p.add_argument("--top-p", type=positive_float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=positive_int, default=4, help="number of thread workers (default 4)")
+    p.add_argument("--executor", help="an executor name or URL instead of thread workers (tcp://host:port)")
+    p.add_argument("--size", default="small", choices=["full", "small", "tiny"],
+                   help="size of the embedded decoder when no model is given")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("demo", help="run the embedded DistilBERT on four thread workers")
     p.add_argument("--size", default="full", choices=["full", "tiny"])
     p.add_argument("--budget", type=byte_size, default=DEFAULT_BUDGET)

@@ -9,7 +9,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -22,6 +22,7 @@ from .split import SplitRecord, fitting_microbatch, smallest_budget, split_lower
 from .units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
+    from .generate import DecoderLayout
     from .report import RunReport
 
 PLAN_FORMAT = 1
@@ -93,6 +94,8 @@ class CompiledModel:
         self._by_name = {p.name: p for p in partitions}
         self._count = None if memory_budget is not None else len(partitions)
         self._replans: dict[Any, CompiledModel] = {}
+        #: Longest generation (prompt + new tokens) the plan fits; set by ``compile(max_length=)``.
+        self.max_length: int | None = None
 
     def __repr__(self) -> str:
         budget = format_bytes(self.memory_budget) if self.memory_budget else "none"
@@ -235,6 +238,66 @@ class CompiledModel:
         batched_outputs = [t.name for t in self.outputs if t.dims and not _fixed(t.dims[0])]
         joined = join_outputs(outputs, batched_outputs)
         return joined
+
+    @property
+    def decoder_layout(self) -> "DecoderLayout":
+        """Which inputs and outputs carry the ids, mask, positions and cache (see :mod:`crowdgraph.generate`)."""
+        from .generate import decoder_layout
+
+        logits = [t.dims for t in self.outputs if t.name == "logits"]
+        return decoder_layout([t.name for t in self.inputs], [t.name for t in self.outputs],
+                              logits[0] if logits else None)
+
+    def generate(self, prompts: Any, *, max_new_tokens: int, attention_mask: Any = None,
+                 executor: Any = "threads", stream: bool = False, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
+                 mode: str = "streaming", policy: str = "pipeline", timeout: float | None = None) -> Any:
+        """Generate ``max_new_tokens`` tokens after each prompt with a decoder model.
+
+        Parameters
+        ----------
+        prompts:
+            A ``[batch, length]`` array of token ids, left-padded with
+            ``attention_mask`` zero on the padding, or a list of token-id
+            lists (padded here).
+        executor:
+            As for :meth:`run`; one executor serves every step, so its
+            workers keep their partitions between steps.
+        stream:
+            Return an iterator of :class:`~crowdgraph.generate.GenerationStep`
+            (each step's tokens as they come) instead of the result.
+        do_sample, temperature, top_k, top_p, seed:
+            Greedy decoding by default; with ``do_sample`` tokens are drawn
+            on the driver from a generator seeded with ``seed``, so the same
+            seed gives the same tokens on every executor.
+        eos_token_id:
+            One id or several stop ids: a sequence that produces one ends
+            and leaves the batch; the others go on.
+        pad_token_id:
+            Fills the prompts' left padding and the places after a
+            sequence ended.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``[batch, length + max_new_tokens]``: each prompt followed by
+            its new tokens, as ``transformers``' ``generate`` returns them.
+
+        Each sequence is a micro-batch of its own, so several sequences are
+        in flight at once and every stage has work (``mode`` and
+        ``policy`` as for :meth:`run`).  The default policy is
+        ``"pipeline"``: every step is a short run, and moving a partition
+        to a second worker costs more than the step gains.  :attr:`last_report` is a
+        :class:`~crowdgraph.generate.GenerationReport` (tokens per second,
+        per-worker totals, every step's run report).
+        """
+        from .generate import generate
+
+        return generate(self, prompts, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                        executor=executor, stream=stream, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, mode=mode, policy=policy, timeout=timeout)
 
     def _auto_microbatch(self, feeds: Mapping[str, np.ndarray]) -> int | None:
         """Rows of the largest micro-batch that fits the budget (None: the whole batch)."""
@@ -500,6 +563,7 @@ def compile(
     partitions: int | None = None,
     input_shapes: Mapping[str, Iterable[int]] | None = None,
     sample: Mapping[str, Any] | None = None,
+    max_length: int | None = None,
 ) -> CompiledModel:
     """Cut ``model`` into partitions that each fit ``memory_budget``.
 
@@ -521,6 +585,12 @@ def compile(
         shape, or a sample batch whose arrays give the shapes.  Symbolic
         dims not bound either way are taken as 1.  Partitions keep the
         model's symbolic dims and run at any size.
+    max_length:
+        For a decoder (see :meth:`CompiledModel.generate`): the longest
+        prompt plus new tokens to generate.  Every step up to it fits the
+        budget, its key/value cache included
+        (:func:`~crowdgraph.generate.generation_shapes`); when it does not,
+        the :class:`BudgetError` names the longest length that does.
 
     Examples
     --------
@@ -541,9 +611,39 @@ def compile(
             raise InputError("give input_shapes= or sample=, not both")
         input_shapes = {k: np.shape(v) for k, v in sample.items()}
     proto = load_model(model)
-    og, parts, splits = _plan(lower(proto, input_shapes), budget, partitions)
-    return CompiledModel(parts, _specs(proto, og.inputs, input=True), _specs(proto, og.outputs, input=False),
-                         og.input_shapes, budget, og, splits)
+    if max_length is None:
+        og, parts, splits = _plan(lower(proto, input_shapes), budget, partitions)
+        return CompiledModel(parts, _specs(proto, og.inputs, input=True), _specs(proto, og.outputs, input=False),
+                             og.input_shapes, budget, og, splits)
+    return _compile_decoder(proto, budget, partitions, input_shapes, max_length)
+
+
+def _compile_decoder(proto: onnx.ModelProto, budget: int | None, partitions: int | None,
+                     input_shapes: Mapping[str, Iterable[int]] | None, max_length: int) -> CompiledModel:
+    """``compile(..., max_length=)``: cut at the shapes that fit every step of a generation."""
+    from .generate import check_cache_partitions, decoder_layout, generation_shapes, largest_fitting_length
+
+    if input_shapes is not None:
+        raise InputError("give max_length= or input_shapes=/sample=, not both: max_length sets the shapes")
+    inputs = [vi.name for vi in proto.graph.input if vi.name not in {i.name for i in proto.graph.initializer}]
+    outputs = _specs(proto, [vi.name for vi in proto.graph.output], input=False)
+    logits = [t.dims for t in outputs if t.name == "logits"]
+    layout = decoder_layout(inputs, [t.name for t in outputs], logits[0] if logits else None)
+    declared = {t.name: t.dims for t in _specs(proto, inputs, input=True)}
+    shapes = generation_shapes(layout, declared, max_length)
+    try:
+        og, parts, splits = _plan(lower(proto, shapes), budget, partitions)
+    except BudgetError as exc:
+        assert budget is not None
+        fits = largest_fitting_length(proto, layout, declared, budget, max_length)
+        hint = (f"max_length={fits} fits it" if fits else "not even max_length=1 fits it: raise the budget")
+        raise BudgetError(f"generating up to max_length={max_length} tokens does not fit the budget of "
+                          f"{format_bytes(budget)} ({exc}); {hint}") from None
+    check_cache_partitions(layout, parts)
+    compiled = CompiledModel(parts, _specs(proto, og.inputs, input=True), _specs(proto, og.outputs, input=False),
+                             og.input_shapes, budget, og, splits)
+    compiled.max_length = max_length
+    return compiled
 
 
 def _plan(og: OpGraph, budget: int | None, count: int | None) -> tuple[OpGraph, list[Partition], list[SplitRecord]]:

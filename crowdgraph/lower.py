@@ -280,11 +280,30 @@ def bind_shapes(
         if name in given:
             bound[name] = given[name]
         else:
-            bound[name] = tuple(
-                d if isinstance(d, int) and d > 0 else symbols.get(d, default_dim)  # type: ignore[arg-type]
-                for d in dims
-            )
+            bound[name] = tuple(_dim_value(d, symbols, default_dim) for d in dims)
     return bound
+
+
+def _dim_value(dim: Any, symbols: Mapping[str, int], default_dim: int) -> int:
+    """A declared dim's size: fixed, bound by name, a sum of those, or ``default_dim``.
+
+    Exporters name a decoder's mask and cache dims as sums
+    (``past_sequence + sequence``, ``past_sequence_length + 1``); each term
+    takes its own value, so the mask agrees with the cache it masks.
+
+    >>> _dim_value("past_sequence + sequence", {"sequence": 8}, 1)
+    9
+    >>> _dim_value("past_sequence_length + 1", {}, 1), _dim_value(4, {}, 1), _dim_value(None, {}, 1)
+    (2, 4, 1)
+    """
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    if dim in symbols:
+        return symbols[dim]
+    if isinstance(dim, str) and "+" in dim:
+        terms = [term.strip() for term in dim.split("+")]
+        return sum(int(term) if term.isdigit() else symbols.get(term, default_dim) for term in terms)
+    return default_dim
 
 
 def _show(dims: Iterable[Any]) -> str:

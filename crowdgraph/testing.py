@@ -23,7 +23,9 @@ worker's tasks are placed again; a worker still holding a partition of an
 earlier plan (same names, other content) starts the next plan's run with
 nothing resident; six workers on a three-partition plan run replicas (some
 partition on two or more workers, each worker one partition at a time
-within its budget); ``close()`` leaves no thread running.
+within its budget); a decoder generates the tokens of the whole-model
+loop, greedy and sampled, with its cache fed back at every step;
+``close()`` leaves no thread running.
 """
 
 from __future__ import annotations
@@ -85,8 +87,41 @@ class _ReplicaCase:
         self.expected = run_session(open_session(self.model.SerializeToString()), self.feeds)
 
 
+class _GenerationCase:
+    """Three prompts through the tiny embedded decoder in 3 partitions, and the
+    steps of the same loop run on the whole model in one session."""
+
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    new_tokens = 5
+    sampling = {"do_sample": True, "temperature": 0.8, "top_k": 40, "seed": 7}
+
+    def __init__(self) -> None:
+        from .generate import Sampling, decode, left_padded
+
+        self.model = zoo.gpt2("tiny")
+        self.compiled = compile(self.model, partitions=3, max_length=16)
+        self.budget = max(p.resident_bytes for p in self.compiled.partitions)
+        session = open_session(self.model.SerializeToString())
+        dims = {t.name: (t.dims[1], t.dims[3]) for t in self.compiled.inputs if t.name.startswith("past_key_values.")}
+        ids, mask = left_padded(self.prompts)
+        sampled = Sampling(True, self.sampling["temperature"], self.sampling["top_k"])
+        self.expected = {
+            kind: list(decode(lambda feeds: run_session(session, feeds), self.compiled.decoder_layout, dims, ids,
+                              mask, max_new_tokens=self.new_tokens, **options))
+            for kind, options in (("greedy", {}), ("sampled", {"sampling": sampled, "seed": self.sampling["seed"]}))
+        }
+
+
 _CASE: _Case | None = None
 _REPLICA_CASE: _ReplicaCase | None = None
+_GENERATION_CASE: _GenerationCase | None = None
+
+
+def _generation_case() -> _GenerationCase:
+    global _GENERATION_CASE
+    if _GENERATION_CASE is None:
+        _GENERATION_CASE = _GenerationCase()
+    return _GENERATION_CASE
 
 
 def _replica_case() -> _ReplicaCase:
@@ -299,6 +334,18 @@ class ExecutorConformance:
         holders = report.holders
         assert max(len(ws) for ws in holders.values()) >= 2, f"no partition got a second holder: {holders}"
         assert_one_partition_at_a_time(report, case.compiled.partitions)
+
+    def test_generation_matches_the_whole_model_loop(self) -> None:
+        case = _generation_case()
+        with self.make_executor([case.budget] * 2) as executor:
+            for kind, options in (("greedy", {}), ("sampled", case.sampling)):
+                steps = list(case.compiled.generate(case.prompts, max_new_tokens=case.new_tokens, stream=True,
+                                                    executor=executor, **options))
+                want = case.expected[kind]
+                assert [s.tokens.tolist() for s in steps] == [w.tokens.tolist() for w in want], kind
+                for got, expected in zip(steps, want):
+                    diff = float(np.nanmax(np.abs(got.logits - expected.logits)))
+                    assert diff <= TOLERANCE, f"{kind} step {got.index}: logits differ by {diff}"
 
     def test_close_leaves_nothing_running(self) -> None:
         before = set(threading.enumerate())

@@ -1,4 +1,4 @@
-"""Models that crowdgraph builds itself: a DistilBERT with random weights.
+"""Models that crowdgraph builds itself: a DistilBERT and a GPT-2-shaped decoder, random weights.
 
 Why the project ships its own model
 -----------------------------------
@@ -44,6 +44,9 @@ __all__ = [
     "OPSET",
     "IR_VERSION",
     "distilbert",
+    "DecoderSize",
+    "DECODER_SIZES",
+    "gpt2",
     "sample_inputs",
     "parameter_count",
 ]
@@ -103,6 +106,22 @@ def _size(size: str | DistilBertSize) -> DistilBertSize:
         ) from None
 
 
+@dataclass(frozen=True)
+class _Constants:
+    """Names of the shared constant initializers of a built transformer."""
+
+    zero_i: str
+    one_i: str
+    one_f: str
+    half_f: str
+    sqrt2_f: str
+    mask_min: str
+    scale: str
+    axes_12: str
+    heads_shape: str
+    merge_shape: str
+
+
 class _Builder:
     """Collects nodes and initializers with unique, meaningful names."""
 
@@ -143,6 +162,30 @@ class _Builder:
         y = self.node("MatMul", f"{prefix}.MatMul", [x, w])
         return self.node("Add", f"{prefix}.Add", [y, b])
 
+    def gelu(self, prefix: str, x: str, c: "_Constants") -> str:
+        """The exact GELU, ``x * (1 + erf(x / sqrt 2)) / 2``."""
+        g = self.node("Div", f"{prefix}.Div", [x, c.sqrt2_f])
+        g = self.node("Erf", f"{prefix}.Erf", [g])
+        g = self.node("Add", f"{prefix}.Add", [g, c.one_f])
+        g = self.node("Mul", f"{prefix}.Mul", [x, g])
+        return self.node("Mul", f"{prefix}.Half", [g, c.half_f])
+
+    def constants(self, dim: int, heads: int) -> "_Constants":
+        """The small constants both transformers use."""
+        head_dim = dim // heads
+        return _Constants(
+            zero_i=self.init("const.zero_int64", np.array(0, np.int64)),
+            one_i=self.init("const.one_int64", np.array(1, np.int64)),
+            one_f=self.init("const.one_float", np.array(1.0, np.float32)),
+            half_f=self.init("const.half_float", np.array(0.5, np.float32)),
+            sqrt2_f=self.init("const.sqrt2_float", np.array(math.sqrt(2.0), np.float32)),
+            mask_min=self.init("const.mask_min_float", np.array(_MASK_MIN, np.float32)),
+            scale=self.init("const.attention_scale", np.array(1.0 / math.sqrt(head_dim), np.float32)),
+            axes_12=self.init("const.axes_1_2", np.array([1, 2], np.int64)),
+            heads_shape=self.init("const.heads_shape", np.array([0, 0, heads, head_dim], np.int64)),
+            merge_shape=self.init("const.merge_shape", np.array([0, 0, dim], np.int64)),
+        )
+
     def layer_norm(self, prefix: str, x: str, dim: int) -> str:
         scale = self.near(f"{prefix}.weight", (dim,), 1.0)
         bias = self.near(f"{prefix}.bias", (dim,), 0.0)
@@ -174,28 +217,17 @@ def distilbert(
         raise ValueError(f"num_labels must be at least 1, got {num_labels}")
     b = _Builder(np.random.default_rng(seed))
     d, h = cfg.dim, cfg.n_heads
-    head_dim = d // h
 
-    # Small shared constants.
-    zero_i = b.init("const.zero_int64", np.array(0, np.int64))
-    one_i = b.init("const.one_int64", np.array(1, np.int64))
-    one_f = b.init("const.one_float", np.array(1.0, np.float32))
-    half_f = b.init("const.half_float", np.array(0.5, np.float32))
-    sqrt2_f = b.init("const.sqrt2_float", np.array(math.sqrt(2.0), np.float32))
-    mask_min = b.init("const.mask_min_float", np.array(_MASK_MIN, np.float32))
-    scale = b.init("const.attention_scale", np.array(1.0 / math.sqrt(head_dim), np.float32))
+    c = b.constants(d, h)
     axes_0 = b.init("const.axes_0", np.array([0], np.int64))
-    axes_12 = b.init("const.axes_1_2", np.array([1, 2], np.int64))
-    heads_shape = b.init("const.heads_shape", np.array([0, 0, h, head_dim], np.int64))
-    merge_shape = b.init("const.merge_shape", np.array([0, 0, d], np.int64))
 
     # Embeddings: word + position (positions 0..sequence-1 from the input's shape).
     word = b.normal("embeddings.word_embeddings.weight", (cfg.vocab_size, d))
     pos_table = b.normal("embeddings.position_embeddings.weight", (cfg.max_position_embeddings, d))
     words = b.node("Gather", "embeddings.word_embeddings.Gather", [word, "input_ids"], axis=0)
     shape = b.node("Shape", "embeddings.position_ids.Shape", ["input_ids"])
-    seq_len = b.node("Gather", "embeddings.position_ids.Gather", [shape, one_i], axis=0)
-    positions = b.node("Range", "embeddings.position_ids.Range", [zero_i, seq_len, one_i])
+    seq_len = b.node("Gather", "embeddings.position_ids.Gather", [shape, c.one_i], axis=0)
+    positions = b.node("Range", "embeddings.position_ids.Range", [c.zero_i, seq_len, c.one_i])
     positions = b.node("Unsqueeze", "embeddings.position_ids.Unsqueeze", [positions, axes_0])
     pos = b.node("Gather", "embeddings.position_embeddings.Gather", [pos_table, positions], axis=0)
     x = b.node("Add", "embeddings.Add", [words, pos])
@@ -203,9 +235,9 @@ def distilbert(
 
     # Additive mask bias [batch, 1, 1, sequence]: 0 where attended, float32 min where padded.
     m = b.node("Cast", "attention_mask.Cast", ["attention_mask"], to=TensorProto.FLOAT)
-    m = b.node("Sub", "attention_mask.Sub", [one_f, m])
-    m = b.node("Mul", "attention_mask.Mul", [m, mask_min])
-    mask_bias = b.node("Unsqueeze", "attention_mask.Unsqueeze", [m, axes_12])
+    m = b.node("Sub", "attention_mask.Sub", [c.one_f, m])
+    m = b.node("Mul", "attention_mask.Mul", [m, c.mask_min])
+    mask_bias = b.node("Unsqueeze", "attention_mask.Unsqueeze", [m, c.axes_12])
 
     for i in range(cfg.n_layers):
         p = f"layer.{i}"
@@ -213,32 +245,28 @@ def distilbert(
         heads = {}
         for proj, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
             y = b.linear(f"{a}.{proj}", x, d, d)
-            y = b.node("Reshape", f"{a}.{proj}.Reshape", [y, heads_shape])
+            y = b.node("Reshape", f"{a}.{proj}.Reshape", [y, c.heads_shape])
             heads[proj] = b.node("Transpose", f"{a}.{proj}.Transpose", [y], perm=perm)
-        q = b.node("Mul", f"{a}.q.Scale", [heads["q"], scale])
+        q = b.node("Mul", f"{a}.q.Scale", [heads["q"], c.scale])
         scores = b.node("MatMul", f"{a}.scores.MatMul", [q, heads["k"]])
         scores = b.node("Add", f"{a}.scores.AddMask", [scores, mask_bias])
         weights = b.node("Softmax", f"{a}.Softmax", [scores], axis=-1)
         context = b.node("MatMul", f"{a}.context.MatMul", [weights, heads["v"]])
         context = b.node("Transpose", f"{a}.context.Transpose", [context], perm=[0, 2, 1, 3])
-        context = b.node("Reshape", f"{a}.context.Reshape", [context, merge_shape])
+        context = b.node("Reshape", f"{a}.context.Reshape", [context, c.merge_shape])
         y = b.linear(f"{a}.out", context, d, d)
         y = b.node("Add", f"{a}.Residual", [y, x])
         x = b.layer_norm(f"{p}.sa_layer_norm", y, d)
 
         f = f"{p}.ffn"
         y = b.linear(f"{f}.lin1", x, d, cfg.hidden_dim)
-        g = b.node("Div", f"{f}.gelu.Div", [y, sqrt2_f])
-        g = b.node("Erf", f"{f}.gelu.Erf", [g])
-        g = b.node("Add", f"{f}.gelu.Add", [g, one_f])
-        g = b.node("Mul", f"{f}.gelu.Mul", [y, g])
-        g = b.node("Mul", f"{f}.gelu.Half", [g, half_f])
+        g = b.gelu(f"{f}.gelu", y, c)
         y = b.linear(f"{f}.lin2", g, cfg.hidden_dim, d)
         y = b.node("Add", f"{f}.Residual", [y, x])
         x = b.layer_norm(f"{p}.output_layer_norm", y, d)
 
     # Classification head on the first token.
-    x = b.node("Gather", "head.first_token.Gather", [x, zero_i], axis=1)
+    x = b.node("Gather", "head.first_token.Gather", [x, c.zero_i], axis=1)
     x = b.linear("head.pre_classifier", x, d, d)
     x = b.node("Relu", "head.pre_classifier.Relu", [x])
     x = b.linear("head.classifier", x, d, num_labels)
@@ -253,14 +281,170 @@ def distilbert(
         ],
         outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_labels])],
     )
+    return _finish(b, graph, "DistilBERT for sequence classification", size, seed, cfg)
+
+
+
+@dataclass(frozen=True)
+class DecoderSize:
+    """The dimensions of a GPT-2-shaped decoder (names as in ``GPT2Config``)."""
+
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_positions: int
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}; "
+                "pick a head count that divides the hidden size"
+            )
+
+
+#: The named decoder sizes. ``full`` is ``GPT2Config()`` (124M parameters
+#: with an untied head); ``small`` (about 7M) is what the demo and the
+#: tests cut into several partitions; ``tiny`` builds in milliseconds.
+DECODER_SIZES: dict[str, DecoderSize] = {
+    "full": DecoderSize(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+    "small": DecoderSize(vocab_size=8000, n_embd=256, n_layer=4, n_head=4, n_positions=512),
+    "tiny": DecoderSize(vocab_size=500, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+}
+
+
+def _decoder_size(size: str | DecoderSize) -> DecoderSize:
+    if isinstance(size, DecoderSize):
+        return size
+    try:
+        return DECODER_SIZES[size]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown decoder size {size!r}; use one of {sorted(DECODER_SIZES)} or a DecoderSize"
+        ) from None
+
+
+def gpt2(size: str | DecoderSize = "small", *, seed: int = 0, use_cache: bool = True) -> onnx.ModelProto:
+    """Build a GPT-2-shaped decoder with a key/value cache and random weights.
+
+    The graph has the layout Hugging Face Optimum exports for
+    ``text-generation-with-past``, so everything that works on it works on
+    such exports too:
+
+    * inputs ``input_ids`` and ``position_ids`` (int64, ``[batch,
+      sequence]``), ``attention_mask`` (int64, ``[batch, past_sequence +
+      sequence]``) and, per layer ``i``, ``past_key_values.{i}.key`` /
+      ``.value`` (float32, ``[batch, n_head, past_sequence, head_dim]``);
+    * outputs ``logits`` (float32, ``[batch, sequence, vocab]``) and
+      ``present.{i}.key`` / ``.value`` (the past with this step's keys and
+      values appended along axis 2).
+
+    Attention is causal and masked by ``attention_mask`` (left padding
+    works); positions are learned; the MLP uses the exact (erf) GELU and
+    the language-model head has its own weights (GPT-2 ties them to the
+    token embedding).  Weights are drawn from
+    ``numpy.random.default_rng(seed)``.
+
+    >>> m = gpt2("tiny")
+    >>> [i.name for i in m.graph.input][:4]
+    ['input_ids', 'attention_mask', 'position_ids', 'past_key_values.0.key']
+    >>> [o.name for o in m.graph.output][:3]
+    ['logits', 'present.0.key', 'present.0.value']
+    """
+    cfg = _decoder_size(size)
+    b = _Builder(np.random.default_rng(seed))
+    d, h = cfg.n_embd, cfg.n_head
+    head_dim = d // h
+
+    c = b.constants(d, h)
+    zero_f = b.init("const.zero_float", np.array(0.0, np.float32))
+    axes_1 = b.init("const.axes_1", np.array([1], np.int64))
+
+    wte = b.normal("transformer.wte.weight", (cfg.vocab_size, d))
+    wpe = b.normal("transformer.wpe.weight", (cfg.n_positions, d))
+    words = b.node("Gather", "transformer.wte.Gather", [wte, "input_ids"], axis=0)
+    places = b.node("Gather", "transformer.wpe.Gather", [wpe, "position_ids"], axis=0)
+    x = b.node("Add", "transformer.embeddings.Add", [words, places])
+
+    # Additive attention bias [batch, 1, sequence, total]: query i (absolute
+    # position past + i) sees key j when j <= past + i and the mask keeps j.
+    total = b.node("Gather", "attention_bias.total.Gather", [b.node("Shape", "attention_bias.total.Shape",
+                                                                    ["attention_mask"]), c.one_i], axis=0)
+    sequence = b.node("Gather", "attention_bias.sequence.Gather", [b.node("Shape", "attention_bias.sequence.Shape",
+                                                                          ["input_ids"]), c.one_i], axis=0)
+    past = b.node("Sub", "attention_bias.past.Sub", [total, sequence])
+    rows = b.node("Range", "attention_bias.rows.Range", [past, total, c.one_i])
+    rows = b.node("Unsqueeze", "attention_bias.rows.Unsqueeze", [rows, axes_1])
+    cols = b.node("Range", "attention_bias.cols.Range", [c.zero_i, total, c.one_i])
+    causal = b.node("LessOrEqual", "attention_bias.causal.LessOrEqual", [cols, rows])
+    kept = b.node("Cast", "attention_bias.kept.Cast", ["attention_mask"], to=TensorProto.BOOL)
+    kept = b.node("Unsqueeze", "attention_bias.kept.Unsqueeze", [kept, c.axes_12])
+    seen = b.node("And", "attention_bias.And", [causal, kept])
+    bias = b.node("Where", "attention_bias.Where", [seen, zero_f, c.mask_min])
+
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}"
+        a = f"{p}.attn"
+        y = b.layer_norm(f"{p}.ln_1", x, d)
+        heads = {}
+        for proj in ("q", "k", "v"):
+            z = b.linear(f"{a}.{proj}", y, d, d)
+            z = b.node("Reshape", f"{a}.{proj}.Reshape", [z, c.heads_shape])
+            heads[proj] = b.node("Transpose", f"{a}.{proj}.Transpose", [z], perm=[0, 2, 1, 3])
+        keys, values = heads["k"], heads["v"]
+        if use_cache:
+            keys = b.node("Concat", f"present.{i}.key", [f"past_key_values.{i}.key", keys], axis=2)
+            values = b.node("Concat", f"present.{i}.value", [f"past_key_values.{i}.value", values], axis=2)
+        q = b.node("Mul", f"{a}.q.Scale", [heads["q"], c.scale])
+        kt = b.node("Transpose", f"{a}.k.TransposeForScores", [keys], perm=[0, 1, 3, 2])
+        scores = b.node("MatMul", f"{a}.scores.MatMul", [q, kt])
+        scores = b.node("Add", f"{a}.scores.AddBias", [scores, bias])
+        weights = b.node("Softmax", f"{a}.Softmax", [scores], axis=-1)
+        context = b.node("MatMul", f"{a}.context.MatMul", [weights, values])
+        context = b.node("Transpose", f"{a}.context.Transpose", [context], perm=[0, 2, 1, 3])
+        context = b.node("Reshape", f"{a}.context.Reshape", [context, c.merge_shape])
+        z = b.linear(f"{a}.c_proj", context, d, d)
+        x = b.node("Add", f"{a}.Residual", [z, x])
+
+        m = f"{p}.mlp"
+        y = b.layer_norm(f"{p}.ln_2", x, d)
+        y = b.linear(f"{m}.c_fc", y, d, 4 * d)
+        g = b.gelu(f"{m}.gelu", y, c)
+        z = b.linear(f"{m}.c_proj", g, 4 * d, d)
+        x = b.node("Add", f"{m}.Residual", [z, x])
+
+    x = b.layer_norm("transformer.ln_f", x, d)
+    head = b.normal("lm_head.weight", (d, cfg.vocab_size))
+    b.nodes.append(helper.make_node("MatMul", [x, head], ["logits"], name="lm_head.MatMul"))
+
+    cache = ["batch", h, "past_sequence", head_dim]
+    grown = ["batch", h, "past_sequence + sequence", head_dim]
+    caches = [f"{i}.{kind}" for i in range(cfg.n_layer) for kind in ("key", "value")] if use_cache else []
+    graph = helper.make_graph(
+        b.nodes,
+        "gpt2",
+        inputs=[
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                          ["batch", "past_sequence + sequence" if use_cache else "sequence"]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+            *(helper.make_tensor_value_info(f"past_key_values.{c}", TensorProto.FLOAT, cache) for c in caches),
+        ],
+        outputs=[
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", cfg.vocab_size]),
+            *(helper.make_tensor_value_info(f"present.{c}", TensorProto.FLOAT, grown) for c in caches),
+        ],
+    )
+    return _finish(b, graph, "GPT-2-shaped decoder with a key/value cache", size, seed, cfg)
+
+
+def _finish(b: _Builder, graph: onnx.GraphProto, what: str, size: object, seed: int, cfg: object) -> onnx.ModelProto:
+    """The model around ``graph``, with ``b``'s weights added in place."""
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="crowdgraph.zoo",
-        doc_string=(
-            f"DistilBERT for sequence classification with random weights "
-            f"(seed {seed}): {cfg}"
-        ),
+        doc_string=f"{what} with random weights (seed {seed}): {cfg}",
     )
     model.ir_version = IR_VERSION
     # Add the weights in place: make_graph and make_model would copy them twice.

@@ -648,17 +648,25 @@ def exported_distilbert(size: str = "reduced", cache_dir: str | os.PathLike | No
 
     The file lives in ``<cache_dir>/distilbert-<size>-torch<v>-transformers<v>/model.onnx``
     (``cache_dir`` defaults to ``<repo>/.cache/models``), next to any
-    external data file the exporter wrote and ``export.json``.  The
-    directory is written under a temporary name and renamed into place, so
-    test processes running at once never see half a file.
+    external data file the exporter wrote and ``export.json``.
+    """
+    if size not in _DISTILBERT_ZOO_SIZE:
+        raise ValueError(f"unknown size {size!r}; use 'reduced' or 'full'")
+    return _exported_once(f"distilbert-{size}", lambda path: _export(size, path), {"size": size}, cache_dir)
+
+
+def _exported_once(name: str, export: Callable[[Path], str], meta: dict,
+                   cache_dir: str | os.PathLike | None) -> Path:
+    """``<cache_dir>/<name>-torch<v>-transformers<v>/model.onnx``, written by ``export`` the first time.
+
+    The directory is written under a temporary name and renamed into
+    place, so test processes running at once never see half a file.
     """
     import torch
     import transformers
 
-    if size not in _DISTILBERT_ZOO_SIZE:
-        raise ValueError(f"unknown size {size!r}; use 'reduced' or 'full'")
     root = Path(cache_dir) if cache_dir is not None else CACHE_DIR
-    key = f"distilbert-{size}-torch{torch.__version__}-transformers{transformers.__version__}"
+    key = f"{name}-torch{torch.__version__}-transformers{transformers.__version__}"
     key = "".join(c if c.isalnum() or c in "-._" else "_" for c in key)
     final = root / key
     model_path = final / "model.onnx"
@@ -667,10 +675,10 @@ def exported_distilbert(size: str = "reduced", cache_dir: str | os.PathLike | No
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
-        exporter = _export(size, tmp / "model.onnx")
+        exporter = export(tmp / "model.onnx")
         onnx.checker.check_model(str(tmp / "model.onnx"))  # by path: works with external data
         (tmp / "export.json").write_text(json.dumps({
-            "size": size, "exporter": exporter, "torch": torch.__version__,
+            **meta, "exporter": exporter, "torch": torch.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,
         }, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
@@ -683,3 +691,80 @@ def exported_distilbert(size: str = "reduced", cache_dir: str | os.PathLike | No
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return model_path
+
+
+# ------------------------------------------------- exported decoders (GPT-2, Llama)
+
+#: ``GPT2Config`` arguments of the exported GPT-2: its graph at the
+#: dimensions of ``crowdgraph.zoo.DECODER_SIZES["tiny"]`` (learned positions, multi-head attention).
+GPT2_CONFIG = dict(vocab_size=500, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+#: ``LlamaConfig`` arguments of the exported Llama: rotary positions, grouped-query attention
+#: (4 query heads share 2 key/value heads).
+LLAMA_CONFIG = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
+_DECODERS = {"gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2_CONFIG),
+             "llama": ("LlamaConfig", "LlamaForCausalLM", LLAMA_CONFIG)}
+
+
+def decoder_torch_model(kind: str = "gpt2"):
+    """A transformers causal LM (``gpt2`` or ``llama``) with ``torch.manual_seed(0)`` weights, in eval mode."""
+    import torch
+    import transformers
+
+    config_class, model_class, arguments = _DECODERS[kind]
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**arguments)).eval()
+
+
+def _export_decoder(kind: str, path: Path) -> str:
+    """The decoder with its cache as flat tensors in the Optimum layout, by the TorchScript exporter."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    model = decoder_torch_model(kind)
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+
+    class WithFlatCache(torch.nn.Module):
+        """past_key_values.{i}.key/.value in, logits and present.{i}.key/.value out."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=config)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = [t for layer in out.past_key_values.layers[:layers] for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    caches = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    batch, sequence, past = 2, 3, 4
+    args = (torch.randint(1, config.vocab_size, (batch, sequence)),
+            torch.ones(batch, past + sequence, dtype=torch.long),
+            torch.arange(past, past + sequence).repeat(batch, 1),
+            *(torch.randn(batch, kv_heads, past, head_dim) for _ in caches))
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "past_sequence + sequence"},
+            "logits": {0: "batch", 1: "sequence"},
+            **{f"past_key_values.{c}": {0: "batch", 2: "past_sequence"} for c in caches},
+            **{f"present.{c}": {0: "batch", 2: "past_sequence + sequence"} for c in caches}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WithFlatCache(), args, str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["input_ids", "attention_mask", "position_ids",
+                                       *(f"past_key_values.{c}" for c in caches)],
+                          output_names=["logits", *(f"present.{c}" for c in caches)], dynamic_axes=axes)
+    return "torchscript"
+
+
+def exported_decoder(kind: str = "gpt2", cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of a transformers decoder (``gpt2`` or ``llama``) exported with its cache, exporting it once."""
+    if kind not in _DECODERS:
+        raise ValueError(f"unknown decoder {kind!r}; use one of {sorted(_DECODERS)}")
+    return _exported_once(f"{kind}-with-past", lambda path: _export_decoder(kind, path),
+                          {"config": _DECODERS[kind][2]}, cache_dir)

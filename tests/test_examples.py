@@ -79,3 +79,10 @@ class TestProcessExecutorConformance(ExecutorConformance):
 
     def assert_stopped(self, executor):
         assert not executor._workers
+
+
+def test_generate(tmp_path):
+    out = run_example("generate.py", cwd=tmp_path)
+    assert "tokens equal to the whole model: True" in out
+    assert "3 sequences, 9 prompt tokens, 36 new tokens in 12 steps" in out
+    assert len(out.split("sampled, step by step:")[1].splitlines()[0].split()) == 8

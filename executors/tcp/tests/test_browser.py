@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
 import crowdgraph
@@ -106,6 +107,28 @@ def test_a_mixed_crowd_matches_the_oracle(crowd, case, mode):
     workers = {t.worker for t in report.tasks}
     assert workers & browser_ids, f"no task ran in a browser: {sorted(workers)}"
     assert workers - browser_ids, f"no task ran on a Python worker: {sorted(workers)}"
+
+
+def test_a_mixed_crowd_generates_the_tokens_of_the_whole_model(crowd):
+    """A decoder whose cache starts empty (zero-length tensors) and grows, on pages and Python workers."""
+    from crowdgraph.generate import decode, left_padded
+    from crowdgraph.runtime import open_session, run_session
+
+    ex, pages, browser_ids = crowd
+    model = zoo.gpt2("tiny")
+    compiled = crowdgraph.compile(model, partitions=4, max_length=16)
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    steps = list(compiled.generate(prompts, max_new_tokens=5, executor=ex, stream=True, timeout=RUN_TIMEOUT))
+    session = open_session(model.SerializeToString())
+    caches = {t.name: (t.dims[1], t.dims[3]) for t in compiled.inputs if t.name.startswith("past_key_values.")}
+    ids, mask = left_padded(prompts)
+    want = decode(lambda feeds: run_session(session, feeds), compiled.decoder_layout, caches, ids, mask,
+                  max_new_tokens=5)
+    for got, expected in zip(steps, want, strict=True):
+        assert got.tokens.tolist() == expected.tokens.tolist()
+        assert float(np.nanmax(np.abs(got.logits - expected.logits))) <= 1e-4
+    workers = {t.worker for run in compiled.last_report.runs for t in run.tasks}
+    assert workers & browser_ids, f"no task ran in a browser: {sorted(workers)}"
 
 
 def test_closing_a_page_mid_run_still_matches_the_oracle(browser, tcp_helpers):

@@ -1,0 +1,79 @@
+"""Generation on a real TCP crowd: a worker SIGKILLed mid-generation changes no token."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+import crowdgraph
+from crowdgraph import zoo
+from crowdgraph.generate import decode, left_padded
+from crowdgraph.runtime import open_session, run_session
+from crowdgraph.testing import watch_notices
+from crowdgraph_tcp import TcpExecutor
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16]]
+NEW_TOKENS = 8
+
+
+def test_a_worker_killed_mid_generation_changes_no_token():
+    model = zoo.gpt2("tiny")
+    compiled = crowdgraph.compile(model, partitions=3, max_length=16)
+    session = open_session(model.SerializeToString())
+    dims = {t.name: (t.dims[1], t.dims[3]) for t in compiled.inputs if t.name.startswith("past_key_values.")}
+    ids, mask = left_padded(PROMPTS)
+    want = [s.tokens.tolist() for s in decode(lambda feeds: run_session(session, feeds), compiled.decoder_layout,
+                                              dims, ids, mask, max_new_tokens=NEW_TOKENS)]
+
+    budget = max(p.resident_bytes for p in compiled.partitions)
+    executor = TcpExecutor.local(memory=[budget] * 5, heartbeat=2.0, join_timeout=60)
+    finished: list[str] = []
+    killed: list[str] = []
+
+    def kill_mid_generation(notice):
+        # The 40th task is in step 2 or 3 (5 sequences x 3 partitions a step).  The worker is
+        # stopped first, so the tasks placed on it meanwhile are in its hands when it dies.
+        if notice.kind == "finished" and notice.worker:
+            finished.append(notice.worker)
+            if len(finished) == 40 and not killed:
+                killed.append(notice.worker)
+                pid = executor.processes[notice.worker].pid
+                os.kill(pid, signal.SIGSTOP)
+                threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+
+    watch_notices(executor, kill_mid_generation)
+    try:
+        steps = list(compiled.generate(PROMPTS, max_new_tokens=NEW_TOKENS, executor=executor, stream=True,
+                                       timeout=120))
+    finally:
+        executor.close()
+    assert [s.tokens.tolist() for s in steps] == want
+    report = compiled.last_report
+    assert killed and killed[0] in report.lost_workers
+    assert report.replaced, "the killed worker's tasks were run again"
+    assert f"lost {killed[0]}" in str(report) and "cache rebuilt" in str(report)
+
+
+def test_workers_stay_within_budget_at_max_length_sampled_from_outside():
+    """Generate up to max_length on warm workers, polling each worker process's RSS from outside."""
+    from benchmarks.memory import RssSampler
+
+    max_length, budget = 64, 24_000_000
+    compiled = crowdgraph.compile(zoo.gpt2("small"), budget, max_length=max_length)
+    prompts = [[7] * 40, [8] * 24]  # 40 + 24 new tokens: the last step holds a cache of 63 tokens
+    executor = TcpExecutor.local(memory=[budget] * len(compiled.partitions), threads=1, join_timeout=60)
+    try:
+        floors = {w: peer.floor_rss for w, peer in dict(executor.coordinator.workers).items()}
+        compiled.generate(prompts, max_new_tokens=2, executor=executor)  # every partition loaded
+        with RssSampler({w: p.pid for w, p in executor.processes.items()}) as sampler:
+            compiled.generate(prompts, max_new_tokens=max_length - 40, executor=executor, timeout=120)
+    finally:
+        executor.close()
+    above = {w: sampler.max[w] - floors[w] for w in floors}
+    assert all(value <= budget for value in above.values()), f"above floor: {above}, budget {budget}"
+    assert max(above.values()) > budget / 4, f"the sampler saw the work: {above}"
