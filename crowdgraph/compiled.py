@@ -122,8 +122,7 @@ class CompiledModel:
             lines.append(f"{len(self.splits)} nodes split to fit the budget:")
             width = max(len(r.node) for r in self.splits)
             for r in self.splits:
-                lines.append(f"  {r.node.ljust(width)}  {r.op_type:<6}  {r.pieces:>3} pieces by {r.how:<7}  "
-                             f"weights {r.piece_weight_bytes / 1e6:.2f} MB per piece at most")
+                lines.append(f"  {r.node.ljust(width)}  {r.describe()}")
         return "\n".join(lines)
 
     # -- running ---------------------------------------------------------
@@ -485,7 +484,7 @@ def _load_plan(folder: pathlib.Path, meta: dict[str, Any]) -> CompiledModel:
         [TensorSpec.from_json(t) for t in meta["outputs"]],
         {k: tuple(v) for k, v in meta["input_shapes"].items()},
         meta["memory_budget"],
-        splits=[SplitRecord(**{**r, "new_nodes": tuple(r["new_nodes"])}) for r in meta.get("splits", [])],
+        splits=[SplitRecord(**r) for r in meta.get("splits", [])],
     )
 
 

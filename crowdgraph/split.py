@@ -69,6 +69,7 @@ from .lower import (
     tensor_nbytes,
 )
 from .partition import ACTIVATION_FACTOR, RUNTIME_BASE_BYTES, RUNTIME_NODE_BYTES, Estimate, node_estimates
+from .tile import TILEABLE_OPS, TileError, tile_lowered
 from .units import format_bytes, parse_bytes
 
 __all__ = [
@@ -113,6 +114,11 @@ class SplitRecord:
         The initializer that was cut.
     piece_weight_bytes:
         Weights of the largest piece.
+    region:
+        For a tiled region (``op_type`` ``"region"``, ``how`` ``"rows"``
+        or ``"columns"``, ``pieces`` tiles; :mod:`crowdgraph.tile`): the
+        names of the nodes it replaced, ``node`` being the first.  Empty
+        for a weight split.
     """
 
     node: str
@@ -122,6 +128,19 @@ class SplitRecord:
     new_nodes: tuple[str, ...]
     weight: str
     piece_weight_bytes: int
+    region: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:  # plans read back from JSON give lists
+        object.__setattr__(self, "new_nodes", tuple(self.new_nodes))
+        object.__setattr__(self, "region", tuple(self.region))
+
+    def describe(self) -> str:
+        """One line for ``crowdgraph inspect``: what was cut, how, into how many pieces."""
+        if self.region:
+            return (f"tiled region of {len(self.region)} nodes ({self.region[0]} .. {self.region[-1]}): "
+                    f"{self.pieces} tiles by {self.how}")
+        return (f"{self.op_type:<6}  {self.pieces:>3} pieces by {self.how:<7}  "
+                f"weights {self.piece_weight_bytes / 1e6:.2f} MB per piece at most")
 
 
 @dataclass(frozen=True)
@@ -548,12 +567,32 @@ def split_lowered(og: OpGraph, budget: int) -> tuple[OpGraph, list[SplitRecord]]
         return og, []
     inits = {t.name: t for t in og.model.graph.initializer}
     plans: dict[str, tuple[_Target, str, int]] = {}
+    seeds: dict[str, str] = {}  # activation-bound nodes, to tile, and why they do not split
     for i in over:
         target = _target(og, og.nodes[i], inits)
         choice = _choose(target, budget) if isinstance(target, _Target) else None
-        if choice is None:
+        if choice is not None:
+            plans[og.nodes[i].name] = (target, *choice)  # type: ignore[assignment]
+        elif og.nodes[i].op_type in TILEABLE_OPS:
+            seeds[og.nodes[i].name] = target if isinstance(target, str) else ""
+        else:
             raise _below_floor(og, estimates, i, target, budget)
-        plans[og.nodes[i].name] = (target, *choice)  # type: ignore[assignment]
+    split, records = _split_weights(og, plans, estimates, budget) if plans else (og, [])
+    if not seeds:
+        return split, records
+    try:
+        tiled, regions = tile_lowered(split, list(seeds), budget)
+    except TileError as exc:
+        i = next(k for k, node in enumerate(og.nodes) if node.name in seeds)
+        raise _below_floor(og, estimates, i, f"{seeds[og.nodes[i].name] or 'it is activation-bound'}; "
+                           f"tiling it along the image rows or columns does not fit either: {exc}",
+                           budget) from None
+    return tiled, records + regions
+
+
+def _split_weights(og: OpGraph, plans: dict[str, tuple[_Target, str, int]], estimates: list[Estimate],
+                   budget: int) -> tuple[OpGraph, list[SplitRecord]]:
+    """Rewrite the planned weight splits; pieces still too big get more pieces."""
     for _ in range(8):  # the pieces are sized by the formula itself; this only guards it
         model, records = _rewrite(og, plans)
         split = lower(model, og.input_shapes)
