@@ -69,7 +69,7 @@ from .lower import (
     tensor_nbytes,
 )
 from .partition import ACTIVATION_FACTOR, RUNTIME_BASE_BYTES, RUNTIME_NODE_BYTES, Estimate, node_estimates
-from .tile import TILEABLE_OPS, TileError, tile_lowered
+from .tile import TILEABLE_OPS, TileError, plan_regions, tile_lowered
 from .units import format_bytes, parse_bytes
 
 __all__ = [
@@ -697,14 +697,46 @@ def _normalised(model: ModelLike) -> onnx.ModelProto:
 
 
 def smallest_budget(model: ModelLike, input_shapes: Mapping[str, Iterable[int]] | None = None) -> int:
-    """The smallest budget that compiles ``model`` at these shapes, splitting included.
+    """The smallest budget that compiles ``model`` at these shapes, splitting and tiling included.
 
     Every node must fit on its own after the finest split it allows (one
     row or column per piece), so the floor is set by activations and the
-    nodes that do not split.
+    nodes that do not split.  Where those are image ops that tile
+    (:mod:`crowdgraph.tile`), the smallest budget at which their regions'
+    tiles fit is found by bisection (to 10 kB) over the tiling plan.
     """
     og = lower(_normalised(model), input_shapes)
-    return max(_floors(og, node_estimates(og)))
+    return _smallest(og, node_estimates(og))
+
+
+def _fits(og: OpGraph, floors: list[int], budget: int) -> bool:
+    """Whether every node fits ``budget`` after splitting, tiling included."""
+    over = [og.nodes[i] for i, floor in enumerate(floors) if floor > budget]
+    if not over:
+        return True
+    if any(node.op_type not in TILEABLE_OPS for node in over):
+        return False
+    try:
+        plan_regions(og, [node.name for node in over], budget)
+    except TileError:
+        return False
+    return True
+
+
+def _smallest(og: OpGraph, estimates: list[Estimate]) -> int:
+    """The smallest budget at which :func:`_fits` holds, to 10 kB where tiles set it."""
+    floors = _floors(og, estimates)
+    low = max((f for node, f in zip(og.nodes, floors) if node.op_type not in TILEABLE_OPS), default=0)
+    high = max(floors)
+    if high == low or _fits(og, floors, low):
+        return low
+    while high - low > 10_000:
+        mid = (low + high) // 2
+        if _fits(og, floors, mid):
+            high = mid
+        else:
+            low = mid
+    return high
 
 
 def fitting_microbatch(
@@ -731,28 +763,28 @@ def fitting_microbatch(
         return None
     total = max(shapes[name][0] for name in batched)
 
-    def floors(rows: int) -> list[int]:
+    def lowered(rows: int) -> tuple[OpGraph, list[int]]:
         at = {name: ((rows,) + shape[1:] if name in batched else shape) for name, shape in shapes.items()}
         og = lower(proto, at)
-        return _floors(og, node_estimates(og))
+        return og, _floors(og, node_estimates(og))
 
-    full = floors(total)
-    if max(full) <= budget:
+    full = lowered(total)
+    if _fits(*full, budget):
         return total
     if total == 1:
         return None
-    one = floors(1)
-    if max(one) > budget:
+    one = lowered(1)
+    if not _fits(*one, budget):
         return None
     guess = total - 1
-    for low, high in zip(one, full):
+    for low, high in zip(one[1], full[1]):
         if high > budget and high > low:
             guess = min(guess, 1 + int((budget - low) * (total - 1) / (high - low)))
     hints = [guess, guess + 1, guess - 1]
     fits_at, fails_at = 1, total
     while fails_at - fits_at > 1:
         mid = next((h for h in hints if fits_at < h < fails_at), (fits_at + fails_at) // 2)
-        if max(floors(mid)) <= budget:
+        if _fits(*lowered(mid), budget):
             fits_at = mid
         else:
             fails_at = mid
@@ -763,7 +795,7 @@ def _below_floor(og: OpGraph, estimates: list[Estimate], i: int, target: _Target
                  budget: int) -> BudgetError:
     """The error for a node that fits the budget neither whole nor split."""
     node, est = og.nodes[i], estimates[i]
-    floor = max(_floors(og, estimates))
+    floor = _smallest(og, estimates)
     if isinstance(target, _Target):
         need, how = _finest(target)
         _, unit = _extent(target, how)
