@@ -55,7 +55,7 @@ from onnx import helper
 from .lower import OpGraph, OpNode, _node_reads, lower
 from .partition import ACTIVATION_FACTOR, node_estimates
 
-__all__ = ["Window", "input_rows", "grow_region", "TileError", "tile_lowered"]
+__all__ = ["Window", "input_rows", "grow_region", "TileError", "tile_lowered", "tile_nodes"]
 
 #: Ops that make each output element from the input elements at the same
 #: position (constants broadcast along the tiled axis).
@@ -620,3 +620,33 @@ def tile_lowered(og: OpGraph, seeds: Sequence[str], budget: int) -> tuple[OpGrap
                                 f"{regions[k].tiles} tiles")
             regions[k] = more
     raise TileError("could not size the tiles to fit the budget; raise the budget a little")  # pragma: no cover
+
+
+def tile_nodes(model, nodes: Sequence[str], axis: int, tiles: int,
+               input_shapes: Mapping[str, Iterable[int]] | None = None) -> tuple[onnx.ModelProto, object]:
+    """Tile the named nodes as one region, ``tiles`` tiles along ``axis``, whatever the budget.
+
+    For trying the rewrite out and testing it; :func:`crowdgraph.compile`
+    picks regions, the axis and the number of tiles itself.  Returns the
+    rewritten model and its :class:`~crowdgraph.split.SplitRecord`.
+    """
+    from .errors import ModelError
+
+    og = lower(model, input_shapes)
+    graph = Graph(og)
+    index = {node.name: node.index for node in og.nodes}
+    missing = [n for n in nodes if n not in index]
+    if missing:
+        raise ModelError(f"the model has no computing nodes named {missing}")
+    if axis not in AXES:
+        raise ModelError(f"tiles run along axis 2 (rows) or 3 (columns), not {axis}")
+    for n in nodes:
+        window = graph.window(index[n], axis)
+        if isinstance(window, str):
+            raise ModelError(f"node {n!r} cannot be tiled: {window}")
+    region = _region(graph, sorted(index[n] for n in nodes), axis, tiles)
+    if tiles < 1 or _tiles(graph, region) is None:
+        raise ModelError(f"cannot cut the region's outputs into {tiles} tiles of at least one "
+                         f"{AXIS_NAMES[axis][:-1]}; ask for fewer")
+    tiled, (record,) = rewrite(og, [region])
+    return tiled, record
