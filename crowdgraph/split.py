@@ -69,7 +69,6 @@ from .lower import (
     tensor_nbytes,
 )
 from .partition import ACTIVATION_FACTOR, RUNTIME_BASE_BYTES, RUNTIME_NODE_BYTES, Estimate, node_estimates
-from .tile import TILEABLE_OPS, TileError, plan_regions, tile_lowered
 from .units import format_bytes, parse_bytes
 
 __all__ = [
@@ -561,6 +560,8 @@ def split_lowered(og: OpGraph, budget: int) -> tuple[OpGraph, list[SplitRecord]]
     model (so it is not lowered twice) or ``og`` itself when every node
     fits.  Raises :class:`BudgetError` below the true floor.
     """
+    from .tile import TILEABLE_OPS, TileError, tile_lowered  # it builds on this module
+
     estimates = node_estimates(og)
     over = [i for i, est in enumerate(estimates) if est.resident_bytes > budget]
     if not over:
@@ -711,6 +712,7 @@ def smallest_budget(model: ModelLike, input_shapes: Mapping[str, Iterable[int]] 
 
 def _fits(og: OpGraph, floors: list[int], budget: int) -> bool:
     """Whether every node fits ``budget`` after splitting, tiling included."""
+    from .tile import TILEABLE_OPS, TileError, plan_regions
     over = [og.nodes[i] for i, floor in enumerate(floors) if floor > budget]
     if not over:
         return True
@@ -725,6 +727,7 @@ def _fits(og: OpGraph, floors: list[int], budget: int) -> bool:
 
 def _smallest(og: OpGraph, estimates: list[Estimate]) -> int:
     """The smallest budget at which :func:`_fits` holds, to 10 kB where tiles set it."""
+    from .tile import TILEABLE_OPS
     floors = _floors(og, estimates)
     low = max((f for node, f in zip(og.nodes, floors) if node.op_type not in TILEABLE_OPS), default=0)
     high = max(floors)

@@ -44,16 +44,26 @@ halos plus the outputs), and the fewest tiles that fit are used.
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
-import numpy as np
 import onnx
 from onnx import helper
 
-from .lower import OpGraph, OpNode, _node_reads, lower
+from .errors import BudgetError, ModelError
+from .lower import ModelLike, OpGraph, OpNode, _node_reads, lower
 from .partition import ACTIVATION_FACTOR, node_estimates
+from .split import (
+    _ONE_NODE,
+    _SLACK,
+    SplitRecord,
+    _activation,
+    _all_names,
+    _attrs,
+    _default_opset,
+    _Rewriter,
+    piece_bounds,
+)
 
 __all__ = ["Window", "input_rows", "grow_region", "TileError", "tile_lowered", "tile_nodes"]
 
@@ -74,8 +84,8 @@ AXES = (2, 3)
 AXIS_NAMES = {2: "rows", 3: "columns"}
 
 
-class TileError(Exception):
-    """Why a node or region cannot be tiled (turned into a BudgetError by the caller)."""
+class TileError(BudgetError):
+    """Why a node or region cannot be tiled at a budget (the caller names the node and the floor)."""
 
 
 @dataclass(frozen=True)
@@ -125,10 +135,6 @@ def input_rows(w: Window, rows: tuple[int, int], size: int) -> tuple[tuple[int, 
 
 def _hull(a: tuple[int, int] | None, b: tuple[int, int]) -> tuple[int, int]:
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
-
-
-def _attrs(proto: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in proto.attribute}
 
 
 # -- what tiles ---------------------------------------------------------------------
@@ -197,22 +203,18 @@ class Graph:
         a = axis - 2
         if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
             return f"it pads with auto_pad={attrs['auto_pad']!r}; only explicit pads tile"
+        kernel = attrs.get("kernel_shape") or (self.shape(node.inputs[1]) or ())[2:]
+        if len(kernel) != 2:
+            return "only 2-D windows of known size tile"
         if op == "ConvTranspose":
-            kernel = attrs.get("kernel_shape") or self.shape(node.inputs[1])[2:]  # type: ignore[index]
             strides = attrs.get("strides", [1, 1])
-            if (len(kernel) != 2 or kernel[a] != strides[a] or any(attrs.get("pads", [0] * 4))
+            if (kernel[a] != strides[a] or any(attrs.get("pads", [0] * 4))
                     or any(attrs.get("output_padding", [0, 0])) or "output_shape" in attrs
                     or any(d != 1 for d in attrs.get("dilations", [1, 1]))):
                 return "only a ConvTranspose whose kernel equals its stride, without pads, tiles"
             return Window("upsample", stride=int(strides[a]))
         if attrs.get("ceil_mode", 0):
             return "it pools with ceil_mode=1"
-        if op == "Conv":
-            kernel = attrs.get("kernel_shape") or self.shape(node.inputs[1])[2:]  # type: ignore[index]
-        else:
-            kernel = attrs["kernel_shape"]
-        if len(kernel) != 2:
-            return "only 2-D windows tile"
         stride = attrs.get("strides", [1, 1])[a]
         dilation = attrs.get("dilations", [1, 1])[a]
         pads = attrs.get("pads", [0, 0, 0, 0])
@@ -270,15 +272,11 @@ def _take(graph: Graph, region: set[int], nodes: Sequence[int], axis: int, why: 
 
 def _join_cost(nbytes: int) -> int:
     """A Concat that makes a tensor of ``nbytes`` from its tiles."""
-    from .split import _ONE_NODE, _SLACK
-
     return _ONE_NODE + _SLACK + int(ACTIVATION_FACTOR * 3 * nbytes)
 
 
 def _cut_cost(nbytes: int) -> int:
     """The least a Slice reading a tensor of ``nbytes`` whole can need."""
-    from .split import _ONE_NODE, _SLACK
-
     return _ONE_NODE + _SLACK + int(ACTIVATION_FACTOR * nbytes)
 
 
@@ -338,8 +336,6 @@ class _Tile:
 
 def _tiles(graph: Graph, region: Region) -> list[_Tile] | None:
     """Trace each tile's output bands back through the region; None if a band would be empty."""
-    from .split import piece_bounds
-
     axis = region.axis
     extent = {name: graph.shape(name)[axis] for name in region.outputs}  # type: ignore[index]
     if region.tiles > min(extent.values()):
@@ -380,8 +376,6 @@ def _cost(graph: Graph, region: Region, tiles: list[_Tile]) -> tuple[int, int]:
     Crossing bytes assume every tile in its own partition: each gets its
     inputs' slices (with their halos) and hands on its output bands.
     """
-    from .split import _ONE_NODE, _SLACK, _activation
-
     og, axis = graph.og, region.axis
 
     def size(name: str, rows: tuple[int, int]) -> int:
@@ -476,7 +470,7 @@ def _set_pads(proto: onnx.NodeProto, axis: int, pads: tuple[int, int]) -> None:
     proto.attribute.append(helper.make_attribute("pads", values))
 
 
-def _rewrite_region(r, graph: Graph, region: Region) -> list[tuple[onnx.NodeProto, int]]:
+def _rewrite_region(r: _Rewriter, graph: Graph, region: Region) -> list[tuple[onnx.NodeProto, int]]:
     """The nodes that replace ``region``, each with the tile it belongs to (``tiles`` for the joins)."""
     og, axis = graph.og, region.axis
     emitted: list[tuple[onnx.NodeProto, int]] = []
@@ -557,10 +551,8 @@ def _ordered(graph: onnx.GraphProto, keyed: list[tuple[tuple, onnx.NodeProto]]) 
     return order
 
 
-def rewrite(og: OpGraph, regions: Sequence[Region]) -> tuple[onnx.ModelProto, list]:
+def rewrite(og: OpGraph, regions: Sequence[Region]) -> tuple[onnx.ModelProto, list[SplitRecord]]:
     """A copy of ``og.model`` with every region replaced by its tiles, and their records."""
-    from .split import SplitRecord, _all_names, _default_opset, _Rewriter
-
     source = og.model
     used = _all_names(source)
     graph = Graph(og)
@@ -595,7 +587,7 @@ def rewrite(og: OpGraph, regions: Sequence[Region]) -> tuple[onnx.ModelProto, li
     return model, records
 
 
-def tile_lowered(og: OpGraph, seeds: Sequence[str], budget: int) -> tuple[OpGraph, list]:
+def tile_lowered(og: OpGraph, seeds: Sequence[str], budget: int) -> tuple[OpGraph, list[SplitRecord]]:
     """Tile the regions that make the nodes named ``seeds`` fit ``budget``; the lowered result and records.
 
     Tile counts come from the estimate formula itself; the lowered result
@@ -622,16 +614,14 @@ def tile_lowered(og: OpGraph, seeds: Sequence[str], budget: int) -> tuple[OpGrap
     raise TileError("could not size the tiles to fit the budget; raise the budget a little")  # pragma: no cover
 
 
-def tile_nodes(model, nodes: Sequence[str], axis: int, tiles: int,
-               input_shapes: Mapping[str, Iterable[int]] | None = None) -> tuple[onnx.ModelProto, object]:
+def tile_nodes(model: ModelLike, nodes: Sequence[str], axis: int, tiles: int,
+               input_shapes: Mapping[str, Iterable[int]] | None = None) -> tuple[onnx.ModelProto, SplitRecord]:
     """Tile the named nodes as one region, ``tiles`` tiles along ``axis``, whatever the budget.
 
     For trying the rewrite out and testing it; :func:`crowdgraph.compile`
     picks regions, the axis and the number of tiles itself.  Returns the
     rewritten model and its :class:`~crowdgraph.split.SplitRecord`.
     """
-    from .errors import ModelError
-
     og = lower(model, input_shapes)
     graph = Graph(og)
     index = {node.name: node.index for node in og.nodes}
