@@ -118,11 +118,12 @@ class CompiledModel:
         budget = format_bytes(self.memory_budget) if self.memory_budget else "none (partition count given)"
         shapes = ", ".join(f"{k}={list(v)}" for k, v in self.input_shapes.items())
         lines.append(f"{len(self.partitions)} partitions; budget {budget}; shapes {shapes}")
-        if self.splits:
-            lines.append(f"{len(self.splits)} nodes split to fit the budget:")
-            width = max(len(r.node) for r in self.splits)
-            for r in self.splits:
-                lines.append(f"  {r.node.ljust(width)}  {r.describe()}")
+        width = max((len(r.node) for r in self.splits), default=0)
+        for what, records in (("nodes split", [r for r in self.splits if not r.region]),
+                              ("regions tiled", [r for r in self.splits if r.region])):
+            if records:
+                lines.append(f"{len(records)} {what} to fit the budget:")
+                lines.extend(f"  {r.node.ljust(width)}  {r.describe()}" for r in records)
         return "\n".join(lines)
 
     # -- running ---------------------------------------------------------

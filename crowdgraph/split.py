@@ -136,8 +136,8 @@ class SplitRecord:
     def describe(self) -> str:
         """One line for ``crowdgraph inspect``: what was cut, how, into how many pieces."""
         if self.region:
-            return (f"tiled region of {len(self.region)} nodes ({self.region[0]} .. {self.region[-1]}): "
-                    f"{self.pieces} tiles by {self.how}")
+            return (f"{len(self.region)} nodes ({self.region[0]} .. {self.region[-1]}) "
+                    f"in {self.pieces} tiles by {self.how}")
         return (f"{self.op_type:<6}  {self.pieces:>3} pieces by {self.how:<7}  "
                 f"weights {self.piece_weight_bytes / 1e6:.2f} MB per piece at most")
 

@@ -83,5 +83,5 @@ class TestProcessExecutorConformance(ExecutorConformance):
 
 def test_tile_image_model(tmp_path):
     out = run_example("tile_image_model.py", cwd=tmp_path)
-    assert "tiled region of" in out and "tiles by rows" in out
+    assert "regions tiled to fit the budget" in out and "tiles by rows" in out
     assert float(out.split("max abs difference to the whole model: ")[1].split()[0]) <= 1e-4

@@ -623,7 +623,7 @@ def test_light_cnn_at_16mb_is_tiled_and_equals_the_oracle(light_at_16mb, name):
     assert all(p.resident_bytes <= 16_000_000 for p in compiled.partitions)
     regions = [r for r in compiled.splits if r.region]
     assert regions and all(r.how == "rows" and r.pieces >= 2 for r in regions)
-    assert "tiled region of" in compiled.table()
+    assert f"{len(regions)} regions tiled to fit the budget" in compiled.table()
     want = oracle(model, feeds)
     assert_matches(run_partitions(compiled, feeds), want)
     with crowdgraph.ThreadExecutor(workers=2) as executor:
@@ -665,3 +665,13 @@ def test_the_floor_counts_tiles():
     with pytest.raises(crowdgraph.BudgetError) as info:
         crowdgraph.compile(model, floor - 20_000, input_shapes=shapes)
     assert crowdgraph.format_bytes(floor) in str(info.value)
+
+
+def test_inspect_shows_the_tiled_regions(tmp_path, capsys):
+    from crowdgraph.cli import main
+
+    onnx.save_model(zoo.unet(), str(tmp_path / "unet.onnx"))
+    assert main(["inspect", str(tmp_path / "unet.onnx"), "--budget", "3MB", "--shape", "image=1x3x128x128"]) == 0
+    out = capsys.readouterr().out
+    assert "regions tiled to fit the budget:" in out
+    assert "  up2.Concat " in out and "2 nodes (up2.Concat .. up2.conv0.Conv) in 2 tiles by rows" in out
