@@ -43,10 +43,10 @@ halos plus the outputs), and the fewest tiles that fit are used.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
+import networkx as nx
 import onnx
 from onnx import helper
 
@@ -282,23 +282,12 @@ def _cut_cost(nbytes: int) -> int:
 
 def _components(graph: Graph, region: set[int]) -> list[list[int]]:
     """The region's parts connected by tensors, each in node order."""
-    parent = {i: i for i in region}
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    parts = nx.utils.UnionFind(region)
     for i in region:
         for x in graph.variable_inputs(graph.og.nodes[i]):
-            p = graph.producer.get(x)
-            if p in region:
-                parent[root(i)] = root(p)  # type: ignore[index]
-    parts: dict[int, list[int]] = {}
-    for i in sorted(region):
-        parts.setdefault(root(i), []).append(i)
-    return sorted(parts.values())
+            if graph.producer.get(x) in region:
+                parts.union(i, graph.producer[x])
+    return sorted(sorted(part) for part in parts.to_sets())
 
 
 @dataclass(frozen=True)
@@ -519,36 +508,18 @@ def _rewrite_region(r: _Rewriter, graph: Graph, region: Region) -> list[tuple[on
     return emitted
 
 
-def _ordered(graph: onnx.GraphProto, keyed: list[tuple[tuple, onnx.NodeProto]]) -> list[onnx.NodeProto]:
+def _ordered(keyed: list[tuple[tuple, onnx.NodeProto]]) -> list[onnx.NodeProto]:
     """A topological order that takes the smallest key among the ready nodes.
 
     Keys put each tile's nodes together, so that the partitioner, which
     cuts contiguous runs, keeps a tile's chain in one partition.
     """
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    producers: dict[str, int] = {}
-    for k, (_, proto) in enumerate(keyed):
-        for out in proto.output:
-            producers[out] = k
-    waiting = [0] * len(keyed)
-    readers: dict[int, list[int]] = {}
-    for k, (_, proto) in enumerate(keyed):
-        for name in set(_node_reads(proto)):
-            if name not in available and name in producers:
-                waiting[k] += 1
-                readers.setdefault(producers[name], []).append(k)
-    ready = [(key, k) for k, (key, _) in enumerate(keyed) if waiting[k] == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, k = heapq.heappop(ready)
-        order.append(keyed[k][1])
-        for reader in readers.get(k, []):
-            waiting[reader] -= 1
-            if waiting[reader] == 0:
-                heapq.heappush(ready, (keyed[reader][0], reader))
-    assert len(order) == len(keyed), "tiling made a cycle"
-    return order
+    producers = {out: k for k, (_, proto) in enumerate(keyed) for out in proto.output}
+    deps = nx.DiGraph()
+    deps.add_nodes_from(range(len(keyed)))
+    deps.add_edges_from((producers[name], k) for k, (_, proto) in enumerate(keyed)
+                        for name in _node_reads(proto) if name in producers)
+    return [keyed[k][1] for k in nx.lexicographical_topological_sort(deps, key=lambda k: keyed[k][0])]
 
 
 def rewrite(og: OpGraph, regions: Sequence[Region]) -> tuple[onnx.ModelProto, list[SplitRecord]]:
@@ -582,7 +553,7 @@ def rewrite(og: OpGraph, regions: Sequence[Region]) -> tuple[onnx.ModelProto, li
     model = onnx.ModelProto()
     model.CopyFrom(source)
     del model.graph.node[:]
-    model.graph.node.extend(_ordered(source.graph, keyed))
+    model.graph.node.extend(_ordered(keyed))
     model.graph.initializer.extend(inits)
     return model, records
 
