@@ -38,11 +38,14 @@ piece a slice of it but it hands on a full-size partial sum.  Expanding
 layers (DistilBERT's ``lin1``, 768 -> 3072) split by columns, contracting
 ones (``lin2``) by the inner dimension.
 
-When even one row or column per piece cannot fit, or the node is
-activation-bound (its inputs and outputs alone are too big, or not an op
-that splits), :class:`~crowdgraph.errors.BudgetError` names the node and
-the true floor, and, when smaller micro-batches would help, the largest
-micro-batch that fits (:func:`fitting_microbatch`).
+Nodes that are activation-bound (their inputs and outputs alone are too
+big) and are image ops -- convolution, pooling, normalisation, elementwise,
+a channel ``Concat`` -- are run in spatial tiles instead
+(:mod:`crowdgraph.tile`).  When even one row or column per piece cannot
+fit, or a node neither splits nor tiles,
+:class:`~crowdgraph.errors.BudgetError` names the node and the true floor,
+and, when smaller micro-batches would help, the largest micro-batch that
+fits (:func:`fitting_microbatch`).
 """
 
 from __future__ import annotations
