@@ -675,3 +675,21 @@ def test_inspect_shows_the_tiled_regions(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "regions tiled to fit the budget:" in out
     assert "  up2.Concat " in out and "2 nodes (up2.Concat .. up2.conv0.Conv) in 2 tiles by rows" in out
+
+
+@pytest.mark.parametrize("height,width,how", [(512, 64, "rows"), (64, 512, "columns")])
+def test_tiles_run_across_the_long_side_where_halos_cost_least(height, width, how):
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((1, 8, 3, 3)).astype(np.float32), "w2")
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", **conv),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2", **conv)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, height, width])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, height, width])], [w1, w2])
+    compiled = crowdgraph.compile(model, "4MB")
+    (record,) = compiled.splits
+    assert record.region == ("conv1", "relu", "conv2") and record.how == how
+    feeds = {"x": rng.standard_normal((1, 1, height, width)).astype(np.float32)}
+    assert_matches(run_partitions(compiled, feeds), oracle(model, feeds))
