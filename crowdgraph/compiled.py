@@ -125,12 +125,12 @@ class CompiledModel:
         budget = format_bytes(self.memory_budget) if self.memory_budget else "none (partition count given)"
         shapes = ", ".join(f"{k}={list(v)}" for k, v in self.input_shapes.items())
         lines.append(f"{len(self.partitions)} partitions; budget {budget}; shapes {shapes}")
-        if self.splits:
-            lines.append(f"{len(self.splits)} nodes split to fit the budget:")
-            width = max(len(r.node) for r in self.splits)
-            for r in self.splits:
-                lines.append(f"  {r.node.ljust(width)}  {r.op_type:<6}  {r.pieces:>3} pieces by {r.how:<7}  "
-                             f"weights {r.piece_weight_bytes / 1e6:.2f} MB per piece at most")
+        width = max((len(r.node) for r in self.splits), default=0)
+        for what, records in (("nodes split", [r for r in self.splits if not r.region]),
+                              ("regions tiled", [r for r in self.splits if r.region])):
+            if records:
+                lines.append(f"{len(records)} {what} to fit the budget:")
+                lines.extend(f"  {r.node.ljust(width)}  {r.describe()}" for r in records)
         return "\n".join(lines)
 
     # -- running ---------------------------------------------------------
@@ -552,7 +552,7 @@ def _load_plan(folder: pathlib.Path, meta: dict[str, Any]) -> CompiledModel:
         [TensorSpec.from_json(t) for t in meta["outputs"]],
         {k: tuple(v) for k, v in meta["input_shapes"].items()},
         meta["memory_budget"],
-        splits=[SplitRecord(**{**r, "new_nodes": tuple(r["new_nodes"])}) for r in meta.get("splits", [])],
+        splits=[SplitRecord(**r) for r in meta.get("splits", [])],
     )
 
 

@@ -38,11 +38,14 @@ piece a slice of it but it hands on a full-size partial sum.  Expanding
 layers (DistilBERT's ``lin1``, 768 -> 3072) split by columns, contracting
 ones (``lin2``) by the inner dimension.
 
-When even one row or column per piece cannot fit, or the node is
-activation-bound (its inputs and outputs alone are too big, or not an op
-that splits), :class:`~crowdgraph.errors.BudgetError` names the node and
-the true floor, and, when smaller micro-batches would help, the largest
-micro-batch that fits (:func:`fitting_microbatch`).
+Nodes that are activation-bound (their inputs and outputs alone are too
+big) and are image ops -- convolution, pooling, normalisation, elementwise,
+a channel ``Concat`` -- are run in spatial tiles instead
+(:mod:`crowdgraph.tile`).  When even one row or column per piece cannot
+fit, or a node neither splits nor tiles,
+:class:`~crowdgraph.errors.BudgetError` names the node and the true floor,
+and, when smaller micro-batches would help, the largest micro-batch that
+fits (:func:`fitting_microbatch`).
 """
 
 from __future__ import annotations
@@ -113,6 +116,11 @@ class SplitRecord:
         The initializer that was cut.
     piece_weight_bytes:
         Weights of the largest piece.
+    region:
+        For a tiled region (``op_type`` ``"region"``, ``how`` ``"rows"``
+        or ``"columns"``, ``pieces`` tiles; :mod:`crowdgraph.tile`): the
+        names of the nodes it replaced, ``node`` being the first.  Empty
+        for a weight split.
     """
 
     node: str
@@ -122,6 +130,19 @@ class SplitRecord:
     new_nodes: tuple[str, ...]
     weight: str
     piece_weight_bytes: int
+    region: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:  # plans read back from JSON give lists
+        object.__setattr__(self, "new_nodes", tuple(self.new_nodes))
+        object.__setattr__(self, "region", tuple(self.region))
+
+    def describe(self) -> str:
+        """One line for ``crowdgraph inspect``: what was cut, how, into how many pieces."""
+        if self.region:
+            return (f"{len(self.region)} nodes ({self.region[0]} .. {self.region[-1]}) "
+                    f"in {self.pieces} tiles by {self.how}")
+        return (f"{self.op_type:<6}  {self.pieces:>3} pieces by {self.how:<7}  "
+                f"weights {self.piece_weight_bytes / 1e6:.2f} MB per piece at most")
 
 
 @dataclass(frozen=True)
@@ -542,18 +563,40 @@ def split_lowered(og: OpGraph, budget: int) -> tuple[OpGraph, list[SplitRecord]]
     model (so it is not lowered twice) or ``og`` itself when every node
     fits.  Raises :class:`BudgetError` below the true floor.
     """
+    from .tile import TILEABLE_OPS, TileError, tile_lowered  # it builds on this module
+
     estimates = node_estimates(og)
     over = [i for i, est in enumerate(estimates) if est.resident_bytes > budget]
     if not over:
         return og, []
     inits = {t.name: t for t in og.model.graph.initializer}
     plans: dict[str, tuple[_Target, str, int]] = {}
+    seeds: dict[str, str] = {}  # activation-bound nodes, to tile, and why they do not split
     for i in over:
         target = _target(og, og.nodes[i], inits)
         choice = _choose(target, budget) if isinstance(target, _Target) else None
-        if choice is None:
+        if choice is not None:
+            plans[og.nodes[i].name] = (target, *choice)  # type: ignore[assignment]
+        elif og.nodes[i].op_type in TILEABLE_OPS:
+            seeds[og.nodes[i].name] = target if isinstance(target, str) else ""
+        else:
             raise _below_floor(og, estimates, i, target, budget)
-        plans[og.nodes[i].name] = (target, *choice)  # type: ignore[assignment]
+    split, records = _split_weights(og, plans, estimates, budget) if plans else (og, [])
+    if not seeds:
+        return split, records
+    try:
+        tiled, regions = tile_lowered(split, list(seeds), budget)
+    except TileError as exc:
+        i = next(k for k, node in enumerate(og.nodes) if node.name in seeds)
+        raise _below_floor(og, estimates, i, f"{seeds[og.nodes[i].name] or 'it is activation-bound'}; "
+                           f"tiling it along the image rows or columns does not fit either: {exc}",
+                           budget) from None
+    return tiled, records + regions
+
+
+def _split_weights(og: OpGraph, plans: dict[str, tuple[_Target, str, int]], estimates: list[Estimate],
+                   budget: int) -> tuple[OpGraph, list[SplitRecord]]:
+    """Rewrite the planned weight splits; pieces still too big get more pieces."""
     for _ in range(8):  # the pieces are sized by the formula itself; this only guards it
         model, records = _rewrite(og, plans)
         split = lower(model, og.input_shapes)
@@ -658,14 +701,48 @@ def _normalised(model: ModelLike) -> onnx.ModelProto:
 
 
 def smallest_budget(model: ModelLike, input_shapes: Mapping[str, Iterable[int]] | None = None) -> int:
-    """The smallest budget that compiles ``model`` at these shapes, splitting included.
+    """The smallest budget that compiles ``model`` at these shapes, splitting and tiling included.
 
     Every node must fit on its own after the finest split it allows (one
     row or column per piece), so the floor is set by activations and the
-    nodes that do not split.
+    nodes that do not split.  Where those are image ops that tile
+    (:mod:`crowdgraph.tile`), the smallest budget at which their regions'
+    tiles fit is found by bisection (to 10 kB) over the tiling plan.
     """
     og = lower(_normalised(model), input_shapes)
-    return max(_floors(og, node_estimates(og)))
+    return _smallest(og, node_estimates(og))
+
+
+def _fits(og: OpGraph, floors: list[int], budget: int) -> bool:
+    """Whether every node fits ``budget`` after splitting, tiling included."""
+    from .tile import TILEABLE_OPS, TileError, plan_regions
+    over = [og.nodes[i] for i, floor in enumerate(floors) if floor > budget]
+    if not over:
+        return True
+    if any(node.op_type not in TILEABLE_OPS for node in over):
+        return False
+    try:
+        plan_regions(og, [node.name for node in over], budget)
+    except TileError:
+        return False
+    return True
+
+
+def _smallest(og: OpGraph, estimates: list[Estimate]) -> int:
+    """The smallest budget at which :func:`_fits` holds, to 10 kB where tiles set it."""
+    from .tile import TILEABLE_OPS
+    floors = _floors(og, estimates)
+    low = max((f for node, f in zip(og.nodes, floors) if node.op_type not in TILEABLE_OPS), default=0)
+    high = max(floors)
+    if high == low or _fits(og, floors, low):
+        return low
+    while high - low > 10_000:
+        mid = (low + high) // 2
+        if _fits(og, floors, mid):
+            high = mid
+        else:
+            low = mid
+    return high
 
 
 def fitting_microbatch(
@@ -692,28 +769,28 @@ def fitting_microbatch(
         return None
     total = max(shapes[name][0] for name in batched)
 
-    def floors(rows: int) -> list[int]:
+    def lowered(rows: int) -> tuple[OpGraph, list[int]]:
         at = {name: ((rows,) + shape[1:] if name in batched else shape) for name, shape in shapes.items()}
         og = lower(proto, at)
-        return _floors(og, node_estimates(og))
+        return og, _floors(og, node_estimates(og))
 
-    full = floors(total)
-    if max(full) <= budget:
+    full = lowered(total)
+    if _fits(*full, budget):
         return total
     if total == 1:
         return None
-    one = floors(1)
-    if max(one) > budget:
+    one = lowered(1)
+    if not _fits(*one, budget):
         return None
     guess = total - 1
-    for low, high in zip(one, full):
+    for low, high in zip(one[1], full[1]):
         if high > budget and high > low:
             guess = min(guess, 1 + int((budget - low) * (total - 1) / (high - low)))
     hints = [guess, guess + 1, guess - 1]
     fits_at, fails_at = 1, total
     while fails_at - fits_at > 1:
         mid = next((h for h in hints if fits_at < h < fails_at), (fits_at + fails_at) // 2)
-        if max(floors(mid)) <= budget:
+        if _fits(*lowered(mid), budget):
             fits_at = mid
         else:
             fails_at = mid
@@ -724,7 +801,7 @@ def _below_floor(og: OpGraph, estimates: list[Estimate], i: int, target: _Target
                  budget: int) -> BudgetError:
     """The error for a node that fits the budget neither whole nor split."""
     node, est = og.nodes[i], estimates[i]
-    floor = max(_floors(og, estimates))
+    floor = _smallest(og, estimates)
     if isinstance(target, _Target):
         need, how = _finest(target)
         _, unit = _extent(target, how)

@@ -1,4 +1,4 @@
-"""Models that crowdgraph builds itself: a DistilBERT and a GPT-2-shaped decoder, random weights.
+"""Models that crowdgraph builds itself: a DistilBERT, a GPT-2-shaped decoder and a U-Net, random weights.
 
 Why the project ships its own model
 -----------------------------------
@@ -49,6 +49,8 @@ __all__ = [
     "gpt2",
     "sample_inputs",
     "parameter_count",
+    "unet",
+    "image_inputs",
 ]
 
 #: Opset of the built models: the first with ``LayerNormalization``.
@@ -281,8 +283,8 @@ def distilbert(
         ],
         outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_labels])],
     )
-    return _finish(b, graph, "DistilBERT for sequence classification", size, seed, cfg)
-
+    doc = f"DistilBERT for sequence classification with random weights (seed {seed}): {cfg}"
+    return _assemble(b, graph, doc, {"crowdgraph.zoo.size": str(size), "crowdgraph.zoo.seed": str(seed)})
 
 
 @dataclass(frozen=True)
@@ -435,17 +437,14 @@ def gpt2(size: str | DecoderSize = "small", *, seed: int = 0, use_cache: bool = 
             *(helper.make_tensor_value_info(f"present.{c}", TensorProto.FLOAT, grown) for c in caches),
         ],
     )
-    return _finish(b, graph, "GPT-2-shaped decoder with a key/value cache", size, seed, cfg)
+    doc = f"GPT-2-shaped decoder with a key/value cache and random weights (seed {seed}): {cfg}"
+    return _assemble(b, graph, doc, {"crowdgraph.zoo.size": str(size), "crowdgraph.zoo.seed": str(seed)})
 
 
-def _finish(b: _Builder, graph: onnx.GraphProto, what: str, size: object, seed: int, cfg: object) -> onnx.ModelProto:
-    """The model around ``graph``, with ``b``'s weights added in place."""
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="crowdgraph.zoo",
-        doc_string=f"{what} with random weights (seed {seed}): {cfg}",
-    )
+def _assemble(b: _Builder, graph: onnx.GraphProto, doc: str, props: dict[str, str]) -> onnx.ModelProto:
+    """The model around ``graph``, at :data:`OPSET` and :data:`IR_VERSION`, with ``b``'s weights."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="crowdgraph.zoo", doc_string=doc)
     model.ir_version = IR_VERSION
     # Add the weights in place: make_graph and make_model would copy them twice.
     for name, array in b.initializers:
@@ -454,8 +453,83 @@ def _finish(b: _Builder, graph: onnx.GraphProto, what: str, size: object, seed: 
         tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         tensor.dims.extend(array.shape)
         tensor.raw_data = array.tobytes()
-    helper.set_model_props(model, {"crowdgraph.zoo.size": str(size), "crowdgraph.zoo.seed": str(seed)})
+    helper.set_model_props(model, props)
     return model
+
+
+def unet(*, seed: int = 0, width: int = 8, classes: int = 2) -> onnx.ModelProto:
+    """Build a small U-Net for image segmentation with random weights.
+
+    Two levels down and up: at each level two 3x3 convolutions with
+    BatchNormalization and Relu, a 2x2 MaxPool down, a 2x2 stride-2
+    ConvTranspose up, and the skip connection joined by a channel
+    ``Concat``; a 1x1 convolution gives ``classes`` scores per pixel.
+    ``width`` channels at full resolution, twice as many a level down.
+
+    Its weights are tiny (about 0.1 MB) but at 1x3x512x512 its full-resolution
+    activations are 8.4 MB a tensor (16.8 MB after the last ``Concat``):
+    the model whose floor only spatial tiles (:mod:`crowdgraph.tile`) can
+    bring down.  The input ``image`` is ``[batch, 3, height, width]``
+    (height and width multiples of 4); the output ``scores`` is ``[batch,
+    classes, height, width]``.
+
+    >>> model = unet()
+    >>> [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    (['image'], ['scores'])
+    >>> sorted({n.op_type for n in model.graph.node})[:4]
+    ['BatchNormalization', 'Concat', 'Conv', 'ConvTranspose']
+    """
+    b = _Builder(np.random.default_rng(seed))
+
+    def conv(prefix: str, x: str, n_in: int, n_out: int, kernel: int = 3) -> str:
+        w = b.normal(f"{prefix}.weight", (n_out, n_in, kernel, kernel), std=math.sqrt(2.0 / (n_in * kernel ** 2)))
+        bias = b.near(f"{prefix}.bias", (n_out,), 0.0)
+        pad = kernel // 2
+        return b.node("Conv", f"{prefix}.Conv", [x, w, bias], kernel_shape=[kernel, kernel], pads=[pad] * 4)
+
+    def block(prefix: str, x: str, n_in: int, n_out: int) -> str:
+        for k in range(2):
+            x = conv(f"{prefix}.conv{k}", x, n_in if k == 0 else n_out, n_out)
+            stats = [b.near(f"{prefix}.bn{k}.{p}", (n_out,), c)
+                     for p, c in (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
+            x = b.node("BatchNormalization", f"{prefix}.bn{k}.BatchNormalization", [x, *stats])
+            x = b.node("Relu", f"{prefix}.conv{k}.Relu", [x])
+        return x
+
+    def up(prefix: str, x: str, n_in: int, n_out: int) -> str:
+        w = b.normal(f"{prefix}.weight", (n_in, n_out, 2, 2), std=math.sqrt(1.0 / n_in))
+        return b.node("ConvTranspose", f"{prefix}.ConvTranspose", [x, w], kernel_shape=[2, 2], strides=[2, 2])
+
+    def pool(prefix: str, x: str) -> str:
+        return b.node("MaxPool", f"{prefix}.MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+
+    skip1 = block("down1", "image", 3, width)
+    skip2 = block("down2", pool("down1", skip1), width, 2 * width)
+    x = block("bottom", pool("down2", skip2), 2 * width, 4 * width)
+    x = b.node("Concat", "up2.Concat", [up("up2", x, 4 * width, 2 * width), skip2], axis=1)
+    x = block("up2", x, 4 * width, 2 * width)
+    x = b.node("Concat", "up1.Concat", [up("up1", x, 2 * width, width), skip1], axis=1)
+    x = block("up1", x, 2 * width, width)
+    x = conv("head", x, width, classes, kernel=1)
+    b.nodes.append(helper.make_node("Identity", [x], ["scores"], name="head.scores.Identity"))
+    graph = helper.make_graph(
+        b.nodes, "unet",
+        inputs=[helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        outputs=[helper.make_tensor_value_info("scores", TensorProto.FLOAT,
+                                               ["batch", classes, "height", "width"])],
+    )
+    doc = f"U-Net for segmentation with random weights (seed {seed}, width {width}, classes {classes})"
+    return _assemble(b, graph, doc, {"crowdgraph.zoo.size": f"unet{width}", "crowdgraph.zoo.seed": str(seed)})
+
+
+def image_inputs(batch: int = 1, height: int = 512, width: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded standard-normal ``image`` batch for :func:`unet`.
+
+    >>> image_inputs(2, 8, 4)["image"].shape
+    (2, 3, 8, 4)
+    """
+    rng = np.random.default_rng(seed)
+    return {"image": rng.standard_normal((batch, 3, height, width)).astype(np.float32)}
 
 
 def parameter_count(model: onnx.ModelProto) -> int:

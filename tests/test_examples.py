@@ -86,3 +86,9 @@ def test_generate(tmp_path):
     assert "tokens equal to the whole model: True" in out
     assert "3 sequences, 9 prompt tokens, 36 new tokens in 12 steps" in out
     assert len(out.split("sampled, step by step:")[1].splitlines()[0].split()) == 8
+
+
+def test_tile_image_model(tmp_path):
+    out = run_example("tile_image_model.py", cwd=tmp_path)
+    assert "regions tiled to fit the budget" in out and "tiles by rows" in out
+    assert float(out.split("max abs difference to the whole model: ")[1].split()[0]) <= 1e-4

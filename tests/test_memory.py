@@ -78,3 +78,20 @@ def test_exported_distilbert_at_128mb_and_at_the_smallest_budget(tmp_path):
     compiled = crowdgraph.compile(path, budget, sample=feeds)
     assert max(p.weight_bytes for p in compiled.partitions) > 89 * 2**20, "the word embeddings set the floor"
     assert_within_estimates(compiled, feeds, tmp_path / "b")
+
+
+def _image_case(name: str):
+    return (zoo.unet(), zoo.image_inputs(1, 512, 512)) if name == "unet" else models.light_cnn(name)
+
+
+@pytest.mark.parametrize("name,budget", [
+    ("inception_v1", "16MB"),
+    pytest.param("resnet50", "16MB", marks=pytest.mark.slow),
+    pytest.param("densenet121", "16MB", marks=pytest.mark.slow),
+    pytest.param("unet", "32MB", marks=pytest.mark.slow),
+])
+def test_tiled_partitions_stay_within_estimates(tmp_path, name, budget):
+    model, feeds = _image_case(name)
+    compiled = crowdgraph.compile(model, budget, sample=feeds)
+    assert any(r.region for r in compiled.splits), "activations this large are tiled"
+    assert_within_estimates(compiled, feeds, tmp_path)

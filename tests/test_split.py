@@ -27,6 +27,7 @@ from crowdgraph.split import (
     split_node,
     split_oversized,
 )
+from crowdgraph.tile import tile_nodes
 from tests import models
 from tests.oracle import assert_matches, oracle, run_partitions
 from tests.test_compile import check_plan
@@ -479,3 +480,216 @@ def test_split_small_budget_example(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "embeddings.word_embeddings.Gather" in done.stdout and "pieces by rows" in done.stdout
     assert float(done.stdout.split("max abs difference to the whole model: ")[1].split()[0]) <= 1e-4
+
+
+# -- spatial tiles -------------------------------------------------------------------------------
+
+
+def _window_attributes(draw, op: str) -> dict:
+    """Kernel, strides, pads (and a Conv's dilations) of a window op, drawn."""
+    kernel = [draw(st.integers(1, 4)) for _ in range(2)]
+    attrs = {"kernel_shape": kernel, "strides": [draw(st.integers(1, 3)) for _ in range(2)]}
+    if op == "Conv":
+        attrs["dilations"] = [draw(st.integers(1, 2)) for _ in range(2)]
+    # Pads below the kernel, as models have them: every output row reads at least one input row.
+    attrs["pads"] = [draw(st.integers(0, k - 1)) for k in kernel + kernel]
+    return attrs
+
+
+@st.composite
+def conv_chains(draw):
+    """A random chain of image ops (with a residual Add and a channel Concat now and then) and its input."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    channels, height, width = draw(st.integers(1, 3)), draw(st.integers(4, 20)), draw(st.integers(4, 20))
+    start = (1, channels, height, width)
+    nodes, inits, x = [], [], "x"
+
+    def init(values: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(values.astype(np.float32), f"w{len(inits)}"))
+        return inits[-1].name
+
+    def add(op: str, inputs: list[str], **attrs) -> str:
+        out = f"t{len(nodes)}"
+        nodes.append(helper.make_node(op, inputs, [out], name=f"{op}{len(nodes)}", **attrs))
+        return out
+
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["Conv", "MaxPool", "AveragePool", "BatchNormalization", "Relu",
+                                   "ConvTranspose", "Residual", "Concat"]))
+        if op in ("Conv", "MaxPool", "AveragePool"):
+            attrs = _window_attributes(draw, op)
+            sizes = []
+            for a, n in enumerate((height, width)):
+                reach = (attrs["kernel_shape"][a] - 1) * attrs.get("dilations", [1, 1])[a] + 1
+                sizes.append((n + attrs["pads"][a] + attrs["pads"][a + 2] - reach) // attrs["strides"][a] + 1)
+            assume(min(sizes) >= 1)
+            if op == "Conv":
+                out_ch = draw(st.integers(1, 4))
+                weight = init(rng.standard_normal((out_ch, channels, *attrs["kernel_shape"])))
+                x, channels = add("Conv", [x, weight, init(rng.standard_normal(out_ch))], **attrs), out_ch
+            else:
+                x = add(op, [x], **attrs)
+            height, width = sizes
+        elif op == "ConvTranspose":
+            stride = draw(st.integers(2, 3))
+            x = add(op, [x, init(rng.standard_normal((channels, 2, stride, stride)))],
+                    kernel_shape=[stride, stride], strides=[stride, stride])
+            channels, height, width = 2, height * stride, width * stride
+        elif op == "BatchNormalization":
+            stats = [init(rng.uniform(0.5, 1.5, channels)) for _ in range(4)]
+            x = add(op, [x, *stats])
+        elif op == "Relu":
+            x = add(op, [x])
+        elif op == "Residual":  # Relu(x) + Conv3x3(x), both from x
+            branch = add("Conv", [x, init(rng.standard_normal((channels, channels, 3, 3)))],
+                         kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+            x = add("Add", [add("Relu", [x]), branch])
+        else:
+            x = add("Concat", [x, add("Sigmoid", [x])], axis=1)
+            channels *= 2
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(start))],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, height, width])], inits)
+    feeds = {"x": rng.standard_normal(start).astype(np.float32)}
+    return model, feeds, [n.name for n in nodes[:-1]], (height, width)
+
+
+@FAST
+@given(case=conv_chains(), axis=st.sampled_from([2, 3]), data=st.data())
+def test_tiled_image_chain_equals_the_original(case, axis, data):
+    model, feeds, names, out_shape = case
+    extent = out_shape[axis - 2]
+    assume(extent >= 2)
+    tiles = data.draw(st.integers(2, min(extent, 6)), label="tiles")
+    tiled, record = tile_nodes(model, names, axis, tiles)
+    onnx.checker.check_model(tiled)
+    assert (record.op_type, record.how, record.pieces, record.region) == (
+        "region", {2: "rows", 3: "columns"}[axis], tiles, tuple(names))
+    assert not set(names) & {n.name for n in tiled.graph.node}, "the region's nodes are replaced"
+    want, got = oracle(model, feeds)["y"], oracle(tiled, feeds)["y"]
+    assert got.shape == want.shape
+    assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, float(np.max(np.abs(want))))
+
+
+def test_interior_tiles_pad_zero_and_border_tiles_keep_the_pads():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 2, 1, 2])]
+    w = numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "w")
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 9, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 9, 7])], [w])
+    tiled, _ = tile_nodes(model, ["conv"], 2, 3)
+    pads = [list(helper.get_attribute_value(a)) for n in tiled.graph.node if n.op_type == "Conv"
+            for a in n.attribute if a.name == "pads"]
+    assert pads == [[1, 2, 0, 2], [0, 2, 0, 2], [0, 2, 1, 2]]  # columns keep theirs
+    feeds = {"x": np.arange(45, dtype=np.float32).reshape(1, 1, 9, 5)}
+    assert_matches(oracle(tiled, feeds), oracle(model, feeds))
+
+
+def test_what_does_not_tile_says_why():
+    model = _model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 256, 256])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 256, 256])], [])
+    with pytest.raises(crowdgraph.BudgetError) as info:  # a model output must fit whole
+        crowdgraph.compile(model, "4MB")
+    assert "'relu' (Relu)" in str(info.value) and "tiling it along the image rows or columns" in str(info.value)
+    assert "the model output 'y'" in str(info.value)
+    with pytest.raises(crowdgraph.ModelError, match="concatenates along the tiled axis"):
+        concat = _model([helper.make_node("Concat", ["x", "x"], ["y"], name="join", axis=2)],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 4])], [])
+        tile_nodes(concat, ["join"], 2, 2)
+
+
+LIGHT_AT_16MB = [pytest.param("inception_v1"), pytest.param("resnet50", marks=pytest.mark.slow),
+                 pytest.param("densenet121", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module")
+def light_at_16mb(request):
+    """name -> (model, feeds, plan at 16 MB), compiled once per module."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            model, feeds = models.light_cnn(name)
+            cache[name] = model, feeds, crowdgraph.compile(model, "16MB", sample=feeds)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", LIGHT_AT_16MB)
+def test_light_cnn_at_16mb_is_tiled_and_equals_the_oracle(light_at_16mb, name):
+    model, feeds, compiled = light_at_16mb(name)
+    assert all(p.resident_bytes <= 16_000_000 for p in compiled.partitions)
+    regions = [r for r in compiled.splits if r.region]
+    assert regions and all(r.how == "rows" and r.pieces >= 2 for r in regions)
+    assert f"{len(regions)} regions tiled to fit the budget" in compiled.table()
+    want = oracle(model, feeds)
+    assert_matches(run_partitions(compiled, feeds), want)
+    with crowdgraph.ThreadExecutor(workers=2) as executor:
+        assert_matches(compiled.run(feeds, executor=executor), want)
+
+
+def test_tiles_only_where_a_node_does_not_fit(light_at_16mb):
+    model, feeds, at_16mb = light_at_16mb("inception_v1")
+    (region,) = at_16mb.splits
+    assert region.region == ("n1", "n2"), "the stem's Relu on 1x64x112x112, and the MaxPool after it"
+    assert crowdgraph.compile(model, "20MB", sample=feeds).splits == []
+
+
+@pytest.fixture(scope="module")
+def unet_at_32mb():
+    model, feeds = zoo.unet(), zoo.image_inputs(1, 512, 512)
+    return model, feeds, crowdgraph.compile(model, "32MB", sample=feeds)
+
+
+def test_unet_at_512x512_compiles_at_32mb_and_equals_the_oracle(unet_at_32mb, tmp_path):
+    model, feeds, compiled = unet_at_32mb
+    untiled = max(e.resident_bytes for e in node_estimates(lower(model, {"image": (1, 3, 512, 512)})))
+    assert untiled > 2 * 32_000_000, "whole, its largest node needs 77 MB"
+    assert all(p.resident_bytes <= 32_000_000 for p in compiled.partitions)
+    assert {r.op_type for r in compiled.splits} == {"region"}
+    want = oracle(model, feeds)
+    loaded = crowdgraph.load(compiled.save(tmp_path / "plan"))
+    assert loaded.splits == compiled.splits and loaded.table() == compiled.table()
+    with crowdgraph.ThreadExecutor(workers=2) as executor:
+        assert_matches(loaded.run(feeds, executor=executor), want)
+
+
+def test_the_floor_counts_tiles():
+    model, shapes = zoo.unet(), {"image": (1, 3, 128, 128)}
+    floor = smallest_budget(model, shapes)
+    untiled = max(e.resident_bytes for e in node_estimates(lower(model, shapes)))
+    assert floor < untiled / 2
+    assert any(r.region for r in crowdgraph.compile(model, floor, input_shapes=shapes).splits)
+    with pytest.raises(crowdgraph.BudgetError) as info:
+        crowdgraph.compile(model, floor - 20_000, input_shapes=shapes)
+    assert crowdgraph.format_bytes(floor) in str(info.value)
+
+
+def test_inspect_shows_the_tiled_regions(tmp_path, capsys):
+    from crowdgraph.cli import main
+
+    onnx.save_model(zoo.unet(), str(tmp_path / "unet.onnx"))
+    assert main(["inspect", str(tmp_path / "unet.onnx"), "--budget", "3MB", "--shape", "image=1x3x128x128"]) == 0
+    out = capsys.readouterr().out
+    assert "regions tiled to fit the budget:" in out
+    assert "  up2.Concat " in out and "2 nodes (up2.Concat .. up2.conv0.Conv) in 2 tiles by rows" in out
+
+
+@pytest.mark.parametrize("height,width,how", [(512, 64, "rows"), (64, 512, "columns")])
+def test_tiles_run_across_the_long_side_where_halos_cost_least(height, width, how):
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((1, 8, 3, 3)).astype(np.float32), "w2")
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", **conv),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2", **conv)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, height, width])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, height, width])], [w1, w2])
+    compiled = crowdgraph.compile(model, "4MB")
+    (record,) = compiled.splits
+    assert record.region == ("conv1", "relu", "conv2") and record.how == how
+    feeds = {"x": rng.standard_normal((1, 1, height, width)).astype(np.float32)}
+    assert_matches(run_partitions(compiled, feeds), oracle(model, feeds))

@@ -388,3 +388,22 @@ def test_export_cache_survives_a_lost_race(tmp_path, monkeypatch):
     assert path == winner / "model.onnx"
     assert (winner / "marker").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == [key]  # no temporary left
+
+
+# ------------------------------------------------------------------- U-Net
+
+
+def test_unet_is_valid_deterministic_and_runs_at_any_multiple_of_four():
+    model = zoo.unet()
+    onnx.checker.check_model(model, full_check=True)
+    assert model.SerializeToString() == zoo.unet().SerializeToString()
+    assert zoo.unet(seed=1).SerializeToString() != model.SerializeToString()
+    assert zoo.parameter_count(model) < 50_000
+    sess = session(model)
+    for batch, height, width in [(1, 64, 64), (2, 32, 48)]:
+        feeds = zoo.image_inputs(batch, height, width)
+        (scores,) = sess.run(None, feeds)
+        assert scores.shape == (batch, 2, height, width) and np.isfinite(scores).all()
+        assert scores.std() > 0.1, "the scores vary from pixel to pixel"
+    a, b = zoo.image_inputs(1, 32, 32, seed=0), zoo.image_inputs(1, 32, 32, seed=1)
+    assert not np.allclose(sess.run(None, a)[0], sess.run(None, b)[0])
