@@ -165,7 +165,7 @@ FAILED = "FAILED"        #: worker -> coordinator: a task or a load failed
 # crowd; HELLO says role "driver"): workers never send or receive these.
 CROWD = "CROWD"          #: driver -> coordinator: ask for the crowd; coordinator -> driver: the crowd
 JOINED = "JOINED"        #: coordinator -> driver: a worker joined
-LOST = "LOST"            #: coordinator -> driver: a worker is gone
+LOST = "LOST"            #: coordinator -> driver: a worker is gone; driver -> coordinator: drop it
 #: Values of HELLO's optional ``role`` field: who opens the connection.
 ROLES = ("worker", "driver")
 
@@ -991,7 +991,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
     AUTH: {"signature": (*_HEX, True), "nonce": (*_HEX, True)},
     WELCOME: {"worker_id": (*_NAME, True), "signature": (*_HEX, True),
               "heartbeat": ((lambda v: _is_number(v) and v > 0), "a number > 0", True),
-              "role": (*_ROLE, False)},
+              "role": (*_ROLE, False),
+              "takes_lost": ((lambda v: type(v) is bool), "true or false", False)},
     REFUSE: {"reason": (*_STR, True)},
     BYE: {"reason": (*_STR, False)},
     PING: {"seq": (*_COUNT, True)},
@@ -1184,7 +1185,7 @@ _HEARTBEAT = frozenset({PING, PONG, BYE})
 _TRAFFIC: dict[tuple[str, str], frozenset[str]] = {
     (COORDINATOR, WORKER): frozenset({LOAD, UNLOAD, RUN}),
     (WORKER, COORDINATOR): frozenset({LOADED, UNLOADED, RESULT, FAILED}),
-    (DRIVER, COORDINATOR): frozenset({CROWD, LOAD, UNLOAD, RUN}),
+    (DRIVER, COORDINATOR): frozenset({CROWD, LOAD, UNLOAD, RUN, LOST}),
     (COORDINATOR, DRIVER): frozenset({CROWD, JOINED, LOST, LOADED, UNLOADED, RESULT, FAILED}),
 }
 _NAMES_WORKER = frozenset({LOAD, UNLOAD, RUN, LOADED, UNLOADED, RESULT, FAILED})
@@ -1484,7 +1485,7 @@ class Connection:
         header: dict[str, Any] = {"worker_id": peer_id, "heartbeat": self.heartbeat,
                                   "signature": sign(self._token, self._peer_nonce, role=COORDINATOR)}
         if self.peer_role == DRIVER:
-            header["role"] = DRIVER
+            header.update(role=DRIVER, takes_lost=True)
         self.peer_id = peer_id
         self._queue(Message(WELCOME, header), now)
         self._open()

@@ -937,7 +937,7 @@ def test_frames_before_welcome_are_held_to_the_handshake_limit():
 MAY_SEND = {
     (wire.WORKER, wire.COORDINATOR): {wire.LOADED, wire.UNLOADED, wire.RESULT, wire.FAILED},
     (wire.COORDINATOR, wire.WORKER): {wire.LOAD, wire.UNLOAD, wire.RUN},
-    (wire.DRIVER, wire.COORDINATOR): {wire.CROWD, wire.LOAD, wire.UNLOAD, wire.RUN},
+    (wire.DRIVER, wire.COORDINATOR): {wire.CROWD, wire.LOAD, wire.UNLOAD, wire.RUN, wire.LOST},
     (wire.COORDINATOR, wire.DRIVER): {wire.CROWD, wire.JOINED, wire.LOST, wire.LOADED, wire.UNLOADED,
                                       wire.RESULT, wire.FAILED},
 }

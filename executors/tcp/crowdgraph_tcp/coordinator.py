@@ -468,6 +468,8 @@ class Coordinator:
                                clean=True)
                 elif peer.role == wire.WORKER:
                     self._on_reply(peer, message, size)
+                elif message.type == wire.LOST:
+                    self._expel(peer, message.header["worker"], message.header["reason"])
                 else:
                     self._notify(self.listener.driver_message, peer, message, size)
         except StreamClosedError:
@@ -487,6 +489,17 @@ class Coordinator:
             fn(*args)
         except Exception:
             LOG.exception("listener %s failed", getattr(fn, "__name__", fn))
+
+    def _expel(self, driver: Peer, worker_id: str, reason: str) -> None:
+        """A driver found ``worker_id`` broke the rules (a result that fails its checks): disconnect it.
+
+        Otherwise it would stay in the crowd and every other driver would
+        give it tasks; each driver hears of it with LOST, as of any loss.
+        """
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            LOG.warning("driver %s reports worker %s: %s", driver.id, worker_id, reason)
+            self.drop(worker, f"{reason} (reported by driver {driver.id})")
 
     def drop(self, peer: Peer, reason: str) -> None:
         """Say BYE to ``peer`` with ``reason`` and lose it (IOLoop thread): it broke the rules."""

@@ -252,3 +252,36 @@ def test_a_worker_whose_results_break_the_output_specs_is_dropped_and_the_run_st
     assert_matches(got, oracle(model, feeds))
     (lost,) = [w.lost for w in report.workers.values() if w.lost]
     assert "sent a bad result for task" in lost and "rows; the micro-batch has 1" in lost
+
+
+def test_on_a_standing_coordinator_a_driver_has_the_lying_worker_disconnected(tmp_path, tcp_helpers):
+    """``crowdgraph serve``: the driver that caught the lie reports it, the coordinator says BYE to the liar."""
+    from crowdgraph_tcp.relay import standing_coordinator
+
+    model = zoo.distilbert("tiny")
+    feeds = zoo.sample_inputs(model, batch=2, sequence=16)
+    compiled = crowdgraph.compile(model, partitions=2, input_shapes={name: (1, 16) for name in feeds})
+    token = "standing-liar-test-token"
+    coordinator = standing_coordinator(token.encode(), "127.0.0.1:0")
+    procs = []
+    try:
+        for name, script in (("honest", ["-m", "crowdgraph_tcp.worker"]), ("liar", ["-c", LIAR])):
+            procs.append(subprocess.Popen(
+                [sys.executable, *script, coordinator.url, "--token", token, "--memory", "64MB", "--name", name,
+                 "--threads", "1", "--cache-dir", str(tmp_path / name)],
+                env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        with TcpExecutor.from_url(coordinator.url, token=token, min_workers=2, join_timeout=60) as ex:
+            got = compiled.run(feeds, executor=ex, microbatch=1, timeout=60)
+            report = compiled.last_report
+        liar = procs[1]
+        assert liar.wait(30) == 0, "the lying worker was not told to leave"  # BYE: it exits cleanly
+        out = liar.stdout.read().decode()
+        assert "sent a bad result for task" in out and "reported by driver" in out, out
+        assert [w.name for w in coordinator.run_sync(lambda: list(coordinator.workers.values()))] == ["honest"]
+    finally:
+        coordinator.stop()
+        for proc in procs:
+            tcp_helpers.stop_process(proc)
+    assert_matches(got, oracle(model, feeds))
+    (lost,) = [w.lost for w in report.workers.values() if w.lost]
+    assert "sent a bad result for task" in lost
