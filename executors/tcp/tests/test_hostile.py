@@ -7,6 +7,7 @@ the other side refuses it with a clear answer and keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -175,13 +176,20 @@ def _answers(sock: socket.socket) -> list[Message]:
     return wire.FrameDecoder().feed(data)
 
 
-def test_a_worker_given_a_partition_named_with_a_lone_surrogate_says_why_and_exits_cleanly(tmp_path, tcp_helpers):
+@contextlib.contextmanager
+def _worker_of(tmp_path, tcp_helpers, memory: str = "64MB"):
+    """A real crowdgraph-worker process joined to this test, which plays its coordinator.
+
+    Yields ``(proc, sock, conn)``: the worker's process, the socket to it and
+    the coordinator's side of the connection, open.
+    """
     token = b"hostile-test-token"
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(30)
         proc = subprocess.Popen(
             [sys.executable, "-m", "crowdgraph_tcp.worker", f"tcp://127.0.0.1:{server.getsockname()[1]}",
-             "--token", token.decode(), "--memory", "64MB", "--cache-dir", str(tmp_path / "cache")],
+             "--token", token.decode(), "--memory", memory, "--cache-dir", str(tmp_path / "cache"),
+             "--threads", "1"],
             env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             sock, _ = server.accept()
@@ -192,15 +200,67 @@ def test_a_worker_given_a_partition_named_with_a_lone_surrogate_says_why_and_exi
                     sock.sendall(b"".join(conn.data_to_send()))
                 conn.welcome("w1", now=time.monotonic())
                 sock.sendall(b"".join(conn.data_to_send()))
-                sock.sendall(_frame(wire.LOAD, {"partition": "NAME", "sha256": "0" * 64, "from_cache": True},
-                                    r"\ud800"))
-                answers = _answers(sock)
-            assert proc.wait(30) == 1
+                yield proc, sock, conn
         finally:
             tcp_helpers.stop_process(proc)
+
+
+def _ask(sock: socket.socket, conn: wire.Connection, message: Message) -> Message:
+    """Send ``message`` to the worker and return its answer (heartbeats answered on the way)."""
+    sock.sendall(b"".join(bytes(part) for part in wire.encode_parts(message, codec=conn.codec)))
+    while True:
+        data = sock.recv(1 << 20)
+        assert data, "the worker closed the connection"
+        answers = conn.receive_data(data, now=time.monotonic())
+        sock.sendall(b"".join(conn.data_to_send()))
+        if answers:
+            return answers[0]
+
+
+def test_a_worker_given_a_partition_named_with_a_lone_surrogate_says_why_and_exits_cleanly(tmp_path, tcp_helpers):
+    with _worker_of(tmp_path, tcp_helpers) as (proc, sock, conn):
+        sock.sendall(_frame(wire.LOAD, {"partition": "NAME", "sha256": "0" * 64, "from_cache": True}, r"\ud800"))
+        answers = _answers(sock)
+        assert proc.wait(30) == 1
     out = proc.stdout.read().decode()
     assert [m.type for m in answers] == [wire.BYE] and "lone surrogate" in answers[0].header["reason"]
     assert "lone surrogate" in out and "Traceback" not in out, out
+
+
+def _adder(size: int) -> tuple[bytes, np.ndarray]:
+    """y = x + w with ``size`` float weights (bytes of the model, w)."""
+    w = np.random.default_rng(0).standard_normal(size).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "adder",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=zoo.IR_VERSION)
+    return model.SerializeToString(), w
+
+
+def _load_message(data: bytes, name: str = "p0") -> Message:
+    return Message(wire.LOAD, {"partition": name, "sha256": hashlib.sha256(data).hexdigest(), "from_cache": False},
+                   blobs={"model": data})
+
+
+def test_a_large_partition_streams_into_the_cache_and_one_over_the_budget_is_refused_unkept(tmp_path, tcp_helpers):
+    """A 4 MB partition is written to the cache as it arrives; a 12 MB one, over the 8 MB budget, gets FAILED."""
+    model, w = _adder(1 << 20)
+    too_big, _ = _adder(3 << 20)
+    with _worker_of(tmp_path, tcp_helpers, memory="8MB") as (proc, sock, conn):
+        refused = _ask(sock, conn, _load_message(too_big, "huge"))
+        assert refused.type == wire.FAILED and refused.header["load"] == "huge"
+        assert "more than this worker's budget of 8.0 MB; it was refused and not kept" in refused.header["error"]
+        assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".tmp-")]
+        assert _ask(sock, conn, _load_message(model)).type == wire.LOADED  # the connection is still fine
+        x = np.ones(1 << 20, np.float32)
+        result = _ask(sock, conn, Message(wire.RUN, {"task": ["p0", 0], "outputs": ["y"]}, tensors={"x": x}))
+        assert result.type == wire.RESULT
+        np.testing.assert_array_equal(result.tensors["y"], x + w)
+    sha = hashlib.sha256(model).hexdigest()
+    stored = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert stored == [f"{sha}.json", f"{sha}.onnx", f"{sha}.onnx.data"]
+    assert (tmp_path / "cache" / f"{sha}.onnx.data").stat().st_size == w.nbytes
 
 
 def test_every_answer_of_the_worker_to_a_bad_load_can_be_sent(sandbox):
