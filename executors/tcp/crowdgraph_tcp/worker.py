@@ -687,14 +687,15 @@ class Agent:
         worker's budget is read off the socket and dropped, unkept, and its
         LOAD answered with FAILED.  Any other frame is decoded as usual.
         """
-        while isinstance(need := wire.read_blob_head(data, max_frame_bytes=conn.max_frame_bytes), int):
-            data += await _read_exactly(reader, need)
-        if need is None or need.message.type != wire.LOAD or need.name != "model":
+        head = wire.read_blob_head(data, max_frame_bytes=conn.max_frame_bytes)
+        while isinstance(head, int):  # how many more bytes the head needs
+            data += await _read_exactly(reader, head)
+            head = wire.read_blob_head(data, max_frame_bytes=conn.max_frame_bytes)
+        if head is None or head.message.type != wire.LOAD or head.name != "model":
             frames = conn.decode_frames(data)
-            while conn.needed and conn.buffered:  # the rest of the frame, the usual way
+            while conn.buffered:  # the rest of the frame, the usual way
                 frames += await self._receive(reader, conn)
             return frames
-        head = need
         digest, crc = hashlib.sha256(), 0
         path, out = self.cache.stage() if head.length <= self.memory else (None, None)
         try:
