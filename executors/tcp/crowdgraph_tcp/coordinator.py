@@ -412,8 +412,11 @@ class Coordinator:
                                handshake_timeout=self.handshake_timeout, admit=self._admit)
         link = Link(stream, conn)
         gate = _PreAuthGate(self.preauth, host)
+        charge_to = getattr(stream, "charge_to", None)
         try:
-            hello, _ = await asyncio.wait_for(link.next(gate), conn.handshake_deadline - now())
+            if charge_to is not None:  # a WebSocket: each message is charged as it arrives, whole
+                charge_to(gate)
+            hello, _ = await asyncio.wait_for(link.next(None if charge_to else gate), conn.handshake_deadline - now())
         except asyncio.TimeoutError:
             LOG.warning("closing %s: the handshake did not complete within %.0f s", where, self.handshake_timeout)
             stream.close()

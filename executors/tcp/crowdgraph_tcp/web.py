@@ -42,6 +42,7 @@ from crowdgraph import wire
 from crowdgraph.errors import InputError, ProtocolError
 
 from .common import LOG
+from .streams import Gate
 
 __all__ = ["WEB_ROOT", "ORT_DIST", "ORT_FILES", "WebSocketStream", "make_app", "join_url", "assets_missing",
            "BROWSER_RUNTIME_BYTES", "BROWSER_MODEL_FACTOR"]
@@ -188,6 +189,7 @@ class WebSocketStream:
         self._read: asyncio.Future[None] | None = None  # the handler waits for it to be read
         self._out = bytearray()
         self._closed = False
+        self._gate: Gate | None = None
         self.error: BaseException | None = None
 
     # -- what the handler feeds in
@@ -197,6 +199,13 @@ class WebSocketStream:
         The handler awaits this before tornado reads the next message, so a
         connection never holds more than one unread message.
         """
+        if self._gate is not None:
+            try:
+                self._gate.charge(len(data))
+            except ProtocolError as exc:  # over the limits: dropped unqueued, and the connection ends
+                self.error = exc
+                self._wake()
+                return
         if len(data) < wire.HEADER_SIZE or wire.frame_length(data) != len(data):
             self.error = ProtocolError(f"a WebSocket message must hold exactly one frame ({len(data)} bytes "
                                        "do not)") if data[:4] == wire.MAGIC or len(data) < 4 else None
@@ -210,8 +219,19 @@ class WebSocketStream:
         self._closed = True
         self._wake()
 
+    def charge_to(self, gate: Gate) -> None:
+        """Until the handshake ends, charge each message to ``gate`` as it arrives (those queued already too).
+
+        Tornado has read a message whole before it is handed over, so it is
+        charged then, not when the coordinator reads it as a TCP stream is.
+        """
+        self._gate = gate
+        for data in self._incoming:
+            gate.charge(len(data))
+
     def authenticated(self, max_frame_bytes: int) -> None:
-        """The peer proved the token: accept messages up to ``max_frame_bytes`` from now on."""
+        """The peer proved the token: accept messages up to ``max_frame_bytes`` from now on, uncharged."""
+        self._gate = None
         connection = self.handler.ws_connection
         if connection is not None:  # tornado reads the limit for each message from its params
             connection.params.max_message_size = int(max_frame_bytes)

@@ -14,9 +14,11 @@ import socket
 import struct
 import time
 
+import numpy as np
 import pytest
 
 from crowdgraph import wire
+from crowdgraph.wire import Message
 from crowdgraph_tcp import Coordinator
 from crowdgraph_tcp.common import PreAuthLimits
 
@@ -151,6 +153,64 @@ def test_a_websocket_message_larger_than_a_handshake_frame_is_refused_before_it_
         # A binary message declaring 200 MiB, of which only a few bytes follow.
         sock.sendall(struct.pack("!BBQ", 0x82, 0x80 | 127, 200 * 2**20) + os.urandom(4) + b"CRWD")
         assert _closed_by_peer(sock), "the web port waited for a 200 MiB message before any handshake"
+    _wait_idle(coordinator)
+
+
+def _ws_message(payload: bytes) -> bytes:
+    """One masked binary WebSocket message (as a client sends it)."""
+    mask = os.urandom(4)
+    masked = (np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), len(payload))).tobytes()
+    return struct.pack("!BBQ", 0x82, 0x80 | 127, len(payload)) + mask + masked
+
+
+def _ws_closed(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closes the WebSocket (a close message, or the connection) within ``timeout``."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except socket.timeout:
+        pass
+    else:
+        return True
+    while len(data) >= 2:  # the server's messages, unmasked: look for a close (opcode 8)
+        if data[0] & 0x0F == 8:
+            return True
+        size, start = data[1] & 0x7F, 2
+        if size >= 126:
+            start = 4 if size == 126 else 10
+            size = int.from_bytes(data[2:start], "big")
+        data = data[start + size:]
+    return False
+
+
+def _big_hello() -> bytes:
+    """A valid HELLO of nearly 1 MiB (a long cache list): its sender then holds it until the handshake ends."""
+    cached = [f"{n:064x}" for n in range(15_000)]
+    return wire.encode(Message(wire.HELLO, {"versions": [1], "name": "w", "memory_budget": 1, "cores": 1,
+                                            "platform": "p", "codecs": ["none"], "cached": cached}), codec="none")
+
+
+def test_websocket_bytes_before_the_handshake_count_against_the_same_limits(coordinator):
+    hello = _big_hello()
+    assert len(hello) <= wire.HANDSHAKE_MAX_FRAME_BYTES
+    count = coordinator.preauth.bytes_per_address // len(hello) + 2
+    socks = []
+    try:
+        for _ in range(count):
+            sock, answer = _websocket(coordinator.web_port, coordinator.web_url.rstrip("/"))
+            assert _status(answer) == 101
+            socks.append(sock)
+            sock.sendall(_ws_message(hello))
+        time.sleep(0.5)  # each answered CHALLENGE, or was closed
+        held = _in_handshake(coordinator)[1]
+        refused = [sock for sock in socks if _ws_closed(sock, 0.2)]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert refused, f"{count} WebSocket HELLOs of {len(hello)} bytes from one address were all kept"
+    assert 0 < held <= coordinator.preauth.bytes_per_address
     _wait_idle(coordinator)
 
 
