@@ -170,14 +170,7 @@ class PartitionCache:
 
     def _external_data_problem(self, sha256: str) -> str | None:
         """Why the stored model of ``sha256`` may not be opened (see :func:`external_data_problem`)."""
-        import onnx
-
-        data = self.folder / f"{sha256}.onnx.data"
-        try:
-            model = onnx.load(str(self.folder / f"{sha256}.onnx"), load_external_data=False)
-            return external_data_problem(model, data.name, data.stat().st_size if data.is_file() else 0)
-        except Exception as exc:  # unreadable or not a model
-            return f"the stored model cannot be read ({exc})"
+        return _stored_model_problem(self.folder / f"{sha256}.onnx", self.folder / f"{sha256}.onnx.data")
 
     def _entries(self) -> list[tuple[float, int, str]]:
         """(last use, bytes, sha256) of every finished entry, least recently used first."""
@@ -234,8 +227,8 @@ class PartitionCache:
         more than one weight at a time is ever in memory.  Also returns
         whether the entry stays: one larger than the whole cache is removed
         as soon as :meth:`remove` is called after its session opened.
-        Raises ValueError, keeping nothing, when the model refers to any
-        external data or is not a model.
+        Raises ValueError, with nothing of it entering the cache, when the
+        model refers to any external data or is not a model.
         """
         try:
             size = received.stat().st_size
@@ -249,9 +242,12 @@ class PartitionCache:
                 total -= used
             staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
             try:
-                location = f"{sha256}.onnx.data"
-                externalize(received, staging / f"{sha256}.onnx", staging / location)
+                model, data = staging / f"{sha256}.onnx", staging / f"{sha256}.onnx.data"
+                externalize(received, model, data)
                 received.unlink()
+                problem = _stored_model_problem(model, data)
+                if problem is not None:  # refused before it enters the cache
+                    raise ValueError(f"refusing the partition: {problem}")
                 files = {p.name: file_sha256(p) for p in staging.iterdir()}
                 for name in files:
                     os.replace(staging / name, self.folder / name)
@@ -262,11 +258,18 @@ class PartitionCache:
                 shutil.rmtree(staging, ignore_errors=True)
         finally:
             _remove(received)
-        problem = self._external_data_problem(sha256)
-        if problem is not None:
-            self.remove(sha256)
-            raise ValueError(f"refusing the partition: {problem}")
         return self.folder / f"{sha256}.onnx", size <= self.max_bytes
+
+
+def _stored_model_problem(model_path: Path, data_path: Path) -> str | None:
+    """Why the model at ``model_path``, with its weights in ``data_path``, may not be opened, or None."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+        return external_data_problem(model, data_path.name, data_path.stat().st_size if data_path.is_file() else 0)
+    except Exception as exc:  # unreadable or not a model
+        return f"the stored model cannot be read ({exc})"
 
 
 def _tensors(graph: Any) -> Iterator[Any]:
@@ -399,17 +402,17 @@ def _read_range(f: BinaryIO, start: int, stop: int) -> bytes:
 
 def _externalize_tensor(f: BinaryIO, start: int, stop: int, data: BinaryIO, location: str) -> bytes:
     """A TensorProto from ``f[start:stop]`` whose raw data is copied, in chunks, to the end of ``data``."""
-    kept, raw = [], None
+    kept, raw, external = [], None, False
     for number, begin, value, end in _fields(f, start, stop):
-        if number in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION):
-            raise ValueError("a tensor of the partition refers to external data; a partition travels with "
-                             "its weights inline")
+        external |= number in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION)
         if number == _TENSOR_RAW_DATA:
             raw = (value, end)
         else:
             kept.append(_read_range(f, begin, end))
-    if raw is None or raw[1] - raw[0] < INLINE_BYTES:
-        return _read_range(f, start, stop)  # as it came: onnxruntime reads shapes and axes only inline
+    if raw is None or raw[1] - raw[0] < INLINE_BYTES or external:
+        # As it came: onnxruntime reads shapes and axes only inline, and a tensor that already
+        # refers to external data is left for external_data_problem to name and refuse.
+        return _read_range(f, start, stop)
     offset = data.tell()
     f.seek(raw[0])
     for left in range(raw[1] - raw[0], 0, -CHUNK):
@@ -441,11 +444,10 @@ def externalize(received: Path, model_path: Path, data_path: Path) -> None:
     A streaming rewrite of the protobuf: each initializer's raw bytes are
     copied from file to file in chunks, so the weights are never held in
     memory (parsing the model, as :func:`onnx.load` does, would hold them
-    twice: once as bytes, once parsed).  Every tensor that comes to refer
-    to external data refers to ``data_path``'s plain name.  Raises
-    ValueError when the received model already refers to external data
-    anywhere among its initializers, or is not a protobuf; the caller checks
-    the result (:func:`external_data_problem`) before opening it.
+    twice: once as bytes, once parsed).  Every tensor it moves refers to
+    ``data_path``'s plain name; the rest is copied as it came, so a caller
+    must check the result (:func:`external_data_problem`) before anything
+    opens it.  Raises ValueError when the bytes are not a protobuf.
 
     >>> import onnx, tempfile
     >>> w = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [1024], bytes(4096), raw=True)
