@@ -246,3 +246,25 @@ def test_the_allowed_origins_open_a_websocket():
         assert _status(answer) == 403
     finally:
         coord.stop()
+
+
+def test_crowdgraph_serve_allows_the_printed_origin_and_those_given(tmp_path, tcp_helpers):
+    import subprocess
+    import sys
+
+    token_file = tmp_path / "token"
+    token_file.write_text("origin-test-token")
+    serve = subprocess.Popen([sys.executable, "-m", "crowdgraph.cli", "serve", "--listen", "127.0.0.1:0", "--web",
+                              "--token-file", str(token_file), "--allow-origin", "https://crowd.example.org:8787"],
+                             env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [serve.stdout.readline() for _ in range(5)]
+        (join,) = [line.split()[-1] for line in lines if "phones join at:" in line]
+        page, port = join.split("#")[0].rstrip("/"), int(join.split(":")[2].split("/")[0])
+        for origin, status in ((page, 101), ("https://crowd.example.org:8787", 101),
+                               (f"http://localhost:{port}", 403)):
+            sock, answer = _websocket(port, origin)
+            sock.close()
+            assert _status(answer) == status, (origin, answer)
+    finally:
+        tcp_helpers.stop_process(serve)
