@@ -77,7 +77,7 @@ __all__ = [
     "CROWD", "JOINED", "LOST", "ROLES",
     "MESSAGE_TYPES", "Message", "encode", "encode_parts", "decode", "FrameDecoder",
     "make_nonce", "sign", "verify", "negotiate", "frame_length",
-    "COORDINATOR", "WORKER", "DRIVER", "Connection", "Refused",
+    "COORDINATOR", "WORKER", "DRIVER", "Connection", "Refused", "BlobHead", "read_blob_head",
     "SEND_HELLO", "AWAIT_CHALLENGE", "AWAIT_WELCOME", "AWAIT_HELLO", "AWAIT_AUTH", "AUTHENTICATED",
     "OPEN", "CLOSED", "ERROR",
 ]
@@ -165,7 +165,7 @@ FAILED = "FAILED"        #: worker -> coordinator: a task or a load failed
 # crowd; HELLO says role "driver"): workers never send or receive these.
 CROWD = "CROWD"          #: driver -> coordinator: ask for the crowd; coordinator -> driver: the crowd
 JOINED = "JOINED"        #: coordinator -> driver: a worker joined
-LOST = "LOST"            #: coordinator -> driver: a worker is gone
+LOST = "LOST"            #: coordinator -> driver: a worker is gone; driver -> coordinator: drop it
 #: Values of HELLO's optional ``role`` field: who opens the connection.
 ROLES = ("worker", "driver")
 
@@ -449,8 +449,8 @@ def encode_parts(message: Message, *, codec: str = "lz4", shuffle: bool = False,
     for name, blob in message.blobs.items():
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise TypeError(f"blob {name!r} must be bytes, got {type(blob).__name__}")
-        blob_view = memoryview(blob).cast("B")
-        parts += _section(_KIND_BLOB, name, 0, (), blob_view, 1, codec, False)
+        blob_view = memoryview(blob).cast("B")  # uncompressed, so a receiver may stream it (read_blob_head)
+        parts += _section(_KIND_BLOB, name, 0, (), blob_view, 1, "none", False)
     body_len = len(control) + sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
     fixed = _HEADER.pack(MAGIC, version, MESSAGE_TYPES[message.type], 0, body_len,
                          len(control), (len(message.tensors) + len(message.blobs)))
@@ -991,7 +991,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
     AUTH: {"signature": (*_HEX, True), "nonce": (*_HEX, True)},
     WELCOME: {"worker_id": (*_NAME, True), "signature": (*_HEX, True),
               "heartbeat": ((lambda v: _is_number(v) and v > 0), "a number > 0", True),
-              "role": (*_ROLE, False)},
+              "role": (*_ROLE, False),
+              "takes_lost": ((lambda v: type(v) is bool), "true or false", False)},
     REFUSE: {"reason": (*_STR, True)},
     BYE: {"reason": (*_STR, False)},
     PING: {"seq": (*_COUNT, True)},
@@ -1162,6 +1163,67 @@ def frame_length(data: bytes | bytearray | memoryview) -> int:
     return HEADER_SIZE + _HEADER.unpack_from(data)[4]
 
 
+@dataclass
+class BlobHead:
+    """Everything of a one-blob frame but the blob's bytes, which follow it on the wire."""
+
+    #: The frame's message, its blob left out.
+    message: Message
+    #: The blob's name, its length in bytes and its CRC32 (check it once they are in).
+    name: str
+    length: int
+    crc: int
+
+
+def read_blob_head(data: bytes | bytearray | memoryview, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                   versions: Sequence[int] = SUPPORTED_VERSIONS) -> BlobHead | int | None:
+    """Check the start of a frame whose one section is an uncompressed blob, without its bytes.
+
+    A receiver may then write the blob where it belongs (a file) as it
+    arrives instead of holding the whole frame.  Returns how many more bytes
+    the head needs when ``data`` is too short, None when the frame is not
+    one uncompressed blob (decode it whole), and otherwise a
+    :class:`BlobHead`: everything but the blob's bytes checked as
+    :func:`decode` checks it.  Raises :class:`ProtocolError` as decode does.
+
+    >>> frame = encode(Message(LOAD, {"partition": "p0", "sha256": "ab" * 32, "from_cache": False},
+    ...                        blobs={"model": b"weights"}))
+    >>> read_blob_head(frame[:HEADER_SIZE])  # the control part and section header are next
+    141
+    >>> head = read_blob_head(frame[:-7])
+    >>> head.message.header["partition"], head.name, head.length, head.crc == zlib.crc32(b"weights")
+    ('p0', 'model', 7, True)
+    >>> read_blob_head(encode(Message(PING, {"seq": 1}))) is None
+    True
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < HEADER_SIZE:
+        return HEADER_SIZE - len(view)
+    _, _, control_len, count, total = _read_header(view[:HEADER_SIZE], max_frame_bytes, versions)
+    section = HEADER_SIZE + control_len
+    if count != 1:
+        return None
+    if len(view) < section + SECTION_HEADER_SIZE:
+        return section + SECTION_HEADER_SIZE - len(view)
+    kind, _, codec, _, name_len, ndim, _, raw_len, length, crc = _SECTION.unpack_from(view, section)
+    if kind != _KIND_BLOB or codec != _CODEC_CODES["none"]:
+        return None
+    head = section + SECTION_HEADER_SIZE + name_len + 8 * ndim
+    if len(view) < head:
+        return head - len(view)
+    if head + length != total or raw_len != length:
+        raise ProtocolError(f"frame lengths do not add up: a {head}-byte head and a {length}-byte blob "
+                            f"(raw length {raw_len}) are not the {total} bytes announced")
+    # Check the rest as decode does: the same frame with an empty blob.
+    skeleton = bytearray(view[:head])
+    struct.pack_into("<Q", skeleton, 8, head - HEADER_SIZE)
+    struct.pack_into("<QQI", skeleton, section + 8, 0, 0, zlib.crc32(b""))
+    message = decode(skeleton, max_frame_bytes=max_frame_bytes, versions=versions)
+    (name,) = message.blobs
+    del message.blobs[name]
+    return BlobHead(message, name, length, crc)
+
+
 # --------------------------------------------------------------------------
 # The connection state machine (h11-style: bytes in, messages out, no I/O).
 # --------------------------------------------------------------------------
@@ -1184,7 +1246,7 @@ _HEARTBEAT = frozenset({PING, PONG, BYE})
 _TRAFFIC: dict[tuple[str, str], frozenset[str]] = {
     (COORDINATOR, WORKER): frozenset({LOAD, UNLOAD, RUN}),
     (WORKER, COORDINATOR): frozenset({LOADED, UNLOADED, RESULT, FAILED}),
-    (DRIVER, COORDINATOR): frozenset({CROWD, LOAD, UNLOAD, RUN}),
+    (DRIVER, COORDINATOR): frozenset({CROWD, LOAD, UNLOAD, RUN, LOST}),
     (COORDINATOR, DRIVER): frozenset({CROWD, JOINED, LOST, LOADED, UNLOADED, RESULT, FAILED}),
 }
 _NAMES_WORKER = frozenset({LOAD, UNLOAD, RUN, LOADED, UNLOADED, RESULT, FAILED})
@@ -1484,7 +1546,7 @@ class Connection:
         header: dict[str, Any] = {"worker_id": peer_id, "heartbeat": self.heartbeat,
                                   "signature": sign(self._token, self._peer_nonce, role=COORDINATOR)}
         if self.peer_role == DRIVER:
-            header["role"] = DRIVER
+            header.update(role=DRIVER, takes_lost=True)
         self.peer_id = peer_id
         self._queue(Message(WELCOME, header), now)
         self._open()

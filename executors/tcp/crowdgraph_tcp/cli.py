@@ -47,6 +47,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--public-host", default=None,
                    help="host name or address to put in the join URL (default: this machine's LAN address "
                         "when listening on 0.0.0.0)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="with --web: also accept worker pages served from this origin (http(s)://HOST:PORT; "
+                        "repeat for more); the printed join URL's origin is always accepted, no other")
     p.set_defaults(func=cmd_serve)
 
 
@@ -66,7 +69,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web_port = None
     if getattr(args, "web", False):
         from .common import parse_listen
-        from .web import assets_missing
+        from .web import assets_missing, origin_of
+
+        for url in args.allow_origin:
+            origin_of(url)  # refuse a bad one before anything listens
 
         web_port = args.web_port if args.web_port is not None else (parse_listen(args.listen)[1] or -1) + 1
         if assets_missing():
@@ -88,6 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               flush=True)
         if coordinator.web_port is not None:
             join = coordinator.join_url(args.public_host or _public_host(str(coordinator.host)))
+            assert join is not None
+            coordinator.allowed_origins = frozenset(origin_of(url) for url in [join, *args.allow_origin])
             print(f"  phones join at:    {join}", flush=True)
             print("  (the token is in the URL's #fragment: share it only with your own devices)", flush=True)
             _print_qr(join)

@@ -82,6 +82,7 @@ class RemoteExecutor(Executor):
         self._dead: str | None = None
         self._closed = False
         self._link: Link | None = None
+        self._reports_lost = False  # whether the coordinator disconnects a worker this driver reports
         self._loop: IOLoop | None = None
         ready = threading.Event()
         self._thread = threading.Thread(target=self._main, args=(ready,), daemon=True,
@@ -140,7 +141,7 @@ class RemoteExecutor(Executor):
             conn.hello({"name": f"driver@{socket.gethostname()}", "memory_budget": 0, "cores": 1,
                         "platform": f"{sys.platform}-{platform.machine()}", "cached": []}, now=now())
             link.flush()
-            await link.next()  # WELCOME
+            welcome, _ = await link.next()
         except wire.Refused as exc:
             stream.close()
             raise ExecutionError(f"the coordinator at {self.url} refused this driver: {exc}") from None
@@ -151,6 +152,7 @@ class RemoteExecutor(Executor):
             stream.close()
             raise
         self._link, self.id = link, conn.peer_id
+        self._reports_lost = welcome.header.get("takes_lost") is True
         assert conn.heartbeat is not None
         self._ticker = PeriodicCallback(self._tick, conn.heartbeat * 1000 / 4)
         self._ticker.start()
@@ -234,8 +236,10 @@ class RemoteExecutor(Executor):
         if action is None:
             return
         problem = self.bridge.bad_result(worker, action, message)
-        if problem is not None:  # not trusted with more of this driver's tasks
+        if problem is not None:  # not trusted with more tasks: the coordinator disconnects it
             LOG.warning("%s", problem)
+            if self._reports_lost and self._link is not None:
+                self._link.send(Message(wire.LOST, {"worker": worker, "reason": problem}))
             self._forget(worker, problem)
             return
         rec = self.crowd.get(worker)

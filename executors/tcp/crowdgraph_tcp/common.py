@@ -10,6 +10,8 @@ import os
 import ssl
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -27,6 +29,87 @@ TOKEN_ENV = "CROWDGRAPH_TOKEN"
 CAFILE_ENV = "CROWDGRAPH_CAFILE"
 #: Default heartbeat interval in seconds announced in WELCOME.
 DEFAULT_HEARTBEAT = 5.0
+
+
+@dataclass
+class PreAuthLimits:
+    """What connections that have not yet proved the token may hold, in total and per address.
+
+    Before its handshake a peer is anybody who can reach the port, so what
+    it can make the coordinator hold is bounded here: how many such
+    connections are open at once and how many bytes they have sent that
+    are still buffered, each counted in total and per remote address (its
+    host, without the port).  Pure bookkeeping; the coordinator asks
+    :meth:`open` for each new connection, :meth:`charge` for each chunk it
+    is about to read during the handshake, and calls :meth:`close` once the
+    handshake ends, either way.
+
+    >>> limits = PreAuthLimits(connections=3, connections_per_address=2, bytes=100, bytes_per_address=60)
+    >>> limits.open("10.0.0.1"), limits.open("10.0.0.1")
+    (None, None)
+    >>> limits.open("10.0.0.1")
+    'too many connections from 10.0.0.1 are still in their handshake (2, at most 2)'
+    >>> limits.room("10.0.0.1"), limits.charge("10.0.0.1", 50), limits.room("10.0.0.1")
+    (60, None, 10)
+    >>> limits.charge("10.0.0.1", 20)
+    'connections from 10.0.0.1 sent 70 bytes before their handshake ended (at most 60)'
+    >>> limits.close("10.0.0.1", 50); limits.close("10.0.0.1", 0); limits.open("10.0.0.2")
+    """
+
+    #: Connections still in their handshake, all addresses together.
+    connections: int = 512
+    #: ... from one address (a NAT shares one among many phones).
+    connections_per_address: int = 64
+    #: Bytes those connections sent that are still held, all addresses together.
+    bytes: int = 64 * 2**20
+    #: ... from one address; at least one handshake frame (1 MiB) must fit.
+    bytes_per_address: int = 8 * 2**20
+    _open: Counter[str] = field(default_factory=Counter, init=False, repr=False)
+    _held: Counter[str] = field(default_factory=Counter, init=False, repr=False)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections now in their handshake, all addresses together."""
+        return sum(self._open.values())
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes those connections sent that are still held, all addresses together."""
+        return sum(self._held.values())
+
+    def open(self, address: str) -> str | None:
+        """Count a new connection from ``address``; why it is refused (then not counted), or None."""
+        if self.open_connections >= self.connections:
+            return (f"too many connections are still in their handshake ({self.connections}, "
+                    f"at most {self.connections})")
+        if self._open[address] >= self.connections_per_address:
+            return (f"too many connections from {address} are still in their handshake "
+                    f"({self._open[address]}, at most {self.connections_per_address})")
+        self._open[address] += 1
+        return None
+
+    def room(self, address: str) -> int:
+        """Bytes a connection from ``address`` may still be charged before a limit is reached."""
+        return max(0, min(self.bytes - self.held_bytes, self.bytes_per_address - self._held[address]))
+
+    def charge(self, address: str, size: int) -> str | None:
+        """Count ``size`` more bytes held for ``address``; why that is too many (then not counted), or None."""
+        total = self.held_bytes + size
+        if total > self.bytes:
+            return f"connections in their handshake sent {total} bytes (at most {self.bytes} in all)"
+        if self._held[address] + size > self.bytes_per_address:
+            return (f"connections from {address} sent {self._held[address] + size} bytes before their "
+                    f"handshake ended (at most {self.bytes_per_address})")
+        self._held[address] += size
+        return None
+
+    def close(self, address: str, charged: int) -> None:
+        """A connection from ``address`` ended its handshake (or closed): forget it and its ``charged`` bytes."""
+        self._open[address] -= 1
+        self._held[address] -= charged
+        if self._open[address] <= 0:
+            del self._open[address]
+            self._held.pop(address, None)
 
 
 def parse_url(url: str) -> tuple[str, str, int]:

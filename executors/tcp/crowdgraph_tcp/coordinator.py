@@ -42,7 +42,7 @@ from crowdgraph.errors import ProtocolError
 from crowdgraph.wire import Message
 
 from .bridge import Action, take_answer
-from .common import DEFAULT_HEARTBEAT, LOG
+from .common import DEFAULT_HEARTBEAT, LOG, PreAuthLimits
 from .streams import Link, now
 
 __all__ = ["Action", "CacheHold", "Peer", "Listener", "Coordinator"]
@@ -151,6 +151,29 @@ class Listener:
         """A driver is gone."""
 
 
+@dataclass
+class _PreAuthGate:
+    """One connection's share of the coordinator's :class:`PreAuthLimits` while it shakes hands."""
+
+    limits: PreAuthLimits
+    host: str
+    charged: int = 0
+
+    def allow(self, wanted: int) -> int:
+        room = self.limits.room(self.host)
+        if room <= 0:
+            raise ProtocolError(f"connections from {self.host} still in their handshake hold too many bytes "
+                                f"(at most {self.limits.bytes_per_address} per address, {self.limits.bytes} "
+                                "in all); finish the handshake before sending more")
+        return min(wanted, room)
+
+    def charge(self, size: int) -> None:
+        reason = self.limits.charge(self.host, size)
+        if reason is not None:
+            raise ProtocolError(f"{reason}; finish the handshake before sending more")
+        self.charged += size
+
+
 class _Server(TCPServer):
     def __init__(self, coordinator: "Coordinator", ssl_options: Any):
         super().__init__(ssl_options=ssl_options)
@@ -188,13 +211,22 @@ class Coordinator:
         Also serve the browser worker page (:mod:`crowdgraph_tcp.web`) and
         its WebSocket endpoint over HTTP on this port of ``host`` (0: a
         free one); None (the default) serves no page.
+    allowed_origins:
+        The page origins (``http://host:port``) whose WebSockets are
+        accepted on the web port; by default the origin of :attr:`web_url`.
+        A WebSocket without an Origin header, or from any other origin, is
+        refused.
+    preauth:
+        What connections that have not yet proved the token may hold, on
+        both ports together (the defaults of :class:`PreAuthLimits`).
     """
 
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0, *,
                  listener: Listener | None = None, ssl_options: ssl.SSLContext | None = None,
                  heartbeat: float = DEFAULT_HEARTBEAT, handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
-                 codecs: Sequence[str] = wire.CODECS, web_port: int | None = None):
+                 codecs: Sequence[str] = wire.CODECS, web_port: int | None = None,
+                 allowed_origins: Sequence[str] | None = None, preauth: PreAuthLimits | None = None):
         if not token:
             raise ValueError("the coordinator needs a non-empty shared token")
         if heartbeat <= 0:
@@ -213,6 +245,12 @@ class Coordinator:
         self.host, self.port = self._sockets[0].getsockname()[:2]
         self._web_sockets = bind_sockets(web_port, address=host or None) if web_port is not None else []
         self.web_port: int | None = self._web_sockets[0].getsockname()[1] if self._web_sockets else None
+        self.preauth = preauth or PreAuthLimits()
+        self.allowed_origins: frozenset[str] = frozenset()
+        if self.web_url is not None:
+            from .web import origin_of
+
+            self.allowed_origins = frozenset(origin_of(url) for url in allowed_origins or [self.web_url])
         self._loop: IOLoop | None = None
         self._server: _Server | None = None
         self._web_server: Any = None
@@ -267,10 +305,10 @@ class Coordinator:
             if self._web_sockets:
                 from tornado.httpserver import HTTPServer
 
-                from .web import make_app
+                from .web import MAX_REQUEST_BODY, make_app
 
                 self._web_server = HTTPServer(make_app(self), ssl_options=self.ssl_options,
-                                              max_body_size=self.max_frame_bytes,
+                                              max_body_size=MAX_REQUEST_BODY,
                                               max_buffer_size=self.max_frame_bytes + 2**20)
                 self._web_server.add_sockets(self._web_sockets)
             ticker = PeriodicCallback(self._tick, self.heartbeat * 1000 / 4)
@@ -363,12 +401,22 @@ class Coordinator:
             stream.set_nodelay(True)
         except Exception:  # not a TCP socket (tests may use others)
             pass
+        host = address[0] if isinstance(address, tuple) else where
+        refusal = self.preauth.open(host)
+        if refusal is not None:
+            LOG.warning("refused %s: %s", where, refusal)
+            stream.close()
+            return
         conn = wire.Connection(wire.COORDINATOR, token=self.token, now=now(), heartbeat=self.heartbeat,
                                codecs=self.codecs, max_frame_bytes=self.max_frame_bytes,
                                handshake_timeout=self.handshake_timeout, admit=self._admit)
         link = Link(stream, conn)
+        gate = _PreAuthGate(self.preauth, host)
+        charge_to = getattr(stream, "charge_to", None)
         try:
-            hello, _ = await asyncio.wait_for(link.next(), conn.handshake_deadline - now())
+            if charge_to is not None:  # a WebSocket: each message is charged as it arrives, whole
+                charge_to(gate)
+            hello, _ = await asyncio.wait_for(link.next(None if charge_to else gate), conn.handshake_deadline - now())
         except asyncio.TimeoutError:
             LOG.warning("closing %s: the handshake did not complete within %.0f s", where, self.handshake_timeout)
             stream.close()
@@ -387,6 +435,11 @@ class Coordinator:
             LOG.exception("closing %s: unexpected error during the handshake", where)
             stream.close()
             return
+        finally:
+            self.preauth.close(host, gate.charged)
+        authenticated = getattr(stream, "authenticated", None)
+        if authenticated is not None:  # a WebSocket: from now on frames up to max_frame_bytes
+            authenticated(self.max_frame_bytes)
         driver = conn.peer_role == wire.DRIVER
         peer = Peer(f"{'d' if driver else 'w'}{next(self._ids)}", where, link,
                     cached=set() if driver else set(hello.header.get("cached", [])))
@@ -418,6 +471,8 @@ class Coordinator:
                                clean=True)
                 elif peer.role == wire.WORKER:
                     self._on_reply(peer, message, size)
+                elif message.type == wire.LOST:
+                    self._expel(peer, message.header["worker"], message.header["reason"])
                 else:
                     self._notify(self.listener.driver_message, peer, message, size)
         except StreamClosedError:
@@ -437,6 +492,17 @@ class Coordinator:
             fn(*args)
         except Exception:
             LOG.exception("listener %s failed", getattr(fn, "__name__", fn))
+
+    def _expel(self, driver: Peer, worker_id: str, reason: str) -> None:
+        """A driver found ``worker_id`` broke the rules (a result that fails its checks): disconnect it.
+
+        Otherwise it would stay in the crowd and every other driver would
+        give it tasks; each driver hears of it with LOST, as of any loss.
+        """
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            LOG.warning("driver %s reports worker %s: %s", driver.id, worker_id, reason)
+            self.drop(worker, f"{reason} (reported by driver {driver.id})")
 
     def drop(self, peer: Peer, reason: str) -> None:
         """Say BYE to ``peer`` with ``reason`` and lose it (IOLoop thread): it broke the rules."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
@@ -33,6 +33,16 @@ def now() -> float:
     return time.perf_counter()
 
 
+class Gate(Protocol):
+    """What bytes a connection may still read (the pre-handshake limits, see :class:`~crowdgraph_tcp.common.PreAuthLimits`)."""
+
+    def allow(self, wanted: int) -> int:
+        """How many of ``wanted`` bytes may be read now (at least 1); raises ProtocolError when none."""
+
+    def charge(self, size: int) -> None:
+        """``size`` bytes were read; raises ProtocolError when they are more than allowed."""
+
+
 class Link:
     """One connection: ``stream`` carries the bytes, ``conn`` keeps the protocol's rules."""
 
@@ -40,15 +50,19 @@ class Link:
         self.stream = stream
         self.conn = conn
 
-    async def next(self) -> tuple[wire.Message, int]:
+    async def next(self, gate: Gate | None = None) -> tuple[wire.Message, int]:
         """The next message the caller must act on, and its size on the wire in bytes.
 
         Raises :class:`~crowdgraph.errors.ProtocolError` for bad bytes or
         order (:meth:`drain` the frame saying why, then close) and
         :class:`tornado.iostream.StreamClosedError` when the peer closed.
+        With a ``gate``, no read exceeds what it allows, and each is charged to it.
         """
         while True:
-            chunk = await self.stream.read_bytes(min(self.conn.needed, CHUNK), partial=True)
+            wanted = min(self.conn.needed, CHUNK)
+            chunk = await self.stream.read_bytes(wanted if gate is None else gate.allow(wanted), partial=True)
+            if gate is not None:
+                gate.charge(len(chunk))
             if len(chunk) == self.conn.needed and self.conn.buffered + len(chunk) > OFF_LOOP_BYTES:
                 # A large frame is complete: decode it off the loop, which goes on
                 # answering heartbeats and serving the other connections meanwhile.

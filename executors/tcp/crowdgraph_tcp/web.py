@@ -39,9 +39,10 @@ import tornado.websocket
 from tornado.iostream import StreamClosedError
 
 from crowdgraph import wire
-from crowdgraph.errors import ProtocolError
+from crowdgraph.errors import InputError, ProtocolError
 
 from .common import LOG
+from .streams import Gate
 
 __all__ = ["WEB_ROOT", "ORT_DIST", "ORT_FILES", "WebSocketStream", "make_app", "join_url", "assets_missing",
            "BROWSER_RUNTIME_BYTES", "BROWSER_MODEL_FACTOR"]
@@ -59,6 +60,8 @@ PAGE_FILES = ("index.html", "worker.mjs", "compute.mjs", "proto.mjs")
 BROWSER_RUNTIME_BYTES = 80_000_000
 #: How many times a partition's estimated resident bytes a tab really spends (docs/browser.md).
 BROWSER_MODEL_FACTOR = 3
+#: Largest HTTP request body the web port reads: the page sends none, so anything larger is refused unread.
+MAX_REQUEST_BODY = 4096
 
 _HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
@@ -91,6 +94,27 @@ def join_url(host: str, port: int, token: bytes, *, tls: bool = False, threads: 
     from urllib.parse import quote
 
     return f"{'https' if tls else 'http'}://{host}:{port}/{query}#token={quote(token.decode('utf-8'), safe='')}"
+
+
+def origin_of(url: str) -> str:
+    """The origin (``scheme://host:port``, lower case) a browser sends for a page at ``url``.
+
+    >>> origin_of("http://192.168.1.5:8787/?threads=2#token=s3cret")
+    'http://192.168.1.5:8787'
+    >>> origin_of("HTTPS://Phone-Farm.local:443/"), origin_of("http://[::1]:80")  # default ports go
+    ('https://phone-farm.local', 'http://[::1]')
+    """
+    parts = urlsplit(url.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or port == -1:
+        raise InputError(f"cannot read an origin from {url!r}; write http://HOST:PORT (or https://HOST:PORT)")
+    scheme = parts.scheme.lower()
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443}[scheme]
+    return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 class _Base(tornado.web.RequestHandler):
@@ -161,26 +185,61 @@ class WebSocketStream:
         self.handler = handler
         self._incoming: deque[bytes] = deque()
         self._buffer = bytearray()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None  # the coordinator waits for a message
+        self._read: asyncio.Future[None] | None = None  # the handler waits for it to be read
         self._out = bytearray()
         self._closed = False
+        self._gate: Gate | None = None
         self.error: BaseException | None = None
 
     # -- what the handler feeds in
-    def feed(self, data: bytes) -> None:
+    async def feed(self, data: bytes) -> None:
+        """Queue one received message; return once the coordinator has read all of it.
+
+        The handler awaits this before tornado reads the next message, so a
+        connection never holds more than one unread message.
+        """
+        if self._gate is not None:
+            try:
+                self._gate.charge(len(data))
+            except ProtocolError as exc:  # over the limits: dropped unqueued, and the connection ends
+                self.error = exc
+                self._wake()
+                return
         if len(data) < wire.HEADER_SIZE or wire.frame_length(data) != len(data):
             self.error = ProtocolError(f"a WebSocket message must hold exactly one frame ({len(data)} bytes "
                                        "do not)") if data[:4] == wire.MAGIC or len(data) < 4 else None
         self._incoming.append(bytes(data))
         self._wake()
+        while (self._incoming or self._buffer) and not self._closed and self.error is None:
+            self._read = asyncio.get_running_loop().create_future()
+            await self._read
 
     def lost(self) -> None:
         self._closed = True
         self._wake()
 
+    def charge_to(self, gate: Gate) -> None:
+        """Until the handshake ends, charge each message to ``gate`` as it arrives (those queued already too).
+
+        Tornado has read a message whole before it is handed over, so it is
+        charged then, not when the coordinator reads it as a TCP stream is.
+        """
+        self._gate = gate
+        for data in self._incoming:
+            gate.charge(len(data))
+
+    def authenticated(self, max_frame_bytes: int) -> None:
+        """The peer proved the token: accept messages up to ``max_frame_bytes`` from now on, uncharged."""
+        self._gate = None
+        connection = self.handler.ws_connection
+        if connection is not None:  # tornado reads the limit for each message from its params
+            connection.params.max_message_size = int(max_frame_bytes)
+
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        for future in (self._waiter, self._read):
+            if future is not None and not future.done():
+                future.set_result(None)
 
     # -- the IOStream subset the coordinator uses
     async def read_bytes(self, num_bytes: int, partial: bool = False) -> bytes:
@@ -196,6 +255,8 @@ class WebSocketStream:
             await self._waiter
         chunk = bytes(self._buffer[:num_bytes])
         del self._buffer[:num_bytes]
+        if not self._buffer and not self._incoming:
+            self._wake()
         return chunk
 
     def write(self, data: Any) -> "asyncio.Future[None]":
@@ -243,33 +304,47 @@ class _WorkerSocket(tornado.websocket.WebSocketHandler):
         for k, v in _HEADERS.items():
             self.set_header(k, v)
 
+    def prepare(self) -> None:
+        """Only pages from the allowed origins (``Coordinator.allowed_origins``) may open a WebSocket.
+
+        A missing Origin header is refused (every browser sends one; only
+        a page can join).  Neither the request's own Host nor the browser's
+        ``Sec-Fetch-Site`` is trusted: a DNS-rebinding page names this
+        coordinator's address under its own host name, and to the browser
+        that is the same origin.
+        """
+        origin = self.request.headers.get("Origin")
+        allowed = self.coordinator.allowed_origins
+        if origin is None or origin.lower() not in allowed:
+            LOG.warning("refused a WebSocket from %s with %s (allowed: %s); add an origin with --allow-origin",
+                        self.request.remote_ip, f"origin {origin!r}" if origin else "no Origin header",
+                        ", ".join(sorted(allowed)) or "none")
+            raise tornado.web.HTTPError(403, reason="a WebSocket must come from an allowed page origin")
+
     def check_origin(self, origin: str) -> bool:
-        """Only the page this coordinator serves: the Origin's host:port must be this request's Host."""
-        parts = urlsplit(origin)
-        ok = parts.scheme in ("http", "https") and parts.netloc.lower() == self.request.host.lower()
-        if not ok:
-            LOG.warning("refused a WebSocket from origin %r (this coordinator serves %s)", origin, self.request.host)
-        return ok
+        """The origin was checked in :meth:`prepare`, strictly; tornado's own looser check is not wanted."""
+        return True
 
     def get_compression_options(self) -> None:
         return None  # frames carry their own codec
 
     @property
     def max_message_size(self) -> int:  # type: ignore[override]
-        return int(self.coordinator.max_frame_bytes)
+        """Before the handshake, the TCP port's limit; :meth:`WebSocketStream.authenticated` raises it."""
+        return wire.HANDSHAKE_MAX_FRAME_BYTES
 
     def open(self) -> None:
         self.stream_adapter = WebSocketStream(self)
         ip = self.request.remote_ip
         self.coordinator._spawn(self.coordinator._handle(self.stream_adapter, (ip, "ws")))
 
-    def on_message(self, message: Any) -> None:
+    async def on_message(self, message: Any) -> None:
         assert self.stream_adapter is not None
         if isinstance(message, str):
             self.stream_adapter.error = ProtocolError("text WebSocket messages are not used; send binary frames")
             self.stream_adapter._wake()
             return
-        self.stream_adapter.feed(message)
+        await self.stream_adapter.feed(message)
 
     def on_close(self) -> None:
         if self.stream_adapter is not None:

@@ -4,8 +4,10 @@ It connects *out* to a coordinator (so it works behind NAT), proves it
 knows the shared token, and then does what the coordinator says:
 
 * ``LOAD``: take the partition from the local cache (its sha256 checked
-  first) or from the bytes sent along (checked, then stored in the cache
-  as ``<sha256>.onnx``), drop whatever was loaded before, and open the
+  first) or from the bytes sent along (written to the cache as they
+  arrive, never held whole in memory, then checked and stored as
+  ``<sha256>.onnx``; a partition larger than the worker's budget is
+  refused unkept), drop whatever was loaded before, and open the
   partition *from the file* through :func:`crowdgraph.runtime.open_session`;
 * ``UNLOAD``: drop the session and hand the memory back to the OS;
 * ``RUN``: run one task and send back its outputs with the peak RSS since
@@ -43,9 +45,11 @@ import socket
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from crowdgraph import wire
 from crowdgraph.cli import Parser, byte_size, positive_int
@@ -62,6 +66,12 @@ __all__ = ["PartitionCache", "Agent", "main"]
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 #: Largest read from the socket at once.
 CHUNK = 1 << 20
+#: Frames larger than this are decoded on a thread, so the loop keeps answering heartbeats.
+OFF_LOOP_BYTES = 1 << 20
+#: Initializers smaller than this stay inline in a stored partition (as onnx's ``size_threshold``).
+INLINE_BYTES = 1024
+#: A LOAD frame larger than this streams its partition into the cache as it arrives.
+STREAM_BYTES = 1 << 20
 #: Most cached digests announced in HELLO (keeps HELLO far below the 1 MiB handshake limit).
 MAX_ANNOUNCED = 10_000
 #: Exit codes.
@@ -105,13 +115,19 @@ class PartitionCache:
     ...     w = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [n], [0.5] * n)
     ...     return onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], [w])).SerializeToString()
     >>> cache = PartitionCache(tempfile.mkdtemp(), max_bytes=800)
+    >>> def receive(data: bytes) -> Path:
+    ...     path, out = cache.stage()
+    ...     with out:
+    ...         _ = out.write(data)
+    ...     return path
     >>> small, large = partition(100), partition(120)
     >>> sha = hashlib.sha256(small).hexdigest()
-    >>> cache.put(sha, [small]).name == sha + ".onnx", cache.digests() == [sha]
-    (True, True)
-    >>> onnx.load(cache.get(sha)).graph.initializer[0].float_data[:2]
+    >>> path, kept = cache.put(sha, receive(small))
+    >>> path.name == sha + ".onnx", kept, cache.digests() == [sha]
+    (True, True, True)
+    >>> onnx.load(str(cache.get(sha))).graph.initializer[0].float_data[:2]
     [0.5, 0.5]
-    >>> cache.put(hashlib.sha256(large).hexdigest(), [large]) is not None  # evicts
+    >>> cache.put(hashlib.sha256(large).hexdigest(), receive(large))[1]  # evicts the other
     True
     >>> sha in cache.digests(), cache.get(sha)
     (False, None)
@@ -154,14 +170,7 @@ class PartitionCache:
 
     def _external_data_problem(self, sha256: str) -> str | None:
         """Why the stored model of ``sha256`` may not be opened (see :func:`external_data_problem`)."""
-        import onnx
-
-        data = self.folder / f"{sha256}.onnx.data"
-        try:
-            model = onnx.load(str(self.folder / f"{sha256}.onnx"), load_external_data=False)
-            return external_data_problem(model, data.name, data.stat().st_size if data.is_file() else 0)
-        except Exception as exc:  # unreadable or not a model
-            return f"the stored model cannot be read ({exc})"
+        return _stored_model_problem(self.folder / f"{sha256}.onnx", self.folder / f"{sha256}.onnx.data")
 
     def _entries(self) -> list[tuple[float, int, str]]:
         """(last use, bytes, sha256) of every finished entry, least recently used first."""
@@ -201,39 +210,66 @@ class PartitionCache:
         for path in self.folder.glob(f"{sha256}*"):
             _remove(path)
 
-    def put(self, sha256: str, holder: list[bytes]) -> Path | None:
-        """Store the model bytes in ``holder`` (checked to hash to ``sha256``); return its file.
+    def stage(self) -> tuple[Path, BinaryIO]:
+        """A new file in the cache folder to receive a partition's bytes into, open for writing.
 
-        ``holder`` is a one-item list, emptied as soon as the bytes are no
-        longer needed (so they are freed before onnxruntime opens the file).
-        Returns None, leaving ``holder`` as it was, when the bytes exceed the
-        cache's size.  The weights go to a separate data file; ValueError,
-        with nothing written, when the model refers to any external data.
+        Whatever is left of it (a worker killed while receiving) is removed
+        when a cache opens the folder; :meth:`put` consumes it.
         """
-        size = len(holder[0])
-        if size > self.max_bytes:
-            return None
-        self.remove(sha256)
-        entries = self._entries()
-        total = sum(used for _, used, _ in entries)
-        for _, used, old in entries:
-            if total + size <= self.max_bytes:
-                break
-            self.remove(old)
-            total -= used
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
+        fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".received", dir=self.folder)
+        return Path(name), os.fdopen(fd, "wb")
+
+    def put(self, sha256: str, received: Path) -> tuple[Path, bool]:
+        """Store the partition received into ``received`` (a :meth:`stage` file, consumed); return its file.
+
+        The graph goes to ``<sha256>.onnx`` and its weights, streamed through
+        in chunks, to ``<sha256>.onnx.data`` (:func:`externalize`), so no
+        more than one weight at a time is ever in memory.  Also returns
+        whether the entry stays: one larger than the whole cache is removed
+        as soon as :meth:`remove` is called after its session opened.
+        Raises ValueError, with nothing of it entering the cache, when the
+        model refers to any external data or is not a model.
+        """
         try:
-            model_path = staging / f"{sha256}.onnx"
-            _write_external(holder, model_path, f"{sha256}.onnx.data")
-            files = {p.name: file_sha256(p) for p in staging.iterdir()}
-            for name in files:
-                os.replace(staging / name, self.folder / name)
-            tmp = staging / "manifest"
-            tmp.write_text(json.dumps({"format": 1, "sha256": sha256, "files": files}))
-            os.replace(tmp, self.folder / f"{sha256}.json")
+            size = received.stat().st_size
+            self.remove(sha256)
+            entries = self._entries()
+            total = sum(used for _, used, _ in entries)
+            for _, used, old in entries:
+                if total + size <= self.max_bytes:
+                    break
+                self.remove(old)
+                total -= used
+            staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
+            try:
+                model, data = staging / f"{sha256}.onnx", staging / f"{sha256}.onnx.data"
+                externalize(received, model, data)
+                received.unlink()
+                problem = _stored_model_problem(model, data)
+                if problem is not None:  # refused before it enters the cache
+                    raise ValueError(f"refusing the partition: {problem}")
+                files = {p.name: file_sha256(p) for p in staging.iterdir()}
+                for name in files:
+                    os.replace(staging / name, self.folder / name)
+                tmp = staging / "manifest"
+                tmp.write_text(json.dumps({"format": 1, "sha256": sha256, "files": files}))
+                os.replace(tmp, self.folder / f"{sha256}.json")
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return self.folder / f"{sha256}.onnx"
+            _remove(received)
+        return self.folder / f"{sha256}.onnx", size <= self.max_bytes
+
+
+def _stored_model_problem(model_path: Path, data_path: Path) -> str | None:
+    """Why the model at ``model_path``, with its weights in ``data_path``, may not be opened, or None."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+        return external_data_problem(model, data_path.name, data_path.stat().st_size if data_path.is_file() else 0)
+    except Exception as exc:  # unreadable or not a model
+        return f"the stored model cannot be read ({exc})"
 
 
 def _tensors(graph: Any) -> Iterator[Any]:
@@ -303,37 +339,130 @@ def external_data_problem(model: Any, location: str | None = None, data_bytes: i
     return None
 
 
-def parse_received(data: bytes) -> Any:
-    """Parse a received partition; ValueError when it refers to any external data.
+# Field numbers of onnx.proto that the rewrite below walks through.
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+_TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 9, 13, 14
+_LENGTH_DELIMITED = 2
 
-    A partition travels with its weights inline, so an external-data
-    reference in it can only point at files that are not its own.
+
+def _varint(value: int) -> bytes:
+    """``value`` as a protobuf varint.
+
+    >>> _varint(1), _varint(300)
+    (b'\\x01', b'\\xac\\x02')
     """
-    import onnx
-
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except Exception as exc:  # protobuf's DecodeError
-        raise ValueError(f"the bytes received are not an ONNX model ({exc}); refusing them") from None
-    problem = external_data_problem(model)
-    if problem is not None:
-        raise ValueError(f"refusing the partition: {problem}")
-    return model
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
-def _write_external(holder: list[bytes], path: Path, location: str) -> None:
-    """Write the model in ``holder`` to ``path`` with its weights in ``location`` beside it.
+def _read_varint(f: BinaryIO) -> int:
+    value = shift = 0
+    while shift < 64:
+        byte = f.read(1)
+        if not byte:
+            raise ValueError("the model ends inside a field")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+    raise ValueError("the model holds a varint longer than 64 bits")
 
-    Raises ValueError, having written nothing, when the received model
-    already refers to external data (see :func:`parse_received`).
+
+def _fields(f: BinaryIO, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, start of its key, start of its value, end) of each protobuf field in ``f[start:stop]``."""
+    f.seek(start)
+    while f.tell() < stop:
+        begin = f.tell()
+        key = _read_varint(f)
+        kind = key & 7
+        if kind == 0:
+            _read_varint(f)
+        elif kind in (1, 5):
+            f.seek(8 if kind == 1 else 4, os.SEEK_CUR)
+        elif kind == _LENGTH_DELIMITED:
+            length = _read_varint(f)
+            f.seek(length, os.SEEK_CUR)
+        else:
+            raise ValueError(f"the model holds a field of wire type {kind}, which ONNX does not use")
+        end = f.tell()
+        if end > stop:
+            raise ValueError("a field of the model runs past its end")
+        yield key >> 3, begin, end - (length if kind == _LENGTH_DELIMITED else 0), end
+        f.seek(end)
+
+
+def _read_range(f: BinaryIO, start: int, stop: int) -> bytes:
+    f.seek(start)
+    return f.read(stop - start)
+
+
+def _externalize_tensor(f: BinaryIO, start: int, stop: int, data: BinaryIO, location: str) -> bytes:
+    """A TensorProto from ``f[start:stop]`` whose raw data is copied, in chunks, to the end of ``data``."""
+    kept, raw, external = [], None, False
+    for number, begin, value, end in _fields(f, start, stop):
+        external |= number in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION)
+        if number == _TENSOR_RAW_DATA:
+            raw = (value, end)
+        else:
+            kept.append(_read_range(f, begin, end))
+    if raw is None or raw[1] - raw[0] < INLINE_BYTES or external:
+        # As it came: onnxruntime reads shapes and axes only inline, and a tensor that already
+        # refers to external data is left for external_data_problem to name and refuse.
+        return _read_range(f, start, stop)
+    offset = data.tell()
+    f.seek(raw[0])
+    for left in range(raw[1] - raw[0], 0, -CHUNK):
+        data.write(f.read(min(left, CHUNK)))
+    for key, text in (("location", location), ("offset", str(offset)), ("length", str(raw[1] - raw[0]))):
+        entry = b"\x0a" + _varint(len(key)) + key.encode() + b"\x12" + _varint(len(text)) + text.encode()
+        kept.append(_varint(_TENSOR_EXTERNAL_DATA << 3 | _LENGTH_DELIMITED) + _varint(len(entry)) + entry)
+    kept.append(_varint(_TENSOR_DATA_LOCATION << 3) + _varint(1))  # TensorProto.EXTERNAL
+    return b"".join(kept)
+
+
+def _rewrite(f: BinaryIO, start: int, stop: int, data: BinaryIO, location: str, path: tuple[int, ...]) -> bytes:
+    """The message in ``f[start:stop]`` with every tensor at field ``path`` externalized."""
+    out = []
+    for number, begin, value, end in _fields(f, start, stop):
+        if number != path[0]:
+            out.append(_read_range(f, begin, end))
+            continue
+        inner = (_externalize_tensor(f, value, end, data, location) if len(path) == 1
+                 else _rewrite(f, value, end, data, location, path[1:]))
+        out.append(_varint(number << 3 | _LENGTH_DELIMITED) + _varint(len(inner)) + inner)
+        f.seek(end)
+    return b"".join(out)
+
+
+def externalize(received: Path, model_path: Path, data_path: Path) -> None:
+    """Rewrite the ONNX model in ``received`` into ``model_path`` with its initializers' bytes in ``data_path``.
+
+    A streaming rewrite of the protobuf: each initializer's raw bytes are
+    copied from file to file in chunks, so the weights are never held in
+    memory (parsing the model, as :func:`onnx.load` does, would hold them
+    twice: once as bytes, once parsed).  Every tensor it moves refers to
+    ``data_path``'s plain name; the rest is copied as it came, so a caller
+    must check the result (:func:`external_data_problem`) before anything
+    opens it.  Raises ValueError when the bytes are not a protobuf.
+
+    >>> import onnx, tempfile
+    >>> w = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [1024], bytes(4096), raw=True)
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "in.onnx").write_bytes(onnx.helper.make_model(
+    ...     onnx.helper.make_graph([], "g", [], [], [w])).SerializeToString())
+    >>> externalize(folder / "in.onnx", folder / "m.onnx", folder / "m.onnx.data")
+    >>> stored = onnx.load(str(folder / "m.onnx"), load_external_data=False).graph.initializer[0]
+    >>> [(e.key, e.value) for e in stored.external_data], (folder / "m.onnx.data").stat().st_size
+    ([('location', 'm.onnx.data'), ('offset', '0'), ('length', '4096')], 4096)
     """
-    import onnx
-
-    model = parse_received(holder[0])
-    holder.clear()  # the parsed model holds the weights now; free the bytes
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=1024)
+    with open(received, "rb") as f, open(data_path, "wb") as data:
+        model = _rewrite(f, 0, os.fstat(f.fileno()).st_size, data, data_path.name,
+                         (_MODEL_GRAPH, _GRAPH_INITIALIZER))
+    model_path.write_bytes(model)
 
 
 def _remove(path: Path) -> None:
@@ -344,6 +473,25 @@ def _remove(path: Path) -> None:
             path.unlink()
     except OSError:
         pass
+
+
+@dataclass
+class ReceivedModel:
+    """A partition's bytes as a LOAD brought them: in a file :meth:`PartitionCache.stage` made, or not kept."""
+
+    #: Bytes the coordinator sent.
+    size: int
+    #: Their sha256 ("" when they were not kept).
+    sha256: str
+    #: The file holding them; None when they were refused unread (more than the budget).
+    path: Path | None
+
+
+async def _read_exactly(reader: asyncio.StreamReader, size: int) -> bytes:
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise _Lost("the coordinator closed the connection") from None
 
 
 class _Lost(Exception):
@@ -434,11 +582,8 @@ class Agent:
         async def next_message() -> Message:
             """The next message to act on; what the connection answers itself is written at once."""
             while not inbox:
-                data = await reader.read(CHUNK)
-                if not data:
-                    raise _Lost("the coordinator closed the connection")
                 try:
-                    inbox.extend(conn.receive_data(data, now=time.monotonic()))
+                    inbox.extend(conn.take_frames(await self._receive(reader, conn), now=time.monotonic()))
                 finally:
                     writer.writelines(conn.data_to_send())
             return inbox.pop(0)
@@ -509,6 +654,71 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
             pool.shutdown(wait=False, cancel_futures=True)
 
+    async def _receive(self, reader: asyncio.StreamReader, conn: wire.Connection) -> list[Message]:
+        """Read from the coordinator; return the frames completed (for ``conn.take_frames``).
+
+        Each read stops at the end of the frame being received.  A large
+        frame is decoded on a thread, and a large LOAD never sits in memory
+        whole: its partition is written to the cache as it arrives
+        (:meth:`_stream_load`).
+        """
+        if conn.state == wire.OPEN and conn.buffered == 0:
+            head = await _read_exactly(reader, wire.HEADER_SIZE)
+            if head[:4] == wire.MAGIC and wire.frame_length(head) > STREAM_BYTES:
+                try:
+                    return await self._stream_load(head, reader, conn)
+                except ProtocolError as exc:  # the coordinator is told why, as the decoder would
+                    conn.goodbye(f"protocol error: {exc}", now=time.monotonic())
+                    raise
+            data = head
+        else:
+            data = await reader.read(min(conn.needed, CHUNK))
+            if not data:
+                raise _Lost("the coordinator closed the connection")
+        if len(data) == conn.needed and conn.buffered + len(data) > OFF_LOOP_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(None, conn.decode_frames, data)
+        return conn.decode_frames(data)
+
+    async def _stream_load(self, data: bytes, reader: asyncio.StreamReader, conn: wire.Connection) -> list[Message]:
+        """A large frame whose fixed header is ``data``: a LOAD's partition goes straight to a cache file.
+
+        The partition's bytes are hashed as they arrive and written to a
+        file the cache then takes (:meth:`PartitionCache.put`), so the
+        worker never holds them in memory; a partition larger than this
+        worker's budget is read off the socket and dropped, unkept, and its
+        LOAD answered with FAILED.  Any other frame is decoded as usual.
+        """
+        head = wire.read_blob_head(data, max_frame_bytes=conn.max_frame_bytes)
+        while isinstance(head, int):  # how many more bytes the head needs
+            data += await _read_exactly(reader, head)
+            head = wire.read_blob_head(data, max_frame_bytes=conn.max_frame_bytes)
+        if head is None or head.message.type != wire.LOAD or head.name != "model":
+            frames = conn.decode_frames(data)
+            while conn.buffered:  # the rest of the frame, the usual way
+                frames += await self._receive(reader, conn)
+            return frames
+        digest, crc = hashlib.sha256(), 0
+        path, out = self.cache.stage() if head.length <= self.memory else (None, None)
+        try:
+            for left in range(head.length, 0, -CHUNK):
+                chunk = await _read_exactly(reader, min(left, CHUNK))
+                conn.take_frames([], now=time.monotonic())  # a sign of life, for the heartbeat
+                crc = zlib.crc32(chunk, crc)
+                if out is not None:
+                    digest.update(chunk)
+                    out.write(chunk)
+            if crc != head.crc:
+                raise ProtocolError(f"LOAD blob {head.name!r}: CRC32 mismatch, the bytes were corrupted in transit")
+        except BaseException:
+            if path is not None:
+                _remove(path)
+            raise
+        finally:
+            if out is not None:
+                out.close()
+        head.message.blobs["model"] = ReceivedModel(head.length, digest.hexdigest() if path else "", path)
+        return [head.message]
+
     # -- the work (compute thread) -------------------------------------------
 
     def handle(self, message: Message) -> tuple[str, list[Any]]:
@@ -536,7 +746,7 @@ class Agent:
         h = message.header
         name, sha = h["partition"], h["sha256"]
         start = time.perf_counter()
-        source: Path | bytes | None
+        keep = True
         if h["from_cache"]:
             source = self.cache.get(sha)
             if source is None:
@@ -544,24 +754,41 @@ class Agent:
                                         "send its bytes")
             self.resident.unload()
         else:
-            data = message.blobs.pop("model")
-            if hashlib.sha256(data).hexdigest() != sha:
-                raise ValueError(f"the bytes received for partition {name} do not hash to its sha256 "
-                                 f"{sha[:12]}...; refusing to load them")
-            self.resident.unload()
-            holder = [data]
-            del data
-            source = self.cache.put(sha, holder)
-            if source is None:  # larger than the whole cache: open it from memory
-                parse_received(holder[0])
-                source = holder.pop()
+            received = self._received(message.blobs.pop("model"))
+            try:
+                if received.size > self.memory:
+                    raise ValueError(f"partition {name} is {format_bytes(received.size)}, more than this worker's "
+                                     f"budget of {format_bytes(self.memory)}; it was refused and not kept")
+                if received.sha256 != sha:
+                    raise ValueError(f"the bytes received for partition {name} do not hash to its sha256 "
+                                     f"{sha[:12]}...; refusing to load them")
+                self.resident.unload()
+                assert received.path is not None
+                source, keep = self.cache.put(sha, received.path)
+            finally:
+                if received.path is not None:
+                    _remove(received.path)
         gc.collect()
         release_memory()
         reset_peak_rss()
-        self.resident.load(source, name, sha)
-        del source
+        try:
+            self.resident.load(str(source), name, sha)
+        finally:
+            if not keep:  # larger than the whole cache: it served to open the session only
+                self.cache.remove(sha)
         return Message(wire.LOADED, {"partition": name, "sha256": sha, "seconds": time.perf_counter() - start,
                                      "rss": current_rss()})
+
+    def _received(self, model: ReceivedModel | bytes) -> ReceivedModel:
+        """The bytes of a LOAD that came whole (a small frame) staged like a streamed one."""
+        if isinstance(model, ReceivedModel):
+            return model
+        if len(model) > self.memory:
+            return ReceivedModel(len(model), "", None)
+        path, out = self.cache.stage()
+        with out:
+            out.write(model)
+        return ReceivedModel(len(model), hashlib.sha256(model).hexdigest(), path)
 
     def _run(self, message: Message) -> Message:
         h = message.header

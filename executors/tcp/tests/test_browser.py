@@ -222,6 +222,8 @@ def test_the_worker_page_renders_what_the_protocol_says(crowd, tmp_path):
     assert state["workerId"] in ex.coordinator.workers
     assert ex.coordinator.workers[state["workerId"]].memory == state["announced"]
     assert ex.coordinator.workers[state["workerId"]].hello["platform"] == "browser-wasm"
+    # The token was read once, then scrubbed from the URL; nothing keeps it but the page's own script.
+    assert page.eval("location.href").endswith("/?memory=600") and page.eval("sessionStorage.length") == 0
     shot = page.screenshot(tmp_path / "worker-page.png")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 2000
 

@@ -7,6 +7,7 @@ the other side refuses it with a clear answer and keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -87,7 +88,7 @@ def sandbox(tmp_path):
 @pytest.mark.parametrize("where", ["initializer", "constant", "subgraph"])
 @pytest.mark.parametrize("location", ["ABSOLUTE", "../../outside.txt", "../.bashrc", "sub/dir.data",
                                       "OWN", "OWN+RANGE"])
-def test_a_partition_referring_to_external_data_is_refused_before_anything_is_written(sandbox, where, location):
+def test_a_partition_referring_to_external_data_is_refused_and_nothing_of_it_is_kept(sandbox, where, location):
     agent, root, cache_dir = sandbox
     extra = {}
     if location == "ABSOLUTE":
@@ -103,9 +104,10 @@ def test_a_partition_referring_to_external_data_is_refused_before_anything_is_wr
     assert agent.cache.digests() == [] and agent.resident.session is None
 
 
-def test_the_refusal_names_the_tensor_and_the_place(sandbox):
+@pytest.mark.parametrize("where", ["initializer", "constant"])
+def test_the_refusal_names_the_tensor_and_the_place(sandbox, where):
     agent, root, _ = sandbox
-    answer = _load(agent, _partition("constant", "../.bashrc"))
+    answer = _load(agent, _partition(where, "../.bashrc"))
     assert "tensor 'w' refers to external data at '../.bashrc'" in answer.header["error"]
 
 
@@ -175,13 +177,20 @@ def _answers(sock: socket.socket) -> list[Message]:
     return wire.FrameDecoder().feed(data)
 
 
-def test_a_worker_given_a_partition_named_with_a_lone_surrogate_says_why_and_exits_cleanly(tmp_path, tcp_helpers):
+@contextlib.contextmanager
+def _worker_of(tmp_path, tcp_helpers, memory: str = "64MB"):
+    """A real crowdgraph-worker process joined to this test, which plays its coordinator.
+
+    Yields ``(proc, sock, conn)``: the worker's process, the socket to it and
+    the coordinator's side of the connection, open.
+    """
     token = b"hostile-test-token"
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(30)
         proc = subprocess.Popen(
             [sys.executable, "-m", "crowdgraph_tcp.worker", f"tcp://127.0.0.1:{server.getsockname()[1]}",
-             "--token", token.decode(), "--memory", "64MB", "--cache-dir", str(tmp_path / "cache")],
+             "--token", token.decode(), "--memory", memory, "--cache-dir", str(tmp_path / "cache"),
+             "--threads", "1"],
             env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             sock, _ = server.accept()
@@ -192,15 +201,67 @@ def test_a_worker_given_a_partition_named_with_a_lone_surrogate_says_why_and_exi
                     sock.sendall(b"".join(conn.data_to_send()))
                 conn.welcome("w1", now=time.monotonic())
                 sock.sendall(b"".join(conn.data_to_send()))
-                sock.sendall(_frame(wire.LOAD, {"partition": "NAME", "sha256": "0" * 64, "from_cache": True},
-                                    r"\ud800"))
-                answers = _answers(sock)
-            assert proc.wait(30) == 1
+                yield proc, sock, conn
         finally:
             tcp_helpers.stop_process(proc)
+
+
+def _ask(sock: socket.socket, conn: wire.Connection, message: Message) -> Message:
+    """Send ``message`` to the worker and return its answer (heartbeats answered on the way)."""
+    sock.sendall(b"".join(bytes(part) for part in wire.encode_parts(message, codec=conn.codec)))
+    while True:
+        data = sock.recv(1 << 20)
+        assert data, "the worker closed the connection"
+        answers = conn.receive_data(data, now=time.monotonic())
+        sock.sendall(b"".join(conn.data_to_send()))
+        if answers:
+            return answers[0]
+
+
+def test_a_worker_given_a_partition_named_with_a_lone_surrogate_says_why_and_exits_cleanly(tmp_path, tcp_helpers):
+    with _worker_of(tmp_path, tcp_helpers) as (proc, sock, conn):
+        sock.sendall(_frame(wire.LOAD, {"partition": "NAME", "sha256": "0" * 64, "from_cache": True}, r"\ud800"))
+        answers = _answers(sock)
+        assert proc.wait(30) == 1
     out = proc.stdout.read().decode()
     assert [m.type for m in answers] == [wire.BYE] and "lone surrogate" in answers[0].header["reason"]
     assert "lone surrogate" in out and "Traceback" not in out, out
+
+
+def _adder(size: int) -> tuple[bytes, np.ndarray]:
+    """y = x + w with ``size`` float weights (bytes of the model, w)."""
+    w = np.random.default_rng(0).standard_normal(size).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "adder",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=zoo.IR_VERSION)
+    return model.SerializeToString(), w
+
+
+def _load_message(data: bytes, name: str = "p0") -> Message:
+    return Message(wire.LOAD, {"partition": name, "sha256": hashlib.sha256(data).hexdigest(), "from_cache": False},
+                   blobs={"model": data})
+
+
+def test_a_large_partition_streams_into_the_cache_and_one_over_the_budget_is_refused_unkept(tmp_path, tcp_helpers):
+    """A 4 MB partition is written to the cache as it arrives; a 12 MB one, over the 8 MB budget, gets FAILED."""
+    model, w = _adder(1 << 20)
+    too_big, _ = _adder(3 << 20)
+    with _worker_of(tmp_path, tcp_helpers, memory="8MB") as (proc, sock, conn):
+        refused = _ask(sock, conn, _load_message(too_big, "huge"))
+        assert refused.type == wire.FAILED and refused.header["load"] == "huge"
+        assert "more than this worker's budget of 8.0 MB; it was refused and not kept" in refused.header["error"]
+        assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".tmp-")]
+        assert _ask(sock, conn, _load_message(model)).type == wire.LOADED  # the connection is still fine
+        x = np.ones(1 << 20, np.float32)
+        result = _ask(sock, conn, Message(wire.RUN, {"task": ["p0", 0], "outputs": ["y"]}, tensors={"x": x}))
+        assert result.type == wire.RESULT
+        np.testing.assert_array_equal(result.tensors["y"], x + w)
+    sha = hashlib.sha256(model).hexdigest()
+    stored = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert stored == [f"{sha}.json", f"{sha}.onnx", f"{sha}.onnx.data"]
+    assert (tmp_path / "cache" / f"{sha}.onnx.data").stat().st_size == w.nbytes
 
 
 def test_every_answer_of_the_worker_to_a_bad_load_can_be_sent(sandbox):
@@ -252,3 +313,36 @@ def test_a_worker_whose_results_break_the_output_specs_is_dropped_and_the_run_st
     assert_matches(got, oracle(model, feeds))
     (lost,) = [w.lost for w in report.workers.values() if w.lost]
     assert "sent a bad result for task" in lost and "rows; the micro-batch has 1" in lost
+
+
+def test_on_a_standing_coordinator_a_driver_has_the_lying_worker_disconnected(tmp_path, tcp_helpers):
+    """``crowdgraph serve``: the driver that caught the lie reports it, the coordinator says BYE to the liar."""
+    from crowdgraph_tcp.relay import standing_coordinator
+
+    model = zoo.distilbert("tiny")
+    feeds = zoo.sample_inputs(model, batch=2, sequence=16)
+    compiled = crowdgraph.compile(model, partitions=2, input_shapes={name: (1, 16) for name in feeds})
+    token = "standing-liar-test-token"
+    coordinator = standing_coordinator(token.encode(), "127.0.0.1:0")
+    procs = []
+    try:
+        for name, script in (("honest", ["-m", "crowdgraph_tcp.worker"]), ("liar", ["-c", LIAR])):
+            procs.append(subprocess.Popen(
+                [sys.executable, *script, coordinator.url, "--token", token, "--memory", "64MB", "--name", name,
+                 "--threads", "1", "--cache-dir", str(tmp_path / name)],
+                env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        with TcpExecutor.from_url(coordinator.url, token=token, min_workers=2, join_timeout=60) as ex:
+            got = compiled.run(feeds, executor=ex, microbatch=1, timeout=60)
+            report = compiled.last_report
+        liar = procs[1]
+        assert liar.wait(30) == 0, "the lying worker was not told to leave"  # BYE: it exits cleanly
+        out = liar.stdout.read().decode()
+        assert "sent a bad result for task" in out and "reported by driver" in out, out
+        assert [w.name for w in coordinator.run_sync(lambda: list(coordinator.workers.values()))] == ["honest"]
+    finally:
+        coordinator.stop()
+        for proc in procs:
+            tcp_helpers.stop_process(proc)
+    assert_matches(got, oracle(model, feeds))
+    (lost,) = [w.lost for w in report.workers.values() if w.lost]
+    assert "sent a bad result for task" in lost

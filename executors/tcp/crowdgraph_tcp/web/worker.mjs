@@ -28,9 +28,12 @@ function show(status, detail = "") {
 function note(text) { state.log.push(text); if (state.log.length > 50) state.log.shift(); }
 
 // ---- token: from the URL fragment (#token=...), never sent to a server ----
+// Read once, then scrubbed from the address bar and the history entry, so it does not linger where
+// a screenshot, a shared tab or a later script could find it; it lives on only in this variable.
+// Reloading the page therefore needs the join URL again.
 const fragment = new URLSearchParams(location.hash.slice(1));
-const tokenText = fragment.get("token") || sessionStorage.getItem("crowdgraph-token") || "";
-if (tokenText) sessionStorage.setItem("crowdgraph-token", tokenText);
+const tokenText = fragment.get("token") || "";
+if (fragment.has("token")) history.replaceState(history.state, "", location.pathname + location.search);
 const token = new TextEncoder().encode(tokenText);
 const pureJs = params.get("purejs") === "1";     // force the pure-JS HMAC/SHA-256 (tests)
 
