@@ -40,7 +40,9 @@ ones (``lin2``) by the inner dimension.
 
 Nodes that are activation-bound (their inputs and outputs alone are too
 big) and are image ops -- convolution, pooling, normalisation, elementwise,
-a channel ``Concat`` -- are run in spatial tiles instead
+a channel ``Concat`` -- are run in spatial tiles instead, and transformer
+ops that treat each position on its own -- elementwise, LayerNormalization
+and Softmax over the last axis, MatMul -- in chunks along the sequence
 (:mod:`crowdgraph.tile`).  When even one row or column per piece cannot
 fit, or a node neither splits nor tiles,
 :class:`~crowdgraph.errors.BudgetError` names the node and the true floor,
@@ -118,9 +120,10 @@ class SplitRecord:
         Weights of the largest piece.
     region:
         For a tiled region (``op_type`` ``"region"``, ``how`` ``"rows"``
-        or ``"columns"``, ``pieces`` tiles; :mod:`crowdgraph.tile`): the
-        names of the nodes it replaced, ``node`` being the first.  Empty
-        for a weight split.
+        or ``"columns"`` of an image, ``"sequence"`` or ``"features"`` of
+        a transformer's chunks, ``pieces`` tiles; :mod:`crowdgraph.tile`):
+        the names of the nodes it replaced, ``node`` being the first.
+        Empty for a weight split.
     """
 
     node: str
@@ -139,8 +142,9 @@ class SplitRecord:
     def describe(self) -> str:
         """One line for ``crowdgraph inspect``: what was cut, how, into how many pieces."""
         if self.region:
+            pieces = "tiles" if self.how in ("rows", "columns") else "chunks"
             return (f"{len(self.region)} nodes ({self.region[0]} .. {self.region[-1]}) "
-                    f"in {self.pieces} tiles by {self.how}")
+                    f"in {self.pieces} {pieces} by {self.how}")
         return (f"{self.op_type:<6}  {self.pieces:>3} pieces by {self.how:<7}  "
                 f"weights {self.piece_weight_bytes / 1e6:.2f} MB per piece at most")
 
@@ -581,17 +585,20 @@ def split_lowered(og: OpGraph, budget: int) -> tuple[OpGraph, list[SplitRecord]]
             seeds[og.nodes[i].name] = target if isinstance(target, str) else ""
         else:
             raise _below_floor(og, estimates, i, target, budget)
+    regions: list[SplitRecord] = []
+    if seeds:  # tiles first: a weight split inside a region would leave its Slices and joins to tile
+        try:
+            og, regions = tile_lowered(og, list(seeds), budget)
+        except TileError as exc:
+            i = next(k for k, node in enumerate(og.nodes) if node.name in seeds)
+            raise _below_floor(og, estimates, i, f"{seeds[og.nodes[i].name] or 'it is activation-bound'}; "
+                               f"running it in tiles (image rows or columns) or sequence chunks does not fit "
+                               f"either: {exc}", budget) from None
+        tiled = {name for record in regions for name in record.region}
+        plans = {name: plan for name, plan in plans.items() if name not in tiled}
+        estimates = node_estimates(og) if plans else estimates
     split, records = _split_weights(og, plans, estimates, budget) if plans else (og, [])
-    if not seeds:
-        return split, records
-    try:
-        tiled, regions = tile_lowered(split, list(seeds), budget)
-    except TileError as exc:
-        i = next(k for k, node in enumerate(og.nodes) if node.name in seeds)
-        raise _below_floor(og, estimates, i, f"{seeds[og.nodes[i].name] or 'it is activation-bound'}; "
-                           f"tiling it along the image rows or columns does not fit either: {exc}",
-                           budget) from None
-    return tiled, records + regions
+    return split, records + regions
 
 
 def _split_weights(og: OpGraph, plans: dict[str, tuple[_Target, str, int]], estimates: list[Estimate],
@@ -729,13 +736,30 @@ def _fits(og: OpGraph, floors: list[int], budget: int) -> bool:
 
 
 def _smallest(og: OpGraph, estimates: list[Estimate]) -> int:
-    """The smallest budget at which :func:`_fits` holds, to 10 kB where tiles set it."""
+    """The smallest budget at which :func:`_fits` holds: exact where a node's own floor sets it, else to 10 kB.
+
+    Nodes that tile may be over the budget, so the floor lies between the
+    largest floor of a node that does not tile and the largest of all.  The
+    smallest node floor that fits is found first; when even one byte less
+    does not fit, it is the answer; otherwise tiles set the floor below it,
+    found by bisection.
+    """
     from .tile import TILEABLE_OPS
     floors = _floors(og, estimates)
     low = max((f for node, f in zip(og.nodes, floors) if node.op_type not in TILEABLE_OPS), default=0)
-    high = max(floors)
-    if high == low or _fits(og, floors, low):
-        return low
+    candidates = sorted({low} | {f for f in floors if f > low})
+    if _fits(og, floors, candidates[0]):
+        return candidates[0]
+    below, at = 0, len(candidates) - 1  # the largest floor always fits
+    while at - below > 1:
+        mid = (below + at) // 2
+        if _fits(og, floors, candidates[mid]):
+            at = mid
+        else:
+            below = mid
+    low, high = candidates[below], candidates[at]
+    if not _fits(og, floors, high - 1):
+        return high
     while high - low > 10_000:
         mid = (low + high) // 2
         if _fits(og, floors, mid):

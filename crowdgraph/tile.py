@@ -77,11 +77,19 @@ POINTWISE_OPS = frozenset({
 })
 #: Ops with a sliding window along the spatial axes.
 WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool"})
+#: Transformer ops that treat every position along the sequence on its own:
+#: a softmax or layer normalisation over a later axis, and a MatMul, whose
+#: rows (axis -2 of its first input) each make one output row from the
+#: whole second input.
+SEQUENCE_OPS = frozenset({"MatMul", "Softmax", "LogSoftmax", "LayerNormalization"})
 #: Every op a region may hold.
-TILEABLE_OPS = POINTWISE_OPS | WINDOW_OPS | {"Concat", "ConvTranspose"}
-#: The spatial axes a region can be tiled along (NCHW: rows, columns).
-AXES = (2, 3)
-AXIS_NAMES = {2: "rows", 3: "columns"}
+TILEABLE_OPS = POINTWISE_OPS | WINDOW_OPS | SEQUENCE_OPS | {"Concat", "ConvTranspose"}
+#: The axes a region can be cut along, counted from the end: an image's rows
+#: and columns (NCHW), a transformer's sequence and features (N, S, H) or
+#: (N, heads, S, d).
+AXES = (-2, -1)
+AXIS_NAMES = {-2: "rows", -1: "columns"}
+CHUNK_NAMES = {-2: "sequence", -1: "features"}
 
 
 class TileError(BudgetError):
@@ -94,13 +102,16 @@ class Window:
 
     ``kind`` is ``"point"`` (the same rows), ``"window"`` (extent, stride,
     begin pad) or ``"upsample"`` (a ConvTranspose whose kernel equals its
-    stride: output row ``o`` reads input row ``o // stride``).
+    stride: output row ``o`` reads input row ``o // stride``).  Inputs in
+    ``whole`` are read whole by every tile: one that broadcasts along the
+    axis (an attention mask), or a MatMul's second input.
     """
 
     kind: str
     extent: int = 1
     stride: int = 1
     pad: int = 0
+    whole: frozenset[str] = frozenset()
 
 
 def input_rows(w: Window, rows: tuple[int, int], size: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -163,6 +174,11 @@ class Graph:
         info = self.og.tensors.get(name)
         return info.shape if info is not None else None
 
+    def extent(self, name: str, axis: int) -> int:
+        """Size of ``name`` along ``axis`` (counted from the end); 1 where it has no such axis."""
+        shape = self.shape(name) or ()
+        return shape[axis] if len(shape) >= -axis else 1
+
     def window(self, i: int, axis: int) -> Window | str:
         """How node ``i`` maps rows along ``axis``, or why it cannot be tiled."""
         key = (i, axis)
@@ -174,33 +190,30 @@ class Graph:
         proto = self.og.node_protos[node.name]
         op = node.op_type
         if proto.domain not in ("", "ai.onnx") or op not in TILEABLE_OPS:
-            return f"crowdgraph tiles convolution, pooling, normalisation and elementwise ops, not {op}"
+            return ("crowdgraph tiles convolution, pooling, normalisation, elementwise ops, MatMul, "
+                    f"Softmax and LayerNormalization, not {op}")
         if len(node.outputs) != 1:
             return f"its {op} has {len(node.outputs)} outputs in use; only one-output nodes tile"
         out = self.shape(node.outputs[0])
         variables = self.variable_inputs(node)
-        if out is None or len(out) != 4 or any(self.shape(x) is None or len(self.shape(x)) != 4 for x in variables):
-            return "its tensors are not 4-D images (N, C, H, W) of known shape"
+        if out is None or len(out) < 2 or any(self.shape(x) is None for x in variables):
+            return "its tensors are not of known shape with at least two axes"
+        at = len(out) + axis  # the axis, counted from the front of the output
         attrs = _attrs(proto)
-        if op in POINTWISE_OPS:
-            if any(self.shape(x)[axis] != out[axis] for x in variables):  # type: ignore[index]
-                return "one of its inputs broadcasts along the tiled axis"
-            if op == "BatchNormalization" and (attrs.get("spatial", 1) != 1 or attrs.get("training_mode", 0)):
-                return "it normalises per position or in training mode"
-            if op != "BatchNormalization":
-                for c in node.inputs:
-                    shape = self.shape(c)
-                    if c in self.og.constant_bytes and (shape is None or (len(shape) >= 4 - axis
-                                                                          and shape[axis - 4] != 1)):
-                        return f"its constant {c!r} varies along the tiled axis"
-            return Window("point")
-        if op == "Concat":
-            if int(attrs.get("axis", 0)) % 4 == axis:
-                return "it concatenates along the tiled axis"
-            return Window("point")
+        if op in POINTWISE_OPS or op in ("Concat", "Softmax", "LogSoftmax", "LayerNormalization"):
+            return self._pointwise(node, op, attrs, out, at, axis)
+        if op == "MatMul":
+            a, b = proto.input[0], proto.input[1]
+            if axis != -2 or len(self.shape(a) or ()) < 2 or len(self.shape(b) or ()) < 2:
+                return "a MatMul runs in chunks of its first input's rows (axis -2) only"
+            if a == b:
+                return "it multiplies a tensor by itself"
+            return Window("point", whole=frozenset({b}) - set(self.og.constant_bytes))
+        if len(out) != 4 or any(len(self.shape(x)) != 4 for x in variables):  # type: ignore[arg-type]
+            return "its tensors are not 4-D images (N, C, H, W)"
         if len(variables) != 1 or variables[0] != node.inputs[0]:
             return f"its {op} reads a variable weight; only the image input may vary"
-        a = axis - 2
+        a = at - 2
         if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
             return f"it pads with auto_pad={attrs['auto_pad']!r}; only explicit pads tile"
         kernel = attrs.get("kernel_shape") or (self.shape(node.inputs[1]) or ())[2:]
@@ -220,6 +233,33 @@ class Graph:
         pads = attrs.get("pads", [0, 0, 0, 0])
         return Window("window", extent=(int(kernel[a]) - 1) * int(dilation) + 1, stride=int(stride),
                       pad=int(pads[a]))
+
+    def _pointwise(self, node: OpNode, op: str, attrs: dict, out: tuple[int, ...], at: int,
+                   axis: int) -> Window | str:
+        """Ops that make each row from the same row of their inputs, when they do along ``axis``."""
+        if op in ("BatchNormalization", "LRN") and (len(out) != 4 or at < 2):
+            return "it normalises per channel; only the rows or columns of a 4-D image tile"
+        if op == "BatchNormalization" and (attrs.get("spatial", 1) != 1 or attrs.get("training_mode", 0)):
+            return "it normalises per position or in training mode"
+        if op == "Concat" and int(attrs.get("axis", 0)) % len(out) == at:
+            return "it concatenates along the tiled axis"
+        if op in ("Softmax", "LogSoftmax", "LayerNormalization"):
+            default = -1 if op == "LayerNormalization" or _default_opset(self.og.model) >= 13 else 1
+            if int(attrs.get("axis", default)) % len(out) <= at:
+                return f"its {op} runs over the tiled axis; it chunks only along an earlier one"
+        whole = set()
+        for x in self.variable_inputs(node):
+            if self.extent(x, axis) == out[at] and (op != "Concat" or len(self.shape(x)) == len(out)):  # type: ignore[arg-type]
+                continue
+            if self.extent(x, axis) != 1 or op in ("Concat", "LayerNormalization"):
+                return f"its input {x!r} does not line up with its output along the tiled axis"
+            whole.add(x)
+        if op not in ("BatchNormalization", "LRN", "LayerNormalization", "Concat"):
+            for c in node.inputs:
+                shape = self.shape(c)
+                if c in self.og.constant_bytes and (shape is None or (len(shape) >= -axis and shape[axis] != 1)):
+                    return f"its constant {c!r} varies along the tiled axis"
+        return Window("point", whole=frozenset(whole))
 
 
 def grow_region(graph: Graph, seeds: Iterable[int], axis: int, budget: int) -> set[int]:
@@ -249,8 +289,11 @@ def grow_region(graph: Graph, seeds: Iterable[int], axis: int, budget: int) -> s
                     raise TileError(f"the model output {out!r} ({og.nbytes(out) / 1e6:.1f} MB) "
                                     "does not fit whole in the budget")
                 grown |= _take(graph, region, outside, axis, f"it reads {out!r}")
+            window = graph.window(i, axis)
             for x in graph.variable_inputs(node):
                 p = graph.producer.get(x)
+                if x in window.whole:  # type: ignore[union-attr]
+                    continue  # every tile reads it as it is: no Slice to pay for
                 if (p is None or p not in region) and _cut_cost(og.nbytes(x)) > budget:
                     if p is None:
                         raise TileError(f"the model input {x!r} ({og.nbytes(x) / 1e6:.1f} MB) "
@@ -326,7 +369,7 @@ class _Tile:
 def _tiles(graph: Graph, region: Region) -> list[_Tile] | None:
     """Trace each tile's output bands back through the region; None if a band would be empty."""
     axis = region.axis
-    extent = {name: graph.shape(name)[axis] for name in region.outputs}  # type: ignore[index]
+    extent = {name: graph.extent(name, axis) for name in region.outputs}
     if region.tiles > min(extent.values()):
         return None
     bands = {name: piece_bounds(n, region.tiles) for name, n in extent.items()}
@@ -345,7 +388,8 @@ def _tiles(graph: Graph, region: Region) -> list[_Tile] | None:
             assert isinstance(window, Window)
             reads[i] = {}
             for x in graph.variable_inputs(node):
-                read, pad, out_rows = input_rows(window, rows, graph.shape(x)[axis])  # type: ignore[index]
+                size = graph.extent(x, axis)
+                read, pad, out_rows = ((0, size), (0, 0), rows) if x in window.whole else input_rows(window, rows, size)
                 if read[0] >= read[1]:
                     return None
                 reads[i][x] = read
@@ -356,7 +400,7 @@ def _tiles(graph: Graph, region: Region) -> list[_Tile] | None:
 
 
 def _row_bytes(graph: Graph, name: str, axis: int) -> int:
-    return graph.og.nbytes(name) // max(1, graph.shape(name)[axis])  # type: ignore[index]
+    return graph.og.nbytes(name) // max(1, graph.extent(name, axis))
 
 
 def _cost(graph: Graph, region: Region, tiles: list[_Tile]) -> tuple[int, int]:
@@ -398,7 +442,7 @@ def _choose(graph: Graph, nodes: Sequence[int], budget: int) -> Region | None:
     for axis in AXES:
         if any(isinstance(graph.window(i, axis), str) for i in nodes):
             continue
-        cap = min(graph.shape(graph.og.nodes[i].outputs[0])[axis] for i in nodes)  # type: ignore[index]
+        cap = min(graph.extent(graph.og.nodes[i].outputs[0], axis) for i in nodes)
 
         def fits(tiles: int) -> tuple[int, int] | None:
             region = _region(graph, nodes, axis, tiles)
@@ -442,7 +486,7 @@ def plan_regions(og: OpGraph, seeds: Sequence[str], budget: int) -> list[Region]
         chosen = [_choose(graph, part, budget) for part in _components(graph, region)]
         if all(chosen):
             return chosen  # type: ignore[return-value]
-        errors.append(f"even one {AXIS_NAMES[axis][:-1]} per tile does not fit the budget")
+        errors.append(f"even one position along axis {axis} per tile does not fit the budget")
     raise TileError(errors[0])
 
 
@@ -452,11 +496,45 @@ def plan_regions(og: OpGraph, seeds: Sequence[str], budget: int) -> list[Region]
 def _set_pads(proto: onnx.NodeProto, axis: int, pads: tuple[int, int]) -> None:
     attrs = _attrs(proto)
     values = list(attrs.get("pads", [0, 0, 0, 0]))
-    values[axis - 2], values[axis] = pads
+    values[axis + 2], values[axis + 4] = pads  # axis -2 or -1 of a 4-D image
     keep = [a for a in proto.attribute if a.name not in ("pads", "auto_pad")]
     del proto.attribute[:]
     proto.attribute.extend(keep)
     proto.attribute.append(helper.make_attribute("pads", values))
+
+
+def _front(graph: Graph, name: str, axis: int) -> int:
+    """``axis`` counted from the front of ``name``'s shape, as every opset's Slice and Concat take it."""
+    return len(graph.shape(name)) + axis  # type: ignore[arg-type]
+
+
+#: A Slice end past every tensor: "to the end".
+_TO_END = 2**63 - 1
+
+
+def _slice(r: _Rewriter, graph: Graph, name: str, rows: tuple[int, int], have: tuple[int, int], axis: int,
+           what: str, tile: str | None = None) -> str:
+    """Slice ``rows`` of tensor ``name`` out of ``tile`` (its rows ``have``; the tensor itself by default).
+
+    A slice that reaches the end of the tensor slices "to the end", so the
+    last tile takes whatever is left: a model chunked along its sequence
+    still runs, exactly, at any other sequence length.
+    """
+    stop = _TO_END if rows[1] >= graph.extent(name, axis) else rows[1] - have[0]
+    return r.slice(tile or name, rows[0] - have[0], stop, _front(graph, name, axis), what)
+
+
+def how(graph: Graph, region: Region) -> str:
+    """What a region's tiles are called: rows or columns of an image, or chunks of a sequence.
+
+    A region of 4-D image ops runs in tiles by ``rows`` or ``columns``; one
+    that holds a transformer op, or tensors of another rank, runs in chunks
+    by ``sequence`` (axis -2: positions) or ``features`` (axis -1).
+    """
+    og = graph.og
+    image = all(og.nodes[i].op_type not in SEQUENCE_OPS and len(graph.shape(og.nodes[i].outputs[0]) or ()) == 4
+                for i in region.nodes)
+    return (AXIS_NAMES if image else CHUNK_NAMES)[region.axis]
 
 
 def _rewrite_region(r: _Rewriter, graph: Graph, region: Region) -> list[tuple[onnx.NodeProto, int]]:
@@ -469,7 +547,8 @@ def _rewrite_region(r: _Rewriter, graph: Graph, region: Region) -> list[tuple[on
         name: dict[str, tuple[str, tuple[int, int]]] = {}  # tensor -> (its tile, rows it covers)
         for x in region.inputs:
             lo, hi = t.need[x]
-            name[x] = (r.slice(x, lo, hi, axis, f"tile{k}/{x}.Slice"), t.need[x])
+            whole = (lo, hi) == (0, graph.extent(x, axis))
+            name[x] = (x if whole else _slice(r, graph, x, (lo, hi), (0, 0), axis, f"tile{k}/{x}.Slice"), t.need[x])
         for i in region.nodes:
             node = og.nodes[i]
             proto = og.node_protos[node.name]
@@ -481,7 +560,7 @@ def _rewrite_region(r: _Rewriter, graph: Graph, region: Region) -> list[tuple[on
                 tile_x, have = name[x]
                 want = t.reads[i][x]
                 if want != have:
-                    tile_x = r.slice(tile_x, want[0] - have[0], want[1] - have[0], axis, f"tile{k}/{x}.Slice")
+                    tile_x = _slice(r, graph, x, want, have, axis, f"tile{k}/{x}.Slice", tile_x)
                 inputs.append(tile_x)
             copy = onnx.NodeProto()
             copy.CopyFrom(proto)
@@ -499,11 +578,11 @@ def _rewrite_region(r: _Rewriter, graph: Graph, region: Region) -> list[tuple[on
             if y in parts:
                 own, have = t.own[y], t.made[y]
                 parts[y].append(out if own == have else
-                                r.slice(out, own[0] - have[0], own[1] - have[0], axis, f"tile{k}/{y}.own"))
+                                _slice(r, graph, y, own, have, axis, f"tile{k}/{y}.own", out))
         emitted.extend((n, k) for n in r.nodes[start:])
     start = len(r.nodes)
     for y in region.outputs:
-        r.node("Concat", parts[y], f"{y}.Concat", output=y, axis=axis)
+        r.node("Concat", parts[y], f"{y}.Concat", output=y, axis=_front(graph, y, axis))
     emitted.extend((n, region.tiles) for n in r.nodes[start:])
     return emitted
 
@@ -540,7 +619,7 @@ def rewrite(og: OpGraph, regions: Sequence[Region]) -> tuple[onnx.ModelProto, li
             replaced[n] = (number, [])
         weights = max(sum(og.constant_bytes.get(c, 0) for c in og.nodes[i].constants) for i in region.nodes)
         records.append(SplitRecord(
-            node=names[0], op_type="region", how=AXIS_NAMES[region.axis], pieces=region.tiles,
+            node=names[0], op_type="region", how=how(graph, region), pieces=region.tiles,
             new_nodes=tuple(n.name for n, _ in emitted), weight="", piece_weight_bytes=weights,
             region=tuple(names)))
     keyed = []
@@ -599,8 +678,10 @@ def tile_nodes(model: ModelLike, nodes: Sequence[str], axis: int, tiles: int,
     missing = [n for n in nodes if n not in index]
     if missing:
         raise ModelError(f"the model has no computing nodes named {missing}")
+    if axis in (2, 3):
+        axis -= 4  # an image's rows and columns, counted from the front
     if axis not in AXES:
-        raise ModelError(f"tiles run along axis 2 (rows) or 3 (columns), not {axis}")
+        raise ModelError(f"tiles run along axis -2 (rows, the sequence) or -1 (columns, features), not {axis}")
     for n in nodes:
         window = graph.window(index[n], axis)
         if isinstance(window, str):
@@ -608,6 +689,6 @@ def tile_nodes(model: ModelLike, nodes: Sequence[str], axis: int, tiles: int,
     region = _region(graph, sorted(index[n] for n in nodes), axis, tiles)
     if tiles < 1 or _tiles(graph, region) is None:
         raise ModelError(f"cannot cut the region's outputs into {tiles} tiles of at least one "
-                         f"{AXIS_NAMES[axis][:-1]}; ask for fewer")
+                         f"position along axis {axis}; ask for fewer")
     tiled, (record,) = rewrite(og, [region])
     return tiled, record

@@ -368,11 +368,12 @@ def test_error_only_below_the_true_floor():
     floor = smallest_budget(model, shapes)
     assert floor < node_estimates(lower(model, shapes))[0].resident_bytes, "splitting lowers the floor"
     crowdgraph.compile(model, floor, input_shapes=shapes)
+    below = floor - 20_000  # sequence chunks set it here: found by bisection to 10 kB
     with pytest.raises(crowdgraph.BudgetError) as info:
-        crowdgraph.compile(model, floor - 1, input_shapes=shapes)
+        crowdgraph.compile(model, below, input_shapes=shapes)
     message = str(info.value)
     assert "splitting included" in message and crowdgraph.format_bytes(floor) in message
-    assert crowdgraph.format_bytes(floor - 1) in message
+    assert crowdgraph.format_bytes(below) in message
 
 
 def test_a_table_that_cannot_be_split_small_enough_names_one_row():
@@ -437,7 +438,8 @@ def test_a_batch_too_big_for_one_pass_runs_in_automatic_micro_batches():
     with pytest.raises(crowdgraph.BudgetError, match=r"a micro-batch of 4 rows fits: run\(\.\.\., microbatch=4\)"):
         compiled.run(feeds, executor=crowdgraph.ThreadExecutor(workers=2), microbatch=6)
     with pytest.raises(crowdgraph.BudgetError, match="not even a micro-batch of one row"):
-        tight = crowdgraph.compile(model, budget, input_shapes={"input_ids": (1, 8)})
+        short = {"input_ids": (1, 8)}  # compiled at its own floor, below what a row of 128 needs
+        tight = crowdgraph.compile(model, smallest_budget(model, short), input_shapes=short)
         tight.run(zoo.sample_inputs(model, batch=2, sequence=128))
 
 
@@ -590,7 +592,7 @@ def test_what_does_not_tile_says_why():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 256, 256])], [])
     with pytest.raises(crowdgraph.BudgetError) as info:  # a model output must fit whole
         crowdgraph.compile(model, "4MB")
-    assert "'relu' (Relu)" in str(info.value) and "tiling it along the image rows or columns" in str(info.value)
+    assert "'relu' (Relu)" in str(info.value) and "running it in tiles" in str(info.value)
     assert "the model output 'y'" in str(info.value)
     with pytest.raises(crowdgraph.ModelError, match="concatenates along the tiled axis"):
         concat = _model([helper.make_node("Concat", ["x", "x"], ["y"], name="join", axis=2)],
@@ -693,3 +695,125 @@ def test_tiles_run_across_the_long_side_where_halos_cost_least(height, width, ho
     assert record.region == ("conv1", "relu", "conv2") and record.how == how
     feeds = {"x": rng.standard_normal((1, 1, height, width)).astype(np.float32)}
     assert_matches(run_partitions(compiled, feeds), oracle(model, feeds))
+
+
+# -- sequence chunks -----------------------------------------------------------------------------
+
+
+@st.composite
+def position_wise_chains(draw):
+    """A random chain of transformer ops that treat each position on its own, its feeds and its nodes.
+
+    The tensors are ``(1, sequence, features)``; every op makes each row
+    (position) from the same row of its input: elementwise ops and a gate
+    that branches, LayerNormalization and Softmax over the features, a
+    linear layer (MatMul by a constant weight, Add of a bias), a MatMul by
+    a variable matrix every chunk reads whole (as attention reads its
+    keys), and the Add of a mask that broadcasts along the sequence.
+    """
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    sequence, features = draw(st.integers(2, 12)), draw(st.integers(1, 6))
+    start = (1, sequence, features)
+    nodes, inits = [], []
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(start))]
+    feeds = {"x": rng.standard_normal(start).astype(np.float32)}
+    x = "x"
+
+    def init(values: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(values, np.float32), f"w{len(inits)}"))
+        return inits[-1].name
+
+    def variable(shape: tuple[int, ...]) -> str:
+        name = f"v{len(inputs)}"
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
+        feeds[name] = rng.standard_normal(shape).astype(np.float32)
+        return name
+
+    def add(op: str, ins: list[str], **attrs) -> str:
+        out = f"t{len(nodes)}"
+        nodes.append(helper.make_node(op, ins, [out], name=f"{op}{len(nodes)}", **attrs))
+        return out
+
+    for _ in range(draw(st.integers(1, 5))):
+        op = draw(st.sampled_from(["Erf", "Gate", "LayerNorm", "Softmax", "Linear", "Attend", "Mask"]))
+        if op == "Erf":
+            x = add("Erf", [add("Div", [x, init(np.array(1.4142135))])])
+        elif op == "Gate":  # x * sigmoid(x), from two branches of x
+            x = add("Mul", [x, add("Sigmoid", [x])])
+        elif op == "LayerNorm":
+            scale, bias = init(rng.uniform(0.5, 1.5, features)), init(rng.standard_normal(features))
+            x = add("LayerNormalization", [x, scale, bias], axis=-1)
+        elif op == "Softmax":
+            x = add("Softmax", [x], axis=-1)
+        elif op == "Linear":
+            width = draw(st.integers(1, 6))
+            x = add("Add", [add("MatMul", [x, init(rng.standard_normal((features, width)))]),
+                            init(rng.standard_normal(width))])
+            features = width
+        elif op == "Attend":  # a variable matrix, read whole by every chunk, as attention reads its keys
+            width = draw(st.integers(1, 6))
+            x, features = add("MatMul", [x, variable((1, features, width))]), width
+        else:  # a mask that broadcasts along the sequence
+            x = add("Add", [x, variable((1, 1, features))])
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
+    model = _model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, sequence, features])],
+                   inits)
+    return model, feeds, [n.name for n in nodes[:-1]], sequence
+
+
+@FAST
+@given(case=position_wise_chains(), data=st.data())
+def test_chunked_position_wise_chain_equals_the_original(case, data):
+    model, feeds, names, sequence = case
+    chunks = data.draw(st.integers(2, min(sequence, 5)), label="chunks")
+    chunked, record = tile_nodes(model, names, -2, chunks)
+    onnx.checker.check_model(chunked)
+    assert (record.op_type, record.how, record.pieces, record.region) == ("region", "sequence", chunks, tuple(names))
+    assert not set(names) & {n.name for n in chunked.graph.node}, "the region's nodes are replaced"
+    want, got = oracle(model, feeds)["y"], oracle(chunked, feeds)["y"]
+    assert got.shape == want.shape
+    assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, float(np.max(np.abs(want))))
+
+
+def test_what_does_not_chunk_along_the_sequence_says_why():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])
+    over_sequence = _model([helper.make_node("Softmax", ["x"], ["y"], name="softmax", axis=1)], [x], [y], [])
+    with pytest.raises(crowdgraph.ModelError, match="runs over the tiled axis"):
+        tile_nodes(over_sequence, ["softmax"], -2, 2)
+    w = numpy_helper.from_array(np.ones((3, 3), np.float32), "w")
+    with pytest.raises(crowdgraph.ModelError, match="chunks of its first input's rows"):
+        tile_nodes(_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [x], [y], [w]), ["mm"], -1, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_distilbert_4x128():
+    model = zoo.distilbert("tiny")
+    feeds = zoo.sample_inputs(model, batch=4, sequence=128)
+    return model, feeds, {name: value.shape for name, value in feeds.items()}
+
+
+def test_transformer_chunks_along_the_sequence_below_its_old_floor(tiny_distilbert_4x128, tmp_path, capsys):
+    from crowdgraph.cli import main
+
+    model, feeds, shapes = tiny_distilbert_4x128
+    unchunked = max(e.resident_bytes for e in node_estimates(lower(model, shapes)))
+    assert unchunked > 6_000_000, "unchunked, its attention Softmax alone needs 6.3 MB"
+    floor = smallest_budget(model, shapes)
+    assert floor < unchunked / 2
+    compiled = crowdgraph.compile(model, floor, sample=feeds)
+    assert all(p.resident_bytes <= floor for p in compiled.partitions)
+    regions = [r for r in compiled.splits if r.region]
+    assert regions and all(r.how == "sequence" and r.pieces >= 2 for r in regions)
+    shorter = zoo.sample_inputs(model, batch=4, sequence=40)  # the last chunk runs to the end, whatever it is
+    with crowdgraph.ThreadExecutor(workers=2) as executor:
+        assert_matches(compiled.run(feeds, executor=executor), oracle(model, feeds))
+        assert_matches(compiled.run(shorter, executor=executor), oracle(model, shorter))
+    with pytest.raises(crowdgraph.BudgetError) as info:
+        crowdgraph.compile(model, floor - 20_000, sample=feeds)
+    assert crowdgraph.format_bytes(floor) in str(info.value)
+    onnx.save_model(model, str(tmp_path / "tiny.onnx"))
+    assert main(["inspect", str(tmp_path / "tiny.onnx"), "--budget", "3MB",
+                 "--shape", "input_ids=4x128", "--shape", "attention_mask=4x128"]) == 0
+    out = capsys.readouterr().out
+    assert "regions tiled to fit the budget:" in out and "chunks by sequence" in out
