@@ -39,6 +39,20 @@ the inputs it reads in the whole model: the result is exact.
 Rows (axis 2) or columns (axis 3) are chosen per region by the bytes that
 cross partitions when every tile has its own (the inputs' slices with their
 halos plus the outputs), and the fewest tiles that fit are used.
+
+Sequence chunks
+---------------
+Transformer ops that treat each position on its own run in the same
+regions, cut along the sequence: axes are counted from the end, so axis
+-2 is an image's rows, a ``(N, S, H)`` tensor's positions and a ``(N,
+heads, S, d)`` tensor's query positions alike.  Elementwise ops,
+``LayerNormalization`` and ``Softmax`` over a later axis, and a ``MatMul``
+(each output row comes from one row of its first input) need exactly the
+rows they make: a halo of 0.  An input that broadcasts along the axis (an
+attention mask) and a ``MatMul``'s second input (a weight, or attention's
+keys and values) are read whole by every chunk (:attr:`Window.whole`) and
+do not pull their producers into the region.  The last tile of every
+region slices "to the end", so a chunked model runs at any sequence length.
 """
 
 from __future__ import annotations
@@ -206,8 +220,8 @@ class Graph:
             a, b = proto.input[0], proto.input[1]
             if axis != -2 or len(self.shape(a) or ()) < 2 or len(self.shape(b) or ()) < 2:
                 return "a MatMul runs in chunks of its first input's rows (axis -2) only"
-            if a == b:
-                return "it multiplies a tensor by itself"
+            if a in self.og.constant_bytes or a == b:
+                return "its first input is a constant or also its second; only a variable first input chunks"
             return Window("point", whole=frozenset({b}) - set(self.og.constant_bytes))
         if len(out) != 4 or any(len(self.shape(x)) != 4 for x in variables):  # type: ignore[arg-type]
             return "its tensors are not 4-D images (N, C, H, W)"
@@ -249,7 +263,7 @@ class Graph:
                 return f"its {op} runs over the tiled axis; it chunks only along an earlier one"
         whole = set()
         for x in self.variable_inputs(node):
-            if self.extent(x, axis) == out[at] and (op != "Concat" or len(self.shape(x)) == len(out)):  # type: ignore[arg-type]
+            if self.extent(x, axis) == out[at]:
                 continue
             if self.extent(x, axis) != 1 or op in ("Concat", "LayerNormalization"):
                 return f"its input {x!r} does not line up with its output along the tiled axis"
@@ -389,7 +403,10 @@ def _tiles(graph: Graph, region: Region) -> list[_Tile] | None:
             reads[i] = {}
             for x in graph.variable_inputs(node):
                 size = graph.extent(x, axis)
-                read, pad, out_rows = ((0, size), (0, 0), rows) if x in window.whole else input_rows(window, rows, size)
+                if x in window.whole:
+                    read, pad, out_rows = (0, size), (0, 0), rows
+                else:
+                    read, pad, out_rows = input_rows(window, rows, size)
                 if read[0] >= read[1]:
                     return None
                 reads[i][x] = read
@@ -524,7 +541,7 @@ def _slice(r: _Rewriter, graph: Graph, name: str, rows: tuple[int, int], have: t
     return r.slice(tile or name, rows[0] - have[0], stop, _front(graph, name, axis), what)
 
 
-def how(graph: Graph, region: Region) -> str:
+def _how(graph: Graph, region: Region) -> str:
     """What a region's tiles are called: rows or columns of an image, or chunks of a sequence.
 
     A region of 4-D image ops runs in tiles by ``rows`` or ``columns``; one
@@ -619,7 +636,7 @@ def rewrite(og: OpGraph, regions: Sequence[Region]) -> tuple[onnx.ModelProto, li
             replaced[n] = (number, [])
         weights = max(sum(og.constant_bytes.get(c, 0) for c in og.nodes[i].constants) for i in region.nodes)
         records.append(SplitRecord(
-            node=names[0], op_type="region", how=how(graph, region), pieces=region.tiles,
+            node=names[0], op_type="region", how=_how(graph, region), pieces=region.tiles,
             new_nodes=tuple(n.name for n, _ in emitted), weight="", piece_weight_bytes=weights,
             region=tuple(names)))
     keyed = []

@@ -95,3 +95,12 @@ def test_tiled_partitions_stay_within_estimates(tmp_path, name, budget):
     compiled = crowdgraph.compile(model, budget, sample=feeds)
     assert any(r.region for r in compiled.splits), "activations this large are tiled"
     assert_within_estimates(compiled, feeds, tmp_path)
+
+
+@pytest.mark.slow
+def test_sequence_chunked_partitions_stay_within_estimates(tmp_path):
+    model = zoo.distilbert("tiny")
+    feeds = zoo.sample_inputs(model, batch=4, sequence=128)
+    compiled = crowdgraph.compile(model, "3MB", sample=feeds)
+    assert any(r.how == "sequence" for r in compiled.splits), "attention and the FFN run in sequence chunks"
+    assert_within_estimates(compiled, feeds, tmp_path)

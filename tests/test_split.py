@@ -817,3 +817,17 @@ def test_transformer_chunks_along_the_sequence_below_its_old_floor(tiny_distilbe
                  "--shape", "input_ids=4x128", "--shape", "attention_mask=4x128"]) == 0
     out = capsys.readouterr().out
     assert "regions tiled to fit the budget:" in out and "chunks by sequence" in out
+
+
+@pytest.mark.slow
+def test_distilbert_at_a_long_sequence_compiles_far_below_its_unchunked_floor():
+    model = zoo.distilbert("full")
+    feeds = zoo.sample_inputs(model, batch=1, sequence=512)
+    shapes = {name: value.shape for name, value in feeds.items()}
+    unchunked = max(e.resident_bytes for e in node_estimates(lower(model, shapes)))
+    assert unchunked > 58_000_000, "unchunked, the attention scores' masked Add needs 58.2 MB"
+    compiled = crowdgraph.compile(model, "16MB", sample=feeds)
+    assert all(p.resident_bytes <= 16_000_000 for p in compiled.partitions)
+    chunked = {r.region[0].split(".")[2] for r in compiled.splits if r.how == "sequence"}
+    assert chunked == {"attention", "ffn"}, "every layer's attention and FFN run in chunks"
+    assert_matches(run_partitions(compiled, feeds), oracle(model, feeds))
