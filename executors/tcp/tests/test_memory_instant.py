@@ -67,6 +67,23 @@ def idle_rss(pids: dict[str, int]) -> dict[str, int]:
     return floors
 
 
+def run_polled(compiled, feeds, workers: int, budget: str, label: str) -> tuple[dict, float, dict[str, int]]:
+    """Run ``compiled`` on a fresh local crowd polled from outside throughout.
+
+    Returns the outputs, the sampling rate per worker (Hz) and each worker's
+    largest RSS above its idle floor; prints the last two under ``label``.
+    """
+    with TcpExecutor.local(workers=workers, memory=budget) as ex:
+        pids = {name: proc.pid for name, proc in ex.processes.items()}
+        floors = idle_rss(pids)
+        with RssSampler(pids) as sampler:
+            got = compiled.run(feeds, executor=ex, timeout=600)
+    above = {name: sampler.peak[name] - floors[name] for name in pids}
+    print(f"\n{label}: sampled at {sampler.hertz:.0f} Hz per worker; largest RSS above the idle floor (MB): "
+          + ", ".join(f"{name} {value / 1e6:.1f}" for name, value in sorted(above.items())))
+    return got, sampler.hertz, above
+
+
 @pytest.fixture(scope="module")
 def distilbert():
     model = zoo.distilbert("full")
@@ -78,14 +95,7 @@ def distilbert():
 def test_no_worker_exceeds_its_budget_at_any_sampled_instant_of_a_cold_run(distilbert, budget):
     model, feeds, want = distilbert
     compiled = crowdgraph.compile(model, budget, sample=feeds)
-    with TcpExecutor.local(workers=5, memory=budget) as ex:
-        pids = {name: proc.pid for name, proc in ex.processes.items()}
-        floors = idle_rss(pids)
-        with RssSampler(pids) as sampler:
-            got = compiled.run(feeds, executor=ex, timeout=600)
+    got, hertz, above = run_polled(compiled, feeds, 5, budget, budget)
     assert_matches(got, want)
-    above = {name: sampler.peak[name] - floors[name] for name in pids}
-    print(f"\n{budget}: sampled at {sampler.hertz:.0f} Hz per worker; largest RSS above the idle floor (MB): "
-          + ", ".join(f"{name} {value / 1e6:.1f}" for name, value in sorted(above.items())))
-    assert sampler.hertz >= 100
+    assert hertz >= 100
     assert max(above.values()) <= parse_bytes(budget), above
