@@ -9,7 +9,8 @@ a session costs above the warm floor is what every partition's estimate
 carries.  Then every partition of the DistilBERT plans is measured warm
 (the promise: at most its estimate) and cold, and every partition of the
 image models whose large activations are tiled (ResNet-50, Inception v1
-and DenseNet-121 at 16 MB, the U-Net at 512x512 and 32 MB) warm.
+and DenseNet-121 at 16 MB, the U-Net at 512x512 and 32 MB) and of tiny
+DistilBERT at 4x128 and 3 MB, chunked along the sequence, warm.
 
 Run: python -m benchmarks.estimate [--quick]
 """
@@ -63,34 +64,43 @@ def runtime_rows(folder: pathlib.Path, repeats: int = 3) -> list[dict[str, Any]]
     return rows
 
 
-#: Image models whose activation-bound nodes are tiled, and the budget each is measured at.
-IMAGE_PLANS = (("resnet50", "16MB"), ("inception_v1", "16MB"), ("densenet121", "16MB"), ("unet", "32MB"))
-QUICK_IMAGE_PLANS = (("inception_v1", "16MB"),)
+#: Models whose activation-bound nodes are tiled (images) or chunked along the sequence (a transformer),
+#: and the budget each is measured at.
+TILED_PLANS = (("resnet50", "16MB"), ("inception_v1", "16MB"), ("densenet121", "16MB"), ("unet", "32MB"),
+               ("tiny DistilBERT", "3MB"))
+QUICK_TILED_PLANS = (("inception_v1", "16MB"), ("tiny DistilBERT", "3MB"))
+
+
+def _tiled_case(name: str) -> tuple[Any, dict[str, Any]]:
+    from tests import models as test_models
+
+    if name == "unet":
+        return zoo.unet(), zoo.image_inputs()
+    if name == "tiny DistilBERT":
+        model = zoo.distilbert("tiny")
+        return model, zoo.sample_inputs(model, batch=4, sequence=128)
+    return test_models.light_cnn(name)
 
 
 def image_rows(quick: bool) -> list[dict[str, Any]]:
-    """Every partition of the tiled image plans, estimated and measured warm in fresh processes."""
-    from tests import models as test_models
-
-    rows = []
-    for name, budget in QUICK_IMAGE_PLANS if quick else IMAGE_PLANS:
-        model, feeds = (zoo.unet(), zoo.image_inputs()) if name == "unet" else test_models.light_cnn(name)
+    """Every partition of the tiled and chunked plans, estimated and measured warm in fresh processes."""
+    rows, summary = [], []
+    for name, budget in QUICK_TILED_PLANS if quick else TILED_PLANS:
+        model, feeds = _tiled_case(name)
         compiled = crowdgraph.compile(model, budget, sample=feeds)
         tiled = {n for r in compiled.splits for n in r.new_nodes if r.region}
         with tempfile.TemporaryDirectory() as tmp:
             measured = measure_plan(compiled, feeds, pathlib.Path(tmp) / "plan")
-        for part, row in zip(compiled.partitions, measured):
-            rows.append({"model": name, "budget": budget, "partition": part.name, "tiled": bool(tiled & set(part.nodes)),
-                         "estimate": part.resident_bytes, "measured": row["above_floor"]})
-    summary = []
-    for name, budget in QUICK_IMAGE_PLANS if quick else IMAGE_PLANS:
-        mine = [r for r in rows if r["model"] == name]
-        summary.append((name, "x".join(map(str, (1, 3, 512, 512) if name == "unet" else (1, 3, 224, 224))), budget,
+        mine = [{"model": name, "budget": budget, "partition": part.name, "tiled": bool(tiled & set(part.nodes)),
+                 "estimate": part.resident_bytes, "measured": row["above_floor"]}
+                for part, row in zip(compiled.partitions, measured)]
+        rows.extend(mine)
+        summary.append((name, "x".join(map(str, next(iter(feeds.values())).shape)), budget,
                         len(mine), sum(r["tiled"] for r in mine), max(r["estimate"] for r in mine) / 1e6,
                         max(r["measured"] for r in mine) / 1e6, max(r["measured"] / r["estimate"] for r in mine)))
     show(table(["model", "shape", "budget", "partitions", "with tiles", "max estimate MB", "max measured MB",
                 "worst meas/est"], summary,
-               title="Tiled image models: estimated vs measured resident memory above the floor, fresh processes"))
+               title="Tiled and chunked models: estimated vs measured resident memory above the floor, fresh processes"))
     return rows
 
 
