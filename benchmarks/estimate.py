@@ -82,7 +82,7 @@ def _tiled_case(name: str) -> tuple[Any, dict[str, Any]]:
     return test_models.light_cnn(name)
 
 
-def image_rows(quick: bool) -> list[dict[str, Any]]:
+def tiled_rows(quick: bool) -> list[dict[str, Any]]:
     """Every partition of the tiled and chunked plans, estimated and measured warm in fresh processes."""
     rows, summary = [], []
     for name, budget in QUICK_TILED_PLANS if quick else TILED_PLANS:
@@ -130,7 +130,7 @@ def run(quick: bool = False, out: pathlib.Path = RESULTS, budget: str = "128MB")
                [(r["model"], r["shape"], r["partition"], r["weights"] / 1e6, r["estimate"] / 1e6,
                  r["measured"] / 1e6, r["measured"] / r["estimate"], r["cold"] / 1e6) for r in rows],
                title=f"Estimated vs measured resident memory above the floor, budget {budget}, fresh processes"))
-    images = image_rows(quick)
+    images = tiled_rows(quick)
     worst = max(r["measured"] / r["estimate"] for r in rows + images)
     targets = [Target(NAME, "largest measured / estimated resident memory of a partition", worst, 1.0, "<=")]
     targets.append(Target(NAME, "largest warm session cost / its estimate (tiny models)",

@@ -88,6 +88,12 @@ def test_generate(tmp_path):
     assert len(out.split("sampled, step by step:")[1].splitlines()[0].split()) == 8
 
 
+def test_chunk_long_sequence(tmp_path):
+    out = run_example("chunk_long_sequence.py", "tiny", "128", "4", "3MB", cwd=tmp_path)
+    assert "regions tiled to fit the budget" in out and "chunks by sequence" in out
+    assert float(out.split("max abs difference to the whole model: ")[1].split()[0]) <= 1e-4
+
+
 def test_tile_image_model(tmp_path):
     out = run_example("tile_image_model.py", cwd=tmp_path)
     assert "regions tiled to fit the budget" in out and "tiles by rows" in out
