@@ -87,7 +87,8 @@ POINTWISE_OPS = frozenset({
     "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "HardSigmoid",
     "HardSwish", "Softplus", "Softsign", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal",
     "Identity", "Erf", "Cast", "BatchNormalization", "LRN", "Add", "Sub", "Mul", "Div", "Sum",
-    "Max", "Min", "Mean", "Pow", "Dropout",
+    "Max", "Min", "Mean", "Pow", "Dropout", "Where", "IsNaN", "IsInf", "Not", "And", "Or", "Xor", "Equal",
+    "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Gelu",
 })
 #: Ops with a sliding window along the spatial axes.
 WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool"})
