@@ -172,7 +172,7 @@ class CompiledModel:
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
             mode: str = "streaming", seed: int = 0, report: bool = False, progress: bool = False,
-            timeout: float | None = None, policy: str = "cost") -> Any:
+            timeout: float | None = None, policy: str = "cost", audit: float = 0.0) -> Any:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
 
         Parameters
@@ -202,6 +202,13 @@ class CompiledModel:
             The scheduler's placement rule: ``"cost"`` (replicas where they
             finish work sooner), or the baselines ``"pipeline"`` and
             ``"greedy"`` (see :mod:`crowdgraph.schedule`).
+        audit:
+            Fraction of tasks (0 to 1) whose result is checked by running
+            the task again on another worker; on a disagreement a third
+            worker decides, the odd one out is quarantined and whatever
+            its unchecked results reached is computed again.  0 (the
+            default) checks nothing; see docs/audit.md and
+            :attr:`RunReport.audit <crowdgraph.report.RunReport.audit>`.
 
         When a micro-batch is larger than the shapes the plan was compiled
         at, the model is partitioned again at the micro-batch's shapes so
@@ -222,7 +229,8 @@ class CompiledModel:
         ex, owned = resolve_executor(executor)
         try:
             outputs, run_report = Driver(plan, microbatches, ex, mode=mode, seed=seed,  # type: ignore[arg-type]
-                                         progress=progress, timeout=timeout, policy=policy).run()
+                                         progress=progress, timeout=timeout, policy=policy,
+                                         audit=audit).run()
         finally:
             if owned:
                 ex.close()

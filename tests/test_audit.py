@@ -1,0 +1,279 @@
+"""Spot checks: the pure decisions of crowdgraph.audit, and runs with lying thread workers."""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crowdgraph
+from crowdgraph import ThreadExecutor, Worker, zoo
+from crowdgraph.audit import (
+    FLOAT_TOLERANCE, Reputation, arrays_agree, audit_rate, chosen_for_audit, results_agree, tainted, vote,
+)
+from crowdgraph.errors import InputError
+from crowdgraph.runtime import open_session, run_session
+from crowdgraph.schedule import LoadFinished, Run, Scheduler, TaskFinished, WorkerInfo, WorkerLost
+from tests.models import chain
+from tests.oracle import assert_matches, oracle
+
+# ------------------------------------------------------------ which tasks
+
+
+@settings(max_examples=30, deadline=None)
+@given(rate=st.floats(0.02, 0.98), seed=st.integers(0, 2**31))
+def test_the_share_of_tasks_chosen_is_the_rate_and_the_same_every_time(rate, seed):
+    keys = [(f"p{p}", i) for p in range(20) for i in range(200)]
+    chosen = [chosen_for_audit(seed, k, "w", rate) for k in keys]
+    share = sum(chosen) / len(keys)
+    assert abs(share - rate) < 4 * (rate * (1 - rate) / len(keys)) ** 0.5 + 1e-9  # four standard deviations
+    assert chosen == [chosen_for_audit(seed, k, "w", rate) for k in keys]
+
+
+@given(passed=st.integers(0, 20), disagreements=st.integers(0, 3), base=st.floats(0.0, 1.0))
+def test_unproven_and_suspect_workers_are_checked_at_least_as_often_as_proven_ones(passed, disagreements, base):
+    record = Reputation(passed=passed, disagreements=disagreements)
+    proven = audit_rate(base, Reputation(passed=passed + 3))
+    assert proven == min(base, 1.0)
+    assert audit_rate(base, record) >= proven
+    assert audit_rate(base, record) == (0.0 if base == 0 else 1.0 if disagreements else audit_rate(base, record))
+
+
+# ------------------------------------------------------------ comparing results
+
+floats = st.sampled_from(["float32", "float64", "float16"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=floats, seed=st.integers(0, 2**31), scale=st.floats(1e-3, 1e3), size=st.integers(1, 64))
+def test_results_within_the_bound_agree_and_one_changed_value_beyond_it_does_not(dtype, seed, scale, size):
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal(size) * scale).astype(dtype)
+    bound = FLOAT_TOLERANCE[dtype] * max(1.0, float(np.max(np.abs(a.astype(np.float64)))))
+    assert arrays_agree(a, a) and arrays_agree(a, a.copy())
+    close = (a.astype(np.float64) + rng.uniform(-0.4, 0.4, size) * bound).astype(dtype)
+    assert arrays_agree(a, close) and arrays_agree(close, a)  # symmetric
+    far = a.copy()
+    i = int(rng.integers(size))
+    far[i] = np.asarray(far[i].astype(np.float64) + 3 * bound + 1).astype(dtype)
+    assert not arrays_agree(a, far) and not arrays_agree(far, a)
+    nan = a.copy()
+    nan[i] = np.nan
+    assert not arrays_agree(a, nan) and arrays_agree(nan, nan.copy())
+
+
+@given(values=st.lists(st.integers(-2**40, 2**40), min_size=1, max_size=20), i=st.integers(0, 19))
+def test_integer_results_agree_only_when_equal(values, i):
+    a = np.array(values, dtype=np.int64)
+    b = a.copy()
+    b[i % len(b)] += 1
+    assert arrays_agree(a, a.copy()) and not arrays_agree(a, b)
+    assert not arrays_agree(a, a.astype(np.int32)) and not arrays_agree(a, a[None])
+
+
+def test_the_float_bound_leaves_headroom_over_onnxruntime_run_to_run_and_thread_count_variation():
+    """The calibration behind FLOAT_TOLERANCE: the same partitions run with
+    1 and 4 intra-op threads, twice each, differ by far less than the bound."""
+    model = zoo.distilbert("tiny")
+    feeds = zoo.sample_inputs(model, batch=4, sequence=32)
+    compiled = crowdgraph.compile(model, partitions=3, input_shapes={k: v.shape for k, v in feeds.items()})
+    values = dict(feeds)
+    worst = 0.0
+    for part in compiled.partitions:
+        inputs = {name: values[name] for name in part.inputs}
+        runs = [run_session(open_session(part.model_bytes, threads), inputs, part.outputs)
+                for threads in (1, 4, 1, 4)]
+        for name in part.outputs:
+            first = runs[0][name]
+            if np.issubdtype(first.dtype, np.floating):
+                scale = max(1.0, float(np.max(np.abs(first))))
+                for other in runs[1:]:
+                    worst = max(worst, float(np.max(np.abs(other[name] - first))) / scale)
+            assert all(results_agree({name: first}, {name: r[name]}) for r in runs[1:])
+        values.update(runs[0])
+    assert worst * 100 <= FLOAT_TOLERANCE["float32"], f"measured variation {worst:.2e} of the magnitude"
+
+
+# ------------------------------------------------------------ the vote and what it taints
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(3, 6), liar=st.integers(0, 5), seed=st.integers(0, 2**31))
+def test_the_vote_names_exactly_the_one_liar_among_honest_workers(n, liar, seed):
+    rng = np.random.default_rng(seed)
+    truth = {"y": rng.standard_normal(8).astype(np.float32)}
+    lie = {"y": truth["y"] + np.float32(1)}
+    liar %= n
+    results = [(f"w{k}", lie if k == liar else {"y": truth["y"].copy()}) for k in range(n)]
+    verdict = vote(results)
+    assert verdict is not None and verdict.odd == (f"w{liar}",)
+    assert set(verdict.agreed) == {f"w{k}" for k in range(n)} - {f"w{liar}"}
+    assert vote(results[liar:liar + 1] + [r for r in results if r[0] != f"w{liar}"][:1]) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.integers(2, 14))
+def test_what_a_liar_taints_is_its_unverified_results_and_everything_downstream(data, n):
+    edges = data.draw(st.sets(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)).filter(lambda e: e[0] < e[1])))
+    g = nx.DiGraph()
+    g.add_nodes_from((f"p{k}", 0) for k in range(n))
+    g.add_edges_from(((f"p{a}", 0), (f"p{b}", 0)) for a, b in edges)
+    workers = data.draw(st.lists(st.sampled_from("xyz"), min_size=n, max_size=n))
+    finished = data.draw(st.sets(st.integers(0, n - 1)))
+    produced_on = {(f"p{k}", 0): workers[k] for k in finished}
+    verified = {k for k in produced_on if data.draw(st.booleans())}
+    got = tainted(g, produced_on, "x", verified)
+    doubtful = {k for k, w in produced_on.items() if w == "x" and k not in verified}
+    assert doubtful <= got <= produced_on.keys()
+    for k in got:  # each is doubtful itself or downstream of a doubtful one
+        assert k in doubtful or any(nx.has_path(g, d, k) for d in doubtful)
+    for d in doubtful:  # nothing finished downstream is missed
+        assert {k for k in nx.descendants(g, d) if k in produced_on} <= got
+
+
+# ------------------------------------------------------------ the scheduler's check copies
+
+
+def _two_partitions() -> nx.DiGraph:
+    g = nx.DiGraph()
+    for p in ("a", "b"):
+        g.add_node((p, 0), partition=p)
+    g.add_edge(("a", 0), ("b", 0))
+    return g
+
+
+def test_a_check_runs_on_another_worker_and_leaves_the_task_finished():
+    crowd = [WorkerInfo("w1", 10, speed=2.0), WorkerInfo("w2", 10), WorkerInfo("w3", 10)]
+    s = Scheduler(_two_partitions(), {"a": 10, "b": 10}, crowd)
+    (load, run) = s.start()
+    assert run == Run("w1", ("a", 0), 3)
+    s.handle(LoadFinished("w1", "a"))
+    (next_run,) = [a for a in s.handle(TaskFinished("w1", ("a", 0))) if isinstance(a, Run)]
+    (check,) = [a for a in s.place_audit(("a", 0), avoid={"w1"}) if isinstance(a, Run)]
+    assert check.key == ("a", 0) and check.worker not in {"w1", next_run.worker}
+    assert ("a", 0) in s.finished and s.audit_runs == {(check.worker, ("a", 0))}
+    assert s.place_audit(("a", 0), avoid={"w1"}) == []  # nobody else is idle and allowed now
+    assert s.handle(TaskFinished(check.worker, ("a", 0))) == [] and not s.audit_runs
+    assert s.queue(check.worker) == () and s.produced_on[("a", 0)] == "w1"
+    s.handle(TaskFinished(next_run.worker, ("b", 0)))
+    assert s.done
+
+
+def test_a_check_on_a_lost_worker_is_dropped_and_the_run_goes_on():
+    crowd = [WorkerInfo("w1", 10, speed=2.0), WorkerInfo("w2", 10), WorkerInfo("w3", 10)]
+    s = Scheduler(_two_partitions(), {"a": 10, "b": 10}, crowd)
+    s.start()
+    (next_run,) = [a for a in s.handle(TaskFinished("w1", ("a", 0))) if isinstance(a, Run)]
+    (check,) = [a for a in s.place_audit(("a", 0), avoid={"w1"}) if isinstance(a, Run)]
+    s.handle(WorkerLost(check.worker))
+    assert not s.audit_runs and ("a", 0) in s.finished
+    s.handle(TaskFinished(next_run.worker, ("b", 0)))
+    assert s.done
+
+
+# ------------------------------------------------------------ runs with a lying thread worker
+
+
+class _LyingReporter:
+    """Passes everything on, but changes the results of the tasks ``lies(n)`` picks (n counts its tasks)."""
+
+    def __init__(self, reporter, lie, lies):
+        self._reporter, self._lie, self._lies, self.told = reporter, lie, lies, 0
+
+    def task_finished(self, worker, key, outputs, **stats):
+        self.told += 1
+        if self._lies(self.told):
+            outputs = {name: self._lie(value) for name, value in outputs.items()}
+        self._reporter.task_finished(worker, key, outputs, **stats)
+
+    def __getattr__(self, name):
+        return getattr(self._reporter, name)
+
+
+class LyingThreads(ThreadExecutor):
+    """Thread workers of which ``liar`` changes its results (right shape and dtype)."""
+
+    def __init__(self, workers, liar, lie, lies=lambda n: True):
+        super().__init__(workers)
+        self._liar, self._lie, self._lies = liar, lie, lies
+        self.lying = None
+
+    def start(self, job, reporter):
+        self.lying = _LyingReporter(reporter, self._lie, self._lies)
+        return super().start(job, reporter)
+
+    def run(self, worker, key, partition, inputs):
+        if worker != self._liar:
+            return super().run(worker, key, partition, inputs)
+        self._enqueue(worker, ("run", self.lying, key, partition, inputs))
+
+
+LIES = {
+    "shifted": lambda v: v + np.asarray(1, dtype=v.dtype),
+    "nan": lambda v: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v + 1,
+}
+
+
+@pytest.fixture(scope="module")
+def small_chain():
+    model, feeds = chain(n_layers=4, width=32, batch=8)
+    compiled = crowdgraph.compile(model, partitions=3, input_shapes={k: (2,) + v.shape[1:] for k, v in feeds.items()})
+    return compiled, feeds, oracle(model, feeds)
+
+
+def _crowd(liar_speed: float = 4.0) -> list[WorkerInfo]:
+    return [Worker("liar", memory="64MB", speed=liar_speed)] + [Worker(f"w{k}", memory="64MB") for k in range(3)]
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_with_every_result_checked_a_liar_is_quarantined_and_the_output_is_the_oracle(small_chain, lie):
+    compiled, feeds, want = small_chain
+    with LyingThreads(_crowd(), "liar", LIES[lie]) as ex:
+        got = compiled.run(feeds, executor=ex, microbatch=2, audit=1.0)
+    assert ex.lying.told > 0  # the liar did run tasks
+    assert_matches(got, want)
+    audit = compiled.last_report.audit
+    assert list(audit.quarantined) == ["liar"]
+    assert audit.disagreements and all(d.odd == ("liar",) for d in audit.disagreements if d.odd)
+    assert audit.reputations["liar"].disagreements >= 1
+    assert all(audit.reputations[w].disagreements == 0 for w in ("w0", "w1", "w2") if w in audit.reputations)
+    text = str(compiled.last_report)
+    assert "checks passed" in text and "quarantined liar" in text
+
+
+def test_a_worker_lying_on_one_task_in_ten_is_caught_and_its_unchecked_results_recomputed(small_chain):
+    compiled, feeds, want = small_chain
+    with LyingThreads(_crowd(), "liar", LIES["shifted"], lies=lambda n: n % 10 == 1) as ex:
+        got = compiled.run(feeds, executor=ex, microbatch=2, audit=1.0)
+    assert_matches(got, want)
+    assert list(compiled.last_report.audit.quarantined) == ["liar"]
+
+
+def test_with_audit_off_a_liars_numbers_reach_the_output_unnoticed(small_chain):
+    """What docs/audit.md says happens without audit: the run succeeds with wrong outputs."""
+    compiled, feeds, want = small_chain
+    with LyingThreads(_crowd(liar_speed=100.0), "liar", LIES["shifted"]) as ex:
+        got = compiled.run(feeds, executor=ex, microbatch=2)
+    assert ex.lying.told > 0 and compiled.last_report.audit is None
+    assert any(not np.allclose(got[name], want[name], atol=1e-3) for name in want)
+
+
+def test_honest_workers_pass_every_check_and_nobody_is_quarantined(small_chain):
+    compiled, feeds, want = small_chain
+    with ThreadExecutor(workers=3, memory="64MB") as ex:
+        got = compiled.run(feeds, executor=ex, microbatch=2, audit=0.5, seed=3)
+    assert_matches(got, want)
+    audit = compiled.last_report.audit
+    assert audit.checks > 0 and not audit.disagreements and not audit.quarantined and audit.recomputed == 0
+    assert sum(r.passed for r in audit.reputations.values()) == 2 * audit.checks
+    html = compiled.last_report.to_html()
+    assert "checks passed" in html and f"{audit.checks} checks" in html
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, True, "5%"])
+def test_an_audit_rate_outside_0_to_1_is_refused_with_what_to_give(small_chain, rate):
+    compiled, feeds, _ = small_chain
+    with pytest.raises(InputError, match="audit must be a fraction of tasks from 0 to 1"):
+        compiled.run(feeds, executor=ThreadExecutor(workers=1), audit=rate)
