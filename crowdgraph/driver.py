@@ -369,9 +369,7 @@ class Driver:
         if worker in summary.quarantined:
             return []
         summary.quarantined[worker] = reason
-        quarantine = getattr(self.executor, "quarantine", None)
-        if quarantine is not None:
-            quarantine(worker, reason)
+        self.executor.quarantine(worker, reason)
         doubtful = tainted(self.tasks, sched.produced_on, worker, self.verified)
         for key in sorted(doubtful & self.checks.keys()):  # checks of doubtful results are void
             check = self.checks.pop(key)

@@ -649,6 +649,9 @@ class LiveView(Executor):
     def gather(self, values: Any) -> Any:
         return self.executor.gather(values)
 
+    def quarantine(self, worker: str, reason: str) -> None:
+        self.executor.quarantine(worker, reason)
+
     def forget(self, values: Any) -> None:
         self.executor.forget(values)
 
