@@ -172,7 +172,8 @@ class CompiledModel:
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
             mode: str = "streaming", seed: int = 0, report: bool = False, progress: bool = False,
-            timeout: float | None = None, policy: str = "cost", audit: float = 0.0) -> Any:
+            timeout: float | None = None, policy: str = "cost", audit: float = 0.0,
+            private: bool = False) -> Any:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
 
         Parameters
@@ -209,6 +210,11 @@ class CompiledModel:
             its unchecked results reached is computed again.  0 (the
             default) checks nothing; see docs/audit.md and
             :attr:`RunReport.audit <crowdgraph.report.RunReport.audit>`.
+        private:
+            Run the partitions that read the model's inputs or produce its
+            outputs on a worker in this process (with the plan's budget),
+            so the crowd sees only intermediate activations; see
+            :mod:`crowdgraph.private` and docs/audit.md.
 
         When a micro-batch is larger than the shapes the plan was compiled
         at, the model is partitioned again at the micro-batch's shapes so
@@ -216,6 +222,7 @@ class CompiledModel:
         """
         from .driver import Driver
         from .executor import resolve_executor
+        from .private import PrivateExecutor, private_partitions
         from .taskgraph import join_outputs, split_batch
 
         feeds = self.check_inputs(batch)
@@ -227,11 +234,17 @@ class CompiledModel:
         microbatches = split_batch(feeds, self.batched_inputs(), microbatch)
         plan = self.at_shapes({k: v.shape for k, v in microbatches[0].items()})
         ex, owned = resolve_executor(executor)
+        crowd, kept = ex, frozenset[str]()
+        if private:
+            crowd = PrivateExecutor(ex, plan.memory_budget or max(p.resident_bytes for p in plan.partitions))
+            kept = private_partitions(plan.partitions, [t.name for t in plan.inputs], plan.output_names)
         try:
-            outputs, run_report = Driver(plan, microbatches, ex, mode=mode, seed=seed,  # type: ignore[arg-type]
+            outputs, run_report = Driver(plan, microbatches, crowd, mode=mode, seed=seed,  # type: ignore[arg-type]
                                          progress=progress, timeout=timeout, policy=policy,
-                                         audit=audit).run()
+                                         audit=audit, private=kept).run()
         finally:
+            if crowd is not ex:
+                crowd.close()
             if owned:
                 ex.close()
         self.last_report = run_report

@@ -32,6 +32,7 @@ import numpy as np
 
 from .audit import AuditSummary, Disagreement, Reputation, audit_rate, chosen_for_audit, tainted, vote
 from .errors import CrowdgraphError, ExecutionError, InputError
+from .private import home_crowd, home_memory
 from .executor import Executor, Job, Notice, Reporter
 from .report import BackupRecord, LoadRecord, RunReport, TaskRecord
 from .schedule import (
@@ -58,7 +59,8 @@ class Driver:
     def __init__(self, compiled: Any, microbatches: Sequence[Mapping[str, np.ndarray]], executor: Executor,
                  *, mode: Mode = "streaming", seed: int = 0, progress: bool = False,
                  timeout: float | None = None, policy: Policy = "cost",
-                 stall_timeout: float = STALL_SECONDS, backups: bool = True, audit: float = 0.0):
+                 stall_timeout: float = STALL_SECONDS, backups: bool = True, audit: float = 0.0,
+                 private: frozenset[str] = frozenset()):
         self.compiled = compiled
         self.microbatches = microbatches
         self.executor = executor
@@ -86,6 +88,7 @@ class Driver:
         self.backup_records: dict[TaskKey, BackupRecord] = {}
         self.scheduler: Scheduler | None = None
         self.audit = _check_audit_rate(audit)
+        self.private = private  # partitions only the home worker may run (crowdgraph.private)
         self.checks: dict[TaskKey, Check] = {}  # open spot checks
         self.verified: set[TaskKey] = set()  # results a second worker confirmed
         self.stale: Counter[tuple[str, TaskKey]] = Counter()  # runs whose result is no longer wanted
@@ -100,8 +103,10 @@ class Driver:
         for w in workers:
             self.report.add_worker(w.id, w.memory, w.speed, w.floor)
         rows = _rows_scale(self.compiled, self.microbatches)
-        self.scheduler = Scheduler(self.tasks, {p: part.resident_bytes for p, part in self.partitions.items()},
-                                   workers, seed=self.seed, policy=self.policy,
+        need = {p: part.resident_bytes for p, part in self.partitions.items()}
+        if self.private:
+            need, workers = home_memory(need, self.private), home_crowd(workers)
+        self.scheduler = Scheduler(self.tasks, need, workers, seed=self.seed, policy=self.policy,
                                    weight_bytes={p: part.weight_bytes for p, part in self.partitions.items()},
                                    flops={p: part.flops * rows for p, part in self.partitions.items()},
                                    star_bandwidth=getattr(self.executor, "star_bandwidth", math.inf),
@@ -284,7 +289,7 @@ class Driver:
     def _consider_check(self, key: TaskKey, worker: str, outputs: Mapping[str, Any]) -> None:
         """Open a check of ``key``'s result when the seeded coin for its worker says so."""
         rate = audit_rate(self.audit, self._reputation(worker))
-        if key not in self.checks and chosen_for_audit(self.seed, key, worker, rate):
+        if key not in self.checks and key[0] not in self.private and chosen_for_audit(self.seed, key, worker, rate):
             self.checks[key] = Check(key, tuple(data_producers(self.tasks, key)), [(worker, outputs)])
 
     def _place_checks(self) -> list[Action]:
@@ -300,7 +305,7 @@ class Driver:
                     check.running = runs[0].worker
                     actions += placed
                 elif not any(w.id not in check.workers() and w.memory >= self.partitions[check.key[0]].resident_bytes
-                             for w in sched.workers.values()):
+                             for w in sched.workers.values()):  # nobody left who could ever run it
                     raise ExecutionError(self._undecidable(check))
         return actions
 

@@ -73,18 +73,24 @@ def test_integer_results_agree_only_when_equal(values, i):
     assert not arrays_agree(a, a.astype(np.int32)) and not arrays_agree(a, a[None])
 
 
-def test_the_float_bound_leaves_headroom_over_onnxruntime_run_to_run_and_thread_count_variation():
+@pytest.mark.parametrize("case", ["distilbert", "chain"])
+def test_the_float_bound_leaves_headroom_over_onnxruntime_run_to_run_and_thread_count_variation(case):
     """The calibration behind FLOAT_TOLERANCE: the same partitions run with
-    1 and 4 intra-op threads, twice each, differ by far less than the bound."""
-    model = zoo.distilbert("tiny")
-    feeds = zoo.sample_inputs(model, batch=4, sequence=32)
+    1, 2 and 4 intra-op threads, twice each, differ by far less than the bound
+    (measured here: 0 for the tiny DistilBERT, under 1e-6 of the magnitude
+    for the 256-wide chain, whose long reductions are split by thread count)."""
+    if case == "distilbert":
+        model = zoo.distilbert("tiny")
+        feeds = zoo.sample_inputs(model, batch=4, sequence=32)
+    else:
+        model, feeds = chain(n_layers=6, width=256, batch=8)
     compiled = crowdgraph.compile(model, partitions=3, input_shapes={k: v.shape for k, v in feeds.items()})
     values = dict(feeds)
     worst = 0.0
     for part in compiled.partitions:
         inputs = {name: values[name] for name in part.inputs}
         runs = [run_session(open_session(part.model_bytes, threads), inputs, part.outputs)
-                for threads in (1, 4, 1, 4)]
+                for threads in (1, 2, 4, 1, 2, 4)]
         for name in part.outputs:
             first = runs[0][name]
             if np.issubdtype(first.dtype, np.floating):
@@ -93,7 +99,7 @@ def test_the_float_bound_leaves_headroom_over_onnxruntime_run_to_run_and_thread_
                     worst = max(worst, float(np.max(np.abs(other[name] - first))) / scale)
             assert all(results_agree({name: first}, {name: r[name]}) for r in runs[1:])
         values.update(runs[0])
-    assert worst * 100 <= FLOAT_TOLERANCE["float32"], f"measured variation {worst:.2e} of the magnitude"
+    assert worst * 20 <= FLOAT_TOLERANCE["float32"], f"measured variation {worst:.2e} of the magnitude"
 
 
 # ------------------------------------------------------------ the vote and what it taints
@@ -277,3 +283,20 @@ def test_an_audit_rate_outside_0_to_1_is_refused_with_what_to_give(small_chain, 
     compiled, feeds, _ = small_chain
     with pytest.raises(InputError, match="audit must be a fraction of tasks from 0 to 1"):
         compiled.run(feeds, executor=ThreadExecutor(workers=1), audit=rate)
+
+
+# ------------------------------------------------------------ private runs
+
+
+def test_a_private_run_keeps_the_partitions_touching_inputs_and_outputs_at_home(small_chain):
+    compiled, feeds, want = small_chain
+    with ThreadExecutor(workers=3, memory="64MB") as ex:
+        got = compiled.run(feeds, executor=ex, microbatch=2, private=True, audit=0.5)
+    assert_matches(got, want)
+    report = compiled.last_report
+    first, *middle, last = [p.name for p in compiled.partitions]
+    ran_on = {(t.partition, t.worker) for t in report.tasks}
+    assert {w for p, w in ran_on if p in (first, last)} == {"home"}
+    assert {p for p, _ in ran_on} == {first, last, *middle}
+    assert report.workers["home"].memory == max(p.resident_bytes for p in compiled.partitions)
+    assert report.audit.checks > 0 and not report.audit.quarantined  # the middle partition's results are checked

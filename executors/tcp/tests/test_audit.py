@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import crowdgraph
+from crowdgraph import wire
 from crowdgraph_tcp import TcpExecutor
 from tests.models import chain
 from tests.oracle import assert_matches, oracle
@@ -114,3 +115,30 @@ def test_a_quarantined_worker_is_refused_when_it_comes_back_under_its_name(hones
     assert_matches(got, want)
     assert not compiled.last_report.audit.quarantined
     assert not np.isnan(got[next(iter(want))]).any()
+
+
+def test_a_private_run_sends_no_worker_a_frame_with_the_models_inputs_or_outputs(honest_four, small_chain,
+                                                                                monkeypatch):
+    compiled, feeds, want = small_chain
+    sent = []
+    encode_parts = wire.encode_parts
+
+    def spy(message, **options):  # every frame the driver's side sends a worker is encoded here
+        sent.append(message)
+        return encode_parts(message, **options)
+
+    monkeypatch.setattr(wire, "encode_parts", spy)
+    got = compiled.run(feeds, executor=honest_four, microbatch=1, private=True, audit=0.5, timeout=120)
+    assert_matches(got, want)
+    private = [p for p in compiled.partitions if {*p.inputs, *p.outputs} & {*feeds, *want}]
+    assert private and len(private) < len(compiled.partitions)
+    runs = [m for m in sent if m.type == wire.RUN]
+    assert runs, "the crowd ran nothing"
+    model_tensors = {*feeds, *want}
+    rows = [row.tobytes() for value in (*feeds.values(), *want.values()) for row in value]
+    for message in sent:
+        assert not model_tensors & set(message.tensors), (message.type, sorted(message.tensors))
+        for value in message.tensors.values():
+            assert all(np.asarray(row).tobytes() not in rows for row in np.asarray(value))
+        assert message.header.get("sha256") not in {p.sha256 for p in private}
+    assert {t.worker for t in compiled.last_report.tasks if t.partition in {p.name for p in private}} == {"home"}
