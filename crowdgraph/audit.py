@@ -243,6 +243,7 @@ class AuditSummary:
         """
         who = ", ".join(f"{w} ({why})" for w, why in self.quarantined.items()) or "nobody"
         again = f"; {self.recomputed} tasks computed again" if self.recomputed else ""
-        return (f"audit at {self.rate:.0%}: {self.checks} checks, {len(self.disagreements)} disagreements, "
+        n = len(self.disagreements)
+        return (f"audit at {self.rate:.0%}: {self.checks} checks, {n} disagreement{'' if n == 1 else 's'}, "
                 f"{'quarantined ' if self.quarantined else ''}{who}{'' if self.quarantined else ' quarantined'}"
                 f"{again}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -18,6 +21,8 @@ from crowdgraph.runtime import open_session, run_session
 from crowdgraph.schedule import LoadFinished, Run, Scheduler, TaskFinished, WorkerInfo, WorkerLost
 from tests.models import chain
 from tests.oracle import assert_matches, oracle
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 # ------------------------------------------------------------ which tasks
 
@@ -182,38 +187,15 @@ def test_a_check_on_a_lost_worker_is_dropped_and_the_run_goes_on():
 # ------------------------------------------------------------ runs with a lying thread worker
 
 
-class _LyingReporter:
-    """Passes everything on, but changes the results of the tasks ``lies(n)`` picks (n counts its tasks)."""
-
-    def __init__(self, reporter, lie, lies):
-        self._reporter, self._lie, self._lies, self.told = reporter, lie, lies, 0
-
-    def task_finished(self, worker, key, outputs, **stats):
-        self.told += 1
-        if self._lies(self.told):
-            outputs = {name: self._lie(value) for name, value in outputs.items()}
-        self._reporter.task_finished(worker, key, outputs, **stats)
-
-    def __getattr__(self, name):
-        return getattr(self._reporter, name)
+def _example(name: str):
+    """A module of examples/ (the lying executor lives with the example that shows it)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class LyingThreads(ThreadExecutor):
-    """Thread workers of which ``liar`` changes its results (right shape and dtype)."""
-
-    def __init__(self, workers, liar, lie, lies=lambda n: True):
-        super().__init__(workers)
-        self._liar, self._lie, self._lies = liar, lie, lies
-        self.lying = None
-
-    def start(self, job, reporter):
-        self.lying = _LyingReporter(reporter, self._lie, self._lies)
-        return super().start(job, reporter)
-
-    def run(self, worker, key, partition, inputs):
-        if worker != self._liar:
-            return super().run(worker, key, partition, inputs)
-        self._enqueue(worker, ("run", self.lying, key, partition, inputs))
+LyingThreads = _example("audit_liar").LyingThreads
 
 
 LIES = {
