@@ -50,8 +50,9 @@ class Reputation:
 
     ``passed``: checks of its results (or by it) that agreed;
     ``disagreements``: checks it was on the losing side of, or not yet decided;
-    ``failures``: tasks or loads it failed; ``stragglers``: tasks it was so
-    slow at that they got a backup copy.
+    ``failures``: times it was lost (gone, or dropped for a malformed
+    result); ``stragglers``: tasks it was so slow at that they got a
+    backup copy.
     """
 
     passed: int = 0

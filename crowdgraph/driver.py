@@ -14,6 +14,10 @@ This is the glue of stage 5 (dask.local's queue pattern).  The driver
    gets a backup copy on an idle worker (the first result wins), and a
    run with no notice for ``stall_timeout`` seconds ends with an error
    naming the tasks and workers it waits for;
+   with ``audit=``, a seeded share of results is run again on another
+   worker and compared; a worker outvoted on a disagreement is
+   quarantined and what its unchecked results reached is computed again
+   (:mod:`crowdgraph.audit`, docs/audit.md);
 5. forgets intermediate values once every task that reads them finished,
    and joins the model outputs of all micro-batches at the end.
 
@@ -32,8 +36,8 @@ import numpy as np
 
 from .audit import AuditSummary, Disagreement, Reputation, audit_rate, chosen_for_audit, tainted, vote
 from .errors import CrowdgraphError, ExecutionError, InputError
-from .private import home_crowd, home_memory
 from .executor import Executor, Job, Notice, Reporter
+from .private import home_crowd, home_memory
 from .report import BackupRecord, LoadRecord, RunReport, TaskRecord
 from .schedule import (
     Action, Load, LoadFinished, Policy, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
@@ -243,6 +247,8 @@ class Driver:
             self.report.replaced.extend(sched.queue(worker))
             if worker in self.report.workers:
                 self.report.workers[worker].lost = notice.error or "lost"
+            if self.report.audit is not None:
+                self._reputation(worker).failures += 1
             return sched.handle(WorkerLost(worker))
         if kind == "joined":
             assert notice.info is not None

@@ -282,3 +282,16 @@ def test_a_private_run_keeps_the_partitions_touching_inputs_and_outputs_at_home(
     assert {p for p, _ in ran_on} == {first, last, *middle}
     assert report.workers["home"].memory == max(p.resident_bytes for p in compiled.partitions)
     assert report.audit.checks > 0 and not report.audit.quarantined  # the middle partition's results are checked
+
+
+def test_a_cancelled_check_frees_its_worker_and_its_late_result_changes_nothing():
+    crowd = [WorkerInfo("w1", 10, speed=2.0), WorkerInfo("w2", 10), WorkerInfo("w3", 10)]
+    s = Scheduler(_two_partitions(), {"a": 10, "b": 10}, crowd)
+    s.start()
+    (next_run,) = [a for a in s.handle(TaskFinished("w1", ("a", 0))) if isinstance(a, Run)]
+    (check,) = [a for a in s.place_audit(("a", 0), avoid={"w1"}) if isinstance(a, Run)]
+    s.cancel_audit(check.worker, ("a", 0))
+    assert not s.audit_runs and s.queue(check.worker) == ()
+    assert s.handle(TaskFinished(check.worker, ("a", 0))) == [] and s.produced_on[("a", 0)] == "w1"
+    s.handle(TaskFinished(next_run.worker, ("b", 0)))
+    assert s.done
