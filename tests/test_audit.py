@@ -16,7 +16,7 @@ from crowdgraph import ThreadExecutor, Worker, zoo
 from crowdgraph.audit import (
     FLOAT_TOLERANCE, Reputation, arrays_agree, audit_rate, chosen_for_audit, results_agree, tainted, vote,
 )
-from crowdgraph.errors import InputError
+from crowdgraph.errors import ExecutionError, InputError
 from crowdgraph.runtime import open_session, run_session
 from crowdgraph.schedule import LoadFinished, Run, Scheduler, TaskFinished, WorkerInfo, WorkerLost
 from tests.models import chain
@@ -295,3 +295,33 @@ def test_a_cancelled_check_frees_its_worker_and_its_late_result_changes_nothing(
     assert s.handle(TaskFinished(check.worker, ("a", 0))) == [] and s.produced_on[("a", 0)] == "w1"
     s.handle(TaskFinished(next_run.worker, ("b", 0)))
     assert s.done
+
+
+def test_two_workers_that_disagree_with_nobody_left_to_decide_stop_the_run_naming_both(small_chain):
+    compiled, feeds, _ = small_chain
+    crowd = [Worker("liar", memory="64MB", speed=4.0), Worker("w0", memory="64MB")]
+    with LyingThreads(crowd, "liar", LIES["shifted"]) as ex:
+        with pytest.raises(ExecutionError, match="disagree between (liar, w0|w0, liar) and no other worker"):
+            compiled.run(feeds, executor=ex, microbatch=2, audit=1.0)
+
+
+def test_a_crowd_of_one_cannot_check_and_says_what_to_do(small_chain):
+    compiled, feeds, _ = small_chain
+    with ThreadExecutor(workers=1, memory="64MB") as ex:
+        with pytest.raises(ExecutionError, match="no other worker can hold partition .* or run with audit=0"):
+            compiled.run(feeds, executor=ex, microbatch=2, audit=0.5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(workers=st.integers(2, 6), microbatches=st.integers(1, 6), seed=st.integers(0, 1000),
+       mode=st.sampled_from(["streaming", "barrier"]), policy=st.sampled_from(["cost", "greedy", "pipeline"]))
+def test_with_audit_1_every_result_is_checked_once_and_nothing_is_computed_twice(small_chain, workers, microbatches,
+                                                                                 seed, mode, policy):
+    compiled, _, _ = small_chain
+    crowd = [Worker(f"w{k}", memory="64MB", speed=1.0 + k % 3) for k in range(workers)]
+    report = crowdgraph.simulate(compiled, crowd, (2 * microbatches, 32), microbatch=2, mode=mode, seed=seed,
+                                 policy=policy, audit=1.0)
+    tasks = len(compiled.partitions) * microbatches
+    assert len(report.tasks) == tasks and report.audit.checks == tasks
+    assert not report.audit.disagreements and report.audit.recomputed == 0
+    assert sum(r.passed for r in report.audit.reputations.values()) == 2 * tasks
