@@ -368,17 +368,22 @@ class Driver:
         for u in (key, *check.inputs):
             self._release(u)
         for w in verdict.odd:
-            actions += self._quarantine(w, f"its result of partition {key[0]} on micro-batch {key[1]} "
-                                           f"disagreed with {', '.join(verdict.agreed)}")
+            actions = self._quarantine(w, f"its result of partition {key[0]} on micro-batch {key[1]} "
+                                          f"disagreed with {', '.join(verdict.agreed)}", actions)
         return actions
 
-    def _quarantine(self, worker: str, reason: str) -> list[Action]:
-        """No more tasks for ``worker``; compute again what its unchecked results reached."""
+    def _quarantine(self, worker: str, reason: str, pending: list[Action]) -> list[Action]:
+        """No more tasks for ``worker``; compute again what its unchecked results reached.
+
+        Returns ``pending`` (actions not yet issued) and the new ones, less
+        the runs the recomputation took back.
+        """
+        unissued = {(a.worker, a.key) for a in pending if isinstance(a, Run)}
         sched = self.scheduler
         summary = self.report.audit
         assert sched is not None and summary is not None
         if worker in summary.quarantined:
-            return []
+            return pending
         summary.quarantined[worker] = reason
         self.executor.quarantine(worker, reason)
         doubtful = tainted(self.tasks, sched.produced_on, worker, self.verified)
@@ -394,13 +399,13 @@ class Driver:
             if any(w == worker for w, _ in check.runs):
                 self._clear_suspects(check, worker)
                 check.runs = [(w, v) for w, v in check.runs if w != worker]
-        before = {(w, k) for w, queue in sched.queues.items() if w != worker for k in queue}
+        before = {(w, k) for w, queue in sched.queues.items() if w != worker for k in queue} - unissued
         for key in doubtful:
             if key in self.values:
                 self.executor.forget(list(self.values.pop(key).values()))
         lost = self._lost_closure(sorted(doubtful))
         summary.recomputed += len(lost)
-        actions = sched.handle(WorkerLost(worker)) + sched.handle(ResultsLost(lost))
+        actions = pending + sched.handle(WorkerLost(worker)) + sched.handle(ResultsLost(lost))
         after = {(w, k) for w, queue in sched.queues.items() for k in queue}
         for pair in before - after:  # dequeued, still running there: its result is dropped
             self.stale[pair] += 1
