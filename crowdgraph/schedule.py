@@ -838,33 +838,44 @@ class Scheduler:
 
         The copy changes nothing the schedule depends on: the task stays
         finished, its result stays the one first produced, and the copy's
-        ``TaskFinished`` only frees its worker.  The idle worker is taken by
-        tier, then speed, then the seeded tie-break; a holder of a partition
-        with tasks left is not swapped out for a check.  Returns no actions
-        when no such worker is idle now (ask again after a later event).
+        ``TaskFinished`` only frees its worker.  The idle worker is the one
+        expected to finish it first (load, if it does not hold the
+        partition, then the task at its speed), then the seeded tie-break;
+        a holder of a partition with tasks left is not swapped out for a
+        check.  With no such worker idle, the check queues behind the
+        current task of a busy holder of the partition with at most
+        :data:`PREFETCH` queued.  Returns no actions when neither exists
+        now (ask again after a later event).
         """
         if self._state.get(key) != _FINISHED:
             return []
         p, shun = self._part[key], set(avoid)
-        best: tuple[int, float, int] | None = None
+        best: tuple[float, int, int] | None = None
         chosen: _Worker | None = None
         for w in self._live.values():
             if w.queue or w.id in shun or w.memory < self._need[p]:
                 continue
             if w.resident == p:
-                tier = 1
+                tier, load = 1, 0.0
             elif w.resident is not None and self._unfinished.get(w.resident, 0):
                 continue
             else:
                 tier = 2 if p in w.info.cached else 3 if w.resident is None else 4
-            rank = (tier, w.inv_speed, w.rank)
+                load = self._load_seconds(w, p)
+            rank = (load + self._estimate[p] / w.speed, tier, w.rank)
             if best is None or rank < best:
                 best, chosen = rank, w
+        if chosen is None:  # behind a busy holder's current task, as a prefetched one would be
+            holders = [self._live[h] for h in self._holders[p] if h not in shun]
+            short = [w for w in holders if len(w.queue) <= PREFETCH and key not in w.queue]
+            if short:
+                chosen = min(short, key=lambda w: ((len(w.queue) + 1) / w.speed, w.rank))
+                best = (0.0, 1, chosen.rank)
         if best is None or chosen is None:
             return []
         actions: list[Action] = []
         home = self._where.get(key)
-        self._assign(key, chosen, best[0], actions)
+        self._assign(key, chosen, best[1], actions)
         self._state[key] = _FINISHED
         if home is None:
             del self._where[key]

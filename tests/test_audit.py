@@ -325,3 +325,18 @@ def test_with_audit_1_every_result_is_checked_once_and_nothing_is_computed_twice
     assert len(report.tasks) == tasks and report.audit.checks == tasks
     assert not report.audit.disagreements and report.audit.recomputed == 0
     assert sum(r.passed for r in report.audit.reputations.values()) == 2 * tasks
+
+
+def test_with_nobody_idle_a_check_queues_behind_a_busy_holder_of_its_partition():
+    g = nx.DiGraph()
+    g.add_nodes_from([(("a", 0), {"partition": "a"}), (("a", 1), {"partition": "a"})])
+    s = Scheduler(g, {"a": 10}, [WorkerInfo("w1", 10), WorkerInfo("w2", 10)], policy="greedy")
+    placed = {a.key: a.worker for a in s.start() if isinstance(a, Run)}
+    assert set(placed.values()) == {"w1", "w2"}
+    first, other = placed[("a", 0)], placed[("a", 1)]
+    s.handle(TaskFinished(first, ("a", 0)))
+    assert s.place_audit(("a", 0), avoid={first}) == [Run(other, ("a", 0), 1)]  # no load: it holds "a"
+    assert s.queue(other) == (("a", 1), ("a", 0))
+    s.handle(TaskFinished(other, ("a", 1)))
+    s.handle(TaskFinished(other, ("a", 0)))
+    assert s.done and not s.audit_runs and s.produced_on[("a", 0)] == first
