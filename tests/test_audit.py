@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import networkx as nx
@@ -229,6 +230,7 @@ def test_with_every_result_checked_a_liar_is_quarantined_and_the_output_is_the_o
     assert all(audit.reputations[w].disagreements == 0 for w in ("w0", "w1", "w2") if w in audit.reputations)
     text = str(compiled.last_report)
     assert "checks passed" in text and "quarantined liar" in text
+    assert list(json.loads(compiled.last_report.to_json())["audit"]["quarantined"]) == ["liar"]
 
 
 def test_a_worker_lying_on_one_task_in_ten_is_caught_and_its_unchecked_results_recomputed(small_chain):
