@@ -69,8 +69,9 @@ class PrivateExecutor(Executor):
 
     Actions for :data:`HOME` go to a :class:`~crowdgraph.threads.ThreadExecutor`
     in this process, all others to ``crowd``; both report to the same
-    driver.  Values are gathered and forgotten by the crowd's executor, so
-    it must report outputs as numpy arrays (threads, TCP), not as handles.
+    driver.  Values are gathered and forgotten by the crowd's executor,
+    which passes arrays through; the home worker's inputs are gathered
+    before it runs, so a crowd that reports handles (Dask) works too.
     """
 
     def __init__(self, crowd: Executor, memory: int):
@@ -96,6 +97,8 @@ class PrivateExecutor(Executor):
         self._for(worker).unload(worker, partition)
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
+        if worker == HOME:  # the crowd's outputs may be handles (Dask): the home worker needs arrays
+            inputs = self.crowd.gather(inputs)
         self._for(worker).run(worker, key, partition, inputs)
 
     def quarantine(self, worker: str, reason: str) -> None:

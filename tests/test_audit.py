@@ -342,3 +342,16 @@ def test_with_nobody_idle_a_check_queues_behind_a_busy_holder_of_its_partition()
     s.handle(TaskFinished(other, ("a", 1)))
     s.handle(TaskFinished(other, ("a", 0)))
     assert s.done and not s.audit_runs and s.produced_on[("a", 0)] == first
+
+
+@pytest.mark.slow
+def test_checks_and_private_runs_work_on_a_dask_cluster_whose_results_stay_on_its_workers(small_chain):
+    distributed = pytest.importorskip("distributed")
+    compiled, feeds, want = small_chain
+    with distributed.LocalCluster(n_workers=3, threads_per_worker=1, processes=False, protocol="tcp://",
+                                  host="127.0.0.1", scheduler_port=0, dashboard_address=":0", silence_logs=40) as c, \
+            distributed.Client(c, set_as_default=False) as client:
+        assert_matches(compiled.run(feeds, executor=client, microbatch=2, audit=1.0), want)
+        assert compiled.last_report.audit.checks == 3 * 4
+        assert_matches(compiled.run(feeds, executor=client, microbatch=2, private=True), want)
+        assert {t.worker for t in compiled.last_report.tasks if t.partition == compiled.partitions[0].name} == {"home"}
