@@ -198,6 +198,31 @@ def tainted(tasks: nx.DiGraph, produced_on: Mapping[TaskKey, str], liar: str,
     return result
 
 
+def canary_batches(microbatches: Sequence[Mapping[str, np.ndarray]], batched: Sequence[str], count: int,
+                   seed: int) -> list[dict[str, np.ndarray]]:
+    """``count`` canary micro-batches: the batch's rows in a seeded new order.
+
+    Each has the first micro-batch's rows, drawn without repeats from the
+    whole batch, so it is a valid input that no micro-batch of the run
+    equals (unless there is only one row to draw); inputs without a batch
+    axis are the first micro-batch's.
+
+    >>> mbs = [{"x": np.array([[0], [1]])}, {"x": np.array([[2], [3]])}]
+    >>> [c["x"].ravel().tolist() for c in canary_batches(mbs, ["x"], 2, seed=0)]
+    [[2, 0], [3, 2]]
+    """
+    if not batched:
+        return [dict(microbatches[0]) for _ in range(count)]
+    rows = {name: np.concatenate([mb[name] for mb in microbatches]) for name in batched}
+    total, size = len(rows[batched[0]]), len(microbatches[0][batched[0]])
+    rng = np.random.default_rng(seed)
+    canaries = []
+    for _ in range(count):
+        order = rng.permutation(total)[:size]
+        canaries.append({**microbatches[0], **{name: value[order] for name, value in rows.items()}})
+    return canaries
+
+
 @dataclass
 class Disagreement:
     """One check whose results disagreed, and how it was decided."""
@@ -225,6 +250,9 @@ class AuditSummary:
     recomputed:
         Tasks computed again because they depended on a quarantined
         worker's unchecked results.
+    canaries:
+        Results of canary micro-batches compared with what the driver
+        computed itself (``run(..., canaries=k)``).
     reputations:
         Each worker's record at the end of the run.
     """
@@ -235,6 +263,7 @@ class AuditSummary:
     quarantined: dict[str, str] = field(default_factory=dict)
     recomputed: int = 0
     reputations: dict[str, Reputation] = field(default_factory=dict)
+    canaries: int = 0
 
     def line(self) -> str:
         """One line for the text report.
@@ -244,6 +273,7 @@ class AuditSummary:
         """
         who = ", ".join(f"{w} ({why})" for w, why in self.quarantined.items()) or "nobody"
         again = f"; {self.recomputed} tasks computed again" if self.recomputed else ""
+        again += f"; {self.canaries} canary results checked" if self.canaries else ""
         n = len(self.disagreements)
         return (f"audit at {self.rate:.0%}: {self.checks} checks, {n} disagreement{'' if n == 1 else 's'}, "
                 f"{'quarantined ' if self.quarantined else ''}{who}{'' if self.quarantined else ' quarantined'}"

@@ -173,7 +173,7 @@ class CompiledModel:
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
             mode: str = "streaming", seed: int = 0, report: bool = False, progress: bool = False,
             timeout: float | None = None, policy: str = "cost", audit: float = 0.0,
-            private: bool = False) -> Any:
+            private: bool = False, canaries: int = 0) -> Any:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
 
         Parameters
@@ -215,6 +215,11 @@ class CompiledModel:
             outputs on a worker in this process (with the plan's budget),
             so the crowd sees only intermediate activations; see
             :mod:`crowdgraph.private` and docs/audit.md.
+        canaries:
+            Add this many micro-batches made of the batch's rows in a
+            seeded new order, whose every partition output this process
+            computes first; a worker whose result on one differs is
+            quarantined like a worker outvoted by a check.
 
         When a micro-batch is larger than the shapes the plan was compiled
         at, the model is partitioned again at the micro-batch's shapes so
@@ -222,6 +227,7 @@ class CompiledModel:
         """
         from .driver import Driver
         from .executor import resolve_executor
+        from .audit import canary_batches
         from .private import PrivateExecutor, private_partitions
         from .taskgraph import join_outputs, split_batch
 
@@ -241,7 +247,9 @@ class CompiledModel:
         try:
             outputs, run_report = Driver(plan, microbatches, crowd, mode=mode, seed=seed,  # type: ignore[arg-type]
                                          progress=progress, timeout=timeout, policy=policy,
-                                         audit=audit, private=kept).run()
+                                         audit=audit, private=kept,
+                                         canaries=canary_batches(microbatches, self.batched_inputs(), canaries,
+                                                                 seed)).run()
         finally:
             if crowd is not ex:
                 crowd.close()

@@ -34,11 +34,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .audit import AuditSummary, Disagreement, Reputation, audit_rate, chosen_for_audit, tainted, vote
+from .audit import (
+    AuditSummary, Disagreement, Reputation, audit_rate, chosen_for_audit, results_agree, tainted, vote,
+)
 from .errors import CrowdgraphError, ExecutionError, InputError
 from .executor import Executor, Job, Notice, Reporter
 from .private import home_crowd, home_memory
 from .report import BackupRecord, LoadRecord, RunReport, TaskRecord
+from .runtime import open_session, run_session
 from .schedule import (
     Action, Load, LoadFinished, Policy, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
     TaskOverdue, Unload, WorkerJoined, WorkerLost,
@@ -64,11 +67,13 @@ class Driver:
                  *, mode: Mode = "streaming", seed: int = 0, progress: bool = False,
                  timeout: float | None = None, policy: Policy = "cost",
                  stall_timeout: float = STALL_SECONDS, backups: bool = True, audit: float = 0.0,
-                 private: frozenset[str] = frozenset()):
+                 private: frozenset[str] = frozenset(), canaries: Sequence[Mapping[str, np.ndarray]] = ()):
         self.compiled = compiled
-        self.microbatches = microbatches
+        #: Micro-batches of the batch, then the canaries (their outputs are known; see _canary_finished).
+        self.microbatches = [*microbatches, *canaries]
+        self.real = len(microbatches)
         self.executor = executor
-        self.tasks = build_task_graph(compiled.graph, len(microbatches), mode)
+        self.tasks = build_task_graph(compiled.graph, len(self.microbatches), mode)
         self.partitions = {p.name: p for p in compiled.partitions}
         self.producer = {t: p.name for p in compiled.partitions for t in p.outputs}
         self.output_partition = {name: self.producer[name] for name in compiled.output_names}
@@ -96,8 +101,9 @@ class Driver:
         self.checks: dict[TaskKey, Check] = {}  # open spot checks
         self.verified: set[TaskKey] = set()  # results a second worker confirmed
         self.stale: Counter[tuple[str, TaskKey]] = Counter()  # runs whose result is no longer wanted
-        if self.audit:
+        if self.audit or canaries:
             self.report.audit = AuditSummary(self.audit)
+        self.known = _known_results(compiled, canaries, self.real)  # canary task -> its right outputs
 
     # -- the loop --------------------------------------------------------
 
@@ -229,6 +235,8 @@ class Driver:
             if self.audit:  # before _finished, which may forget the inputs a check needs
                 self._consider_check(key, worker, notice.outputs)
             self._finished(key, worker, notice)
+            if key in self.known:
+                return self._canary_finished(key, worker, actions)
             return actions
         if kind == "loaded":
             assert worker is not None and notice.partition is not None
@@ -295,7 +303,8 @@ class Driver:
     def _consider_check(self, key: TaskKey, worker: str, outputs: Mapping[str, Any]) -> None:
         """Open a check of ``key``'s result when the seeded coin for its worker says so."""
         rate = audit_rate(self.audit, self._reputation(worker))
-        if key not in self.checks and key[0] not in self.private and chosen_for_audit(self.seed, key, worker, rate):
+        if (key not in self.checks and key not in self.known and key[0] not in self.private
+                and chosen_for_audit(self.seed, key, worker, rate)):
             self.checks[key] = Check(key, tuple(data_producers(self.tasks, key)), [(worker, outputs)])
 
     def _place_checks(self) -> list[Action]:
@@ -371,6 +380,19 @@ class Driver:
             actions = self._quarantine(w, f"its result of partition {key[0]} on micro-batch {key[1]} "
                                           f"disagreed with {', '.join(verdict.agreed)}", actions)
         return actions
+
+    def _canary_finished(self, key: TaskKey, worker: str, pending: list[Action]) -> list[Action]:
+        """Compare a canary task's result with the one the driver computed; quarantine a liar."""
+        summary = self.report.audit
+        assert summary is not None
+        summary.canaries += 1
+        if results_agree(self.executor.gather(self.values[key]), self.known[key]):
+            self._reputation(worker).passed += 1
+            self.verified.add(key)
+            return pending
+        self._reputation(worker).disagreements += 1
+        return self._quarantine(worker, f"its result of partition {key[0]} on a canary (inputs whose outputs the "
+                                        "driver computed itself) was wrong", pending)
 
     def _quarantine(self, worker: str, reason: str, pending: list[Action]) -> list[Action]:
         """No more tasks for ``worker``; compute again what its unchecked results reached.
@@ -453,7 +475,9 @@ class Driver:
         i = key[1]
         inputs = {}
         for name in part.inputs:
-            if name in self.producer:
+            if name in self.producer and i >= self.real:  # a canary: its right inputs, so it tests this worker alone
+                inputs[name] = self.known[(self.producer[name], i)][name]
+            elif name in self.producer:
                 inputs[name] = self.values[(self.producer[name], i)][name]
             else:
                 inputs[name] = self.microbatches[i][name]
@@ -461,12 +485,14 @@ class Driver:
 
     def _outputs(self) -> list[dict[str, Any]] | None:
         result = []
-        for i in range(len(self.microbatches)):
+        for i in range(self.real):
             handles = {name: self.values[(p, i)][name] for name, p in self.output_partition.items()}
             if any(v is None for v in handles.values()):
                 return None
             result.append(self.executor.gather(handles))
             self.executor.forget(list(handles.values()))
+        for key in [k for k in self.values if k[1] >= self.real]:  # canaries' outputs, checked already
+            self.executor.forget(list(self.values.pop(key).values()))
         return result
 
 
@@ -484,6 +510,26 @@ class Check:
     def workers(self) -> list[str]:
         """Workers that ran it or run it now; the next run goes to another."""
         return [w for w, _ in self.runs] + ([self.running] if self.running else [])
+
+
+def _known_results(compiled: Any, canaries: Sequence[Mapping[str, np.ndarray]],
+                   first: int) -> dict[TaskKey, dict[str, np.ndarray]]:
+    """Every partition's outputs on each canary, computed here one session at a time.
+
+    Canary ``k`` is micro-batch ``first + k`` of the run.
+    """
+    if not canaries:
+        return {}
+    values = [dict(c) for c in canaries]
+    known: dict[TaskKey, dict[str, np.ndarray]] = {}
+    for part in compiled.partitions:  # in an order where producers come first
+        session = open_session(part.model_bytes)
+        for k, value in enumerate(values):
+            known[(part.name, first + k)] = outputs = run_session(
+                session, {name: value[name] for name in part.inputs}, part.outputs)
+            value.update(outputs)
+        del session
+    return known
 
 
 def _check_audit_rate(rate: float) -> float:

@@ -355,3 +355,27 @@ def test_checks_and_private_runs_work_on_a_dask_cluster_whose_results_stay_on_it
         assert compiled.last_report.audit.checks == 3 * 4
         assert_matches(compiled.run(feeds, executor=client, microbatch=2, private=True), want)
         assert {t.worker for t in compiled.last_report.tasks if t.partition == compiled.partitions[0].name} == {"home"}
+
+
+# ------------------------------------------------------------ canaries
+
+
+def test_a_liar_caught_on_a_canary_is_quarantined_even_with_no_third_worker_to_vote(small_chain):
+    compiled, feeds, want = small_chain
+    crowd = [Worker("liar", memory="64MB", speed=4.0), Worker("w0", memory="64MB")]
+    with LyingThreads(crowd, "liar", LIES["nan"]) as ex:
+        got = compiled.run(feeds, executor=ex, microbatch=2, canaries=2)
+    assert_matches(got, want)
+    audit = compiled.last_report.audit
+    assert list(audit.quarantined) == ["liar"] and "canary" in audit.quarantined["liar"]
+    assert audit.canaries > 0 and audit.checks == 0 and audit.recomputed > 0
+
+
+def test_honest_canaries_pass_and_leave_the_output_alone(small_chain):
+    compiled, feeds, want = small_chain
+    with ThreadExecutor(workers=2, memory="64MB") as ex:
+        got = compiled.run(feeds, executor=ex, microbatch=2, canaries=1, seed=5)
+    assert_matches(got, want)
+    audit = compiled.last_report.audit
+    assert audit.canaries == len(compiled.partitions) and not audit.quarantined
+    assert len(compiled.last_report.tasks) == len(compiled.partitions) * 5  # 4 micro-batches and a canary
