@@ -156,14 +156,19 @@ def _two_partitions() -> nx.DiGraph:
     return g
 
 
-def test_a_check_runs_on_another_worker_and_leaves_the_task_finished():
+def _a0_checked():
+    """A scheduler after task a0 finished on w1 and a check of it was placed:
+    the scheduler, the run of b0 and the check."""
     crowd = [WorkerInfo("w1", 10, speed=2.0), WorkerInfo("w2", 10), WorkerInfo("w3", 10)]
     s = Scheduler(_two_partitions(), {"a": 10, "b": 10}, crowd)
-    (load, run) = s.start()
-    assert run == Run("w1", ("a", 0), 3)
-    s.handle(LoadFinished("w1", "a"))
+    assert [a for a in s.start() if isinstance(a, Run)] == [Run("w1", ("a", 0), 3)]
     (next_run,) = [a for a in s.handle(TaskFinished("w1", ("a", 0))) if isinstance(a, Run)]
     (check,) = [a for a in s.place_audit(("a", 0), avoid={"w1"}) if isinstance(a, Run)]
+    return s, next_run, check
+
+
+def test_a_check_runs_on_another_worker_and_leaves_the_task_finished():
+    s, next_run, check = _a0_checked()
     assert check.key == ("a", 0) and check.worker not in {"w1", next_run.worker}
     assert ("a", 0) in s.finished and s.audit_runs == {(check.worker, ("a", 0))}
     assert s.place_audit(("a", 0), avoid={"w1"}) == []  # nobody else is idle and allowed now
@@ -174,13 +179,18 @@ def test_a_check_runs_on_another_worker_and_leaves_the_task_finished():
 
 
 def test_a_check_on_a_lost_worker_is_dropped_and_the_run_goes_on():
-    crowd = [WorkerInfo("w1", 10, speed=2.0), WorkerInfo("w2", 10), WorkerInfo("w3", 10)]
-    s = Scheduler(_two_partitions(), {"a": 10, "b": 10}, crowd)
-    s.start()
-    (next_run,) = [a for a in s.handle(TaskFinished("w1", ("a", 0))) if isinstance(a, Run)]
-    (check,) = [a for a in s.place_audit(("a", 0), avoid={"w1"}) if isinstance(a, Run)]
+    s, next_run, check = _a0_checked()
     s.handle(WorkerLost(check.worker))
     assert not s.audit_runs and ("a", 0) in s.finished
+    s.handle(TaskFinished(next_run.worker, ("b", 0)))
+    assert s.done
+
+
+def test_a_cancelled_check_frees_its_worker_and_its_late_result_changes_nothing():
+    s, next_run, check = _a0_checked()
+    s.cancel_audit(check.worker, ("a", 0))
+    assert not s.audit_runs and s.queue(check.worker) == ()
+    assert s.handle(TaskFinished(check.worker, ("a", 0))) == [] and s.produced_on[("a", 0)] == "w1"
     s.handle(TaskFinished(next_run.worker, ("b", 0)))
     assert s.done
 
@@ -250,16 +260,22 @@ def test_with_audit_off_a_liars_numbers_reach_the_output_unnoticed(small_chain):
     assert any(not np.allclose(got[name], want[name], atol=1e-3) for name in want)
 
 
-def test_honest_workers_pass_every_check_and_nobody_is_quarantined(small_chain):
+@pytest.mark.parametrize("options", [dict(audit=0.5, seed=3), dict(canaries=1, seed=5)], ids=["checks", "canaries"])
+def test_honest_workers_pass_every_check_and_canary_and_nobody_is_quarantined(small_chain, options):
     compiled, feeds, want = small_chain
     with ThreadExecutor(workers=3, memory="64MB") as ex:
-        got = compiled.run(feeds, executor=ex, microbatch=2, audit=0.5, seed=3)
+        got = compiled.run(feeds, executor=ex, microbatch=2, **options)
     assert_matches(got, want)
-    audit = compiled.last_report.audit
-    assert audit.checks > 0 and not audit.disagreements and not audit.quarantined and audit.recomputed == 0
-    assert sum(r.passed for r in audit.reputations.values()) == 2 * audit.checks
-    html = compiled.last_report.to_html()
-    assert "checks passed" in html and f"{audit.checks} checks" in html
+    report = compiled.last_report
+    audit = report.audit
+    assert not audit.disagreements and not audit.quarantined and audit.recomputed == 0
+    canaries = options.get("canaries", 0)
+    assert audit.canaries == canaries * len(compiled.partitions)
+    assert len(report.tasks) == len(compiled.partitions) * (4 + canaries)  # canary results are not in the output
+    assert (audit.checks > 0) == ("audit" in options)
+    assert sum(r.passed for r in audit.reputations.values()) == 2 * audit.checks + audit.canaries
+    html = report.to_html()
+    assert "checks passed" in html and audit.line() in html
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.5, True, "5%"])
@@ -284,19 +300,6 @@ def test_a_private_run_keeps_the_partitions_touching_inputs_and_outputs_at_home(
     assert {p for p, _ in ran_on} == {first, last, *middle}
     assert report.workers["home"].memory == max(p.resident_bytes for p in compiled.partitions)
     assert report.audit.checks > 0 and not report.audit.quarantined  # the middle partition's results are checked
-
-
-def test_a_cancelled_check_frees_its_worker_and_its_late_result_changes_nothing():
-    crowd = [WorkerInfo("w1", 10, speed=2.0), WorkerInfo("w2", 10), WorkerInfo("w3", 10)]
-    s = Scheduler(_two_partitions(), {"a": 10, "b": 10}, crowd)
-    s.start()
-    (next_run,) = [a for a in s.handle(TaskFinished("w1", ("a", 0))) if isinstance(a, Run)]
-    (check,) = [a for a in s.place_audit(("a", 0), avoid={"w1"}) if isinstance(a, Run)]
-    s.cancel_audit(check.worker, ("a", 0))
-    assert not s.audit_runs and s.queue(check.worker) == ()
-    assert s.handle(TaskFinished(check.worker, ("a", 0))) == [] and s.produced_on[("a", 0)] == "w1"
-    s.handle(TaskFinished(next_run.worker, ("b", 0)))
-    assert s.done
 
 
 def test_two_workers_that_disagree_with_nobody_left_to_decide_stop_the_run_naming_both(small_chain):
@@ -369,13 +372,3 @@ def test_a_liar_caught_on_a_canary_is_quarantined_even_with_no_third_worker_to_v
     audit = compiled.last_report.audit
     assert list(audit.quarantined) == ["liar"] and "canary" in audit.quarantined["liar"]
     assert audit.canaries > 0 and audit.checks == 0 and audit.recomputed > 0
-
-
-def test_honest_canaries_pass_and_leave_the_output_alone(small_chain):
-    compiled, feeds, want = small_chain
-    with ThreadExecutor(workers=2, memory="64MB") as ex:
-        got = compiled.run(feeds, executor=ex, microbatch=2, canaries=1, seed=5)
-    assert_matches(got, want)
-    audit = compiled.last_report.audit
-    assert audit.canaries == len(compiled.partitions) and not audit.quarantined
-    assert len(compiled.last_report.tasks) == len(compiled.partitions) * 5  # 4 micro-batches and a canary
