@@ -28,11 +28,11 @@ class _LyingReporter:
     def __init__(self, reporter: Any, lie: Callable[[np.ndarray], np.ndarray], lies: Callable[[int], bool]):
         self._reporter, self._lie, self._lies, self.told = reporter, lie, lies, 0
 
-    def task_finished(self, worker: str, key: Any, outputs: Any, **stats: Any) -> None:
+    def task_finished(self, worker: str, key: Any, outputs: Any, *stats: Any, **named: Any) -> None:
         self.told += 1
         if self._lies(self.told):
             outputs = {name: self._lie(value) for name, value in outputs.items()}
-        self._reporter.task_finished(worker, key, outputs, **stats)
+        self._reporter.task_finished(worker, key, outputs, *stats, **named)  # the timings as given
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reporter, name)
