@@ -616,6 +616,7 @@ class Scheduler:
         self._missing: dict[TaskKey, int] = {}  # unfinished predecessors
         self._where: dict[TaskKey, str] = {}  # queued task -> worker
         self._copies: dict[TaskKey, str] = {}  # queued task -> worker of its second copy
+        self._audit_runs: set[tuple[str, TaskKey]] = set()  # (worker, finished task) run again as a check
         self._produced_on: dict[TaskKey, str] = {}  # finished task -> worker
         self._unfinished: dict[str, int] = {p: 0 for p in used}
         self._ready_heap: dict[str, list[tuple[Any, TaskKey]]] = {p: [] for p in used}
@@ -780,6 +781,9 @@ class Scheduler:
         w = self._live.get(wid)
         if w is None or key not in w.queue:
             return  # a late duplicate, or from a worker already given up
+        if (wid, key) in self._audit_runs:
+            self._end_audit_run(w, key)
+            return
         slower = self._copies.get(key) if self._where.get(key) == wid else self._where.get(key)
         self._dequeue(w, key)
         if self._state[key] == _FINISHED:
@@ -827,6 +831,75 @@ class Scheduler:
         self._copies[key] = backup.id
         return actions
 
+    # -- audit runs: a finished task run again elsewhere, as a check ------------
+
+    def place_audit(self, key: TaskKey, avoid: Iterable[str]) -> list[Action]:
+        """Run finished task ``key`` again on an idle worker not in ``avoid``.
+
+        The copy changes nothing the schedule depends on: the task stays
+        finished, its result stays the one first produced, and the copy's
+        ``TaskFinished`` only frees its worker.  The idle worker is the one
+        expected to finish it first (load, if it does not hold the
+        partition, then the task at its speed), then the seeded tie-break;
+        a holder of a partition with tasks left is not swapped out for a
+        check.  With no such worker idle, the check queues behind the
+        current task of a busy holder of the partition with at most
+        :data:`PREFETCH` queued.  Returns no actions when neither exists
+        now (ask again after a later event).
+        """
+        if self._state.get(key) != _FINISHED:
+            return []
+        p, shun = self._part[key], set(avoid)
+        best: tuple[float, int, int] | None = None
+        chosen: _Worker | None = None
+        for w in self._live.values():
+            if w.queue or w.id in shun or w.memory < self._need[p]:
+                continue
+            if w.resident == p:
+                tier, load = 1, 0.0
+            elif w.resident is not None and self._unfinished.get(w.resident, 0):
+                continue
+            else:
+                tier = 2 if p in w.info.cached else 3 if w.resident is None else 4
+                load = self._load_seconds(w, p)
+            rank = (load + self._estimate[p] / w.speed, tier, w.rank)
+            if best is None or rank < best:
+                best, chosen = rank, w
+        if chosen is None:  # behind a busy holder's current task, as a prefetched one would be
+            holders = [self._live[h] for h in self._holders[p] if h not in shun]
+            short = [w for w in holders if len(w.queue) <= PREFETCH and key not in w.queue]
+            if short:
+                chosen = min(short, key=lambda w: ((len(w.queue) + 1) / w.speed, w.rank))
+                best = (0.0, 1, chosen.rank)
+        if best is None or chosen is None:
+            return []
+        actions: list[Action] = []
+        home = self._where.get(key)
+        self._assign(key, chosen, best[1], actions)
+        self._state[key] = _FINISHED
+        if home is None:
+            del self._where[key]
+        else:
+            self._where[key] = home
+        self._audit_runs.add((chosen.id, key))
+        return actions
+
+    def cancel_audit(self, worker: str, key: TaskKey) -> None:
+        """Forget the check of ``key`` queued on ``worker`` (its result is no
+        longer wanted); the worker counts as free of it at once."""
+        w = self._live.get(worker)
+        if w is not None and (worker, key) in self._audit_runs:
+            self._end_audit_run(w, key)
+
+    @property
+    def audit_runs(self) -> AbstractSet[tuple[str, TaskKey]]:
+        """(worker, task) of every check queued and not finished."""
+        return frozenset(self._audit_runs)
+
+    def _end_audit_run(self, w: _Worker, key: TaskKey) -> None:
+        self._audit_runs.discard((w.id, key))
+        self._leave_queue(w, key)
+
     def _learn(self, p: str, seconds: float) -> None:
         """Fold one measured duration (at speed 1.0) into ``p``'s estimate.
 
@@ -863,7 +936,9 @@ class Scheduler:
             self._star_bytes -= self._tensor_bytes[self._part[key]]
         w.queue.clear()
         for key in queued:
-            if self._copies.get(key) == wid:  # a backup copy: the first goes on alone
+            if (wid, key) in self._audit_runs:  # a check of a finished task: the driver asks again
+                self._audit_runs.discard((wid, key))
+            elif self._copies.get(key) == wid:  # a backup copy: the first goes on alone
                 del self._copies[key]
             elif key in self._copies:  # the backup copy goes on alone
                 self._where[key] = self._copies.pop(key)
@@ -975,10 +1050,6 @@ class Scheduler:
             del self._ready_parts[p]
 
     def _dequeue(self, w: _Worker, key: TaskKey) -> None:
-        del w.queue[key]
-        p = self._part[key]
-        self._queued_n[p] -= 1
-        self._star_bytes -= self._tensor_bytes[p]
         # Of a task with two copies, the other one stays queued where it is.
         other = self._copies.pop(key, None)
         if self._where.get(key) == w.id:
@@ -986,6 +1057,13 @@ class Scheduler:
                 del self._where[key]
             else:
                 self._where[key] = other
+        self._leave_queue(w, key)
+
+    def _leave_queue(self, w: _Worker, key: TaskKey) -> None:
+        del w.queue[key]
+        p = self._part[key]
+        self._queued_n[p] -= 1
+        self._star_bytes -= self._tensor_bytes[p]
         if w.queue:
             self._push_holder(w)
         else:

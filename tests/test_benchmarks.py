@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-NAMES = ("scale", "crowd", "transport", "streaming", "overhead", "memory", "estimate", "generate")
+NAMES = ("scale", "crowd", "transport", "streaming", "overhead", "memory", "estimate", "generate", "audit")
 KEYS = {"benchmark", "quick", "machine", "config", "rows", "targets", "seconds", "skipped"}
 MACHINE_KEYS = {"cpu", "cores", "memory_bytes", "python", "onnxruntime"}
 TARGET_KEYS = {"benchmark", "name", "value", "limit", "op", "passed", "verdict", "line"}

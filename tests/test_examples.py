@@ -61,6 +61,15 @@ def test_process_executor_example(tmp_path):
     assert "partition bytes sent 0 B" not in out
 
 
+def test_audit_liar(tmp_path):
+    out = run_example("audit_liar.py", cwd=tmp_path)
+    diffs = {line.split(":")[0]: float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+             if "max abs difference to the whole model" in line}
+    assert diffs["audit off"] > 0.5  # the liar's numbers reach the logits unnoticed
+    assert diffs["audit on"] <= 1e-4 and diffs["private"] <= 1e-4
+    assert "quarantined: liar" in out and "ran at home" in out
+
+
 def _load_example(name: str):
     # Spawned worker processes import the example by name; they inherit sys.path.
     if str(EXAMPLES) not in sys.path:

@@ -43,6 +43,9 @@ from crowdgraph.wire import Message
 
 from .bridge import Action, take_answer
 from .common import DEFAULT_HEARTBEAT, LOG, PreAuthLimits
+
+#: Seconds a quarantined worker's name is refused by default (an hour).
+QUARANTINE_SECONDS = 3600.0
 from .streams import Link, now
 
 __all__ = ["Action", "CacheHold", "Peer", "Listener", "Coordinator"]
@@ -219,6 +222,10 @@ class Coordinator:
     preauth:
         What connections that have not yet proved the token may hold, on
         both ports together (the defaults of :class:`PreAuthLimits`).
+    quarantine_seconds:
+        How long a worker quarantined by a run's spot checks
+        (:meth:`quarantine`) is refused when it connects again under the
+        same name.
     """
 
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0, *,
@@ -226,7 +233,8 @@ class Coordinator:
                  heartbeat: float = DEFAULT_HEARTBEAT, handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
                  codecs: Sequence[str] = wire.CODECS, web_port: int | None = None,
-                 allowed_origins: Sequence[str] | None = None, preauth: PreAuthLimits | None = None):
+                 allowed_origins: Sequence[str] | None = None, preauth: PreAuthLimits | None = None,
+                 quarantine_seconds: float = QUARANTINE_SECONDS):
         if not token:
             raise ValueError("the coordinator needs a non-empty shared token")
         if heartbeat <= 0:
@@ -238,6 +246,8 @@ class Coordinator:
         self.handshake_timeout = float(handshake_timeout)
         self.max_frame_bytes = int(max_frame_bytes)
         self.codecs = tuple(codecs)
+        self.quarantine_seconds = float(quarantine_seconds)
+        self._quarantined: dict[str, float] = {}  # worker name -> when its quarantine ends
         self.workers: dict[str, Peer] = {}
         self.drivers: dict[str, Peer] = {}
         self._ids = itertools.count(1)
@@ -449,6 +459,10 @@ class Coordinator:
             self.drivers[peer.id] = peer
             LOG.info("driver %s joined from %s", peer.id, where)
             self._notify(self.listener.driver_joined, peer)
+        elif self._quarantine_left(peer.name) > 0:
+            self.drop(peer, f"a worker named {peer.name!r} is quarantined for {self._quarantine_left(peer.name):.0f} "
+                            "more seconds: its results disagreed with other workers'; fix it and join later")
+            return
         else:
             self.workers[peer.id] = peer
             LOG.info("worker %s (%s, budget %s bytes) joined from %s", peer.id, peer.name, peer.memory, where)
@@ -509,6 +523,32 @@ class Coordinator:
         peer.link.conn.goodbye(reason, now=now())
         peer.link.flush()
         self._lose(peer, reason)
+
+    def quarantine(self, worker_id: str, reason: str) -> None:
+        """Drop worker ``worker_id`` and refuse its name for :attr:`quarantine_seconds` (IOLoop thread).
+
+        A run's spot checks found its results wrong.  Names are what a
+        worker says it is (``--name``, by default its host name): a worker
+        that lies about its name comes back, and is checked again as an
+        unproven worker.
+        """
+        peer = self.workers.get(worker_id)
+        if peer is None:
+            return
+        if peer.name:
+            self._quarantined[peer.name] = now() + self.quarantine_seconds
+        LOG.warning("quarantining worker %s (%s) for %.0f s: %s", peer.id, peer.name, self.quarantine_seconds, reason)
+        self.drop(peer, f"quarantined: {reason}")
+
+    def _quarantine_left(self, name: str) -> float:
+        """Seconds the quarantine of workers named ``name`` still lasts (0: none)."""
+        until = self._quarantined.get(name) if name else None
+        if until is None:
+            return 0.0
+        if until <= now():
+            del self._quarantined[name]
+            return 0.0
+        return until - now()
 
     def _lose(self, peer: Peer, reason: str, *, clean: bool = False) -> None:
         peer.alive = False

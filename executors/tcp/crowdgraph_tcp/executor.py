@@ -35,7 +35,7 @@ from crowdgraph.wire import Message
 
 from .bridge import Action, DriverBridge, Holding
 from .common import DEFAULT_HEARTBEAT, parse_listen, read_token, server_ssl_context, wait_for_workers
-from .coordinator import Coordinator, Listener, Peer
+from .coordinator import QUARANTINE_SECONDS, Coordinator, Listener, Peer
 
 __all__ = ["TcpExecutor"]
 
@@ -104,6 +104,9 @@ class TcpExecutor(Executor):
     web_port:
         Port of the page (HTTP, or HTTPS with ``certfile``); by default the
         TCP port + 1, or a free port when the TCP port is 0.
+    quarantine_seconds:
+        How long a worker that a run's spot checks quarantined
+        (``run(..., audit=...)``, docs/audit.md) is refused under its name.
 
     Attributes
     ----------
@@ -118,7 +121,8 @@ class TcpExecutor(Executor):
                  certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None,
                  handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
-                 web: bool = False, web_port: int | None = None):
+                 web: bool = False, web_port: int | None = None,
+                 quarantine_seconds: float = QUARANTINE_SECONDS):
         host, port = parse_listen(listen)
         if web and web_port is None:
             web_port = port + 1 if port else 0
@@ -138,7 +142,8 @@ class TcpExecutor(Executor):
         self.coordinator = Coordinator(self.token, host, port, listener=_ExecutorListener(self), ssl_options=ssl_options,
                                        heartbeat=heartbeat, handshake_timeout=handshake_timeout,
                                        max_frame_bytes=max_frame_bytes,
-                                       web_port=web_port if web else None).start()
+                                       web_port=web_port if web else None,
+                                       quarantine_seconds=quarantine_seconds).start()
 
     # -- construction helpers ----------------------------------------------
 
@@ -321,6 +326,9 @@ class TcpExecutor(Executor):
                                  lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1]))
         if action is not None:
             self.coordinator.call(self._submit_now, worker, action)
+
+    def quarantine(self, worker: str, reason: str) -> None:
+        self.coordinator.call(self.coordinator.quarantine, worker, reason)
 
     def reset(self) -> None:
         def unload_all() -> None:
