@@ -101,7 +101,7 @@ def _simulated_makespans(quick: bool) -> list[dict[str, Any]]:
     model = zoo.distilbert("tiny" if quick else "full")
     plan = crowdgraph.compile(model, "128MB", input_shapes={"input_ids": (1, SEQUENCE)})
     cached = frozenset(p.name for p in plan.partitions)
-    crowd = [crowdgraph.Worker(f"w{k}", memory="128MB", speed=SPEEDS[k % len(SPEEDS)], cached=cached)
+    crowd = [crowdgraph.WorkerInfo(f"w{k}", memory="128MB", speed=SPEEDS[k % len(SPEEDS)], cached=cached)
              for k in range(12)]
     seeds = range(2 if quick else 5)
     rows = []

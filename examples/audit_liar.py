@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 import crowdgraph
-from crowdgraph import ThreadExecutor, Worker, zoo
+from crowdgraph import ThreadExecutor, WorkerInfo, zoo
 from crowdgraph.runtime import open_session, run_session
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     batch = zoo.sample_inputs(model, batch=8, sequence=16)
     compiled = crowdgraph.compile(model, partitions=3, sample={k: v[:2] for k, v in batch.items()})
     expected = run_session(open_session(model.SerializeToString()), batch)["logits"]
-    crowd = [Worker("liar", memory="64MB", speed=2.0)] + [Worker(f"phone-{k}", memory="64MB") for k in range(3)]
+    crowd = [WorkerInfo("liar", memory="64MB", speed=2.0)] + [WorkerInfo(f"phone-{k}", memory="64MB") for k in range(3)]
     with LyingThreads(crowd, "liar", add_one) as executor:
         trusted = compiled.run(batch, executor=executor, microbatch=2)
         print(f"audit off: max abs difference to the whole model: "

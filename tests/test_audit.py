@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crowdgraph
-from crowdgraph import ThreadExecutor, Worker, zoo
+from crowdgraph import ThreadExecutor, WorkerInfo, zoo
 from crowdgraph.audit import (
     FLOAT_TOLERANCE, Reputation, arrays_agree, audit_rate, chosen_for_audit, results_agree, tainted, vote,
 )
@@ -223,7 +223,7 @@ def small_chain():
 
 
 def _crowd(liar_speed: float = 4.0) -> list[WorkerInfo]:
-    return [Worker("liar", memory="64MB", speed=liar_speed)] + [Worker(f"w{k}", memory="64MB") for k in range(3)]
+    return [WorkerInfo("liar", memory="64MB", speed=liar_speed)] + [WorkerInfo(f"w{k}", memory="64MB") for k in range(3)]
 
 
 @pytest.mark.parametrize("lie", sorted(LIES))
@@ -304,7 +304,7 @@ def test_a_private_run_keeps_the_partitions_touching_inputs_and_outputs_at_home(
 
 def test_two_workers_that_disagree_with_nobody_left_to_decide_stop_the_run_naming_both(small_chain):
     compiled, feeds, _ = small_chain
-    crowd = [Worker("liar", memory="64MB", speed=4.0), Worker("w0", memory="64MB")]
+    crowd = [WorkerInfo("liar", memory="64MB", speed=4.0), WorkerInfo("w0", memory="64MB")]
     with LyingThreads(crowd, "liar", LIES["shifted"]) as ex:
         with pytest.raises(ExecutionError, match="disagree between (liar, w0|w0, liar) and no other worker"):
             compiled.run(feeds, executor=ex, microbatch=2, audit=1.0)
@@ -323,7 +323,7 @@ def test_a_crowd_of_one_cannot_check_and_says_what_to_do(small_chain):
 def test_with_audit_1_every_result_is_checked_once_and_nothing_is_computed_twice(small_chain, workers, microbatches,
                                                                                  seed, mode, policy):
     compiled, _, _ = small_chain
-    crowd = [Worker(f"w{k}", memory="64MB", speed=1.0 + k % 3) for k in range(workers)]
+    crowd = [WorkerInfo(f"w{k}", memory="64MB", speed=1.0 + k % 3) for k in range(workers)]
     report = crowdgraph.simulate(compiled, crowd, (2 * microbatches, 32), microbatch=2, mode=mode, seed=seed,
                                  policy=policy, audit=1.0)
     tasks = len(compiled.partitions) * microbatches
@@ -365,7 +365,7 @@ def test_checks_and_private_runs_work_on_a_dask_cluster_whose_results_stay_on_it
 
 def test_a_liar_caught_on_a_canary_is_quarantined_even_with_no_third_worker_to_vote(small_chain):
     compiled, feeds, want = small_chain
-    crowd = [Worker("liar", memory="64MB", speed=4.0), Worker("w0", memory="64MB")]
+    crowd = [WorkerInfo("liar", memory="64MB", speed=4.0), WorkerInfo("w0", memory="64MB")]
     with LyingThreads(crowd, "liar", LIES["nan"]) as ex:
         got = compiled.run(feeds, executor=ex, microbatch=2, canaries=2)
     assert_matches(got, want)
