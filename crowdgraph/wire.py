@@ -1012,7 +1012,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
     CROWD: {"workers": ((lambda v: isinstance(v, list) and all(_is_worker_record(w) for w in v)),
                         "a list of worker records", False)},
     JOINED: {"worker": (*_WORKER_RECORD, True)},
-    LOST: {"worker": (*_NAME, True), "reason": (*_STR, True)},
+    LOST: {"worker": (*_NAME, True), "reason": (*_STR, True),
+           "quarantine": ((lambda v: type(v) is bool), "true or false", False)},
 }
 
 

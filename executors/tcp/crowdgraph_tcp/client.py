@@ -238,9 +238,7 @@ class RemoteExecutor(Executor):
         problem = self.bridge.bad_result(worker, action, message)
         if problem is not None:  # not trusted with more tasks: the coordinator disconnects it
             LOG.warning("%s", problem)
-            if self._reports_lost and self._link is not None:
-                self._link.send(Message(wire.LOST, {"worker": worker, "reason": problem}))
-            self._forget(worker, problem)
+            self._report(worker, problem, quarantine=False)
             return
         rec = self.crowd.get(worker)
         if rec is not None and action.kind == wire.LOAD and action.sha256:
@@ -251,6 +249,12 @@ class RemoteExecutor(Executor):
         resend = self.bridge.answered(worker, action, message, size, received)
         if resend is not None:  # the coordinator holds the rest until these bytes come
             self._send_action(worker, resend)
+
+    def _report(self, worker: str, reason: str, *, quarantine: bool) -> None:
+        """Tell the coordinator ``worker`` broke the rules (when it takes LOST), and stop using it."""
+        if self._reports_lost and self._link is not None:
+            self._link.send(Message(wire.LOST, {"worker": worker, "reason": reason, "quarantine": quarantine}))
+        self._forget(worker, reason)
 
     def _send_action(self, worker: str, action: Action) -> None:
         if self._dead or self._link is None:
@@ -333,6 +337,11 @@ class RemoteExecutor(Executor):
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
         self._hand(worker, self.bridge.run(worker, key, partition, inputs, self._encode))
+
+    def quarantine(self, worker: str, reason: str) -> None:
+        """The run's spot checks outvoted ``worker``: the coordinator drops it and refuses
+        its name for its quarantine time (when it takes LOST from drivers)."""
+        self._loop.add_callback(self._report, worker, reason, quarantine=True)
 
     def reset(self) -> None:
         def unload_all() -> None:

@@ -486,7 +486,8 @@ class Coordinator:
                 elif peer.role == wire.WORKER:
                     self._on_reply(peer, message, size)
                 elif message.type == wire.LOST:
-                    self._expel(peer, message.header["worker"], message.header["reason"])
+                    self._expel(peer, message.header["worker"], message.header["reason"],
+                                message.header.get("quarantine", False))
                 else:
                     self._notify(self.listener.driver_message, peer, message, size)
         except StreamClosedError:
@@ -507,8 +508,9 @@ class Coordinator:
         except Exception:
             LOG.exception("listener %s failed", getattr(fn, "__name__", fn))
 
-    def _expel(self, driver: Peer, worker_id: str, reason: str) -> None:
-        """A driver found ``worker_id`` broke the rules (a result that fails its checks): disconnect it.
+    def _expel(self, driver: Peer, worker_id: str, reason: str, quarantine: bool) -> None:
+        """A driver found ``worker_id`` broke the rules (a result that fails its checks, or
+        outvoted by spot checks when ``quarantine``): disconnect it, and quarantine it if asked.
 
         Otherwise it would stay in the crowd and every other driver would
         give it tasks; each driver hears of it with LOST, as of any loss.
@@ -516,7 +518,10 @@ class Coordinator:
         worker = self.workers.get(worker_id)
         if worker is not None:
             LOG.warning("driver %s reports worker %s: %s", driver.id, worker_id, reason)
-            self.drop(worker, f"{reason} (reported by driver {driver.id})")
+            if quarantine:
+                self.quarantine(worker_id, f"{reason} (reported by driver {driver.id})")
+            else:
+                self.drop(worker, f"{reason} (reported by driver {driver.id})")
 
     def drop(self, peer: Peer, reason: str) -> None:
         """Say BYE to ``peer`` with ``reason`` and lose it (IOLoop thread): it broke the rules."""

@@ -142,3 +142,43 @@ def test_a_private_run_sends_no_worker_a_frame_with_the_models_inputs_or_outputs
             assert all(np.asarray(row).tobytes() not in rows for row in np.asarray(value))
         assert message.header.get("sha256") not in {p.sha256 for p in private}
     assert {t.worker for t in compiled.last_report.tasks if t.partition in {p.name for p in private}} == {"home"}
+
+
+def test_on_a_standing_coordinator_the_outvoted_worker_is_quarantined_for_every_driver(small_chain, tmp_path,
+                                                                                      tcp_helpers):
+    """``crowdgraph serve``: the driver whose checks outvoted a worker has the coordinator refuse its name."""
+    from crowdgraph_tcp.relay import standing_coordinator
+
+    compiled, feeds, want = small_chain
+    token = "standing-quarantine-test-token"
+    coordinator = standing_coordinator(token.encode(), "127.0.0.1:0", quarantine_seconds=600)
+    procs = []
+
+    def worker(name: str, script: list[str]) -> subprocess.Popen:
+        procs.append(subprocess.Popen(
+            [sys.executable, *script, coordinator.url, "--token", token, "--memory", "64MB", "--name", name,
+             "--threads", "1", "--cache-dir", str(tmp_path / name)],
+            env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        return procs[-1]
+
+    try:
+        for k in range(3):
+            worker(f"honest-{k}", ["-m", "crowdgraph_tcp.worker"])
+        liar = worker("liar", ["-c", LIAR, "every"])
+        with TcpExecutor.from_url(coordinator.url, token=token, min_workers=4, join_timeout=60) as ex:
+            got = compiled.run(feeds, executor=ex, microbatch=1, audit=1.0, policy="greedy", timeout=120)
+            report = compiled.last_report
+        assert liar.wait(30) == 0, "the outvoted worker was not told to leave"
+        assert "quarantined" in liar.stdout.read().decode()
+        back = worker("liar", ["-m", "crowdgraph_tcp.worker"])  # an honest agent under the same name
+        back.wait(60)
+        assert "is quarantined for" in back.stdout.read().decode()
+        names = sorted(w.name for w in coordinator.run_sync(lambda: list(coordinator.workers.values())))
+        assert names == ["honest-0", "honest-1", "honest-2"]
+    finally:
+        coordinator.stop()
+        for proc in procs:
+            tcp_helpers.stop_process(proc)
+    assert_matches(got, want)
+    (quarantined,) = report.audit.quarantined
+    assert report.workers[quarantined].lost == "quarantined"
