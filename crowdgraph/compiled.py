@@ -179,7 +179,8 @@ class CompiledModel:
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
             mode: str = "streaming", seed: int = 0, progress: bool = False,
-            timeout: float | None = None, policy: str = "cost") -> dict[str, np.ndarray]:
+            timeout: float | None = None, policy: str = "cost",
+            max_error: float | None = None) -> dict[str, np.ndarray]:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
 
         What happened (who ran what, when, at which tier) is kept as
@@ -209,12 +210,19 @@ class CompiledModel:
             The scheduler's placement rule: ``"cost"`` (replicas where they
             finish work sooner), or the baselines ``"pipeline"`` and
             ``"greedy"`` (see :mod:`crowdgraph.schedule`).
+        max_error:
+            For an executor with a lossy wire (``TcpExecutor(lossy="fp16")``):
+            measure the largest absolute error the wire put in the outputs
+            (against a lossless run of the first micro-batch, in
+            ``last_report.wire_error``) and, above this bound, run the batch
+            again exactly and return that (see
+            :func:`~crowdgraph.driver.run_within_error`).
 
         When a micro-batch is larger than the shapes the plan was compiled
         at, the model is partitioned again at the micro-batch's shapes so
         the budget still holds (plans loaded from disk run as they are).
         """
-        from .driver import Driver
+        from .driver import Driver, run_within_error
         from .executor import resolve_executor
         from .taskgraph import join_outputs, split_batch
 
@@ -228,8 +236,11 @@ class CompiledModel:
         plan = self.at_shapes({k: v.shape for k, v in microbatches[0].items()})
         ex, owned = resolve_executor(executor)
         try:
-            outputs, run_report = Driver(plan, microbatches, ex, mode=mode, seed=seed,  # type: ignore[arg-type]
-                                         progress=progress, timeout=timeout, policy=policy).run()
+            options = dict(mode=mode, seed=seed, progress=progress, timeout=timeout, policy=policy)
+            if max_error is None:
+                outputs, run_report = Driver(plan, microbatches, ex, **options).run()  # type: ignore[arg-type]
+            else:
+                outputs, run_report = run_within_error(plan, microbatches, ex, max_error, **options)
         finally:
             if owned:
                 ex.close()

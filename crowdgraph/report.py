@@ -114,6 +114,10 @@ class RunReport:
         What bounded or disturbed the run, in words (printed last).
     backups:
         Straggling tasks that got a backup copy, and whose result won.
+    wire_error:
+        Largest absolute difference between the outputs returned and a
+        lossless run's, measured on the first micro-batch when the run gave
+        ``max_error=`` (0.0 for an exact wire); None when not measured.
     """
 
     executor: str
@@ -129,6 +133,7 @@ class RunReport:
     coordinator_link_busy: float | None = None
     notes: list[str] = field(default_factory=list)
     backups: list[BackupRecord] = field(default_factory=list)
+    wire_error: float | None = None
 
     @property
     def makespan(self) -> float:

@@ -1107,7 +1107,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
              "seconds": (*_SECONDS, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
     UNLOAD: {"partition": (*_NAME, True), "worker": (*_NAME, False)},
     UNLOADED: {"partition": (*_NAME, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
-    RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_NAME, False)},
+    RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_NAME, False),
+          "lossy": ((lambda v: v in LOSSY), f"one of {list(LOSSY)}", False)},
     RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),
              "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
     FAILED: {"task": (*_TASK, False), "load": (*_NAME, False), "error": (*_STR, True),
@@ -1717,6 +1718,15 @@ class Connection:
         True
         """
         return wanted if wanted in self.lossy else None
+
+    def lossy_of(self, message: Message) -> str | None:
+        """The lossy encoding ``message`` travels in on this link: a RUN's ``lossy``, where agreed.
+
+        A RUN that carries ``lossy`` asks for it on every hop (the relay to
+        the worker included) and for the RESULT that answers it; everything
+        else is exact.
+        """
+        return self.lossy_for(message.header.get("lossy")) if message.type == RUN else None
 
     def goodbye(self, reason: str, *, now: float) -> None:
         """Queue BYE with ``reason`` (or REFUSE during a coordinator's handshake); the connection closes."""

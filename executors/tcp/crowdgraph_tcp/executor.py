@@ -33,7 +33,7 @@ from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.units import parse_bytes
 from crowdgraph.wire import Message
 
-from .bridge import Action, DriverBridge, Holding
+from .bridge import Action, DriverBridge, Holding, lossy_option
 from .common import DEFAULT_HEARTBEAT, parse_listen, read_token, server_ssl_context, wait_for_workers
 from .coordinator import Coordinator, Listener, Peer
 
@@ -104,6 +104,13 @@ class TcpExecutor(Executor):
     web_port:
         Port of the page (HTTP, or HTTPS with ``certfile``); by default the
         TCP port + 1, or a free port when the TCP port is 0.
+    lossy:
+        ``"fp16"`` or ``"int8"``: send float32 tensors (RUN inputs, RESULT
+        outputs) in that lossy encoding to workers that agreed it in the
+        handshake; the others, browser pages among them, stay exact.  Fewer
+        bytes, outputs no longer equal to the model's: give ``max_error=``
+        to :meth:`~crowdgraph.CompiledModel.run` to measure the error and
+        bound it (docs/tcp.md).  None (the default) is exact.
 
     Attributes
     ----------
@@ -118,8 +125,10 @@ class TcpExecutor(Executor):
                  certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None,
                  handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
-                 web: bool = False, web_port: int | None = None):
+                 web: bool = False, web_port: int | None = None, lossy: str | None = None):
         host, port = parse_listen(listen)
+        #: The lossy wire encoding runs ask for (None: exact); see ``lossy`` above.
+        self.lossy = lossy_option(lossy)
         if web and web_port is None:
             web_port = port + 1 if port else 0
         self.token: bytes = read_token(token) or secrets.token_hex(32).encode("ascii")
@@ -317,8 +326,11 @@ class TcpExecutor(Executor):
         agreed = self.coordinator.codec_of(worker)
         if agreed is None:
             return
+        lossy = self.lossy
         action = self.bridge.run(worker, key, partition, inputs,
-                                 lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1]))
+                                 lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1],
+                                                                   lossy=self.coordinator.lossy_for(worker, lossy)),
+                                 lossy=lossy)
         if action is not None:
             self.coordinator.call(self._submit_now, worker, action)
 

@@ -1,0 +1,84 @@
+"""Lossy wire encodings over real sockets: the error a run reports, its bound, and who gets them.
+
+Real ``crowdgraph-worker`` processes on 127.0.0.1; every run has a timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+import crowdgraph
+from crowdgraph import wire
+from crowdgraph.driver import max_abs_difference
+from crowdgraph.errors import InputError
+from crowdgraph_tcp import TcpExecutor
+from tests import models
+from tests.oracle import TOLERANCE, assert_matches, oracle
+
+RUN_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def case():
+    model, feeds = models.chain(n_layers=4, width=256, batch=8)
+    return model, feeds, crowdgraph.compile(model, partitions=3, input_shapes={"x": (4, 256)}), oracle(model, feeds)
+
+
+@pytest.fixture(scope="module")
+def crowd():
+    with TcpExecutor.local(workers=2, memory="64MB", lossy="fp16") as ex:
+        yield ex
+
+
+def test_an_fp16_run_is_within_its_measured_error_of_the_oracle(case, crowd):
+    model, feeds, compiled, want = case
+    got = compiled.run(feeds, executor=crowd, microbatch=None, max_error=0.05, timeout=RUN_TIMEOUT)
+    report = compiled.last_report
+    # One micro-batch: the measured error is the whole run's.
+    assert 0 < report.wire_error <= 0.05
+    assert max_abs_difference(got, want) <= report.wire_error + TOLERANCE
+    assert any("fp16 wire" in note and "within" in note for note in report.notes)
+    # Boundary tensors went as float16: about half the raw bytes each way (lz4 on top).
+    raw = sum(t.bytes_in + t.bytes_out for t in report.tasks)
+    sent = sum(t.wire_in + t.wire_out for t in report.tasks)
+    assert sent < 0.6 * raw
+
+
+def test_a_wire_error_above_max_error_falls_back_to_lossless(case, crowd):
+    model, feeds, compiled, want = case
+    crowd.lossy = "int8"
+    try:
+        got = compiled.run(feeds, executor=crowd, microbatch=4, max_error=1e-7, timeout=RUN_TIMEOUT)
+    finally:
+        crowd.lossy = "fp16"
+    report = compiled.last_report
+    assert_matches(got, want)
+    assert report.wire_error == 0.0 and report.microbatches == 2
+    assert any("int8 wire" in note and "above the bound" in note for note in report.notes)
+    assert sum(t.wire_in for t in report.tasks) > sum(t.bytes_in for t in report.tasks) / 2  # exact this time
+
+
+def test_a_worker_that_offers_no_lossy_encoding_gets_an_exact_link(crowd):
+    """An older peer (or the worker page) lists no ``lossy`` in HELLO: the coordinator never sends it one."""
+    conn = wire.Connection(wire.WORKER, token=crowd.token, now=time.monotonic(), lossy=())
+    conn.hello({"name": "old", "memory_budget": 2**26, "cores": 1, "platform": "test", "cached": []},
+               now=time.monotonic())
+    with socket.create_connection((crowd.coordinator.host, crowd.coordinator.port), timeout=10) as sock:
+        while conn.state != wire.OPEN:
+            sock.sendall(b"".join(bytes(p) for p in conn.data_to_send()))
+            conn.receive_data(sock.recv(65536), now=time.monotonic())
+        assert conn.lossy == () and "lossy" not in conn.hello_header
+        joined = [w for w in list(crowd.coordinator.workers) if w != conn.peer_id]
+        assert crowd.coordinator.lossy_for(conn.peer_id, "fp16") is None
+        assert [crowd.coordinator.lossy_for(w, "fp16") for w in joined] == ["fp16"] * len(joined)
+        conn.goodbye("done", now=time.monotonic())
+        sock.sendall(b"".join(bytes(p) for p in conn.data_to_send()))
+
+
+def test_an_unknown_lossy_option_is_refused_before_anything_starts():
+    with pytest.raises(InputError, match=r"lossy='bf16' is not a wire encoding; use None \(exact\), 'fp16' or 'int8'"):
+        TcpExecutor(lossy="bf16")
