@@ -5,8 +5,12 @@ Real ``crowdgraph-worker`` processes on 127.0.0.1; every run has a timeout.
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,8 @@ from crowdgraph.errors import InputError
 from crowdgraph_tcp import TcpExecutor
 from tests import models
 from tests.oracle import TOLERANCE, assert_matches, oracle
+
+REPO = Path(__file__).resolve().parents[3]
 
 RUN_TIMEOUT = 60.0
 
@@ -82,3 +88,17 @@ def test_a_worker_that_offers_no_lossy_encoding_gets_an_exact_link(crowd):
 def test_an_unknown_lossy_option_is_refused_before_anything_starts():
     with pytest.raises(InputError, match=r"lossy='bf16' is not a wire encoding; use None \(exact\), 'fp16' or 'int8'"):
         TcpExecutor(lossy="bf16")
+
+
+@pytest.mark.slow
+def test_the_lossy_wire_example_runs_and_shrinks_the_bytes(tcp_helpers):
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "tcp_lossy_wire.py")],
+                          env=tcp_helpers.child_env(), capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    found = re.findall(r"wire (\w+): tensor bytes on the wire (\d+); wire error (\S+) \(bound 0.05\); "
+                       r"max abs difference to the whole model: (\S+)", done.stdout)
+    assert [f[0] for f in found] == ["exact", "fp16", "int8"], done.stdout
+    sent = {name: int(n) for name, n, _, _ in found}
+    errors = {name: float(e) for name, _, e, _ in found}
+    assert sent["int8"] < sent["fp16"] < 0.6 * sent["exact"]
+    assert errors["exact"] == 0.0 and 0 < errors["fp16"] < errors["int8"] <= 0.05
