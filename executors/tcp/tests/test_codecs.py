@@ -19,7 +19,8 @@ import crowdgraph
 from crowdgraph import wire
 from crowdgraph.driver import max_abs_difference
 from crowdgraph.errors import InputError
-from crowdgraph_tcp import TcpExecutor
+from crowdgraph_tcp import RemoteExecutor, TcpExecutor
+from crowdgraph_tcp.relay import standing_coordinator
 from tests import models
 from tests.oracle import TOLERANCE, assert_matches, oracle
 
@@ -66,6 +67,30 @@ def test_a_wire_error_above_max_error_falls_back_to_lossless(case, crowd):
     assert report.wire_error == 0.0 and report.microbatches == 2
     assert any("int8 wire" in note and "above the bound" in note for note in report.notes)
     assert sum(t.wire_in for t in report.tasks) > sum(t.bytes_in for t in report.tasks) / 2  # exact this time
+
+
+def test_a_remote_driver_sends_fp16_through_a_standing_coordinator(case, tmp_path, tcp_helpers):
+    model, feeds, compiled, want = case
+    token = "lossy relay token"
+    (tmp_path / "token").write_text(token)
+    coordinator = standing_coordinator(token.encode(), "127.0.0.1:0", heartbeat=1.0)
+    workers = [subprocess.Popen([sys.executable, "-m", "crowdgraph_tcp.worker", coordinator.url, "--token-file",
+                                 str(tmp_path / "token"), "--memory", "64MB", "--cache-dir", str(tmp_path / f"c{n}"),
+                                 "--threads", "1"], env=tcp_helpers.child_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for n in range(2)]
+    try:
+        with RemoteExecutor(coordinator.url, token=token, min_workers=2, lossy="fp16") as ex:
+            got = compiled.run(feeds, executor=ex, microbatch=None, max_error=0.05, timeout=RUN_TIMEOUT)
+    finally:
+        coordinator.stop()
+        for proc in workers:
+            tcp_helpers.stop_process(proc)
+    report = compiled.last_report
+    assert 0 < report.wire_error <= 0.05
+    assert max_abs_difference(got, want) <= report.wire_error + TOLERANCE
+    # RUNs went to the coordinator as float16; RESULTs came back from it exact.
+    assert sum(t.wire_in for t in report.tasks) < 0.6 * sum(t.bytes_in for t in report.tasks)
+    assert sum(t.wire_out for t in report.tasks) > sum(t.bytes_out for t in report.tasks)
 
 
 def test_a_worker_that_offers_no_lossy_encoding_gets_an_exact_link(crowd):
