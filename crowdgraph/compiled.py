@@ -178,9 +178,8 @@ class CompiledModel:
         return feeds
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
-            mode: str = "streaming", seed: int = 0, progress: bool = False,
-            timeout: float | None = None, policy: str = "cost",
-            max_error: float | None = None) -> dict[str, np.ndarray]:
+            max_error: float | None = None, mode: str = "streaming", seed: int = 0, progress: bool = False,
+            timeout: float | None = None, policy: str = "cost") -> dict[str, np.ndarray]:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
 
         What happened (who ran what, when, at which tier) is kept as
@@ -206,23 +205,23 @@ class CompiledModel:
         mode:
             ``"streaming"`` (a task waits only for its own micro-batch) or
             ``"barrier"`` (for every micro-batch of the previous stage).
-        policy:
-            The scheduler's placement rule: ``"cost"`` (replicas where they
-            finish work sooner), or the baselines ``"pipeline"`` and
-            ``"greedy"`` (see :mod:`crowdgraph.schedule`).
         max_error:
             For an executor with a lossy wire (``TcpExecutor(lossy="fp16")``):
             measure the largest absolute error the wire put in the outputs
             (against a lossless run of the first micro-batch, in
             ``last_report.wire_error``) and, above this bound, run the batch
             again exactly and return that (see
-            :func:`~crowdgraph.driver.run_within_error`).
+            :func:`~crowdgraph.driver.bound_wire_error`).
+        policy:
+            The scheduler's placement rule: ``"cost"`` (replicas where they
+            finish work sooner), or the baselines ``"pipeline"`` and
+            ``"greedy"`` (see :mod:`crowdgraph.schedule`).
 
         When a micro-batch is larger than the shapes the plan was compiled
         at, the model is partitioned again at the micro-batch's shapes so
         the budget still holds (plans loaded from disk run as they are).
         """
-        from .driver import Driver, run_within_error
+        from .driver import Driver
         from .executor import resolve_executor
         from .taskgraph import join_outputs, split_batch
 
@@ -236,14 +235,16 @@ class CompiledModel:
         plan = self.at_shapes({k: v.shape for k, v in microbatches[0].items()})
         ex, owned = resolve_executor(executor)
         try:
-            options = dict(mode=mode, seed=seed, progress=progress, timeout=timeout, policy=policy)
-            if max_error is None:
-                outputs, run_report = Driver(plan, microbatches, ex, **options).run()  # type: ignore[arg-type]
-            else:
-                outputs, run_report = run_within_error(plan, microbatches, ex, max_error, **options)
+            outputs, run_report = Driver(plan, microbatches, ex, mode=mode, seed=seed,  # type: ignore[arg-type]
+                                         progress=progress, timeout=timeout, policy=policy).run()
         finally:
             if owned:
                 ex.close()
+        if max_error is not None:  # an executor made here from a name has an exact wire: nothing reruns
+            from .driver import bound_wire_error
+
+            outputs, run_report = bound_wire_error(plan, microbatches, ex, outputs, run_report, max_error, mode=mode,
+                                                   seed=seed, progress=progress, timeout=timeout, policy=policy)
         self.last_report = run_report
         assert outputs is not None
         batched_outputs = [t.name for t in self.outputs if t.dims and not _fixed(t.dims[0])]

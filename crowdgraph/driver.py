@@ -305,20 +305,21 @@ def _progress_bar(total: int) -> Any:
     return tqdm(total=total, unit="task", leave=False)
 
 
-def run_within_error(compiled: Any, microbatches: Sequence[Mapping[str, np.ndarray]], executor: Executor,
-                     max_error: float, **options: Any) -> tuple[list[dict[str, Any]], RunReport]:
-    """Run on a lossy wire, measure the error it made, and run exact when it exceeds ``max_error``.
+def bound_wire_error(compiled: Any, microbatches: Sequence[Mapping[str, np.ndarray]], executor: Executor,
+                     outputs: list[dict[str, Any]] | None, report: RunReport, max_error: float,
+                     **options: Any) -> tuple[list[dict[str, Any]] | None, RunReport]:
+    """Measure the error a lossy wire put in a finished run's outputs; run exact above ``max_error``.
 
-    The executor's ``lossy`` option (None or absent: an exact wire, error
-    0) is what the run uses.  The error is measured on the outputs, not
-    estimated: micro-batch 0 runs again with the wire exact, and
+    ``outputs`` and ``report`` are what the run on ``executor`` gave; its
+    ``lossy`` option (None or absent: an exact wire, error 0) is the wire
+    it used.  The error is measured on the outputs, not estimated:
+    micro-batch 0 runs again with the wire exact, and
     :attr:`RunReport.wire_error` is the largest absolute difference between
     its outputs and the lossy ones.  Micro-batch 0 stands for the run (all
     of it when the batch is one micro-batch); that costs one micro-batch
     more.  Above ``max_error`` the whole batch runs again exact, and the
     report says so.  ``options`` are :class:`Driver`'s.
     """
-    outputs, report = Driver(compiled, microbatches, executor, **options).run()
     lossy = getattr(executor, "lossy", None)
     if lossy is None:
         report.wire_error = 0.0

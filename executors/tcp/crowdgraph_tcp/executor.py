@@ -96,6 +96,13 @@ class TcpExecutor(Executor):
         ... for at most this many seconds, then raises ExecutionError.
     heartbeat:
         Seconds between heartbeats; a worker silent for 3 of them is lost.
+    lossy:
+        ``"fp16"`` or ``"int8"``: send float32 tensors (RUN inputs, RESULT
+        outputs) in that lossy encoding to workers that agreed it in the
+        handshake; the others, browser pages among them, stay exact.  Fewer
+        bytes, outputs no longer equal to the model's: give ``max_error=``
+        to :meth:`~crowdgraph.CompiledModel.run` to measure the error and
+        bound it (docs/tcp.md).  None (the default) is exact.
     certfile, keyfile:
         Serve TLS with this certificate (workers then connect to ``tls://``).
     web:
@@ -104,13 +111,6 @@ class TcpExecutor(Executor):
     web_port:
         Port of the page (HTTP, or HTTPS with ``certfile``); by default the
         TCP port + 1, or a free port when the TCP port is 0.
-    lossy:
-        ``"fp16"`` or ``"int8"``: send float32 tensors (RUN inputs, RESULT
-        outputs) in that lossy encoding to workers that agreed it in the
-        handshake; the others, browser pages among them, stay exact.  Fewer
-        bytes, outputs no longer equal to the model's: give ``max_error=``
-        to :meth:`~crowdgraph.CompiledModel.run` to measure the error and
-        bound it (docs/tcp.md).  None (the default) is exact.
 
     Attributes
     ----------
@@ -123,17 +123,17 @@ class TcpExecutor(Executor):
     def __init__(self, listen: str = "127.0.0.1:0", token: str | bytes | None = None, *,
                  min_workers: int = 1, join_timeout: float = 60.0, heartbeat: float = DEFAULT_HEARTBEAT,
                  certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None,
-                 handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
+                 handshake_timeout: float = wire.HANDSHAKE_TIMEOUT, lossy: str | None = None,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
-                 web: bool = False, web_port: int | None = None, lossy: str | None = None):
+                 web: bool = False, web_port: int | None = None):
         host, port = parse_listen(listen)
-        #: The lossy wire encoding runs ask for (None: exact); see ``lossy`` above.
-        self.lossy = lossy_option(lossy)
         if web and web_port is None:
             web_port = port + 1 if port else 0
         self.token: bytes = read_token(token) or secrets.token_hex(32).encode("ascii")
         self.min_workers = int(min_workers)
         self.join_timeout = float(join_timeout)
+        #: The lossy wire encoding runs ask for (None: exact); see ``lossy`` above.
+        self.lossy = lossy_option(lossy)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         self.bridge = DriverBridge()
