@@ -178,7 +178,8 @@ class CompiledModel:
         return feeds
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
-            max_error: float | None = None, mode: str = "streaming", seed: int = 0, progress: bool = False,
+            max_error: float | None = None,
+            mode: str = "streaming", seed: int = 0, progress: bool = False,
             timeout: float | None = None, policy: str = "cost") -> dict[str, np.ndarray]:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
 
