@@ -772,7 +772,8 @@ def _read_sections(body: memoryview, offset: int, count: int, type_name: str,
         if raw_len > _MAX_RATIO.get(codec, 1) * payload_len:
             raise ProtocolError(f"{where}: {payload_len} bytes of {codec} cannot decompress "
                                 f"to the {raw_len} bytes announced")
-        total_raw += raw_len
+        # A lossy section decodes to float32: 2x (fp16) to 4x (int8) its raw bytes.
+        total_raw += 4 * math.prod(shape) if flags & ~_FLAG_SHUFFLE else raw_len
         if total_raw > max_frame_bytes:
             raise _limit_error(f"{type_name} frame decompresses to at least", total_raw,
                                max_frame_bytes)

@@ -1325,6 +1325,16 @@ def test_fp16_sends_values_beyond_its_range_exact_and_int8_keeps_outliers():
     np.testing.assert_array_equal(back, constant)
 
 
+def test_a_lossy_section_counts_its_decoded_size_against_the_frame_limit():
+    """int8 sends one byte per element and decodes to four: the limit holds for what the receiver allocates."""
+    frame = encode(Message(wire.RESULT, dict(RESULT_FIELDS), tensors={"y": np.zeros(1000, np.float32) + 1}),
+                   codec="none", lossy="int8")
+    assert len(frame) < 2000
+    decode(frame, max_frame_bytes=4100)
+    with pytest.raises(ProtocolError, match=r"decompresses to at least 4.0 kB \(4000 bytes\)"):
+        decode(frame, max_frame_bytes=3999)
+
+
 def test_unknown_lossy_encodings_are_refused_by_the_encoder():
     with pytest.raises(ValueError, match="unknown lossy encoding 'bf16'"):
         encode(Message(wire.PING, {"seq": 1}), lossy="bf16")
