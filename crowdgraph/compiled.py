@@ -178,6 +178,7 @@ class CompiledModel:
         return feeds
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
+            max_error: float | None = None,
             mode: str = "streaming", seed: int = 0, progress: bool = False,
             timeout: float | None = None, policy: str = "cost", audit: float = 0.0,
             private: bool = False, canaries: int = 0) -> dict[str, np.ndarray]:
@@ -206,6 +207,13 @@ class CompiledModel:
         mode:
             ``"streaming"`` (a task waits only for its own micro-batch) or
             ``"barrier"`` (for every micro-batch of the previous stage).
+        max_error:
+            For an executor with a lossy wire (``TcpExecutor(lossy="fp16")``):
+            measure the largest absolute error the wire put in the outputs
+            (against a lossless run of the first micro-batch, in
+            ``last_report.wire_error``) and, above this bound, run the batch
+            again exactly and return that (see
+            :func:`~crowdgraph.driver.bound_wire_error`).
         policy:
             The scheduler's placement rule: ``"cost"`` (replicas where they
             finish work sooner), or the baselines ``"pipeline"`` and
@@ -262,6 +270,11 @@ class CompiledModel:
                 crowd.close()
             if owned:
                 ex.close()
+        if max_error is not None:  # an executor made here from a name has an exact wire: nothing reruns
+            from .driver import bound_wire_error
+
+            outputs, run_report = bound_wire_error(plan, microbatches, ex, outputs, run_report, max_error, mode=mode,
+                                                   seed=seed, progress=progress, timeout=timeout, policy=policy)
         self.last_report = run_report
         assert outputs is not None
         batched_outputs = [t.name for t in self.outputs if t.dims and not _fixed(t.dims[0])]

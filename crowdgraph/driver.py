@@ -549,3 +549,57 @@ def _progress_bar(total: int) -> Any:
     except ImportError:
         return None
     return tqdm(total=total, unit="task", leave=False)
+
+
+def bound_wire_error(compiled: Any, microbatches: Sequence[Mapping[str, np.ndarray]], executor: Executor,
+                     outputs: list[dict[str, Any]] | None, report: RunReport, max_error: float,
+                     **options: Any) -> tuple[list[dict[str, Any]] | None, RunReport]:
+    """Measure the error a lossy wire put in a finished run's outputs; run exact above ``max_error``.
+
+    ``outputs`` and ``report`` are what the run on ``executor`` gave; its
+    ``lossy`` option (None or absent: an exact wire, error 0) is the wire
+    it used.  The error is measured on the outputs, not estimated:
+    micro-batch 0 runs again with the wire exact, and
+    :attr:`RunReport.wire_error` is the largest absolute difference between
+    its outputs and the lossy ones.  Micro-batch 0 stands for the run (all
+    of it when the batch is one micro-batch); that costs one micro-batch
+    more.  Above ``max_error`` the whole batch runs again exact, and the
+    report says so.  ``options`` are :class:`Driver`'s.
+    """
+    lossy = getattr(executor, "lossy", None)
+    if lossy is None:
+        report.wire_error = 0.0
+        return outputs, report
+    assert outputs is not None
+    executor.lossy = None  # type: ignore[attr-defined]
+    try:
+        exact, exact_report = Driver(compiled, microbatches[:1], executor, **options).run()
+        assert exact is not None
+        error = max_abs_difference(outputs[0], exact[0])
+        measured = (f"the {lossy} wire put the outputs of micro-batch 0 within {error:.3g} of a lossless run's "
+                    f"(max_error={max_error:g})")
+        if error <= max_error:
+            report.wire_error = error
+            report.notes.append(measured)
+            return outputs, report
+        if len(microbatches) > 1:
+            outputs, exact_report = Driver(compiled, microbatches, executor, **options).run()
+    finally:
+        executor.lossy = lossy  # type: ignore[attr-defined]
+    exact_report.wire_error = 0.0
+    exact_report.notes.append(f"{measured}: above the bound, so these outputs come from a lossless run")
+    return outputs, exact_report  # type: ignore[return-value]
+
+
+def max_abs_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    """Largest absolute difference between same-named arrays (0.0 when all are equal).
+
+    >>> max_abs_difference({"y": np.array([1.0, 2.0])}, {"y": np.array([1.5, 2.0])})
+    0.5
+    """
+    worst = 0.0
+    for name, value in a.items():
+        x, y = np.asarray(value, np.float64), np.asarray(b[name], np.float64)
+        if x.size:
+            worst = max(worst, float(np.nanmax(np.abs(x - y))))
+    return worst

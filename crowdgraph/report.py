@@ -111,6 +111,10 @@ class RunReport:
         seconds for a simulation).
     coordinator_link_busy:
         Seconds the coordinator's link was busy (simulations), or None.
+    wire_error:
+        Largest absolute difference between the outputs returned and a
+        lossless run's, measured on the first micro-batch when the run gave
+        ``max_error=`` (0.0 for an exact wire); None when not measured.
     notes:
         What bounded or disturbed the run, in words (printed last).
     backups:
@@ -129,6 +133,7 @@ class RunReport:
     replaced: list[tuple[str, int]] = field(default_factory=list)
     start: float = 0.0
     end: float = 0.0
+    wire_error: float | None = None
     coordinator_link_busy: float | None = None
     notes: list[str] = field(default_factory=list)
     backups: list[BackupRecord] = field(default_factory=list)

@@ -32,7 +32,7 @@ from crowdgraph.executor import Executor, Job, Reporter
 from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.wire import Message
 
-from .bridge import Action, DriverBridge, Holding, take_answer
+from .bridge import Action, DriverBridge, Holding, lossy_option, take_answer
 from .common import CAFILE_ENV, LOG, TOKEN_ENV, client_ssl_context, parse_url, read_token, wait_for_workers
 from .streams import Link, now
 
@@ -53,14 +53,21 @@ class RemoteExecutor(Executor):
         giving one turns TLS on for a ``tcp://`` URL too.
     min_workers, join_timeout:
         :meth:`start` waits up to ``join_timeout`` seconds for ``min_workers`` workers.
+    lossy:
+        ``"fp16"`` or ``"int8"``: RUN inputs travel in that encoding to the
+        coordinator and on to workers that agreed it, and their RESULTs come
+        back to the coordinator in it (the last hop, to this driver, is
+        exact); as for :class:`~crowdgraph_tcp.TcpExecutor`.
     """
 
     name = "tcp"
 
     def __init__(self, url: str, token: str | bytes | None = None, *, cafile: str | os.PathLike | None = None,
                  min_workers: int = 1, join_timeout: float = 60.0, connect_timeout: float = 30.0,
-                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES):
+                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES, lossy: str | None = None):
         self.url = url
+        #: The lossy wire encoding runs ask for (None: exact), as for ``TcpExecutor``.
+        self.lossy = lossy_option(lossy)
         scheme, self.host, self.port = parse_url(url)
         secret = read_token(token)
         if secret is None:
@@ -277,7 +284,8 @@ class RemoteExecutor(Executor):
 
     def _encode(self, message: Message) -> list[Any]:
         assert self._link is not None
-        return wire.encode_parts(message, codec=self._link.conn.codec, version=self._link.conn.version)
+        conn = self._link.conn
+        return wire.encode_parts(message, codec=conn.codec, version=conn.version, lossy=conn.lossy_of(message))
 
     # -- crowd snapshots -----------------------------------------------------
 
@@ -336,7 +344,7 @@ class RemoteExecutor(Executor):
         self._hand(worker, self.bridge.unload(worker, partition, self.bridge.reporter))
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
-        self._hand(worker, self.bridge.run(worker, key, partition, inputs, self._encode))
+        self._hand(worker, self.bridge.run(worker, key, partition, inputs, self._encode, lossy=self.lossy))
 
     def quarantine(self, worker: str, reason: str) -> None:
         """The run's spot checks outvoted ``worker``: the coordinator drops it and refuses

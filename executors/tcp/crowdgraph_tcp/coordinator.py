@@ -621,7 +621,8 @@ class Coordinator:
     def _send(self, w: Peer, action: Action) -> None:
         if action.parts is None:
             assert action.message is not None
-            action.parts = wire.encode_parts(action.message, codec=w.codec, version=w.version)
+            action.parts = wire.encode_parts(action.message, codec=w.codec, version=w.version,
+                                             lossy=w.link.conn.lossy_of(action.message))
         action.message = None
         action.size = w.link.send_encoded(action.kind, action.parts)
         action.parts = None
@@ -660,6 +661,11 @@ class Coordinator:
         """(codec, version) agreed with a worker, or None if it is not connected."""
         w = self.workers.get(worker_id)
         return None if w is None else (w.codec, w.version)
+
+    def lossy_for(self, worker_id: str, wanted: str | None) -> str | None:
+        """The lossy encoding to send a worker when ``wanted`` is asked: it where agreed, else None."""
+        w = self.workers.get(worker_id)
+        return None if w is None else w.link.conn.lossy_for(wanted)
 
     def has_cached(self, worker_id: str, sha256: str) -> bool:
         """Whether the worker is believed to hold ``sha256`` in its cache (a hint)."""

@@ -33,7 +33,7 @@ from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.units import parse_bytes
 from crowdgraph.wire import Message
 
-from .bridge import Action, DriverBridge, Holding
+from .bridge import Action, DriverBridge, Holding, lossy_option
 from .common import DEFAULT_HEARTBEAT, parse_listen, read_token, server_ssl_context, wait_for_workers
 from .coordinator import QUARANTINE_SECONDS, Coordinator, Listener, Peer
 
@@ -96,6 +96,13 @@ class TcpExecutor(Executor):
         ... for at most this many seconds, then raises ExecutionError.
     heartbeat:
         Seconds between heartbeats; a worker silent for 3 of them is lost.
+    lossy:
+        ``"fp16"`` or ``"int8"``: send float32 tensors (RUN inputs, RESULT
+        outputs) in that lossy encoding to workers that agreed it in the
+        handshake; the others, browser pages among them, stay exact.  Fewer
+        bytes, outputs no longer equal to the model's: give ``max_error=``
+        to :meth:`~crowdgraph.CompiledModel.run` to measure the error and
+        bound it (docs/tcp.md).  None (the default) is exact.
     certfile, keyfile:
         Serve TLS with this certificate (workers then connect to ``tls://``).
     web:
@@ -119,7 +126,7 @@ class TcpExecutor(Executor):
     def __init__(self, listen: str = "127.0.0.1:0", token: str | bytes | None = None, *,
                  min_workers: int = 1, join_timeout: float = 60.0, heartbeat: float = DEFAULT_HEARTBEAT,
                  certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None,
-                 handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
+                 handshake_timeout: float = wire.HANDSHAKE_TIMEOUT, lossy: str | None = None,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
                  web: bool = False, web_port: int | None = None,
                  quarantine_seconds: float = QUARANTINE_SECONDS):
@@ -129,6 +136,8 @@ class TcpExecutor(Executor):
         self.token: bytes = read_token(token) or secrets.token_hex(32).encode("ascii")
         self.min_workers = int(min_workers)
         self.join_timeout = float(join_timeout)
+        #: The lossy wire encoding runs ask for (None: exact); see ``lossy`` above.
+        self.lossy = lossy_option(lossy)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         self.bridge = DriverBridge()
@@ -322,8 +331,11 @@ class TcpExecutor(Executor):
         agreed = self.coordinator.codec_of(worker)
         if agreed is None:
             return
+        lossy = self.lossy
         action = self.bridge.run(worker, key, partition, inputs,
-                                 lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1]))
+                                 lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1],
+                                                                   lossy=self.coordinator.lossy_for(worker, lossy)),
+                                 lossy=lossy)
         if action is not None:
             self.coordinator.call(self._submit_now, worker, action)
 
