@@ -152,6 +152,67 @@ def test_closing_a_page_mid_run_still_matches_the_oracle(browser, tcp_helpers):
             page.close()
 
 
+#: Flips one byte in the middle of a partition the page keeps in the Origin Private File System.
+CORRUPT_OPFS_ENTRY = """(async () => {
+  const folder = await (await navigator.storage.getDirectory()).getDirectoryHandle("crowdgraph-partitions");
+  const handle = await folder.getFileHandle("%s.onnx");
+  const bytes = new Uint8Array(await (await handle.getFile()).arrayBuffer());
+  bytes[bytes.length >> 1] ^= 0xff;
+  const out = await handle.createWritable();
+  await out.write(bytes);
+  await out.close();
+  return bytes.length;
+})()"""
+
+
+@pytest.mark.parametrize("store", ["opfs", "indexeddb"])
+def test_a_page_reloaded_mid_crowd_rejoins_and_loads_from_its_cache(browser, store):
+    """The page keeps what it loaded; reloaded, it announces it in HELLO and its loads are tier 2.
+
+    Over OPFS one entry is also changed on disk after the page announced it:
+    the page's sha256 check refuses it and the coordinator sends those bytes.
+    """
+    model = zoo.distilbert("tiny")
+    feeds = zoo.sample_inputs(model, batch=6, sequence=16)
+    compiled = crowdgraph.compile(model, partitions=4, input_shapes={k: (2, 16) for k in feeds})
+    names = {p.sha256: p.name for p in compiled.partitions}
+    query = f"memory=600&store={store}"
+    with TcpExecutor(web=True) as ex:
+        page, state = join(browser, ex, query)
+        assert state["cache"] == {"kind": store, "entries": 0, "bytes": 0, "bound": state["cache"]["bound"]}
+        compiled.run(feeds, executor=ex, microbatch=2, mode="barrier", timeout=RUN_TIMEOUT)
+        first = compiled.last_report
+        assert sorted(ld.partition for ld in first.loads if not ld.from_cache) == sorted(names.values())
+
+        before = state["workerId"]
+        # The token was scrubbed from the address bar, so a reload is opening the join URL again (from
+        # another document: the same URL with only a new fragment would not load the page again).
+        page.send("Page.navigate", {"url": "about:blank"})
+        page.send("Page.navigate", {"url": page_url(ex, query)})
+        state = page.wait_for(lambda s: s.get("status") == "connected" and s.get("workerId") not in (None, before),
+                              60, "the reloaded page to rejoin")
+        assert before not in ex.coordinator.workers
+        assert state["cache"]["entries"] == len(names) and state["cache"]["kind"] == store
+        assert state["cache"]["bytes"] == sum(len(p.model_bytes) for p in compiled.partitions)
+        assert sorted(ex.coordinator.workers[state["workerId"]].hello["cached"]) == sorted(names)
+        changed = None
+        if store == "opfs":
+            changed = compiled.partitions[1]
+            assert page.eval(CORRUPT_OPFS_ENTRY % changed.sha256) == len(changed.model_bytes)
+
+        got = compiled.run(feeds, executor=ex, microbatch=2, mode="barrier", timeout=RUN_TIMEOUT)
+        report = compiled.last_report
+        assert page.state()["cache"]["entries"] == len(names)  # the changed entry was stored again
+        page.close()
+    assert_matches(got, oracle(model, feeds))
+    assert {t.worker for t in report.tasks} == {state["workerId"]}
+    assert report.tier_counts.get(2) == len(names) and not {3, 4} & set(report.tier_counts), report.tier_counts
+    sent = [ld.partition for ld in report.loads if not ld.from_cache]
+    assert sent == ([] if changed is None else [changed.name])
+    assert sorted(ld.partition for ld in report.loads if ld.from_cache) == sorted(
+        p.name for p in compiled.partitions if p is not changed)
+
+
 def test_a_frozen_page_is_lost_and_rejoins_as_a_new_worker(browser):
     """A background tab / a screen turned off: no heartbeat; when it comes back it rejoins."""
     with TcpExecutor(web=True, heartbeat=0.5) as ex:
