@@ -8,12 +8,15 @@ Only 127.0.0.1 is used.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import crowdgraph
 from crowdgraph import zoo
@@ -211,6 +214,25 @@ def test_a_page_reloaded_mid_crowd_rejoins_and_loads_from_its_cache(browser, sto
     assert sent == ([] if changed is None else [changed.name])
     assert sorted(ld.partition for ld in report.loads if ld.from_cache) == sorted(
         p.name for p in compiled.partitions if p is not changed)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=st.lists(st.tuples(st.integers(1, 50), st.integers(0, 20)), max_size=10),
+       incoming=st.integers(0, 60), bound=st.integers(0, 200))
+def test_the_page_cache_evicts_the_least_recently_used_and_no_more(crowd, entries, incoming, bound):
+    """cache.mjs's eviction rule, run in the page: room for ``incoming``, oldest first, nothing extra."""
+    ex, pages, browser_ids = crowd
+    plain = [{"sha": f"{n:064x}", "size": size, "used": used} for n, (size, used) in enumerate(entries)]
+    evicted = pages[0].eval(f"import('/cache.mjs').then((m) => m.evictions({json.dumps(plain)}, {incoming}, {bound}))")
+    kept = [e for e in plain if e["sha"] not in evicted]
+    out = [e for e in plain if e["sha"] in evicted]
+    assert len(out) == len(evicted)
+    kept_bytes = sum(e["size"] for e in kept)
+    assert kept_bytes + incoming <= bound or not kept  # room made, unless nothing is left to remove
+    assert all(o["used"] <= k["used"] for o in out for k in kept)  # least recently used first
+    if out:  # and no more than needed: keeping the last one evicted would not have fit
+        last = next(e for e in plain if e["sha"] == evicted[-1])
+        assert kept_bytes + last["size"] + incoming > bound
 
 
 def test_a_frozen_page_is_lost_and_rejoins_as_a_new_worker(browser):
