@@ -155,6 +155,17 @@ def test_closing_a_page_mid_run_still_matches_the_oracle(browser, tcp_helpers):
             page.close()
 
 
+def reload(page, ex: TcpExecutor, query: str) -> dict:
+    """Open the join URL again in ``page``; the page's state once it rejoined as a new worker."""
+    before = page.state().get("workerId")
+    # The token was scrubbed from the address bar, so a reload is opening the join URL again (from
+    # another document: the same URL with only a new fragment would not load the page again).
+    page.send("Page.navigate", {"url": "about:blank"})
+    page.send("Page.navigate", {"url": page_url(ex, query)})
+    return page.wait_for(lambda s: s.get("status") == "connected" and s.get("workerId") not in (None, before),
+                         60, "the reloaded page to rejoin")
+
+
 #: Flips one byte in the middle of a partition the page keeps in the Origin Private File System.
 CORRUPT_OPFS_ENTRY = """(async () => {
   const folder = await (await navigator.storage.getDirectory()).getDirectoryHandle("crowdgraph-partitions");
@@ -188,12 +199,7 @@ def test_a_page_reloaded_mid_crowd_rejoins_and_loads_from_its_cache(browser, sto
         assert sorted(ld.partition for ld in first.loads if not ld.from_cache) == sorted(names.values())
 
         before = state["workerId"]
-        # The token was scrubbed from the address bar, so a reload is opening the join URL again (from
-        # another document: the same URL with only a new fragment would not load the page again).
-        page.send("Page.navigate", {"url": "about:blank"})
-        page.send("Page.navigate", {"url": page_url(ex, query)})
-        state = page.wait_for(lambda s: s.get("status") == "connected" and s.get("workerId") not in (None, before),
-                              60, "the reloaded page to rejoin")
+        state = reload(page, ex, query)
         assert before not in ex.coordinator.workers
         assert state["cache"]["entries"] == len(names) and state["cache"]["kind"] == store
         assert state["cache"]["bytes"] == sum(len(p.model_bytes) for p in compiled.partitions)
@@ -206,6 +212,18 @@ def test_a_page_reloaded_mid_crowd_rejoins_and_loads_from_its_cache(browser, sto
         got = compiled.run(feeds, executor=ex, microbatch=2, mode="barrier", timeout=RUN_TIMEOUT)
         report = compiled.last_report
         assert page.state()["cache"]["entries"] == len(names)  # the changed entry was stored again
+
+        # Opened again with a smaller bound, the page keeps the most recently used that fit in it.
+        bound = 400_000
+        trimmed = reload(page, ex, query + f"&cache={bound / 1e6}")
+        recent, size = [], 0
+        for part in reversed(compiled.partitions):  # the second run used them in plan order
+            if size + len(part.model_bytes) > bound:
+                break
+            recent.append(part.sha256)
+            size += len(part.model_bytes)
+        assert sorted(ex.coordinator.workers[trimmed["workerId"]].hello["cached"]) == sorted(recent)
+        assert trimmed["cache"]["bytes"] == size <= bound and trimmed["cache"]["bound"] == bound
         page.close()
     assert_matches(got, oracle(model, feeds))
     assert {t.worker for t in report.tasks} == {state["workerId"]}
