@@ -405,7 +405,8 @@ class DaskExecutor(Executor):
         lane, part = pend.lane, pend.partition
         assert part is not None
         if pend.from_cache:  # the worker reads it from its disk
-            self._submit_load(pend, None)
+            if not lane.lost and lane.barrier is pend:  # not lost or reset meanwhile
+                self._submit_load(pend, None)
             return
         try:
             [bytes_future] = await self.client.scatter([part.model_bytes], workers=[lane.addr], hash=False,

@@ -148,6 +148,7 @@ export class PartitionCache {
 
   // The bytes of `sha`, checked against it; null when absent or changed (then removed).
   async get(sha) {
+    if (!ENTRY.test(sha)) return null;
     const bytes = await this.store.read(sha);
     if (bytes === null) return null;
     if (hex(await sha256(bytes)) !== sha) { await this.store.remove(sha); return null; }

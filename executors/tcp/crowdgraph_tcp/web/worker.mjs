@@ -45,7 +45,7 @@ async function showCache() {
   state.cache = cache ? { kind: cache.kind, bound: cache.bound, ...await cache.usage() } : { kind: "none", entries: 0, bytes: 0, bound: 0 };
   const c = state.cache;
   $("cache").textContent = cache ? `${c.entries} partitions, ${(c.bytes / MB).toFixed(1)} of ${(c.bound / MB).toFixed(0)} MB (${c.kind})`
-                                 : "none (this browser keeps no storage for the page)";
+                                 : "off (no storage for the page here, or ?cache=0)";
 }
 
 // ---- budget: what the user sets, minus what the WASM runtime really costs ----
