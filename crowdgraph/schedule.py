@@ -594,6 +594,12 @@ class Scheduler:
         # Bytes on their way through the star: the weights of unconfirmed
         # loads and the tensors of queued tasks.
         self._star_bytes = 0
+        # Bytes the star must still carry before the run can end: the
+        # tensors of every unfinished task, the weights of unconfirmed
+        # loads and of partitions with work that no worker stores yet.
+        stored = {p for info in infos for p in info.cached} | {info.resident for info in infos}
+        self._uncrossed: dict[str, None] = dict.fromkeys(p for p in used if p not in stored)
+        self._star_left = sum(int(self._weights[p]) for p in self._uncrossed)
 
         self._part = part
         self._prio = prio
@@ -625,6 +631,7 @@ class Scheduler:
 
         # Worker state.
         self._live: dict[str, _Worker] = {}
+        self._crowd_speed = 0.0  # summed over live workers
         self._infos: dict[str, WorkerInfo] = {}  # live views kept in step
         self._resident: dict[str, str | None] = {}
         self._lost: list[str] = []
@@ -653,6 +660,7 @@ class Scheduler:
             self._unfinished[part[key]] += 1
             self._state[key] = _WAITING
             self._missing[key] = len(self._preds[key])
+        self._star_left += sum(n * self._tensor_bytes[p] for p, n in self._unfinished.items())
         for key in part:
             if self._missing[key] == 0:
                 self._make_ready(key)
@@ -758,7 +766,9 @@ class Scheduler:
             w = self._live.get(event.worker)
             if w is not None and w.loads and w.loads[0] == event.partition:
                 w.loads.popleft()
-                self._star_bytes -= w.sent.popleft()
+                sent = w.sent.popleft()
+                self._star_bytes -= sent
+                self._star_left -= sent
                 if not w.loads and w.loading:  # its resident partition is loaded now
                     self._loading[w.resident] -= w.loading  # type: ignore[index]
                     w.loading = 0.0
@@ -797,6 +807,7 @@ class Scheduler:
         self._produced_on[key] = wid
         p = self._part[key]
         self._unfinished[p] -= 1
+        self._star_left -= self._tensor_bytes[p]
         if not self._unfinished[p] and self.policy == "cost":
             for h in self._holders[p]:  # its idle holders are now the first to swap
                 x = self._live[h]
@@ -845,6 +856,7 @@ class Scheduler:
         if w is None:
             return
         self._lost.append(wid)
+        self._crowd_speed = sum(x.speed for x in self._live.values())
         del self._infos[wid], self._resident[wid]
         if not w.queue:
             self._idle_n -= 1
@@ -857,6 +869,7 @@ class Scheduler:
         if w.resident is not None and self._holders.get(w.resident, {}).pop(wid, 0) is None:
             self._holder_left(w, w.resident)
         self._star_bytes -= sum(w.sent)
+        self._star_left -= sum(w.sent)
         queued = list(w.queue)
         for key in queued:
             self._queued_n[self._part[key]] -= 1
@@ -885,6 +898,7 @@ class Scheduler:
     def _add_worker(self, info: WorkerInfo) -> _Worker:
         w = _Worker(info, self._rank[info.id], self._need)
         self._live[info.id] = w
+        self._crowd_speed += w.speed
         self._infos[info.id] = info
         self._resident[info.id] = w.resident = p = info.resident
         # Warm from an earlier run: a holder of its partition if it fits.
@@ -910,6 +924,7 @@ class Scheduler:
                 continue
             del self._produced_on[key]
             self._unfinished[self._part[key]] += 1
+            self._star_left += self._tensor_bytes[self._part[key]]
             if key in self._where:  # the slower copy of a backed-up task still runs: it delivers
                 state[key] = _QUEUED
             else:
@@ -1148,13 +1163,23 @@ class Scheduler:
         # holder must load and run this task before that.
         queued, speed = self._queued_n[p] * c + self._loading[p], self._holder_speed[p]
         drain = max((queued + self._ready_n[p] * c) / speed, queued / speed + c / h.speed)
-        star_busy = self._star_bytes / self._star_bandwidth >= drain / 4
         if (i is not None and self._load_seconds(i, p) + c / i.speed < drain
-                and (p in i.stored or not self._loading[p] or not star_busy)):
+                and (p in i.stored or self._star_spare(p, drain))):
             return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
         return None
+
+    def _star_spare(self, p: str, drain: float) -> bool:
+        """Whether ``p``'s weights can cross the star without making it what
+        ends the run: the bytes it must still carry, with them, take less
+        than ``p``'s drain or the crowd's remaining compute at full use."""
+        star = (self._star_left + self._weights[p]) / self._star_bandwidth
+        if star < drain:
+            return True
+        estimate = self._estimate
+        work = sum(n * estimate[q] for q, n in self._unfinished.items())
+        return star < work / self._crowd_speed
 
     def _best_idle_holder(self, p: str) -> _Worker:
         """The fastest idle holder of ``p`` (there is one)."""
@@ -1289,6 +1314,9 @@ class Scheduler:
             w.sent.append(sent)
             w.stored.add(p)
             self._star_bytes += sent
+            self._star_left += sent
+            if sent and self._uncrossed.pop(p, 0) is None:  # its first crossing is this load
+                self._star_left -= sent
             w.resident = self._resident[w.id] = p
             self._holders[p][w.id] = None
             # Until its load is confirmed, a new holder is about a load late.
