@@ -166,3 +166,51 @@ def test_a_bigger_warm_crowd_is_a_faster_crowd(distilbert_plan):
     assert makespan(3, "cost") <= makespan(3, "pipeline")
     assert makespan(12, "cost") <= makespan(12, "pipeline")
     assert makespan(12, "cost") <= makespan(3, "cost") / 2.5  # 3x at 64 micro-batches: benchmarks/crowd.py
+
+
+def _wide_chain_plan(layers, partitions):
+    """A chain as heavy per weight byte as DistilBERT at 128 tokens: 768 wide,
+    cut for 128-row micro-batches (2.4 MB of weights and 0.03 s per layer)."""
+    key = ("wide", layers, partitions)
+    if key not in _PLANS:
+        model, _ = models.chain(n_layers=layers, width=768, batch=1)
+        _PLANS[key] = crowdgraph.compile(model, partitions=partitions, input_shapes={"x": (128, 768)})
+    return _PLANS[key]
+
+
+@pytest.mark.parametrize("layers, partitions, speeds, workers, star", [
+    # Two replicas per partition at once were costed but the rule took more:
+    # 15% slower than the greedy policy.
+    (9, 3, (1.0,), 6, 50e6),
+    # More partitions than workers: replicas of one stage turned the pipeline
+    # into waves, every worker loading every partition (23% slower than the
+    # pipeline rule, 11% slower than greedy).
+    (9, 9, (1.0,), 3, 50e6),
+    (9, 9, (1.0, 0.8, 0.6, 0.5, 0.4), 3, 50e6),
+    # A saturated coordinator link: replicas' weights only delayed the
+    # tensors (28% slower than the pipeline rule).
+    (18, 18, (1.0,), 12, 10e6),
+])
+def test_the_cost_rule_loses_to_neither_baseline_on_cold_crowds(layers, partitions, speeds, workers, star):
+    plan = _wide_chain_plan(layers, partitions)
+    crowd = [Worker(f"w{k}", memory="64MB", speed=speeds[k % len(speeds)]) for k in range(workers)]
+
+    def makespan(policy):
+        return crowdgraph.simulate(plan, crowd, (16 * 128, 768), microbatch=128, policy=policy,
+                                   cost=CostModel(coordinator_bandwidth=star)).makespan
+
+    cost = makespan("cost")
+    assert cost <= makespan("greedy") * (1 + 1e-5)  # the same placements, up to the clock's rounding
+    assert cost <= 1.02 * makespan("pipeline")
+
+
+def test_simulated_tasks_report_their_compute_time():
+    # What a real worker measures, so queueing on a busy coordinator link does
+    # not pass for a slow partition in the scheduler's estimates.
+    plan = _wide_chain_plan(9, 3)
+    crowd = [Worker(f"w{k}", memory="64MB") for k in range(6)]
+    cost = CostModel(coordinator_bandwidth=1e6)
+    report = crowdgraph.simulate(plan, crowd, (16 * 128, 768), microbatch=128, cost=cost)
+    compute = {p.name: cost.compute_seconds(p, 1.0, 1.0) for p in plan.partitions}
+    assert all(t.end - t.start == pytest.approx(compute[t.partition]) for t in report.tasks)
+    assert report.makespan > 2 * sum(compute.values()) * 16 / len(crowd)  # the link is the bound
