@@ -661,6 +661,7 @@ class Scheduler:
             self._state[key] = _WAITING
             self._missing[key] = len(self._preds[key])
         self._star_left += sum(n * self._tensor_bytes[p] for p, n in self._unfinished.items())
+        self._parts_left = sum(1 for n in self._unfinished.values() if n)  # partitions with work
         for key in part:
             if self._missing[key] == 0:
                 self._make_ready(key)
@@ -807,6 +808,7 @@ class Scheduler:
         self._produced_on[key] = wid
         p = self._part[key]
         self._unfinished[p] -= 1
+        self._parts_left -= not self._unfinished[p]
         self._star_left -= self._tensor_bytes[p]
         if not self._unfinished[p] and self.policy == "cost":
             for h in self._holders[p]:  # its idle holders are now the first to swap
@@ -923,6 +925,7 @@ class Scheduler:
             if state.get(key) != _FINISHED:
                 continue
             del self._produced_on[key]
+            self._parts_left += not self._unfinished[self._part[key]]
             self._unfinished[self._part[key]] += 1
             self._star_left += self._tensor_bytes[self._part[key]]
             if key in self._where:  # the slower copy of a backed-up task still runs: it delivers
@@ -1155,7 +1158,7 @@ class Scheduler:
         tier, i = self._best_idle(p)
         if self.policy == "greedy":
             return None if i is None else (self._by_inputs(key, p, tier) or i, tier)
-        c = self._estimate[p]
+        c = self._task_seconds(p, h)
         # The drain: when the holders, at their combined speed, get through
         # their unconfirmed loads, queued and ready tasks -- and no earlier
         # than this task would finish behind the queued ones (tasks are
@@ -1163,12 +1166,23 @@ class Scheduler:
         # holder must load and run this task before that.
         queued, speed = self._queued_n[p] * c + self._loading[p], self._holder_speed[p]
         drain = max((queued + self._ready_n[p] * c) / speed, queued / speed + c / h.speed)
-        if (i is not None and self._load_seconds(i, p) + c / i.speed < drain
-                and (p in i.stored or self._star_spare(p, drain))):
+        if (i is not None and self._load_seconds(i, p) + self._task_seconds(p, i) / i.speed < drain
+                and (p in i.stored or (self._lags(h, drain) and self._star_spare(p, drain)))):
             return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
         return None
+
+    def _task_seconds(self, p: str, w: _Worker) -> float:
+        """Seconds at speed 1.0 a task of ``p`` keeps ``w`` busy: its compute
+        and its tensors over the worker's own link."""
+        return self._estimate[p] + self._tensor_bytes[p] * w.speed / w.info.bandwidth
+
+    def _lags(self, h: _Worker, drain: float) -> bool:
+        """Whether a partition whose holders need ``drain`` seconds lags the crowd."""
+        if len(self._live) > self._parts_left:
+            return True
+        return drain > sum(n * self._task_seconds(q, h) for q, n in self._unfinished.items()) / self._crowd_speed
 
     def _star_spare(self, p: str, drain: float) -> bool:
         """Whether ``p``'s weights can cross the star without making it what

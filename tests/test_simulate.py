@@ -66,10 +66,13 @@ def test_streaming_beats_barrier_on_five_phones(distilbert_plan):
 
     # One holder per partition, as CROWDio runs it: streaming is the big win.
     assert makespan("streaming", "pipeline") <= 0.66 * makespan("barrier", "pipeline")
-    # Replicas relieve the slowest stage, in both modes; streaming still wins.
+    # Replicas relieve the slowest stages, in both modes; streaming still wins.
+    # (Five phones for seven partitions have no worker to spare: only stages
+    # that lag the crowd's average get a replica, see the scheduler.)
     cost_stream = makespan("streaming", "cost")
     assert cost_stream <= makespan("barrier", "cost")
-    assert cost_stream <= 0.8 * makespan("streaming", "pipeline")
+    assert cost_stream <= 0.9 * makespan("streaming", "pipeline")
+    assert cost_stream <= makespan("streaming", "greedy")
 
 
 def test_cached_partitions_send_no_weights(distilbert_plan):
@@ -178,29 +181,33 @@ def _wide_chain_plan(layers, partitions):
     return _PLANS[key]
 
 
-@pytest.mark.parametrize("layers, partitions, speeds, workers, star", [
+@pytest.mark.parametrize("layers, partitions, speeds, workers, star, microbatches", [
     # Two replicas per partition at once were costed but the rule took more:
     # 15% slower than the greedy policy.
-    (9, 3, (1.0,), 6, 50e6),
+    (9, 3, (1.0,), 6, 50e6, 16),
     # More partitions than workers: replicas of one stage turned the pipeline
     # into waves, every worker loading every partition (23% slower than the
     # pipeline rule, 11% slower than greedy).
-    (9, 9, (1.0,), 3, 50e6),
-    (9, 9, (1.0, 0.8, 0.6, 0.5, 0.4), 3, 50e6),
+    (9, 9, (1.0,), 3, 50e6, 16),
+    (9, 9, (1.0, 0.8, 0.6, 0.5, 0.4), 3, 50e6, 16),
     # A saturated coordinator link: replicas' weights only delayed the
     # tensors (28% slower than the pipeline rule).
-    (18, 18, (1.0,), 12, 10e6),
+    (18, 18, (1.0,), 12, 10e6, 16),
+    # Tasks bound by the workers' own links more than by their compute:
+    # replicas share the link time too (9% slower than greedy).
+    (9, 9, (1.0,), 6, 50e6, 64),
 ])
-def test_the_cost_rule_loses_to_neither_baseline_on_cold_crowds(layers, partitions, speeds, workers, star):
+def test_the_cost_rule_loses_to_neither_baseline_on_cold_crowds(layers, partitions, speeds, workers, star,
+                                                                microbatches):
     plan = _wide_chain_plan(layers, partitions)
     crowd = [Worker(f"w{k}", memory="64MB", speed=speeds[k % len(speeds)]) for k in range(workers)]
 
     def makespan(policy):
-        return crowdgraph.simulate(plan, crowd, (16 * 128, 768), microbatch=128, policy=policy,
+        return crowdgraph.simulate(plan, crowd, (microbatches * 128, 768), microbatch=128, policy=policy,
                                    cost=CostModel(coordinator_bandwidth=star)).makespan
 
     cost = makespan("cost")
-    assert cost <= makespan("greedy") * (1 + 1e-5)  # the same placements, up to the clock's rounding
+    assert cost <= makespan("greedy") * (1 + 1e-4)  # equal, up to the order of simultaneous transfers
     assert cost <= 1.02 * makespan("pipeline")
 
 
