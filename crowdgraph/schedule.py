@@ -58,27 +58,47 @@ The rules
   *policy* decides (``Scheduler(policy=...)``):
 
   ``"cost"`` (the default): the task goes where it is expected to finish
-  first.  Loading a *replica* on the best idle worker of tiers 2 to 4
-  wins when that worker would load and run the task before the holders
-  get through the partition's backlog::
+  first.  A task of ``p`` keeps worker ``w`` busy for
+  ``task(p, w) = estimate(p) + tensor bytes(p) x speed(w) / bandwidth(w)``
+  seconds at speed 1.0: its compute and its tensors over the worker's own
+  link.  Loading a *replica* on the best idle worker of tiers 2 to 4 wins
+  when that worker would load and run the task before the holders get
+  through the partition's backlog (the *drain*)::
 
-      load(w, p) + estimate(p) / speed(w)
-          <  (estimate(p) x (queued + ready tasks of p) + unconfirmed loads)
+      load(w, p) + task(p, w) / speed(w)
+          <  (task(p, h) x (queued + ready tasks of p) + unconfirmed loads)
              / summed speed of p's holders
 
-  (an unconfirmed load counts as ``speed x load seconds`` of its
-  holder's time, and the drain is at least when this task would finish
-  behind the queued ones).  A load whose weights cross a shared
-  coordinator link (``star_bandwidth``) is costed behind the bytes already
-  on their way through it (unconfirmed loads, tensors of queued tasks),
-  and while those take more than a quarter of the drain time, a
-  partition takes such a replica only when none of its loads is still
-  unconfirmed: replicas of a saturated star only take bandwidth from
-  each other.  Otherwise the task queues on the best holder if that
-  holder has at most :data:`PREFETCH` task queued, else it stays ready
-  and is weighed again after the next event.  So a bottleneck partition
-  gets as many holders as its backlog pays for, and a bigger crowd is a
-  faster crowd.
+  (``h`` is the best holder; an unconfirmed load counts as ``speed x load
+  seconds`` of its holder's time, and the drain is at least when this
+  task would finish behind the queued ones).  Two more conditions hold
+  for a replica whose weights cross the network rather than local
+  storage:
+
+  - *It lags the crowd.*  When the crowd has no worker to spare (no more
+    live workers than partitions with unfinished work), every worker is
+    needed as some partition's holder, and a replica of an average stage
+    only turns the pipeline into waves in which every worker loads every
+    partition.  ``p``'s holders must then have more than their share of
+    the remaining work by speed::
+
+        unfinished tasks of p x task(p, h) / summed speed of p's holders
+            >  sum over unfinished tasks q of task(q, h) / summed speed of the crowd
+
+  - *The star has room.*  With a shared coordinator link
+    (``star_bandwidth``), the bytes it must still carry before the run
+    can end (the tensors of every unfinished task, unconfirmed loads, the
+    weights of partitions no worker stores yet) plus the replica's
+    weights must take less than the drain or than the crowd's remaining
+    compute at full use; else the replica's weights would only delay
+    everyone's tensors.  Its load is also costed behind the bytes already
+    on their way through the link (unconfirmed loads, tensors of queued
+    tasks).
+
+  Otherwise the task queues on the best holder if that holder has at
+  most :data:`PREFETCH` task queued, else it stays ready and is weighed
+  again after the next event.  So a bottleneck partition gets as many
+  holders as its backlog pays for, and a bigger crowd is a faster crowd.
 
   ``"pipeline"``: the task always queues on the holder with the smallest
   ``(queue length + 1) / speed``; a partition only gets a new holder when
@@ -127,7 +147,10 @@ speed-1.0 worker.  It starts at ``flops / FLOPS_PER_SECOND`` (0 without
 FLOPs, so nothing is worth a load until a task was measured) and follows
 the durations ``TaskFinished`` carries, times the worker's speed: the
 mean of the first four, then a moving average weighing the newest by a
-quarter.  Loads cost ``weight_bytes`` over the worker's ``bandwidth``
+quarter.  Executors measure those durations around the worker's compute,
+so queueing on a busy link never passes for a slow partition; the
+transfer of a task's tensors is added from ``tensor_bytes`` and the
+worker's ``bandwidth`` instead (``task(p, w)`` above).  Loads cost ``weight_bytes`` over the worker's ``bandwidth``
 (``disk_bandwidth`` when cached) plus deserialisation at
 :data:`DESERIALIZE_BYTES_PER_SECOND`.  All of it is plain arithmetic on
 the events, so it is as deterministic as the rest.
@@ -1167,7 +1190,7 @@ class Scheduler:
         queued, speed = self._queued_n[p] * c + self._loading[p], self._holder_speed[p]
         drain = max((queued + self._ready_n[p] * c) / speed, queued / speed + c / h.speed)
         if (i is not None and self._load_seconds(i, p) + self._task_seconds(p, i) / i.speed < drain
-                and (p in i.stored or (self._lags(h, drain) and self._star_spare(p, drain)))):
+                and (p in i.stored or (self._lags(p, h) and self._star_spare(p, drain)))):
             return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
@@ -1178,11 +1201,13 @@ class Scheduler:
         and its tensors over the worker's own link."""
         return self._estimate[p] + self._tensor_bytes[p] * w.speed / w.info.bandwidth
 
-    def _lags(self, h: _Worker, drain: float) -> bool:
-        """Whether a partition whose holders need ``drain`` seconds lags the crowd."""
+    def _lags(self, p: str, h: _Worker) -> bool:
+        """Whether ``p``'s holders have more than their share of the remaining
+        work, by their speed (always, when the crowd has a worker to spare)."""
         if len(self._live) > self._parts_left:
             return True
-        return drain > sum(n * self._task_seconds(q, h) for q, n in self._unfinished.items()) / self._crowd_speed
+        work = sum(n * self._task_seconds(q, h) for q, n in self._unfinished.items())
+        return self._unfinished[p] * self._task_seconds(p, h) / self._holder_speed[p] > work / self._crowd_speed
 
     def _star_spare(self, p: str, drain: float) -> bool:
         """Whether ``p``'s weights can cross the star without making it what
