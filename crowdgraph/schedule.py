@@ -161,13 +161,16 @@ Every event costs time proportional to the tasks and workers it touches,
 not to the size of the run: ready tasks sit in heaps by priority per
 partition, idle workers in trees ordered by memory (so "the best idle
 worker with at least this budget" is a logarithmic query), and workers
-holding each partition in heaps by expected finish time.  A worker
-joining rebuilds those trees and a worker lost checks every partition,
-both linear in the crowd; they are rare.  On the benchmark chain (20
+holding each partition in heaps by expected finish time.  A replica over
+the network with no worker to spare, or with a busy coordinator link,
+sums the remaining work over the partitions (linear in the partitions,
+never in the crowd).  A worker joining rebuilds those trees and a worker
+lost checks every partition, both linear in the crowd; they are rare.  On the benchmark chain (20
 partitions x 500 micro-batches, 1,000 workers) the scheduler spends
-about 20 microseconds of CPU per task under the cost rule and 7 under the
-pipeline rule; Dask's threaded scheduler spends about 50 on the same
-graph of no-op tasks (``python -m benchmarks --only scale``).
+about 24 microseconds of CPU per task under the cost rule (40 at 5,000
+micro-batches) and 8 under the pipeline rule; Dask's threaded scheduler
+spends about 50 on the same graph of no-op tasks (``python -m benchmarks
+--only scale``).
 """
 
 from __future__ import annotations
