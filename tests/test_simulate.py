@@ -221,3 +221,21 @@ def test_simulated_tasks_report_their_compute_time():
     compute = {p.name: cost.compute_seconds(p, 1.0, 1.0) for p in plan.partitions}
     assert all(t.end - t.start == pytest.approx(compute[t.partition]) for t in report.tasks)
     assert report.makespan > 2 * sum(compute.values()) * 16 / len(crowd)  # the link is the bound
+
+
+@pytest.mark.slow
+def test_replicas_with_no_worker_to_spare_go_to_the_lagging_stages():
+    # 9 partitions on 6 cold workers (the crowd benchmark's 48 MB plan): every
+    # worker is needed as a holder, and replicas of average stages turned the
+    # pipeline into waves of loads (18% slower than the pipeline rule, 4%
+    # slower than greedy).
+    plan = crowdgraph.compile(zoo.distilbert("full"), "48MB", input_shapes={"input_ids": (1, 128)})
+    crowd = [Worker(f"w{k}", memory="48MB") for k in range(6)]
+
+    def makespan(policy):
+        return crowdgraph.simulate(plan, crowd, (64, 128), microbatch=1, policy=policy).makespan
+
+    cost = makespan("cost")
+    assert len(plan.partitions) > len(crowd)
+    assert cost <= makespan("greedy")
+    assert cost <= 1.02 * makespan("pipeline")
