@@ -213,12 +213,13 @@ class SimulatedExecutor(Executor):
         scale = self.scale if isinstance(self.scale, float) else self.scale[key[1]]
         bytes_in = int(partition.input_bytes * scale)
         bytes_out = int(partition.output_bytes * scale)
-        start = max(self._clock, self._free_at[worker])
-        computed = self._transfer(start, bytes_in) + self.cost.compute_seconds(
-            partition, scale, self.crowd[worker].speed)
-        end = self._free_at[worker] = self._transfer(computed, bytes_out)
-        self._push(end, Finished(worker, key, {o: None for o in partition.outputs},
-                                 TaskStats(start, end, bytes_in=bytes_in, bytes_out=bytes_out)))
+        # The task's start and end are its compute, as a real worker measures
+        # them: the scheduler learns compute times, not the links' queues.
+        start = self._transfer(max(self._clock, self._free_at[worker]), bytes_in)
+        computed = start + self.cost.compute_seconds(partition, scale, self.crowd[worker].speed)
+        delivered = self._free_at[worker] = self._transfer(computed, bytes_out)
+        self._push(delivered, Finished(worker, key, {o: None for o in partition.outputs},
+                                       TaskStats(start, computed, bytes_in=bytes_in, bytes_out=bytes_out)))
 
     def idle(self) -> None:
         """Advance the virtual clock to the next event and report it."""
