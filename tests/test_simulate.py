@@ -200,7 +200,7 @@ def _wide_chain_plan(layers, partitions):
 def test_the_cost_rule_loses_to_neither_baseline_on_cold_crowds(layers, partitions, speeds, workers, star,
                                                                 microbatches):
     plan = _wide_chain_plan(layers, partitions)
-    crowd = [Worker(f"w{k}", memory="64MB", speed=speeds[k % len(speeds)]) for k in range(workers)]
+    crowd = [WorkerInfo(f"w{k}", memory="64MB", speed=speeds[k % len(speeds)]) for k in range(workers)]
 
     def makespan(policy):
         return crowdgraph.simulate(plan, crowd, (microbatches * 128, 768), microbatch=128, policy=policy,
@@ -215,7 +215,7 @@ def test_simulated_tasks_report_their_compute_time():
     # What a real worker measures, so queueing on a busy coordinator link does
     # not pass for a slow partition in the scheduler's estimates.
     plan = _wide_chain_plan(9, 3)
-    crowd = [Worker(f"w{k}", memory="64MB") for k in range(6)]
+    crowd = [WorkerInfo(f"w{k}", memory="64MB") for k in range(6)]
     cost = CostModel(coordinator_bandwidth=1e6)
     report = crowdgraph.simulate(plan, crowd, (16 * 128, 768), microbatch=128, cost=cost)
     compute = {p.name: cost.compute_seconds(p, 1.0, 1.0) for p in plan.partitions}
@@ -230,7 +230,7 @@ def test_replicas_with_no_worker_to_spare_go_to_the_lagging_stages():
     # pipeline into waves of loads (18% slower than the pipeline rule, 4%
     # slower than greedy).
     plan = crowdgraph.compile(zoo.distilbert("full"), "48MB", input_shapes={"input_ids": (1, 128)})
-    crowd = [Worker(f"w{k}", memory="48MB") for k in range(6)]
+    crowd = [WorkerInfo(f"w{k}", memory="48MB") for k in range(6)]
 
     def makespan(policy):
         return crowdgraph.simulate(plan, crowd, (64, 128), microbatch=1, policy=policy).makespan
