@@ -75,6 +75,7 @@ def test_tiny_runs(tiny_session, batch, sequence):
     assert np.isfinite(out).all()
 
 
+@pytest.mark.slow  # the tiny DistilBERT tests above check the same builder fast
 def test_full_size_builds_fast_counts_and_runs():
     import time
 
