@@ -18,7 +18,7 @@ import hashlib
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -49,7 +49,7 @@ def model_key(model: onnx.ModelProto | bytes | str | os.PathLike) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _remember(cache: OrderedDict, key: tuple, make: Any) -> Any:
+def _remember(cache: OrderedDict, key: tuple, make: Callable[[], Any]) -> Any:
     """The cached value of ``key``, made by ``make()`` the first time; the oldest beyond KEEP go."""
     if key in cache:
         cache.move_to_end(key)
@@ -69,12 +69,20 @@ def _shapes(input_shapes: Mapping[str, Iterable[int]] | None,
     return tuple(sorted((name, tuple(shape)) for name, shape in input_shapes.items()))
 
 
-def compiled(model: onnx.ModelProto | str | os.PathLike, memory_budget: int | str | None = None, *, partitions: int | None = None,
-             input_shapes: Mapping[str, Iterable[int]] | None = None,
+def compiled(model: onnx.ModelProto | str | os.PathLike, memory_budget: int | str | None = None, *,
+             partitions: int | None = None, input_shapes: Mapping[str, Iterable[int]] | None = None,
              sample: Mapping[str, Any] | None = None) -> crowdgraph.CompiledModel:
     """``crowdgraph.compile(model, ...)`` with the same arguments, compiled once per session.
 
     The plan is shared: run it and read it, never change it.
+
+    >>> from tests import models
+    >>> model, feeds = models.chain()
+    >>> plan = compiled(model, partitions=2, sample=feeds)
+    >>> compiled(models.chain()[0], partitions=2, input_shapes={"x": feeds["x"].shape}) is plan
+    True
+    >>> compiled(model, partitions=3, sample=feeds) is plan
+    False
     """
     shapes = _shapes(input_shapes, sample)
     key = (model_key(model), memory_budget, partitions, shapes)
@@ -82,10 +90,17 @@ def compiled(model: onnx.ModelProto | str | os.PathLike, memory_budget: int | st
         model, memory_budget, partitions=partitions, input_shapes=None if shapes is None else dict(shapes)))
 
 
-def expected(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def expected(model: onnx.ModelProto | str | os.PathLike,
+             feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """:func:`tests.oracle.oracle` of ``model`` on ``feeds``, run once per session.
 
     The arrays are shared and read-only, so no test can change what another compares against.
+
+    >>> from tests import models
+    >>> model, feeds = models.chain()
+    >>> want = expected(model, feeds)
+    >>> expected(model, {"x": feeds["x"].copy()}) is want, want["y"].flags.writeable
+    (True, False)
     """
     key = (model_key(model),) + tuple(
         sorted((name, value.dtype.str, value.shape, hashlib.sha256(np.ascontiguousarray(value)).hexdigest())
