@@ -43,6 +43,7 @@ def test_live_report(tmp_path):
     assert (tmp_path / "report.html").read_text().count('class="worker-row"') == 4
 
 
+@pytest.mark.slow  # simulates 1000 phones on full DistilBERT; tests/test_simulate.py checks the same, fast
 def test_simulate_crowd(tmp_path):
     out = run_example("simulate_crowd.py", cwd=tmp_path)
     times = {line.split(":")[0].strip(): float(line.split(" in ")[1].split()[0])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import crowdgraph
 from crowdgraph import CostModel, WorkerInfo, zoo
 from crowdgraph.taskgraph import build_task_graph, data_consumers, data_producers, join_outputs, split_batch
-from tests import models
+from tests import models, plans
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +122,9 @@ def test_streaming_never_slower_than_barrier_on_chains(layers, microbatches, wor
     assert stream.makespan <= barrier.makespan * (1 + 1e-9)
 
 
-_PLANS: dict = {}
-
-
 def _chain_plan(layers, rows):
-    key = (layers, rows)
-    if key not in _PLANS:
-        model, feeds = models.chain(n_layers=layers, width=32, batch=rows)
-        _PLANS[key] = crowdgraph.compile(model, partitions=layers, sample=feeds)
-    return _PLANS[key]
+    model, feeds = models.chain(n_layers=layers, width=32, batch=rows)
+    return plans.compiled(model, partitions=layers, sample=feeds)
 
 
 def test_symbolic_shapes_are_costed_at_the_batch_shapes():

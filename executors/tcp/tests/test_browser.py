@@ -356,9 +356,10 @@ def test_crowdgraph_serve_web_prints_the_join_url_and_a_qr_code_and_drives_pages
         page.wait_for(lambda s: s.get("status") == "connected", 60, "the page to join")
         monkeypatch.setenv("CROWDGRAPH_TOKEN", token)
         model, feeds, compiled = tiny_case()
-        time.sleep(1.0)  # the Python worker joins too
-        got = compiled.run(feeds, executor=url, microbatch=2, timeout=RUN_TIMEOUT)
-        report = compiled.last_report
+        # What executor=url opens, told to wait (60 s at most) until the Python worker has joined too.
+        with TcpExecutor.from_url(url, min_workers=2, join_timeout=60) as driver:
+            got = compiled.run(feeds, executor=driver, microbatch=2, timeout=RUN_TIMEOUT)
+            report = compiled.last_report
         assert_matches(got, oracle(model, feeds))
         assert len({t.worker for t in report.tasks}) == 2
         page.close()
