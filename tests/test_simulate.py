@@ -168,11 +168,8 @@ def test_a_bigger_warm_crowd_is_a_faster_crowd(distilbert_plan):
 def _wide_chain_plan(layers, partitions):
     """A chain as heavy per weight byte as DistilBERT at 128 tokens: 768 wide,
     cut for 128-row micro-batches (2.4 MB of weights and 0.03 s per layer)."""
-    key = ("wide", layers, partitions)
-    if key not in _PLANS:
-        model, _ = models.chain(n_layers=layers, width=768, batch=1)
-        _PLANS[key] = crowdgraph.compile(model, partitions=partitions, input_shapes={"x": (128, 768)})
-    return _PLANS[key]
+    model, _ = models.chain(n_layers=layers, width=768, batch=1)
+    return plans.compiled(model, partitions=partitions, input_shapes={"x": (128, 768)})
 
 
 @pytest.mark.parametrize("layers, partitions, speeds, workers, star, microbatches", [
