@@ -21,7 +21,7 @@ from typing import Any
 from . import common
 
 #: Module names, in the order they run.
-BENCHMARKS = ("scale", "crowd", "transport", "streaming", "overhead", "memory", "estimate", "generate")
+BENCHMARKS = ("scale", "crowd", "transport", "streaming", "overhead", "memory", "estimate", "generate", "audit")
 
 
 def main(argv: list[str] | None = None) -> int:

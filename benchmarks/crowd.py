@@ -12,14 +12,17 @@ streaming) under the scheduler's three policies, in one run:
 * ``cost`` (the default): the task goes where it is expected to finish
   first; bottleneck partitions get replicas where the load pays.
 
-Plans of 3, 11 and 52 partitions (128, 48 and 24 MB budgets, cut at
-micro-batches of 1 row) and micro-batches of 4 rows (the 128 MB plan,
-cut again at 4 rows: the 48 and 24 MB budgets do not fit 4 rows).
+Plans for 128, 48 and 24 MB budgets (cut at micro-batches of 1 row; the
+table gives their partition counts) and micro-batches of 4 rows (the
+128 MB plan, cut again at 4 rows: the 48 and 24 MB budgets do not fit
+4 rows).
 Crowds of 3, 6, 12, 40 and 1,000 workers, *equal* (speed 1.0) or *mixed*
 (speeds 1.0, 0.8, 0.6, 0.5, 0.4 repeated), *cold* (nothing cached) or
 *warm* (every partition on local storage).  Speed-up is the makespan at
 3 workers over the makespan at n, per policy; the simulation is
-deterministic, so each case runs once.
+deterministic, so each case runs once.  Each case passes when the cost
+rule is at most 2% slower than the pipeline rule and no slower than the
+greedy policy.
 
 Run: python -m benchmarks.crowd [--quick]
 """
@@ -49,6 +52,10 @@ PLANS = (("128MB", 1), ("48MB", 1), ("24MB", 1), ("128MB", 4))
 #: more than 2% slower than the pipeline rule nor slower than the greedy one.
 SPEEDUP_TARGETS = {12: 3.0, 40: 6.0}
 PIPELINE_SLACK = 1.02
+#: Makespans this close count as equal: the same placements can end a few
+#: microseconds apart when simultaneous transfers share the coordinator link
+#: in another order.
+GREEDY_SLACK = 1 + 1e-4
 
 
 def crowd(n: int, speeds: tuple[float, ...], budget: str, cached: frozenset[str]) -> list[crowdgraph.WorkerInfo]:
@@ -108,6 +115,14 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
             row[p]["speedup"] = first[p] / row[p]["makespan"]
         row["cost_over_pipeline"] = row["cost"]["makespan"] / row["pipeline"]["makespan"]
         row["cost_over_greedy"] = row["cost"]["makespan"] / row["greedy"]["makespan"]
+        row["meets_pipeline"] = row["cost_over_pipeline"] <= PIPELINE_SLACK
+        row["meets_greedy"] = row["cost_over_greedy"] <= GREEDY_SLACK
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    """PASS, or MISS and the baselines the cost rule lost to in this case."""
+    lost = [name for name in ("pipeline", "greedy") if not row[f"meets_{name}"]]
+    return f"MISS {'+'.join(lost)}" if lost else "PASS"
 
 
 def _table(rows: list[dict[str, Any]], microbatches: int) -> str:
@@ -116,15 +131,17 @@ def _table(rows: list[dict[str, Any]], microbatches: int) -> str:
 
     return table(
         ["plan", "crowd", "n", "pipeline s", "greedy s", "cost s", "speed-up pipe/greedy/cost",
-         "cost/pipe", "cost/greedy", "holders", "star bound"],
+         "cost/pipe", "cost/greedy", "cost rule", "holders", "star bound"],
         [(f"{r['partitions']}p x {r['rows']} row", f"{r['crowd']} {r['state']}", r["workers"],
           r["pipeline"]["makespan"], r["greedy"]["makespan"], r["cost"]["makespan"],
           "/".join(f"{r[p]['speedup']:.2f}" for p in POLICIES),
-          f"{r['cost_over_pipeline']:.3f}", f"{r['cost_over_greedy']:.3f}", r["cost"]["holders"], star(r))
+          f"{r['cost_over_pipeline']:.3f}", f"{r['cost_over_greedy']:.3f}", _verdict(r), r["cost"]["holders"],
+          star(r))
          for r in rows],
         title=f"Crowd scaling: DistilBERT, {microbatches} micro-batches x {SEQUENCE} tokens, streaming, "
               "simulated makespan in virtual seconds; speed-up over 3 workers of the same policy; "
-              "holders: most workers that ran one partition (cost)")
+              f"holders: most workers that ran one partition (cost); cost rule: PASS when at most "
+              f"{PIPELINE_SLACK:g}x the pipeline rule and no slower than greedy")
 
 
 def _targets(rows: list[dict[str, Any]]) -> list[Target]:
@@ -137,13 +154,12 @@ def _targets(rows: list[dict[str, Any]]) -> list[Target]:
             note = "; ".join(row["cost"]["notes"])
             targets.append(Target(NAME, f"{n} vs 3 workers, warm 3-partition plan, equal crowd, cost rule",
                                   row["cost"]["speedup"], limit, ">=", "x", note))
-    worst_pipe = max(rows, key=lambda r: r["cost_over_pipeline"])
-    worst_greedy = max(rows, key=lambda r: r["cost_over_greedy"])
-    targets.append(Target(NAME, "cost rule / pipeline rule makespan, worst case of the suite",
-                          worst_pipe["cost_over_pipeline"], PIPELINE_SLACK, "<=", "",
-                          _where(worst_pipe)))
-    targets.append(Target(NAME, "cost rule / greedy policy makespan, worst case of the suite",
-                          worst_greedy["cost_over_greedy"], 1.0, "<=", "", _where(worst_greedy)))
+    for name, slack in (("pipeline", PIPELINE_SLACK), ("greedy", GREEDY_SLACK)):
+        worst = max(rows, key=lambda r: r[f"cost_over_{name}"])
+        missed = [r for r in rows if not r[f"meets_{name}"]]
+        note = f"{len(missed)} of {len(rows)} cases miss; worst: {_where(worst)}"
+        targets.append(Target(NAME, f"cost rule / {name} makespan, worst case of the suite",
+                              worst[f"cost_over_{name}"], slack, "<=", "", note))
     return targets
 
 

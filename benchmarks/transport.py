@@ -10,7 +10,8 @@ Each tensor travels alone in one message, both ways:
 
 * crowdgraph: ``wire.encode(Message(RUN, ...), codec=..., shuffle=...)``
   then ``wire.decode`` (lz4, lz4 + byte shuffle, zlib, zlib + shuffle;
-  ``none`` as a reference);
+  ``none`` as a reference), and the lossy encodings fp16 and int8 under
+  lz4 (``lossy=...``);
 * CROWDio-style: ``zlib.compress(raw, 6)``, base64, inside a JSON object
   with name, dtype and shape; decoded with ``json.loads``, ``b64decode``,
   ``zlib.decompress`` and ``np.frombuffer``.
@@ -19,6 +20,13 @@ Per codec: bytes on the wire (frame or JSON text) and encode + decode
 seconds, alternating with the CROWDio-style round trip; "x faster" is
 CROWDio's time over crowdgraph's, per round.  The total row adds the
 tensors up (per round for the times).
+
+The lossy table sets fp16 and int8 against lz4 lossless: bytes and time
+of all tensors (ratios of the totals), the largest error one tensor got,
+and the error in the model's outputs when every boundary tensor of the
+batch crosses the wire in that encoding (the partitions run one after
+another here, each input decoded from its frame), against the same run
+with exact tensors.
 
 Run: python -m benchmarks.transport [--quick]
 """
@@ -43,7 +51,9 @@ from . import common
 from .common import Target, alternate, ratio_cell, show, stats, table
 
 NAME = "transport"
-CODECS = (("lz4", False), ("lz4", True), ("zlib", False), ("zlib", True), ("none", False))
+CODECS: tuple[tuple[str, bool, str | None], ...] = (
+    ("lz4", False, None), ("lz4", True, None), ("zlib", False, None), ("zlib", True, None), ("none", False, None),
+    ("lz4", False, "fp16"), ("lz4", False, "int8"))
 SPEED_TARGET = 20.0
 CROWDIO_ZLIB_LEVEL = 6
 
@@ -61,9 +71,45 @@ def crowdio_decode(text: bytes) -> dict[str, np.ndarray]:
             .reshape(t["shape"]) for t in message["tensors"]}
 
 
-def crowdgraph_encode(name: str, array: np.ndarray, codec: str, shuffle: bool) -> bytes:
+def crowdgraph_encode(name: str, array: np.ndarray, codec: str, shuffle: bool, lossy: str | None = None) -> bytes:
     return wire.encode(wire.Message(wire.RUN, {"task": ["p1", 0], "outputs": ["y"]}, tensors={name: array}),
-                       codec=codec, shuffle=shuffle)
+                       codec=codec, shuffle=shuffle, lossy=lossy)
+
+
+def codec_label(codec: str, shuffle: bool, lossy: str | None) -> str:
+    """``lz4``, ``zlib + shuffle``, ``fp16 + lz4``, ...
+
+    >>> codec_label("lz4", False, "fp16"), codec_label("zlib", True, None)
+    ('fp16 + lz4', 'zlib + shuffle')
+    """
+    return (f"{lossy} + " if lossy else "") + codec + (" + shuffle" if shuffle else "")
+
+
+#: Label -> lossy encoding, for the rows of the lossy table.
+LOSSY_LABELS = {codec_label(c, s, lossy): lossy for c, s, lossy in CODECS if lossy}
+
+
+def output_error(case: common.ModelCase, batch: int, budget: str, lossy: str) -> dict[str, float]:
+    """Max abs error of the model outputs when every tensor crossing a partition boundary is ``lossy``.
+
+    The partitions run one after another; each reads its inputs from a
+    frame (``wire.encode(..., lossy=lossy)`` then ``wire.decode``), as a
+    worker would.  The reference is the same run with exact tensors.
+    """
+    feeds = case.inputs(batch)
+    compiled = crowdgraph.compile(case.model, budget, sample=feeds)
+    exact: dict[str, np.ndarray] = dict(feeds)
+    lossy_values: dict[str, np.ndarray] = dict(feeds)
+    for part in compiled.partitions:
+        session = open_session(part.model_bytes)
+        exact.update(run_session(session, {k: exact[k] for k in part.inputs}, part.outputs))
+        received = {k: wire.decode(crowdgraph_encode(k, lossy_values[k], "lz4", False, lossy)).tensors[k]
+                    for k in part.inputs}
+        lossy_values.update(run_session(session, received, part.outputs))
+    error = max(float(np.max(np.abs(lossy_values[k].astype(np.float64) - exact[k])))
+                for k in compiled.output_names)
+    scale = max(float(np.max(np.abs(exact[k]))) for k in compiled.output_names)
+    return {"output_error": error, "max_abs_output": scale}
 
 
 def boundary_tensors(case: common.ModelCase, batch: int, budget: str) -> list[tuple[str, str, np.ndarray]]:
@@ -118,22 +164,27 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
             crowdio_decode(crowdio_encode(name, value))
 
         reps_ref = _reps(crowdio, floor_s)
-        for codec, shuffle in CODECS:
-            frame = crowdgraph_encode(name, value, codec, shuffle)
-            assert np.array_equal(wire.decode(frame).tensors[name], value)
+        for codec, shuffle, lossy in CODECS:
+            frame = crowdgraph_encode(name, value, codec, shuffle, lossy)
+            back = wire.decode(frame).tensors[name]
+            error = float(np.max(np.abs(back.astype(np.float64) - value))) if value.size else 0.0
+            assert lossy is not None or error == 0.0
 
             def ours() -> None:
-                wire.decode(crowdgraph_encode(name, value, codec, shuffle))
+                wire.decode(crowdgraph_encode(name, value, codec, shuffle, lossy))
 
             reps = _reps(ours, floor_s)
             res = alternate(lambda: _per_call(crowdio, reps_ref), lambda: _per_call(ours, reps), runs,
                             warmup=0, measure=lambda fn: fn())
-            key = codec + (" + shuffle" if shuffle else "")
+            key = codec_label(codec, shuffle, lossy)
             rows.append({"tensor": label, "name": name, "shape": list(value.shape), "dtype": str(value.dtype),
-                         "raw_bytes": value.nbytes, "codec": key, "bytes": len(frame), "crowdio_bytes": len(ref),
+                         "raw_bytes": value.nbytes, "codec": key, "lossy": lossy, "max_abs_error": error,
+                         "bytes": len(frame), "crowdio_bytes": len(ref),
                          "bytes_ratio": len(frame) / len(ref), "seconds": res["b"], "crowdio_seconds": res["a"],
                          "speedup": res["ratio"]})
-            t = totals.setdefault(key, {"ours": [0.0] * runs, "crowdio": [0.0] * runs, "bytes": [0], "ref": [0]})
+            t = totals.setdefault(key, {"ours": [0.0] * runs, "crowdio": [0.0] * runs, "bytes": [0], "ref": [0],
+                                        "error": [0.0]})
+            t["error"][0] = max(t["error"][0], error)
             t["ours"] = [x + y for x, y in zip(t["ours"], res["b_runs"])]
             t["crowdio"] = [x + y for x, y in zip(t["crowdio"], res["a_runs"])]
             t["bytes"][0] += len(frame)
@@ -147,7 +198,8 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
                "crowdio_bytes": t["ref"][0], "bytes_ratio": t["bytes"][0] / t["ref"][0],
                "seconds": stats(t["ours"]), "crowdio_seconds": stats(t["crowdio"]), "speedup": speed}
         total_rows.append(row)
-        if key != "none":
+        row["max_abs_error"] = t["error"][0]
+        if key != "none" and key not in LOSSY_LABELS:  # CROWDio is lossless: compare like with like
             targets.append(Target(NAME, f"{key}: encode + decode, times faster than CROWDio (all tensors)",
                                   speed["median"], SPEED_TARGET, ">=", "x"))
             targets.append(Target(NAME, f"{key}: bytes on the wire / CROWDio's (all tensors)",
@@ -166,11 +218,36 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
                      f"median of {runs} alternating rounds"))
     show(f"({shapes})")
     show(table(headers, [cells(r) for r in total_rows], title="Transport totals"))
+    lossy_rows = _lossy_rows(case, batch, budget, total_rows, totals)
+    show(table(["encoding", "wire MB", "lz4 MB", "bytes / lz4", "enc+dec ms", "lz4 ms", "time / lz4 [min-max]",
+                "worst tensor error", "output error", "largest output"],
+               [(r["codec"], r["bytes"] / 1e6, r["lz4_bytes"] / 1e6, r["bytes_ratio"], r["seconds"] * 1e3,
+                 r["lz4_seconds"] * 1e3, ratio_cell(r["time_ratio"]), f"{r['max_abs_error']:.3g}",
+                 f"{r['output_error']:.3g}", f"{r['max_abs_output']:.3g}") for r in lossy_rows],
+               title="Lossy wire against lz4 lossless (all tensors; output error over the whole batch)"))
     _plot(total_rows, out)
     return common.result(NAME, quick, config={"model": case.label, "batch": batch, "budget": budget, "runs": runs,
                                               "crowdio": f"zlib level {CROWDIO_ZLIB_LEVEL} + base64 in JSON",
                                               "zlib_level": getattr(wire, "_ZLIB_LEVEL", None)},
-                         rows=rows, totals=total_rows, targets=targets, seconds=time.perf_counter() - began)
+                         rows=rows, totals=total_rows, lossy=lossy_rows, targets=targets,
+                         seconds=time.perf_counter() - began)
+
+
+def _lossy_rows(case: common.ModelCase, batch: int, budget: str, total_rows: list[dict[str, Any]],
+                totals: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """Each lossy encoding against lz4 lossless: bytes, time (per round), tensor and output error."""
+    lz4 = next(r for r in total_rows if r["codec"] == "lz4")
+    rows = []
+    for r in total_rows:
+        lossy = LOSSY_LABELS.get(r["codec"])
+        if lossy is None:
+            continue
+        rows.append({"codec": r["codec"], "bytes": r["bytes"], "lz4_bytes": lz4["bytes"],
+                     "bytes_ratio": r["bytes"] / lz4["bytes"], "seconds": r["seconds"]["median"],
+                     "lz4_seconds": lz4["seconds"]["median"],
+                     "time_ratio": stats([a / b for a, b in zip(totals[r["codec"]]["ours"], totals["lz4"]["ours"])]),
+                     "max_abs_error": r["max_abs_error"], **output_error(case, batch, budget, lossy)})
+    return rows
 
 
 def _plot(total_rows: list[dict[str, Any]], out: pathlib.Path) -> None:

@@ -178,8 +178,10 @@ class CompiledModel:
         return feeds
 
     def run(self, batch: Mapping[str, Any], executor: Any = "threads", *, microbatch: int | str | None = "auto",
+            max_error: float | None = None,
             mode: str = "streaming", seed: int = 0, progress: bool = False,
-            timeout: float | None = None, policy: str = "cost") -> dict[str, np.ndarray]:
+            timeout: float | None = None, policy: str = "cost", audit: float = 0.0,
+            private: bool = False, canaries: int = 0) -> dict[str, np.ndarray]:
         """Run the model on ``batch`` across a crowd; return its outputs by name.
 
         What happened (who ran what, when, at which tier) is kept as
@@ -205,17 +207,43 @@ class CompiledModel:
         mode:
             ``"streaming"`` (a task waits only for its own micro-batch) or
             ``"barrier"`` (for every micro-batch of the previous stage).
+        max_error:
+            For an executor with a lossy wire (``TcpExecutor(lossy="fp16")``):
+            measure the largest absolute error the wire put in the outputs
+            (against a lossless run of the first micro-batch, in
+            ``last_report.wire_error``) and, above this bound, run the batch
+            again exactly and return that (see
+            :func:`~crowdgraph.driver.bound_wire_error`).
         policy:
             The scheduler's placement rule: ``"cost"`` (replicas where they
             finish work sooner), or the baselines ``"pipeline"`` and
             ``"greedy"`` (see :mod:`crowdgraph.schedule`).
+        audit:
+            Fraction of tasks (0 to 1) whose result is checked by running
+            the task again on another worker; on a disagreement a third
+            worker decides, the odd one out is quarantined and whatever
+            its unchecked results reached is computed again.  0 (the
+            default) checks nothing; see docs/audit.md and
+            :attr:`RunReport.audit <crowdgraph.report.RunReport.audit>`.
+        private:
+            Run the partitions that read the model's inputs or produce its
+            outputs on a worker in this process (with the plan's budget),
+            so the crowd sees only intermediate activations; see
+            :mod:`crowdgraph.private` and docs/audit.md.
+        canaries:
+            Add this many micro-batches made of the batch's rows in a
+            seeded new order, whose every partition output this process
+            computes first; a worker whose result on one differs is
+            quarantined like a worker outvoted by a check.
 
         When a micro-batch is larger than the shapes the plan was compiled
         at, the model is partitioned again at the micro-batch's shapes so
         the budget still holds (plans loaded from disk run as they are).
         """
+        from .audit import canary_batches
         from .driver import Driver
         from .executor import resolve_executor
+        from .private import PrivateExecutor, private_partitions
         from .taskgraph import join_outputs, split_batch
 
         feeds = self.check_inputs(batch)
@@ -227,12 +255,26 @@ class CompiledModel:
         microbatches = split_batch(feeds, self.batched_inputs(), microbatch)
         plan = self.at_shapes({k: v.shape for k, v in microbatches[0].items()})
         ex, owned = resolve_executor(executor)
+        crowd, kept = ex, frozenset[str]()
+        if private:
+            crowd = PrivateExecutor(ex, plan.memory_budget or max(p.resident_bytes for p in plan.partitions))
+            kept = private_partitions(plan.partitions, [t.name for t in plan.inputs], plan.output_names)
         try:
-            outputs, run_report = Driver(plan, microbatches, ex, mode=mode, seed=seed,  # type: ignore[arg-type]
-                                         progress=progress, timeout=timeout, policy=policy).run()
+            outputs, run_report = Driver(plan, microbatches, crowd, mode=mode, seed=seed,  # type: ignore[arg-type]
+                                         progress=progress, timeout=timeout, policy=policy,
+                                         audit=audit, private=kept,
+                                         canaries=canary_batches(microbatches, self.batched_inputs(), canaries,
+                                                                 seed)).run()
         finally:
+            if crowd is not ex:
+                crowd.close()
             if owned:
                 ex.close()
+        if max_error is not None:  # an executor made here from a name has an exact wire: nothing reruns
+            from .driver import bound_wire_error
+
+            outputs, run_report = bound_wire_error(plan, microbatches, ex, outputs, run_report, max_error, mode=mode,
+                                                   seed=seed, progress=progress, timeout=timeout, policy=policy)
         self.last_report = run_report
         assert outputs is not None
         batched_outputs = [t.name for t in self.outputs if t.dims and not _fixed(t.dims[0])]

@@ -345,6 +345,11 @@ class Executor(abc.ABC):
         """The executor's clock, in seconds."""
         return time.perf_counter()
 
+    def quarantine(self, worker: str, reason: str) -> None:
+        """Spot checks found ``worker``'s results wrong (``reason``): the run gives
+        it nothing more; an executor may also disconnect it and refuse it for
+        a while (default: nothing to do)."""
+
     def reset(self) -> None:
         """After a failed run: unload everything so no session stays open."""
 

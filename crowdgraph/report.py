@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from html import escape
 from typing import Any, Sequence
 
+from .audit import AuditSummary
 from .executor import Executor, Finished, Joined, Loaded, Lost, Notice, ResultsLost, Unloaded
 from .units import UNITS_NOTE, format_bytes
 
@@ -110,10 +111,16 @@ class RunReport:
         seconds for a simulation).
     coordinator_link_busy:
         Seconds the coordinator's link was busy (simulations), or None.
+    wire_error:
+        Largest absolute difference between the outputs returned and a
+        lossless run's, measured on the first micro-batch when the run gave
+        ``max_error=`` (0.0 for an exact wire); None when not measured.
     notes:
         What bounded or disturbed the run, in words (printed last).
     backups:
         Straggling tasks that got a backup copy, and whose result won.
+    audit:
+        What spot checks did (``run(..., audit=rate)``), or None when off.
     """
 
     executor: str
@@ -126,9 +133,11 @@ class RunReport:
     replaced: list[tuple[str, int]] = field(default_factory=list)
     start: float = 0.0
     end: float = 0.0
+    wire_error: float | None = None
     coordinator_link_busy: float | None = None
     notes: list[str] = field(default_factory=list)
     backups: list[BackupRecord] = field(default_factory=list)
+    audit: AuditSummary | None = None
 
     @property
     def makespan(self) -> float:
@@ -193,16 +202,19 @@ class RunReport:
     def __str__(self) -> str:
         head = ("worker", "budget", "tasks", "loads", "unloads", "tiers 1/2/3/4", "busy s",
                 "bytes in", "bytes out", "peak RSS", "floor", "above floor", "")
+        audit = self.audit
+        if audit is not None:
+            head = head[:-1] + ("checks passed", "disputed", "")
         rows = [head]
         for w in self.workers.values():
             tiers = "/".join(str(w.tiers.get(t, 0)) for t in (1, 2, 3, 4))
-            rows.append((
+            rows.append(self._audit_cells(w.id, (
                 w.id, format_bytes(w.memory), str(w.tasks), str(w.loads), str(w.unloads), tiers,
                 f"{w.busy:.3f}", format_bytes(w.bytes_in), format_bytes(w.bytes_out),
                 format_bytes(w.peak_rss) if w.peak_rss else "-", format_bytes(w.floor) if w.floor else "-",
                 format_bytes(w.above_floor) if w.above_floor is not None else "-",
                 f"lost: {w.lost}" if w.lost else "",
-            ))
+            )))
         widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
         lines = ["  ".join(cell.ljust(wd) for cell, wd in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * wd for wd in widths if wd).rstrip())
@@ -216,12 +228,22 @@ class RunReport:
             lines.append(f"task ({b.partition}, {b.microbatch}) was slow on {b.straggler} after {b.after:.1f} s: "
                          f"backed up on {b.backup}, result of {b.winner or 'neither'} used"
                          + (f", {b.dropped}'s dropped" if b.dropped else ""))
+        if audit is not None:
+            lines.append(audit.line())
         lines.extend(self.notes)
         lines.append(UNITS_NOTE + ("; peak RSS is the whole worker process, its idle floor (interpreter and "
                                    "onnxruntime) included: the budget bounds what a partition adds above "
                                    "that floor (\"above floor\")" if any(w.peak_rss for w in self.workers.values())
                                    else ""))
         return "\n".join(lines)
+
+    def _audit_cells(self, worker: str, row: tuple[str, ...]) -> tuple[str, ...]:
+        """``row`` with the audit columns (checks passed, disputed) before its last cell, when audit is on."""
+        if self.audit is None:
+            return row
+        record = self.audit.reputations.get(worker)
+        passed, disputed = (record.passed, record.disagreements) if record else (0, 0)
+        return row[:-1] + (str(passed), str(disputed), row[-1])
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -632,6 +654,9 @@ class LiveView(Executor):
 
     def gather(self, values: Any) -> Any:
         return self.executor.gather(values)
+
+    def quarantine(self, worker: str, reason: str) -> None:
+        self.executor.quarantine(worker, reason)
 
     def forget(self, values: Any) -> None:
         self.executor.forget(values)

@@ -58,27 +58,47 @@ The rules
   *policy* decides (``Scheduler(policy=...)``):
 
   ``"cost"`` (the default): the task goes where it is expected to finish
-  first.  Loading a *replica* on the best idle worker of tiers 2 to 4
-  wins when that worker would load and run the task before the holders
-  get through the partition's backlog::
+  first.  A task of ``p`` keeps worker ``w`` busy for
+  ``task(p, w) = estimate(p) + tensor bytes(p) x speed(w) / bandwidth(w)``
+  seconds at speed 1.0: its compute and its tensors over the worker's own
+  link.  Loading a *replica* on the best idle worker of tiers 2 to 4 wins
+  when that worker would load and run the task before the holders get
+  through the partition's backlog (the *drain*)::
 
-      load(w, p) + estimate(p) / speed(w)
-          <  (estimate(p) x (queued + ready tasks of p) + unconfirmed loads)
+      load(w, p) + task(p, w) / speed(w)
+          <  (task(p, h) x (queued + ready tasks of p) + unconfirmed loads)
              / summed speed of p's holders
 
-  (an unconfirmed load counts as ``speed x load seconds`` of its
-  holder's time, and the drain is at least when this task would finish
-  behind the queued ones).  A load whose weights cross a shared
-  coordinator link (``star_bandwidth``) is costed behind the bytes already
-  on their way through it (unconfirmed loads, tensors of queued tasks),
-  and while those take more than a quarter of the drain time, a
-  partition takes such a replica only when none of its loads is still
-  unconfirmed: replicas of a saturated star only take bandwidth from
-  each other.  Otherwise the task queues on the best holder if that
-  holder has at most :data:`PREFETCH` task queued, else it stays ready
-  and is weighed again after the next event.  So a bottleneck partition
-  gets as many holders as its backlog pays for, and a bigger crowd is a
-  faster crowd.
+  (``h`` is the best holder; an unconfirmed load counts as ``speed x load
+  seconds`` of its holder's time, and the drain is at least when this
+  task would finish behind the queued ones).  Two more conditions hold
+  for a replica whose weights cross the network rather than local
+  storage:
+
+  - *It lags the crowd.*  When the crowd has no worker to spare (no more
+    live workers than partitions with unfinished work), every worker is
+    needed as some partition's holder, and a replica of an average stage
+    only turns the pipeline into waves in which every worker loads every
+    partition.  ``p``'s holders must then have more than their share of
+    the remaining work by speed::
+
+        unfinished tasks of p x task(p, h) / summed speed of p's holders
+            >  sum over unfinished tasks q of task(q, h) / summed speed of the crowd
+
+  - *The star has room.*  With a shared coordinator link
+    (``star_bandwidth``), the bytes it must still carry before the run
+    can end (the tensors of every unfinished task, unconfirmed loads, the
+    weights of partitions no worker stores yet) plus the replica's
+    weights must take less than the drain or than the crowd's remaining
+    compute at full use; else the replica's weights would only delay
+    everyone's tensors.  Its load is also costed behind the bytes already
+    on their way through the link (unconfirmed loads, tensors of queued
+    tasks).
+
+  Otherwise the task queues on the best holder if that holder has at
+  most :data:`PREFETCH` task queued, else it stays ready and is weighed
+  again after the next event.  So a bottleneck partition gets as many
+  holders as its backlog pays for, and a bigger crowd is a faster crowd.
 
   ``"pipeline"``: the task always queues on the holder with the smallest
   ``(queue length + 1) / speed``; a partition only gets a new holder when
@@ -127,7 +147,10 @@ speed-1.0 worker.  It starts at ``flops / FLOPS_PER_SECOND`` (0 without
 FLOPs, so nothing is worth a load until a task was measured) and follows
 the durations ``TaskFinished`` carries, times the worker's speed: the
 mean of the first four, then a moving average weighing the newest by a
-quarter.  Loads cost ``weight_bytes`` over the worker's ``bandwidth``
+quarter.  Executors measure those durations around the worker's compute,
+so queueing on a busy link never passes for a slow partition; the
+transfer of a task's tensors is added from ``tensor_bytes`` and the
+worker's ``bandwidth`` instead (``task(p, w)`` above).  Loads cost ``weight_bytes`` over the worker's ``bandwidth``
 (``disk_bandwidth`` when cached) plus deserialisation at
 :data:`DESERIALIZE_BYTES_PER_SECOND`.  All of it is plain arithmetic on
 the events, so it is as deterministic as the rest.
@@ -138,13 +161,16 @@ Every event costs time proportional to the tasks and workers it touches,
 not to the size of the run: ready tasks sit in heaps by priority per
 partition, idle workers in trees ordered by memory (so "the best idle
 worker with at least this budget" is a logarithmic query), and workers
-holding each partition in heaps by expected finish time.  A worker
-joining rebuilds those trees and a worker lost checks every partition,
-both linear in the crowd; they are rare.  On the benchmark chain (20
+holding each partition in heaps by expected finish time.  A replica over
+the network with no worker to spare, or with a busy coordinator link,
+sums the remaining work over the partitions (linear in the partitions,
+never in the crowd).  A worker joining rebuilds those trees and a worker
+lost checks every partition, both linear in the crowd; they are rare.  On the benchmark chain (20
 partitions x 500 micro-batches, 1,000 workers) the scheduler spends
-about 20 microseconds of CPU per task under the cost rule and 7 under the
-pipeline rule; Dask's threaded scheduler spends about 50 on the same
-graph of no-op tasks (``python -m benchmarks --only scale``).
+about 24 microseconds of CPU per task under the cost rule (40 at 5,000
+micro-batches) and 8 under the pipeline rule; Dask's threaded scheduler
+spends about 50 on the same graph of no-op tasks (``python -m benchmarks
+--only scale``).
 """
 
 from __future__ import annotations
@@ -594,6 +620,12 @@ class Scheduler:
         # Bytes on their way through the star: the weights of unconfirmed
         # loads and the tensors of queued tasks.
         self._star_bytes = 0
+        # Bytes the star must still carry before the run can end: the
+        # tensors of every unfinished task, the weights of unconfirmed
+        # loads and of partitions with work that no worker stores yet.
+        stored = {p for info in infos for p in info.cached} | {info.resident for info in infos}
+        self._uncrossed: dict[str, None] = dict.fromkeys(p for p in used if p not in stored)
+        self._star_left = sum(int(self._weights[p]) for p in self._uncrossed)
 
         self._part = part
         self._prio = prio
@@ -616,6 +648,7 @@ class Scheduler:
         self._missing: dict[TaskKey, int] = {}  # unfinished predecessors
         self._where: dict[TaskKey, str] = {}  # queued task -> worker
         self._copies: dict[TaskKey, str] = {}  # queued task -> worker of its second copy
+        self._audit_runs: set[tuple[str, TaskKey]] = set()  # (worker, finished task) run again as a check
         self._produced_on: dict[TaskKey, str] = {}  # finished task -> worker
         self._unfinished: dict[str, int] = {p: 0 for p in used}
         self._ready_heap: dict[str, list[tuple[Any, TaskKey]]] = {p: [] for p in used}
@@ -625,6 +658,7 @@ class Scheduler:
 
         # Worker state.
         self._live: dict[str, _Worker] = {}
+        self._crowd_speed = 0.0  # summed over live workers
         self._infos: dict[str, WorkerInfo] = {}  # live views kept in step
         self._resident: dict[str, str | None] = {}
         self._lost: list[str] = []
@@ -653,6 +687,8 @@ class Scheduler:
             self._unfinished[part[key]] += 1
             self._state[key] = _WAITING
             self._missing[key] = len(self._preds[key])
+        self._star_left += sum(n * self._tensor_bytes[p] for p, n in self._unfinished.items())
+        self._parts_left = sum(1 for n in self._unfinished.values() if n)  # partitions with work
         for key in part:
             if self._missing[key] == 0:
                 self._make_ready(key)
@@ -758,7 +794,9 @@ class Scheduler:
             w = self._live.get(event.worker)
             if w is not None and w.loads and w.loads[0] == event.partition:
                 w.loads.popleft()
-                self._star_bytes -= w.sent.popleft()
+                sent = w.sent.popleft()
+                self._star_bytes -= sent
+                self._star_left -= sent
                 if not w.loads and w.loading:  # its resident partition is loaded now
                     self._loading[w.resident] -= w.loading  # type: ignore[index]
                     w.loading = 0.0
@@ -780,6 +818,9 @@ class Scheduler:
         w = self._live.get(wid)
         if w is None or key not in w.queue:
             return  # a late duplicate, or from a worker already given up
+        if (wid, key) in self._audit_runs:
+            self._end_audit_run(w, key)
+            return
         slower = self._copies.get(key) if self._where.get(key) == wid else self._where.get(key)
         self._dequeue(w, key)
         if self._state[key] == _FINISHED:
@@ -797,6 +838,8 @@ class Scheduler:
         self._produced_on[key] = wid
         p = self._part[key]
         self._unfinished[p] -= 1
+        self._parts_left -= not self._unfinished[p]
+        self._star_left -= self._tensor_bytes[p]
         if not self._unfinished[p] and self.policy == "cost":
             for h in self._holders[p]:  # its idle holders are now the first to swap
                 x = self._live[h]
@@ -827,6 +870,75 @@ class Scheduler:
         self._copies[key] = backup.id
         return actions
 
+    # -- audit runs: a finished task run again elsewhere, as a check ------------
+
+    def place_audit(self, key: TaskKey, avoid: Iterable[str]) -> list[Action]:
+        """Run finished task ``key`` again on an idle worker not in ``avoid``.
+
+        The copy changes nothing the schedule depends on: the task stays
+        finished, its result stays the one first produced, and the copy's
+        ``TaskFinished`` only frees its worker.  The idle worker is the one
+        expected to finish it first (load, if it does not hold the
+        partition, then the task at its speed), then the seeded tie-break;
+        a holder of a partition with tasks left is not swapped out for a
+        check.  With no such worker idle, the check queues behind the
+        current task of a busy holder of the partition with at most
+        :data:`PREFETCH` queued.  Returns no actions when neither exists
+        now (ask again after a later event).
+        """
+        if self._state.get(key) != _FINISHED:
+            return []
+        p, shun = self._part[key], set(avoid)
+        best: tuple[float, int, int] | None = None
+        chosen: _Worker | None = None
+        for w in self._live.values():
+            if w.queue or w.id in shun or w.memory < self._need[p]:
+                continue
+            if w.resident == p:
+                tier, load = 1, 0.0
+            elif w.resident is not None and self._unfinished.get(w.resident, 0):
+                continue
+            else:
+                tier = 2 if p in w.info.cached else 3 if w.resident is None else 4
+                load = self._load_seconds(w, p)
+            rank = (load + self._estimate[p] / w.speed, tier, w.rank)
+            if best is None or rank < best:
+                best, chosen = rank, w
+        if chosen is None:  # behind a busy holder's current task, as a prefetched one would be
+            holders = [self._live[h] for h in self._holders[p] if h not in shun]
+            short = [w for w in holders if len(w.queue) <= PREFETCH and key not in w.queue]
+            if short:
+                chosen = min(short, key=lambda w: ((len(w.queue) + 1) / w.speed, w.rank))
+                best = (0.0, 1, chosen.rank)
+        if best is None or chosen is None:
+            return []
+        actions: list[Action] = []
+        home = self._where.get(key)
+        self._assign(key, chosen, best[1], actions)
+        self._state[key] = _FINISHED
+        if home is None:
+            del self._where[key]
+        else:
+            self._where[key] = home
+        self._audit_runs.add((chosen.id, key))
+        return actions
+
+    def cancel_audit(self, worker: str, key: TaskKey) -> None:
+        """Forget the check of ``key`` queued on ``worker`` (its result is no
+        longer wanted); the worker counts as free of it at once."""
+        w = self._live.get(worker)
+        if w is not None and (worker, key) in self._audit_runs:
+            self._end_audit_run(w, key)
+
+    @property
+    def audit_runs(self) -> AbstractSet[tuple[str, TaskKey]]:
+        """(worker, task) of every check queued and not finished."""
+        return frozenset(self._audit_runs)
+
+    def _end_audit_run(self, w: _Worker, key: TaskKey) -> None:
+        self._audit_runs.discard((w.id, key))
+        self._leave_queue(w, key)
+
     def _learn(self, p: str, seconds: float) -> None:
         """Fold one measured duration (at speed 1.0) into ``p``'s estimate.
 
@@ -845,6 +957,7 @@ class Scheduler:
         if w is None:
             return
         self._lost.append(wid)
+        self._crowd_speed = sum(x.speed for x in self._live.values())
         del self._infos[wid], self._resident[wid]
         if not w.queue:
             self._idle_n -= 1
@@ -857,13 +970,16 @@ class Scheduler:
         if w.resident is not None and self._holders.get(w.resident, {}).pop(wid, 0) is None:
             self._holder_left(w, w.resident)
         self._star_bytes -= sum(w.sent)
+        self._star_left -= sum(w.sent)
         queued = list(w.queue)
         for key in queued:
             self._queued_n[self._part[key]] -= 1
             self._star_bytes -= self._tensor_bytes[self._part[key]]
         w.queue.clear()
         for key in queued:
-            if self._copies.get(key) == wid:  # a backup copy: the first goes on alone
+            if (wid, key) in self._audit_runs:  # a check of a finished task: the driver asks again
+                self._audit_runs.discard((wid, key))
+            elif self._copies.get(key) == wid:  # a backup copy: the first goes on alone
                 del self._copies[key]
             elif key in self._copies:  # the backup copy goes on alone
                 self._where[key] = self._copies.pop(key)
@@ -885,6 +1001,7 @@ class Scheduler:
     def _add_worker(self, info: WorkerInfo) -> _Worker:
         w = _Worker(info, self._rank[info.id], self._need)
         self._live[info.id] = w
+        self._crowd_speed += w.speed
         self._infos[info.id] = info
         self._resident[info.id] = w.resident = p = info.resident
         # Warm from an earlier run: a holder of its partition if it fits.
@@ -909,7 +1026,9 @@ class Scheduler:
             if state.get(key) != _FINISHED:
                 continue
             del self._produced_on[key]
+            self._parts_left += not self._unfinished[self._part[key]]
             self._unfinished[self._part[key]] += 1
+            self._star_left += self._tensor_bytes[self._part[key]]
             if key in self._where:  # the slower copy of a backed-up task still runs: it delivers
                 state[key] = _QUEUED
             else:
@@ -975,10 +1094,6 @@ class Scheduler:
             del self._ready_parts[p]
 
     def _dequeue(self, w: _Worker, key: TaskKey) -> None:
-        del w.queue[key]
-        p = self._part[key]
-        self._queued_n[p] -= 1
-        self._star_bytes -= self._tensor_bytes[p]
         # Of a task with two copies, the other one stays queued where it is.
         other = self._copies.pop(key, None)
         if self._where.get(key) == w.id:
@@ -986,6 +1101,13 @@ class Scheduler:
                 del self._where[key]
             else:
                 self._where[key] = other
+        self._leave_queue(w, key)
+
+    def _leave_queue(self, w: _Worker, key: TaskKey) -> None:
+        del w.queue[key]
+        p = self._part[key]
+        self._queued_n[p] -= 1
+        self._star_bytes -= self._tensor_bytes[p]
         if w.queue:
             self._push_holder(w)
         else:
@@ -1140,7 +1262,7 @@ class Scheduler:
         tier, i = self._best_idle(p)
         if self.policy == "greedy":
             return None if i is None else (self._by_inputs(key, p, tier) or i, tier)
-        c = self._estimate[p]
+        c = self._task_seconds(p, h)
         # The drain: when the holders, at their combined speed, get through
         # their unconfirmed loads, queued and ready tasks -- and no earlier
         # than this task would finish behind the queued ones (tasks are
@@ -1148,13 +1270,36 @@ class Scheduler:
         # holder must load and run this task before that.
         queued, speed = self._queued_n[p] * c + self._loading[p], self._holder_speed[p]
         drain = max((queued + self._ready_n[p] * c) / speed, queued / speed + c / h.speed)
-        star_busy = self._star_bytes / self._star_bandwidth >= drain / 4
-        if (i is not None and self._load_seconds(i, p) + c / i.speed < drain
-                and (p in i.stored or not self._loading[p] or not star_busy)):
+        if (i is not None and self._load_seconds(i, p) + self._task_seconds(p, i) / i.speed < drain
+                and (p in i.stored or (self._lags(p, h) and self._star_spare(p, drain)))):
             return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
         return None
+
+    def _task_seconds(self, p: str, w: _Worker) -> float:
+        """Seconds at speed 1.0 a task of ``p`` keeps ``w`` busy: its compute
+        and its tensors over the worker's own link."""
+        return self._estimate[p] + self._tensor_bytes[p] * w.speed / w.info.bandwidth
+
+    def _lags(self, p: str, h: _Worker) -> bool:
+        """Whether ``p``'s holders have more than their share of the remaining
+        work, by their speed (always, when the crowd has a worker to spare)."""
+        if len(self._live) > self._parts_left:
+            return True
+        work = sum(n * self._task_seconds(q, h) for q, n in self._unfinished.items())
+        return self._unfinished[p] * self._task_seconds(p, h) / self._holder_speed[p] > work / self._crowd_speed
+
+    def _star_spare(self, p: str, drain: float) -> bool:
+        """Whether ``p``'s weights can cross the star without making it what
+        ends the run: the bytes it must still carry, with them, take less
+        than ``p``'s drain or the crowd's remaining compute at full use."""
+        star = (self._star_left + self._weights[p]) / self._star_bandwidth
+        if star < drain:
+            return True
+        estimate = self._estimate
+        work = sum(n * estimate[q] for q, n in self._unfinished.items())
+        return star < work / self._crowd_speed
 
     def _best_idle_holder(self, p: str) -> _Worker:
         """The fastest idle holder of ``p`` (there is one)."""
@@ -1289,6 +1434,9 @@ class Scheduler:
             w.sent.append(sent)
             w.stored.add(p)
             self._star_bytes += sent
+            self._star_left += sent
+            if sent and self._uncrossed.pop(p, 0) is None:  # its first crossing is this load
+                self._star_left -= sent
             w.resident = self._resident[w.id] = p
             self._holders[p][w.id] = None
             # Until its load is confirmed, a new holder is about a load late.

@@ -213,12 +213,13 @@ class SimulatedExecutor(Executor):
         scale = self.scale if isinstance(self.scale, float) else self.scale[key[1]]
         bytes_in = int(partition.input_bytes * scale)
         bytes_out = int(partition.output_bytes * scale)
-        start = max(self._clock, self._free_at[worker])
-        computed = self._transfer(start, bytes_in) + self.cost.compute_seconds(
-            partition, scale, self.crowd[worker].speed)
-        end = self._free_at[worker] = self._transfer(computed, bytes_out)
-        self._push(end, Finished(worker, key, {o: None for o in partition.outputs},
-                                 TaskStats(start, end, bytes_in=bytes_in, bytes_out=bytes_out)))
+        # The task's start and end are its compute, as a real worker measures
+        # them: the scheduler learns compute times, not the links' queues.
+        start = self._transfer(max(self._clock, self._free_at[worker]), bytes_in)
+        computed = start + self.cost.compute_seconds(partition, scale, self.crowd[worker].speed)
+        delivered = self._free_at[worker] = self._transfer(computed, bytes_out)
+        self._push(delivered, Finished(worker, key, {o: None for o in partition.outputs},
+                                       TaskStats(start, computed, bytes_in=bytes_in, bytes_out=bytes_out)))
 
     def idle(self) -> None:
         """Advance the virtual clock to the next event and report it."""
@@ -238,13 +239,16 @@ class SimulatedExecutor(Executor):
 
 def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[str, Sequence[int]] | Sequence[int],
              *, microbatch: int | str | None = "auto", mode: str = "streaming", cost: CostModel | None = None,
-             losses: Mapping[str, float] | None = None, seed: int = 0, policy: Policy = "cost") -> Any:
+             losses: Mapping[str, float] | None = None, seed: int = 0, policy: Policy = "cost",
+             audit: float = 0.0) -> Any:
     """How long would ``crowd`` take?  Returns a :class:`~crowdgraph.report.RunReport` in virtual seconds.
 
     ``batch_shape`` is a mapping of input name to shape, or one shape for
     every input that has a batch axis (``(8, 128)``).  ``microbatch`` is
     as for :meth:`~crowdgraph.compiled.CompiledModel.run`: by default
     (``"auto"``) the largest micro-batch that fits the plan's budget.
+    ``audit`` runs that share of the tasks twice, as ``run(..., audit=)``
+    does (simulated workers never disagree), to cost spot checks.
 
     Examples
     --------
@@ -275,7 +279,7 @@ def simulate(compiled: Any, crowd: Sequence[WorkerInfo], batch_shape: Mapping[st
     executor = SimulatedExecutor(crowd, cost, scale=scale, losses=losses)
     # Simulated workers never straggle, and their clock jumps from event to event.
     _, report = Driver(plan, microbatches, executor, mode=mode, seed=seed,  # type: ignore[arg-type]
-                       policy=policy, backups=False).run()
+                       policy=policy, backups=False, audit=audit).run()
     link = executor.coordinator_link
     report.coordinator_link_busy = link.busy
     if report.makespan > 0 and link.busy >= STAR_BOUND * report.makespan:

@@ -72,6 +72,7 @@ except ImportError:  # pragma: no cover - exercised only where lz4 is missing
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "HEADER_SIZE", "SECTION_HEADER_SIZE",
     "DEFAULT_MAX_FRAME_BYTES", "HANDSHAKE_MAX_FRAME_BYTES", "MAX_NDIM", "MAX_STRINGS", "MAX_NAME_CHARS", "MAX_TEXT_CHARS", "is_name", "CODECS", "HEARTBEAT_MISSES", "HANDSHAKE_TIMEOUT",
+    "LOSSY", "lossy_encode", "lossy_decode",
     "HELLO", "CHALLENGE", "AUTH", "WELCOME", "REFUSE", "BYE", "PING", "PONG",
     "LOAD", "LOADED", "UNLOAD", "UNLOADED", "RUN", "RESULT", "FAILED",
     "CROWD", "JOINED", "LOST", "ROLES",
@@ -131,6 +132,15 @@ HANDSHAKE_TIMEOUT = 30.0
 _KIND_TENSOR, _KIND_BLOB = 1, 2
 _MAX_RATIO = {"lz4": 255, "zlib": 1032}  # most output bytes one compressed byte can yield
 _FLAG_SHUFFLE = 0x01
+# Section flag bits 1-2: a float32 tensor sent with a lossy encoding (§4.8).
+_LOSSY_FLAGS = {"fp16": 0x02, "int8": 0x04}
+_LOSSY_NAMES = {bit: name for name, bit in _LOSSY_FLAGS.items()}
+_FLAGS_KNOWN = _FLAG_SHUFFLE | 0x02 | 0x04
+#: Lossy tensor encodings this process can decode and send, on links whose
+#: handshake agreed them; none is used unless a run asks for it.
+LOSSY: tuple[str, ...] = ("fp16", "int8")
+_FP16_MAX = 65504.0  # largest finite float16
+_INT8_PREFIX = 8  # float32 scale, float32 offset, then one uint8 code per element
 _MAX_INT = 2**63 - 1  # JSON integers must fit a signed 64-bit int (Kotlin Long)
 
 # Codec codes on the wire.  "none" must be understood by every peer.
@@ -337,6 +347,69 @@ def _decompress(codec: str, payload: memoryview, raw_len: int, where: str) -> by
     return out
 
 
+def lossy_encode(array: np.ndarray, lossy: str) -> np.ndarray | None:
+    """The raw bytes of a float32 tensor in a lossy encoding, or None to send it exact.
+
+    ``"fp16"``: each element rounded to the nearest float16 (half an fp16
+    ulp of error).  ``"int8"``: one affine 8-bit code per element over the
+    tensor's own range: ``offset`` is its minimum, ``scale = (max - min) /
+    255``, ``code = round((x - offset) / scale)``, so nothing is clipped and
+    each element is off by at most ``scale / 2``.  A tensor that one of them
+    cannot carry (an empty one, NaN or infinity, fp16 beyond 65504) is sent
+    exact; so is every tensor that is not float32.
+
+    >>> x = np.array([-1.0, 0.0, 0.5, 1.0], np.float32)
+    >>> lossy_encode(x, "fp16").view("<f2").tolist()
+    [-1.0, 0.0, 0.5, 1.0]
+    >>> raw = lossy_encode(x, "int8")
+    >>> raw[:8].view("<f4").tolist(), raw[8:].tolist()   # scale 2/255, offset -1
+    ([0.007843137718737125, -1.0], [0, 127, 191, 255])
+    >>> lossy_decode(raw, "int8", (4,)).tolist()   # 0.0 is off by less than scale / 2
+    [-1.0, -0.0039215087890625, 0.49803924560546875, 1.0]
+    """
+    if array.dtype != np.float32 or array.size == 0:
+        return None
+    flat = np.ascontiguousarray(array).reshape(-1)
+    low, high = float(flat.min()), float(flat.max())  # NaN propagates into both
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    if lossy == "fp16":
+        if max(-low, high) > _FP16_MAX:
+            return None
+        return flat.astype("<f2").view(np.uint8)
+    if lossy != "int8":
+        raise ValueError(f"unknown lossy encoding {lossy!r}; use one of {', '.join(LOSSY)}")
+    scale = np.float32((high - low) / 255)
+    out = np.empty(_INT8_PREFIX + flat.size, np.uint8)
+    out[:_INT8_PREFIX].view("<f4")[:] = (scale, low)
+    if scale > 0:
+        codes = np.rint((flat.astype(np.float64) - low) / float(scale))
+        out[_INT8_PREFIX:] = np.clip(codes, 0, 255)
+    else:  # a constant tensor: every code 0, the offset is the value
+        out[_INT8_PREFIX:] = 0
+    return out
+
+
+def lossy_decode(raw: np.ndarray, lossy: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 tensor that :func:`lossy_encode`'s ``raw`` bytes stand for.
+
+    >>> lossy_decode(lossy_encode(np.array([[3.0]], np.float32), "fp16"), "fp16", (1, 1))
+    array([[3.]], dtype=float32)
+    """
+    if lossy == "fp16":
+        return raw.view("<f2").astype(np.float32).reshape(shape)
+    scale, offset = raw[:_INT8_PREFIX].view("<f4").tolist()
+    values = raw[_INT8_PREFIX:].astype(np.float32)
+    values *= np.float32(scale)
+    values += np.float32(offset)
+    return values.reshape(shape)
+
+
+def _lossy_raw_length(lossy: str, count: int) -> int:
+    """Raw bytes of ``count`` float32 elements in a lossy encoding."""
+    return 2 * count if lossy == "fp16" else _INT8_PREFIX + count
+
+
 # --------------------------------------------------------------------------
 # Encoding.
 # --------------------------------------------------------------------------
@@ -379,7 +452,7 @@ def _tensor_raw(name: str, array: np.ndarray) -> tuple[int, np.ndarray]:
 
 def _section(kind: int, name: str, dtype_code: int, shape: tuple[int, ...],
              raw: np.ndarray | bytes | memoryview, itemsize: int,
-             codec: str, shuffle: bool) -> list[bytes | memoryview]:
+             codec: str, shuffle: bool, lossy_flag: int = 0) -> list[bytes | memoryview]:
     if not isinstance(name, str) or not name:
         raise TypeError(f"section names must be non-empty str, got {name!r}")
     name_bytes = name.encode("utf-8")
@@ -400,13 +473,13 @@ def _section(kind: int, name: str, dtype_code: int, shape: tuple[int, ...],
             payload, used = packed, codec
         else:
             flags = 0
-    head = _SECTION.pack(kind, dtype_code, _CODEC_CODES[used], flags, len(name_bytes),
+    head = _SECTION.pack(kind, dtype_code, _CODEC_CODES[used], flags | lossy_flag, len(name_bytes),
                          len(shape), 0, raw_len, len(payload) if used != "none" else raw_len, crc)
     return [head + name_bytes + struct.pack(f"<{len(shape)}Q", *shape), payload]
 
 
 def encode_parts(message: Message, *, codec: str = "lz4", shuffle: bool = False,
-                 version: int = PROTOCOL_VERSION) -> list[bytes | memoryview]:
+                 version: int = PROTOCOL_VERSION, lossy: str | None = None) -> list[bytes | memoryview]:
     """Encode ``message`` as a list of buffers whose concatenation is one frame.
 
     Sections sent uncompressed are memoryviews of the caller's arrays, not
@@ -418,6 +491,8 @@ def encode_parts(message: Message, *, codec: str = "lz4", shuffle: bool = False,
         raise TypeError(f"encode() takes a Message, got {type(message).__name__}")
     if codec not in _CODEC_CODES:
         raise ValueError(f"unknown codec {codec!r}; use one of {', '.join(_CODEC_CODES)}")
+    if lossy is not None and lossy not in LOSSY:
+        raise ValueError(f"unknown lossy encoding {lossy!r}; use one of {', '.join(LOSSY)} or None")
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"cannot write protocol version {version}; this crowdgraph "
                          f"writes {list(SUPPORTED_VERSIONS)}")
@@ -443,6 +518,12 @@ def encode_parts(message: Message, *, codec: str = "lz4", shuffle: bool = False,
             array = np.asarray(array)
         if not isinstance(array, np.ndarray):
             raise TypeError(f"tensor {name!r} must be a numpy array, got {type(array).__name__}")
+        lossy_raw = lossy_encode(array, lossy) if lossy is not None else None
+        if lossy_raw is not None:
+            parts += _section(_KIND_TENSOR, name, _DTYPE_CODES["float32"], array.shape, lossy_raw,
+                              1 if lossy == "int8" else 2, codec, shuffle,
+                              _LOSSY_FLAGS[lossy])  # type: ignore[index]
+            continue
         code, raw = _tensor_raw(name, array)
         itemsize = 0 if code == _STRING else array.dtype.itemsize
         parts += _section(_KIND_TENSOR, name, code, array.shape, raw, itemsize, codec, shuffle)
@@ -458,7 +539,7 @@ def encode_parts(message: Message, *, codec: str = "lz4", shuffle: bool = False,
 
 
 def encode(message: Message, *, codec: str = "lz4", shuffle: bool = False,
-           version: int = PROTOCOL_VERSION) -> bytes:
+           version: int = PROTOCOL_VERSION, lossy: str | None = None) -> bytes:
     """Encode ``message`` into one frame.
 
     Parameters
@@ -475,6 +556,10 @@ def encode(message: Message, *, codec: str = "lz4", shuffle: bool = False,
         compressing them; it helps float activations most.
     version
         Protocol version to write, the negotiated one.
+    lossy
+        ``"fp16"`` or ``"int8"``: send float32 tensors in that lossy
+        encoding (see :func:`lossy_encode`); only on a link whose handshake
+        agreed it (:attr:`Connection.lossy`).  None (the default) is exact.
 
     Returns
     -------
@@ -492,7 +577,7 @@ def encode(message: Message, *, codec: str = "lz4", shuffle: bool = False,
     >>> frame[:4], len(frame)
     (b'CRWD', 33)
     """
-    return b"".join(encode_parts(message, codec=codec, shuffle=shuffle, version=version))
+    return b"".join(encode_parts(message, codec=codec, shuffle=shuffle, version=version, lossy=lossy))
 
 
 # --------------------------------------------------------------------------
@@ -595,6 +680,7 @@ class _SectionInfo:
     dtype: int
     codec: str
     shuffled: bool
+    lossy: str | None
     shape: tuple[int, ...]
     raw_len: int
     crc: int
@@ -619,7 +705,7 @@ def _read_sections(body: memoryview, offset: int, count: int, type_name: str,
         codec = _CODEC_NAMES.get(codec_code)
         if codec is None:
             raise ProtocolError(f"{where}: unknown codec code {codec_code}")
-        if reserved or flags & ~_FLAG_SHUFFLE:
+        if reserved or flags & ~_FLAGS_KNOWN:
             raise ProtocolError(f"{where}: reserved bits set (flags 0x{flags:02x}, "
                                 f"reserved 0x{reserved:02x})")
         if offset + name_len + 8 * ndim + payload_len > len(body):
@@ -659,6 +745,17 @@ def _read_sections(body: memoryview, offset: int, count: int, type_name: str,
             if 4 * math.prod(shape) > raw_len:
                 raise ProtocolError(f"{where}: {raw_len} raw bytes cannot hold the lengths "
                                     f"of {math.prod(shape)} strings of shape {list(shape)}")
+        elif flags & ~_FLAG_SHUFFLE:
+            lossy = _LOSSY_NAMES.get(flags & ~_FLAG_SHUFFLE)
+            if lossy is None or dtype != _DTYPE_CODES["float32"]:
+                raise ProtocolError(f"{where}: flags 0x{flags:02x} name no lossy encoding of a float32 "
+                                    "tensor (0x02 fp16, 0x04 int8, on float32 only)")
+            if lossy == "int8" and flags & _FLAG_SHUFFLE:
+                raise ProtocolError(f"{where}: shuffle flag set on an int8-encoded tensor")
+            expected = _lossy_raw_length(lossy, math.prod(shape))
+            if raw_len != expected:
+                raise ProtocolError(f"{where}: shape {list(shape)} in {lossy} needs {expected} bytes, "
+                                    f"the section announces {raw_len}")
         else:
             itemsize = _wire_dtype(dtype).itemsize
             expected = math.prod(shape) * itemsize
@@ -675,11 +772,13 @@ def _read_sections(body: memoryview, offset: int, count: int, type_name: str,
         if raw_len > _MAX_RATIO.get(codec, 1) * payload_len:
             raise ProtocolError(f"{where}: {payload_len} bytes of {codec} cannot decompress "
                                 f"to the {raw_len} bytes announced")
-        total_raw += raw_len
+        # A lossy section decodes to float32: 2x (fp16) to 4x (int8) its raw bytes.
+        total_raw += 4 * math.prod(shape) if flags & ~_FLAG_SHUFFLE else raw_len
         if total_raw > max_frame_bytes:
             raise _limit_error(f"{type_name} frame decompresses to at least", total_raw,
                                max_frame_bytes)
-        sections.append(_SectionInfo(kind, name, dtype, codec, bool(flags), tuple(shape),
+        sections.append(_SectionInfo(kind, name, dtype, codec, bool(flags & _FLAG_SHUFFLE),
+                                     _LOSSY_NAMES.get(flags & ~_FLAG_SHUFFLE), tuple(shape),
                                      raw_len, crc, payload))
     if offset != len(body):
         raise ProtocolError(f"{type_name} frame has {len(body) - offset} bytes of trailing "
@@ -695,7 +794,7 @@ def _decode_section(info: _SectionInfo, type_name: str) -> np.ndarray | bytes:
             raise ProtocolError(f"{where}: CRC32 mismatch, the bytes were corrupted in transit")
         return bytes(data)
     if info.shuffled:
-        itemsize = _wire_dtype(info.dtype).itemsize
+        itemsize = 2 if info.lossy == "fp16" else _wire_dtype(info.dtype).itemsize
         raw = _unshuffle(np.frombuffer(data, np.uint8), itemsize)
     elif isinstance(data, bytearray):
         raw = np.frombuffer(data, np.uint8)  # lz4 output: fresh and writable already
@@ -703,6 +802,8 @@ def _decode_section(info: _SectionInfo, type_name: str) -> np.ndarray | bytes:
         raw = np.frombuffer(data, np.uint8).copy()  # copy out of the frame buffer
     if zlib.crc32(raw) != info.crc:
         raise ProtocolError(f"{where}: CRC32 mismatch, the bytes were corrupted in transit")
+    if info.lossy is not None:
+        return lossy_decode(raw, info.lossy, info.shape)
     if info.dtype == _STRING:
         return _decode_strings(raw, info.shape, where)
     if info.dtype == _DTYPE_CODES["bool"] and raw.size and raw.max() > 1:
@@ -984,10 +1085,13 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
                    "a list of sha256 hex digests", True),
         "rss": (*_COUNT, False),
         "role": (*_ROLE, False),
+        "lossy": (*_STRINGS, False),
     },
     CHALLENGE: {"nonce": (*_HEX, True),
                 "version": ((lambda v: _is_int(v, 1)), "an integer >= 1", True),
-                "codec": ((lambda v: v in _CODEC_CODES), f"one of {list(_CODEC_CODES)}", True)},
+                "codec": ((lambda v: v in _CODEC_CODES), f"one of {list(_CODEC_CODES)}", True),
+                "lossy": ((lambda v: isinstance(v, list) and all(x in LOSSY for x in v)),
+                          f"a list of lossy encodings from {list(LOSSY)}", False)},
     AUTH: {"signature": (*_HEX, True), "nonce": (*_HEX, True)},
     WELCOME: {"worker_id": (*_NAME, True), "signature": (*_HEX, True),
               "heartbeat": ((lambda v: _is_number(v) and v > 0), "a number > 0", True),
@@ -1004,7 +1108,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
              "seconds": (*_SECONDS, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
     UNLOAD: {"partition": (*_NAME, True), "worker": (*_NAME, False)},
     UNLOADED: {"partition": (*_NAME, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
-    RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_NAME, False)},
+    RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_NAME, False),
+          "lossy": ((lambda v: v in LOSSY), f"one of {list(LOSSY)}", False)},
     RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),
              "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
     FAILED: {"task": (*_TASK, False), "load": (*_NAME, False), "error": (*_STR, True),
@@ -1012,7 +1117,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
     CROWD: {"workers": ((lambda v: isinstance(v, list) and all(_is_worker_record(w) for w in v)),
                         "a list of worker records", False)},
     JOINED: {"worker": (*_WORKER_RECORD, True)},
-    LOST: {"worker": (*_NAME, True), "reason": (*_STR, True)},
+    LOST: {"worker": (*_NAME, True), "reason": (*_STR, True),
+           "quarantine": ((lambda v: type(v) is bool), "true or false", False)},
 }
 
 
@@ -1306,6 +1412,10 @@ class Connection:
         learns it from WELCOME).
     codecs
         Codecs this side offers (joining side) or accepts, most preferred first.
+    lossy
+        Lossy tensor encodings this side offers (joining side) or accepts;
+        the handshake agrees those both list (:attr:`lossy`).  Listing one
+        costs nothing: a run still sends exact tensors unless it asks.
     max_frame_bytes
         Largest frame once the handshake is done; before it the limit is
         :data:`HANDSHAKE_MAX_FRAME_BYTES`.
@@ -1342,7 +1452,7 @@ class Connection:
 
     def __init__(self, role: str, *, token: bytes, now: float, heartbeat: float | None = None,
                  codecs: Sequence[str] = CODECS, versions: Sequence[int] = SUPPORTED_VERSIONS,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 lossy: Sequence[str] = LOSSY, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  admit: Callable[[dict[str, Any]], str | None] | None = None) -> None:
         if role not in (COORDINATOR, *ROLES):
@@ -1357,6 +1467,12 @@ class Connection:
         self.state = AWAIT_HELLO if role == COORDINATOR else SEND_HELLO
         self.heartbeat = float(heartbeat) if heartbeat else None
         self.codecs, self.versions = tuple(codecs), tuple(versions)
+        unknown = [e for e in lossy if e not in LOSSY]
+        if unknown:
+            raise ValueError(f"unknown lossy encodings {unknown}; use some of {list(LOSSY)}")
+        self.lossy_offered = tuple(lossy)
+        #: Lossy encodings the handshake agreed: both sides decode and may send them.
+        self.lossy: tuple[str, ...] = ()
         self.max_frame_bytes = int(max_frame_bytes)
         self.handshake_deadline = now + handshake_timeout
         #: Protocol version and codec agreed in the handshake.
@@ -1508,7 +1624,11 @@ class Connection:
             raise ProtocolError(reason)
         self._nonce = make_nonce()
         self.state = AWAIT_AUTH
-        self._queue(Message(CHALLENGE, {"nonce": self._nonce.hex(), "version": version, "codec": codec}), now)
+        challenge: dict[str, Any] = {"nonce": self._nonce.hex(), "version": version, "codec": codec}
+        if "lossy" in header:  # a peer that offers none is never sent the field
+            self.lossy = tuple(e for e in self.lossy_offered if e in header["lossy"])
+            challenge["lossy"] = list(self.lossy)
+        self._queue(Message(CHALLENGE, challenge), now)
         self.version, self.codec = version, codec
 
     def _take_challenge(self, header: dict[str, Any], now: float) -> None:
@@ -1516,7 +1636,11 @@ class Connection:
         if version not in self.hello_header["versions"] or codec not in self.hello_header["codecs"]:
             raise ProtocolError(f"the coordinator chose version {version} and codec {codec!r}, "
                                 "which were not offered")
-        self.version, self.codec = version, codec
+        lossy = header.get("lossy", [])
+        if not set(lossy) <= set(self.hello_header.get("lossy", [])):
+            raise ProtocolError(f"the coordinator agreed lossy encodings {lossy}, but this "
+                                f"{self.role} offered {self.hello_header.get('lossy', [])}")
+        self.version, self.codec, self.lossy = version, codec, tuple(lossy)
         self._nonce = make_nonce()
         self.state = AWAIT_WELCOME
         self._queue(Message(AUTH, {
@@ -1534,6 +1658,8 @@ class Connection:
         if self.state != SEND_HELLO:
             self._misuse(f"HELLO goes first and once; this {self.role} is {self.state}")
         self.hello_header = dict(header, versions=list(self.versions), codecs=list(self.codecs))
+        if self.lossy_offered:
+            self.hello_header["lossy"] = list(self.lossy_offered)
         if self.role == DRIVER:
             self.hello_header["role"] = DRIVER
         self.state = AWAIT_CHALLENGE
@@ -1573,16 +1699,36 @@ class Connection:
         self.last_sent = now
         return True
 
-    def send(self, message: Message, *, now: float, shuffle: bool = False) -> int:
+    def send(self, message: Message, *, now: float, shuffle: bool = False, lossy: str | None = None) -> int:
         """Queue ``message`` with the agreed codec and version; return its size in bytes.
 
-        Returns 0, queueing nothing, once the connection is CLOSED or ERROR
-        (see :meth:`sending`).  Raises :class:`ProtocolError` (and moves to
-        ERROR) when the rules do not allow this side to send it now.
+        ``lossy`` (``"fp16"``, ``"int8"``) sends its float32 tensors in that
+        encoding where the handshake agreed it, and exact otherwise (see
+        :meth:`lossy_for`).  Returns 0, queueing nothing, once the
+        connection is CLOSED or ERROR (see :meth:`sending`).  Raises
+        :class:`ProtocolError` (and moves to ERROR) when the rules do not
+        allow this side to send it now.
         """
         if not self.sending(message.type, now=now, header=message.header):
             return 0
-        return self._queue(message, now, shuffle=shuffle)
+        return self._queue(message, now, shuffle=shuffle, lossy=self.lossy_for(lossy))
+
+    def lossy_for(self, wanted: str | None) -> str | None:
+        """The lossy encoding to send when ``wanted`` is asked for: it, if agreed, else None (exact).
+
+        >>> Connection(WORKER, token=b"t", now=0.0).lossy_for("fp16") is None   # nothing agreed yet
+        True
+        """
+        return wanted if wanted in self.lossy else None
+
+    def lossy_of(self, message: Message) -> str | None:
+        """The lossy encoding ``message`` travels in on this link: a RUN's ``lossy``, where agreed.
+
+        A RUN that carries ``lossy`` asks for it on every hop (the relay to
+        the worker included) and for the RESULT that answers it; everything
+        else is exact.
+        """
+        return self.lossy_for(message.header.get("lossy")) if message.type == RUN else None
 
     def goodbye(self, reason: str, *, now: float) -> None:
         """Queue BYE with ``reason`` (or REFUSE during a coordinator's handshake); the connection closes."""
@@ -1600,10 +1746,10 @@ class Connection:
         self._outbox.clear()
         return parts
 
-    def _queue(self, message: Message, now: float, *, shuffle: bool = False) -> int:
+    def _queue(self, message: Message, now: float, *, shuffle: bool = False, lossy: str | None = None) -> int:
         # HELLO, CHALLENGE and REFUSE travel before (or without) an agreed version.
         version = 1 if message.type in (HELLO, CHALLENGE, REFUSE) else self.version
-        parts = encode_parts(message, codec=self.codec, version=version, shuffle=shuffle)
+        parts = encode_parts(message, codec=self.codec, version=version, shuffle=shuffle, lossy=lossy)
         self._outbox.append(parts)
         self.last_sent = now
         return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)

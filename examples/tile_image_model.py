@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import crowdgraph
-from crowdgraph import ThreadExecutor, Worker, zoo
+from crowdgraph import ThreadExecutor, WorkerInfo, zoo
 from crowdgraph.runtime import open_session, run_session
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     compiled = crowdgraph.compile(model, budget, sample=batch)
     print(f"compiled for {budget} in {time.perf_counter() - start:.1f} s:")
     print(compiled.table())
-    phones = [Worker(f"phone{i}", memory=budget) for i in range(2)]
+    phones = [WorkerInfo(f"phone{i}", memory=budget) for i in range(2)]
     with ThreadExecutor(workers=phones) as executor:
         outputs = compiled.run(batch, executor=executor)
     print(compiled.last_report)

@@ -332,6 +332,10 @@ LIGHT_CNNS = [
 ]
 #: The big ones (243 MB to 575 MB of weights once filled in): mark their tests slow.
 SLOW_LIGHT_CNNS = {"vgg19", "zfnet512", "bvlc_alexnet"}
+#: Quick to build, compile and run (5 MB to 27 MB of weights), and between
+#: them every operator the CNNs use: the light CNNs of the fast set
+#: (``-m "not slow"``).  Tests mark the others slow.
+QUICK_LIGHT_CNNS = {"squeezenet", "shufflenet", "inception_v1"}
 #: Std of the last layer's outputs on the sample input, see :func:`light_cnn`.
 LIGHT_LOGIT_STD = 2.0
 

@@ -9,8 +9,12 @@ import sys
 
 import pytest
 
+#: One ``--quick`` run is every benchmark end to end (Dask cluster, worker processes, full-size
+#: plans): a slow test.  The modules it measures have fast tests of their own.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-NAMES = ("scale", "crowd", "transport", "streaming", "overhead", "memory", "estimate", "generate")
+NAMES = ("scale", "crowd", "transport", "streaming", "overhead", "memory", "estimate", "generate", "audit")
 KEYS = {"benchmark", "quick", "machine", "config", "rows", "targets", "seconds", "skipped"}
 MACHINE_KEYS = {"cpu", "cores", "memory_bytes", "python", "onnxruntime"}
 TARGET_KEYS = {"benchmark", "name", "value", "limit", "op", "passed", "verdict", "line"}

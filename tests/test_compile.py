@@ -17,7 +17,7 @@ import crowdgraph
 from crowdgraph import zoo
 from crowdgraph.lower import lower, outer_scope_names
 from crowdgraph.partition import RUNTIME_BASE_BYTES
-from tests import models
+from tests import models, plans
 from tests.oracle import assert_matches, oracle, run_partitions
 
 SMALL = {
@@ -97,7 +97,9 @@ def test_mask_goes_straight_to_every_consumer():
     assert_matches(run_partitions(compiled, feeds), oracle(model, feeds))
 
 
-@pytest.mark.parametrize("name", [n for n in models.LIGHT_CNNS if n not in models.SLOW_LIGHT_CNNS])
+@pytest.mark.parametrize("name", [
+    name if name in models.QUICK_LIGHT_CNNS else pytest.param(name, marks=pytest.mark.slow)
+    for name in models.LIGHT_CNNS if name not in models.SLOW_LIGHT_CNNS])
 def test_light_cnns(name):
     model, feeds = models.light_cnn(name)
     compiled = crowdgraph.compile(model, partitions=4, sample=feeds)
@@ -124,13 +126,14 @@ def test_embedded_distilbert_tiny_symbolic_dims_run_at_other_sizes():
         assert_matches(run_partitions(compiled, feeds), oracle(model, feeds))
 
 
+@pytest.mark.slow  # the tiny DistilBERT tests above check the same graph, fast
 def test_embedded_distilbert_full_at_128mb():
     model = zoo.distilbert("full")
     feeds = zoo.sample_inputs(model, batch=1, sequence=128)
     compiled = crowdgraph.compile(model, "128MB", sample=feeds)
     check_plan(compiled, model, crowdgraph.parse_bytes("128MB"))
     assert len(compiled.partitions) >= 3
-    assert_matches(run_partitions(compiled, feeds), oracle(model, feeds))
+    assert_matches(run_partitions(compiled, feeds), plans.expected(model, feeds))
 
 
 def test_exported_distilbert_reduced():

@@ -43,6 +43,7 @@ def test_live_report(tmp_path):
     assert (tmp_path / "report.html").read_text().count('class="worker-row"') == 4
 
 
+@pytest.mark.slow  # simulates 1000 phones on full DistilBERT; tests/test_simulate.py checks the same, fast
 def test_simulate_crowd(tmp_path):
     out = run_example("simulate_crowd.py", cwd=tmp_path)
     times = {line.split(":")[0].strip(): float(line.split(" in ")[1].split()[0])
@@ -59,6 +60,15 @@ def test_process_executor_example(tmp_path):
     bytes_in = [row[7] for row in rows if row[2] != "0"]  # of the workers that ran tasks
     assert bytes_in and "0 B" not in bytes_in, out
     assert "partition bytes sent 0 B" not in out
+
+
+def test_audit_liar(tmp_path):
+    out = run_example("audit_liar.py", cwd=tmp_path)
+    diffs = {line.split(":")[0]: float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+             if "max abs difference to the whole model" in line}
+    assert diffs["audit off"] > 0.5  # the liar's numbers reach the logits unnoticed
+    assert diffs["audit on"] <= 1e-4 and diffs["private"] <= 1e-4
+    assert "quarantined: liar" in out and "ran at home" in out
 
 
 def _load_example(name: str):

@@ -382,7 +382,12 @@ BAD_FRAMES = {
     "unknown kind": (run_frame(section_bytes(kind=3)), "unknown section kind 3"),
     "unknown codec": (run_frame(section_bytes(codec=7)), "unknown codec code 7"),
     "unknown dtype": (run_frame(section_bytes(dtype=99)), "unknown dtype code 99"),
-    "reserved flag": (run_frame(section_bytes(flags=2)), "reserved bits"),
+    "reserved flag": (run_frame(section_bytes(flags=8)), "reserved bits"),
+    "lossy on int32": (run_frame(section_bytes(dtype=6, flags=2, payload=bytes(4))), "no lossy encoding"),
+    "fp16 and int8 at once": (run_frame(section_bytes(flags=6)), "no lossy encoding"),
+    "int8 shuffled": (run_frame(section_bytes(flags=5, payload=bytes(10))), "shuffle flag set on an int8"),
+    "fp16 length": (run_frame(section_bytes(flags=2)), "in fp16 needs 4 bytes, the section announces 8"),
+    "int8 length": (run_frame(section_bytes(flags=4)), "in int8 needs 10 bytes, the section announces 8"),
     "reserved byte": (run_frame(section_bytes(reserved=1)), "reserved bits"),
     "shape mismatch": (run_frame(section_bytes(shape=(3,))), "needs 12 bytes, the section announces 8"),
     "none length mismatch": (run_frame(section_bytes(raw_len=4, shape=(1,))), "uncompressed payload"),
@@ -837,10 +842,11 @@ def pump(src: wire.Connection, dst: wire.Connection, now: float = 0.0) -> list[M
 
 
 def joined_pair(role: str = wire.WORKER, *, token: bytes = TOKEN, heartbeat: float = 5.0,
+                joiner_lossy: tuple[str, ...] = wire.LOSSY,
                 **coordinator: object) -> tuple[wire.Connection, wire.Connection]:
     """A coordinator and a worker (or driver) connection, through the handshake, in memory."""
     c = wire.Connection(wire.COORDINATOR, token=TOKEN, now=0.0, heartbeat=heartbeat, **coordinator)
-    j = wire.Connection(role, token=token, now=0.0)
+    j = wire.Connection(role, token=token, now=0.0, lossy=joiner_lossy)
     j.hello(dict(HELLO_FIELDS), now=0.0)
     assert pump(j, c) == [] and pump(c, j) == []  # HELLO, CHALLENGE
     (hello,) = pump(j, c)                         # AUTH: the token is proven
@@ -1086,6 +1092,22 @@ def test_doc_lz4_example_decodes_to_the_documented_message():
     assert (info["codec"], info["flags"], info["payload_len"]) == (1, 1, 21)
 
 
+EXAMPLE_FP16 = Message(wire.RUN, {"task": ["p1", 0], "outputs": ["h"]},
+                       tensors={"x": np.array([[0.1, -2.5, 1000.0]], np.float32)})
+EXAMPLE_INT8 = Message(wire.RUN, {"task": ["p1", 0], "outputs": ["h"]},
+                       tensors={"x": np.array([[-1.0, 0.0, 0.5, 1.0]], np.float32)})
+
+
+@pytest.mark.parametrize(("marker", "message", "lossy", "decoded"), [
+    ("example-fp16", EXAMPLE_FP16, "fp16", [[0.0999755859375, -2.5, 1000.0]]),
+    ("example-int8", EXAMPLE_INT8, "int8", [[-1.0, -0.0039215087890625, 0.49803924560546875, 1.0]]),
+])
+def test_doc_lossy_examples_are_what_the_encoder_writes(marker, message, lossy, decoded):
+    documented = hexdump_to_bytes(doc_block(marker))
+    assert documented == encode(message, codec="none", lossy=lossy)
+    assert decode(documented).tensors["x"].tolist() == decoded
+
+
 def test_doc_hmac_vector():
     block = doc_block("hmac-vector")
     values = dict(re.findall(r"^(\w+(?: \w+)?)\s+= (\S+)", block, re.M))
@@ -1150,6 +1172,13 @@ def test_doc_javascript_reference_agrees_with_python(tmp_path):
                        codec="zlib", shuffle=True),
         "blob": encode(Message(wire.LOAD, {"partition": "p", "sha256": "0" * 64, "from_cache": False},
                                blobs={"model": b"onnx" * 300})),
+        "fp16": hexdump_to_bytes(doc_block("example-fp16")),
+        "int8": hexdump_to_bytes(doc_block("example-int8")),
+        "fp16-lz4": encode(result(f=smooth(np.dtype(np.float32), (4, 33)) * 1e-4,
+                                  g=np.array([1e-7, -3e-6, 65000.0, 0.0], np.float32)),
+                           codec="lz4", shuffle=True, lossy="fp16"),
+        "int8-zlib": encode(result(f=smooth(np.dtype(np.float32), (5, 20)), k=np.full(3, 2.5, np.float32)),
+                            codec="zlib", lossy="int8"),
     }
     script = doc_block("js-reference") + doc_block("js-sign") + r"""
 const zlib = require("zlib");
@@ -1230,3 +1259,124 @@ def test_the_string_limit_counts_every_tensor_of_a_frame():
     with pytest.raises(ValueError, match="the wire allows 1048576 per message"):
         encode(Message(wire.RUN, {"task": ["p", 0], "outputs": []},
                        {"x": np.full(wire.MAX_STRINGS + 1, "", dtype=object)}))
+
+
+# ---------------------------------------------------------------- lossy encodings
+
+RESULT_FIELDS = {"task": ["p0", 0], "start": 0.0, "end": 0.0, "peak_rss": 0, "rss": 0}
+
+
+def first_section_flags(frame: bytes) -> int:
+    """Byte 3 of the first section header: shuffle and lossy bits."""
+    (control_len,) = struct.unpack_from("<I", frame, 16)
+    return frame[wire.HEADER_SIZE + control_len + 3]
+
+
+FLOAT32S = hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, max_side=6),
+                      elements=st.floats(-60000, 60000, width=32))
+
+
+@FUZZ
+@given(array=FLOAT32S, codec=st.sampled_from(CODECS), shuffle=st.booleans())
+def test_fp16_round_trip_is_within_half_an_fp16_ulp(array, codec, shuffle):
+    msg = Message(wire.RESULT, dict(RESULT_FIELDS), tensors={"y": array})
+    back = decode(encode(msg, codec=codec, shuffle=shuffle, lossy="fp16")).tensors["y"]
+    assert back.dtype == np.float32 and back.shape == array.shape
+    half_ulp = np.spacing(np.abs(back).astype(np.float16)).astype(np.float64) / 2
+    assert np.all(np.abs(back.astype(np.float64) - array) <= half_ulp)
+
+
+@FUZZ
+@given(array=hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, max_side=6),
+                        elements=st.floats(-2.0**100, 2.0**100, width=32)), codec=st.sampled_from(CODECS))
+def test_int8_round_trip_is_within_half_a_scale_step(array, codec):
+    msg = Message(wire.RESULT, dict(RESULT_FIELDS), tensors={"y": array})
+    frame = encode(msg, codec=codec, lossy="int8")
+    back = decode(frame).tensors["y"]
+    assert back.dtype == np.float32 and back.shape == array.shape
+    scale = (float(array.max()) - float(array.min())) / 255
+    # scale / 2 from the 8-bit code; the decoded value is then rounded to float32 (a few ulps).
+    rounding = 4 * np.spacing(np.float32(np.abs(array).max()))
+    assert np.all(np.abs(back.astype(np.float64) - array) <= scale / 2 * (1 + 1e-6) + rounding)
+    saved = len(encode(msg, codec="none")) - len(encode(msg, codec="none", lossy="int8"))
+    assert saved == 3 * array.size - 8  # one byte per element, after scale and offset
+
+
+@pytest.mark.parametrize("lossy", wire.LOSSY)
+@pytest.mark.parametrize("array", [np.array([np.nan, 1.0], np.float32), np.array([np.inf], np.float32),
+                                   np.zeros((0, 3), np.float32), np.arange(4, dtype=np.int64),
+                                   np.arange(4, dtype=np.float64)], ids=["nan", "inf", "empty", "int64", "float64"])
+def test_tensors_a_lossy_encoding_cannot_carry_travel_exact(lossy, array):
+    frame = encode(Message(wire.RESULT, dict(RESULT_FIELDS), tensors={"y": array}), codec="none", lossy=lossy)
+    np.testing.assert_array_equal(decode(frame).tensors["y"], array)
+    assert decode(frame).tensors["y"].dtype == array.dtype
+    assert first_section_flags(frame) == 0  # exact
+
+
+def test_fp16_sends_values_beyond_its_range_exact_and_int8_keeps_outliers():
+    wide = np.array([1e5, 0.5], np.float32)
+    for lossy in wire.LOSSY:
+        back = decode(encode(Message(wire.RESULT, dict(RESULT_FIELDS), tensors={"y": wide}),
+                             lossy=lossy)).tensors["y"]
+        assert abs(back[0] - 1e5) <= 1e5 / 255 / 2  # int8 clips nothing; fp16 sent it exact
+    constant = np.full((3, 2), -7.25, np.float32)
+    back = decode(encode(Message(wire.RESULT, dict(RESULT_FIELDS), tensors={"y": constant}),
+                         lossy="int8")).tensors["y"]
+    np.testing.assert_array_equal(back, constant)
+
+
+def test_a_lossy_section_counts_its_decoded_size_against_the_frame_limit():
+    """int8 sends one byte per element and decodes to four: the limit holds for what the receiver allocates."""
+    frame = encode(Message(wire.RESULT, dict(RESULT_FIELDS), tensors={"y": np.zeros(1000, np.float32) + 1}),
+                   codec="none", lossy="int8")
+    assert len(frame) < 2000
+    decode(frame, max_frame_bytes=4100)
+    with pytest.raises(ProtocolError, match=r"decompresses to at least 4.0 kB \(4000 bytes\)"):
+        decode(frame, max_frame_bytes=3999)
+
+
+def test_unknown_lossy_encodings_are_refused_by_the_encoder():
+    with pytest.raises(ValueError, match="unknown lossy encoding 'bf16'"):
+        encode(Message(wire.PING, {"seq": 1}), lossy="bf16")
+    with pytest.raises(ValueError, match="unknown lossy encodings"):
+        wire.Connection(wire.WORKER, token=TOKEN, now=0.0, lossy=["fp8"])
+
+
+@pytest.mark.parametrize(("joiner", "coordinator", "agreed"), [
+    (wire.LOSSY, wire.LOSSY, wire.LOSSY),
+    (("fp16",), wire.LOSSY, ("fp16",)),
+    (wire.LOSSY, ("int8",), ("int8",)),
+    ((), wire.LOSSY, ()),  # an older peer offers none: lossless
+])
+def test_the_handshake_agrees_the_lossy_encodings_both_sides_list(joiner, coordinator, agreed):
+    c, j = joined_pair(joiner_lossy=joiner, lossy=coordinator)
+    assert c.lossy == j.lossy == agreed
+    x = np.linspace(-1, 1, 64, dtype=np.float32)
+    for wanted in wire.LOSSY:
+        assert c.lossy_for(wanted) == j.lossy_for(wanted) == (wanted if wanted in agreed else None)
+        c.send(Message(wire.RUN, {"task": ["p0", 0], "outputs": ["y"]}, tensors={"x": x}), now=0.0,
+               lossy=wanted)
+        (run,) = pump(c, j)
+        error = np.abs(run.tensors["x"] - x).max()
+        assert (error == 0) == (wanted not in agreed) and error <= 1 / 255
+
+
+def test_a_hello_without_lossy_gets_a_challenge_without_it():
+    """What a peer from before lossy encodings sees: the handshake it knows, byte for byte."""
+    c = wire.Connection(wire.COORDINATOR, token=TOKEN, now=0.0, heartbeat=5.0)
+    j = wire.Connection(wire.WORKER, token=TOKEN, now=0.0, lossy=())
+    j.hello(dict(HELLO_FIELDS), now=0.0)
+    (hello,) = [decode(b"".join(bytes(p) for p in j.data_to_send()))]
+    assert "lossy" not in hello.header
+    c.receive_data(encode(hello), now=0.0)
+    challenge = decode(b"".join(bytes(p) for p in c.data_to_send()))
+    assert set(challenge.header) == {"nonce", "version", "codec"} and c.lossy == ()
+
+
+def test_a_coordinator_that_agrees_what_was_not_offered_is_caught():
+    j = wire.Connection(wire.WORKER, token=TOKEN, now=0.0, lossy=("fp16",))
+    j.hello(dict(HELLO_FIELDS), now=0.0)
+    j.data_to_send()
+    challenge = Message(wire.CHALLENGE, {"nonce": "00" * 32, "version": 1, "codec": "none", "lossy": ["int8"]})
+    with pytest.raises(ProtocolError, match=r"agreed lossy encodings \['int8'\], but this worker offered \['fp16'\]"):
+        j.receive_data(encode(challenge), now=0.0)

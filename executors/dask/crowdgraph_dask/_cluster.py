@@ -4,7 +4,7 @@ Two sources, whichever comes first: the Dask scheduler's ``remove-worker``
 event on each known worker's topic, and a poll of the scheduler's worker
 list every ``interval`` seconds (joins, and departures no event
 announced).  A new worker is probed first (its clock, whether it can run
-crowdgraph tasks, what it holds); one that cannot is never asked again.
+crowdgraph tasks, what it holds in memory and in its cache); one that cannot is never asked again.
 Everything here runs on the client's event loop thread.
 """
 
@@ -51,8 +51,10 @@ class ClusterWatch:
     """
 
     def __init__(self, client: Any, interval: float, *, known: Callable[[], Iterable[str]],
-                 active: Callable[[], bool], joined: Joined, left: Left):
+                 active: Callable[[], bool], joined: Joined, left: Left,
+                 cache_spec: _worker.CacheSpec = _worker.NO_CACHE):
         self.client = client
+        self.cache_spec = cache_spec
         self.interval = interval
         self.known, self.active, self.joined, self.left = known, active, joined, left
         #: Workers that cannot run crowdgraph tasks (crowdgraph-dask missing there).
@@ -127,7 +129,8 @@ class ClusterWatch:
     async def _probe(self, addr: str, w: Mapping[str, Any]) -> None:
         t0 = time.time()
         try:
-            probes = await self.client.run(_worker.probe, workers=[addr], on_error="return", asynchronous=True)
+            probes = await self.client.run(_worker.probe, self.cache_spec, workers=[addr], on_error="return",
+                                           asynchronous=True)
         except Exception as exc:
             logger.warning("crowdgraph-dask: new worker %s could not be probed: %s", addr, exc)
             return

@@ -26,7 +26,10 @@ actions and turns their outcomes into notices.
   further runs of the resident partition are submitted while one runs, so
   Dask fetches their inputs in the meantime;
 * a load first sends the partition's bytes to its worker alone with
-  ``Client.scatter`` (once per load; released when the session is open);
+  ``Client.scatter`` (once per load; released when the session is open),
+  unless the worker announced the partition in its disk cache: then it
+  reads it there (tier 2), and only if the cached copy is gone or changed
+  do the bytes follow;
 * each task logs its measurements (worker clock, bytes, RSS) as a Dask
   event on a topic of this executor; a future's done-callback and that
   event together become ``reporter.task_finished`` (or ``loaded`` ...);
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 import uuid
@@ -52,7 +56,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from crowdgraph import Executor, Job, Partition, Reporter, TaskStats, WorkerInfo
+from crowdgraph import Executor, Job, Partition, Reporter, TaskStats, WorkerInfo, parse_bytes
 from crowdgraph.errors import ExecutionError, InputError, PlanningError
 
 from . import _worker
@@ -89,6 +93,15 @@ class DaskExecutor(Executor):
     poll_interval:
         Seconds between checks of the scheduler's worker list (joins, and
         departures the scheduler's events did not announce).
+    cache_dir:
+        Folder, on each worker's machine, under which every worker keeps the
+        partitions it loaded (one subfolder per worker name), so they outlive
+        the worker.  By default each worker keeps them in its Dask local
+        directory, for as long as the worker lives.
+    cache_size:
+        Bytes of partitions each worker keeps ("1GB"), least recently used
+        out first; 0 keeps none.  A later load of a kept partition reads it
+        from the worker's disk (tier 2) instead of the network.
 
     Each worker's memory budget is its ``crowdgraph_memory`` resource when
     it declares one (``dask worker ... --resources crowdgraph_memory=64e6``),
@@ -105,7 +118,8 @@ class DaskExecutor(Executor):
     name = "dask"
 
     def __init__(self, client: Any, *, threads_per_worker: int = 1, prefetch: int = 1,
-                 poll_interval: float = 0.5, _owns_client: bool = False):
+                 poll_interval: float = 0.5, cache_dir: str | os.PathLike[str] | None = None,
+                 cache_size: int | str = "1GB", _owns_client: bool = False):
         if not self.accepts(client):
             raise InputError(f"DaskExecutor needs a distributed.Client, not {type(client).__name__}")
         if getattr(client, "asynchronous", False):
@@ -117,6 +131,8 @@ class DaskExecutor(Executor):
         self._threads = max(1, int(threads_per_worker))
         self._window = 1 + int(prefetch)
         self._topic = f"crowdgraph-{uuid.uuid4().hex[:12]}"
+        self._cache_spec: _worker.CacheSpec = (None if cache_dir is None else os.fspath(cache_dir),
+                                               parse_bytes(cache_size))
         # State below is only touched on the client's event loop thread.
         self._lanes: dict[str, Lane] = {}
         self._subscribed = False  # to this executor's topic of measurements
@@ -124,7 +140,7 @@ class DaskExecutor(Executor):
         self._results = Results()
         self._watch = ClusterWatch(client, float(poll_interval), known=lambda: list(self._lanes),
                                    active=lambda: not self._closing and self._reporter is not None,
-                                   joined=self._join, left=self._lose)
+                                   joined=self._join, left=self._lose, cache_spec=self._cache_spec)
         self._reporter: Reporter | None = None
         self._job: Job | None = None
         self._closing = False
@@ -175,7 +191,7 @@ class DaskExecutor(Executor):
                 "(or wait for them with client.wait_for_workers(n))"
             )
         t0 = time.time()
-        probes = self.client.run(_worker.probe, workers=list(workers), on_error="return")
+        probes = self.client.run(_worker.probe, self._cache_spec, workers=list(workers), on_error="return")
         t1 = time.time()
         for addr, result in list(probes.items()):
             if leaving_error(result):
@@ -275,7 +291,8 @@ class DaskExecutor(Executor):
             if lane is None:
                 lane = self._add_lane(addr, workers[addr], probe, mid, uncertainty)
             else:
-                lane.info = self._info(addr, workers[addr])
+                lane.cached = set(probe["cached"])
+                lane.info = self._info(addr, workers[addr], lane.cached)
             lane.sha256 = probe["sha256"]
         crowd, clear = self.crowd_for(job, [(self._lanes[addr].info, self._lanes[addr].sha256) for addr in probes])
         for addr in clear:  # a session this run does not use
@@ -284,22 +301,25 @@ class DaskExecutor(Executor):
         self._watch.start()
         return crowd
 
-    def _info(self, addr: str, w: Mapping[str, Any]) -> WorkerInfo:
+    def _info(self, addr: str, w: Mapping[str, Any], cached: set[str]) -> WorkerInfo:
+        assert self._job is not None
         resources = w.get("resources") or {}
         if resources.get(MEMORY_RESOURCE):
             memory = int(resources[MEMORY_RESOURCE])
         elif w.get("memory_limit"):
             memory = int(w["memory_limit"])
         else:  # no limit: any partition fits
-            assert self._job is not None
             parts = self._job.partitions.values()
             memory = max([self._job.memory_budget or 0] + [p.resident_bytes for p in parts])
-        return WorkerInfo(addr, memory=memory, speed=1.0)
+        names = frozenset(name for name, p in self._job.partitions.items() if p.sha256 in cached)
+        return WorkerInfo(addr, memory=memory, speed=1.0, cached=names)
 
     def _add_lane(self, addr: str, w: Mapping[str, Any], probe: Mapping[str, Any],
                   mid: float, uncertainty: float) -> Lane:
         skew = float(probe["time"]) - mid
-        lane = Lane(self._info(addr, w), skew if abs(skew) > uncertainty + 0.005 else 0.0)
+        cached = set(probe["cached"])
+        lane = Lane(self._info(addr, w, cached), skew if abs(skew) > uncertainty + 0.005 else 0.0)
+        lane.cached = cached
         self._lanes[addr] = lane
         self._watch.follow(addr)
         return lane
@@ -322,10 +342,7 @@ class DaskExecutor(Executor):
                 self._guarded(self._submit_run, lane, key, part, inputs)
             elif kind == "load":
                 part = action[1]
-                pend = Pending("load", lane, f"crowdgraph-load-{part.name}-{uuid.uuid4().hex[:12]}",
-                               partition=part, name=part.name, t0=self.now())
-                lane.barrier = pend
-                asyncio.ensure_future(self._aload(pend))
+                self._start_load(lane, part, self.now(), from_cache=part.sha256 in lane.cached)
             else:
                 self._guarded(self._submit_unload, lane, kind, action[1] if kind == "unload" else None)
 
@@ -378,9 +395,19 @@ class DaskExecutor(Executor):
         self._pending[ident] = pend
         pend.future.add_done_callback(self._done_callback)
 
+    def _start_load(self, lane: Lane, part: Partition, t0: float, *, from_cache: bool) -> None:
+        pend = Pending("load", lane, f"crowdgraph-load-{part.name}-{uuid.uuid4().hex[:12]}",
+                       partition=part, name=part.name, t0=t0, from_cache=from_cache)
+        lane.barrier = pend
+        asyncio.ensure_future(self._aload(pend))
+
     async def _aload(self, pend: Pending) -> None:
         lane, part = pend.lane, pend.partition
         assert part is not None
+        if pend.from_cache:  # the worker reads it from its disk
+            if not lane.lost and lane.barrier is pend:  # not lost or reset meanwhile
+                self._submit_load(pend, None)
+            return
         try:
             [bytes_future] = await self.client.scatter([part.model_bytes], workers=[lane.addr], hash=False,
                                                        asynchronous=True)
@@ -398,10 +425,16 @@ class DaskExecutor(Executor):
             bytes_future.release()
             return
         pend.bytes_future = bytes_future
+        self._submit_load(pend, bytes_future)
+
+    def _submit_load(self, pend: Pending, bytes_future: Any) -> None:
+        lane, part = pend.lane, pend.partition
+        assert part is not None
         try:
             pend.future = self.client.submit(
                 _worker.load_partition, self._topic, pend.ident, bytes_future, part.sha256, part.name,
-                self._threads, key=pend.ident, workers=[lane.addr], allow_other_workers=False, pure=False,
+                self._threads, self._cache_spec,
+                key=pend.ident, workers=[lane.addr], allow_other_workers=False, pure=False,
             )
         except Exception as exc:  # never leave the driver waiting for a load that was not sent
             self._unlink(pend)
@@ -528,13 +561,21 @@ class DaskExecutor(Executor):
         elif pend.kind == "load":
             part = pend.partition
             assert part is not None
+            if stats.get("missed"):  # no longer in the worker's cache (or changed there): send the bytes
+                logger.info("crowdgraph-dask: %s no longer caches %s; sending its bytes", lane.addr, part.name)
+                lane.cached.discard(part.sha256)
+                self._start_load(lane, part, pend.t0, from_cache=False)
+                return
             lane.sha256 = part.sha256
+            if pend.from_cache or stats.get("kept"):
+                lane.cached.add(part.sha256)
             if pend.bytes_future is not None:
                 pend.bytes_future.release()
                 pend.bytes_future = None
             if reporter is not None:
                 reporter.loaded(lane.addr, part.name, start=min(pend.t0, end), end=end,
-                                bytes_sent=len(part.model_bytes), rss=stats.get("rss"))
+                                bytes_sent=0 if pend.from_cache else len(part.model_bytes),
+                                from_cache=pend.from_cache, rss=stats.get("rss"))
         else:
             lane.sha256 = None
             if pend.kind == "unload" and reporter is not None:
@@ -563,7 +604,7 @@ class DaskExecutor(Executor):
 
     def _join(self, addr: str, w: Mapping[str, Any], probe: Mapping[str, Any], mid: float,
               uncertainty: float) -> None:
-        """A new worker (probed by the cluster watch) joins the crowd."""
+        """A new worker (probed by the cluster watch) joins the crowd, with the partitions it caches."""
         assert self._reporter is not None
         lane = self._add_lane(addr, w, probe, mid, uncertainty)
         if probe.get("sha256"):

@@ -35,6 +35,7 @@ class Pending:
     partition: Partition | None = None
     name: str | None = None
     t0: float = 0.0
+    from_cache: bool = False  # a load the worker reads from its disk cache
     bytes_future: Any = None
     input_keys: frozenset[str] = frozenset()
     tensors: dict[str, Any] | None = None  # output name -> its own future (partitions with several outputs)
@@ -60,6 +61,8 @@ class Lane:
         #: The submitted load, unload or reset everything else waits for.
         self.barrier: Pending | None = None
         self.sha256: str | None = None
+        #: sha256 of the partitions in the worker's disk cache, as far as this side knows.
+        self.cached: set[str] = set()
         self.lost = False
 
     def next_action(self, window: int) -> tuple[Any, ...] | None:

@@ -7,6 +7,10 @@ local state (a :class:`~crowdgraph.runtime.ResidentSession` kept per
 apart) between tasks.  Loading drops
 the previous session first, so a worker never holds two partitions.
 
+Each worker keeps the partitions it loaded on its local disk
+(:class:`~crowdgraph_dask._cache.DiskCache`, one per worker), announces
+them in :func:`probe` and loads from there when the executor sends no bytes.
+
 Each task logs its measurements (worker clock, byte counts, RSS) as a Dask
 event on the executor's topic; the tensors themselves stay on the worker
 as the task's result until another task or the client fetches them.
@@ -14,6 +18,7 @@ as the task's result until another task or the client fetches them.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import weakref
@@ -23,6 +28,12 @@ import numpy as np
 
 from crowdgraph.runtime import ResidentSession, current_rss, peak_rss
 
+from ._cache import DiskCache, folder_for
+
+#: Where a worker's partition cache lives and its bound: (``cache_dir`` or None, bytes; 0 turns it off).
+CacheSpec = tuple[str | None, int]
+#: No partition cache.
+NO_CACHE: CacheSpec = (None, 0)
 
 _SLOTS: "weakref.WeakKeyDictionary[Any, ResidentSession]" = weakref.WeakKeyDictionary()
 _SLOTS_LOCK = threading.Lock()
@@ -41,23 +52,60 @@ def _slot(worker: Any = None) -> tuple[ResidentSession, Any]:
     return slot, worker
 
 
+_CACHES: "weakref.WeakKeyDictionary[Any, DiskCache]" = weakref.WeakKeyDictionary()
+
+
+def _cache(worker: Any, spec: CacheSpec) -> DiskCache | None:
+    """``worker``'s partition cache as ``spec`` says (None when the bound is 0)."""
+    cache_dir, max_bytes = spec
+    if max_bytes <= 0:
+        return None
+    folder = folder_for(worker, cache_dir)
+    with _SLOTS_LOCK:
+        cache = _CACHES.get(worker)
+        if cache is None or cache.folder != folder or cache.max_bytes != max_bytes:
+            cache = _CACHES[worker] = DiskCache(folder, max_bytes)
+    return cache
+
+
 def _log(worker: Any, topic: str, msg: dict[str, Any]) -> None:
     worker.log_event(topic, msg)
 
 
-def load_partition(topic: str, ident: str, model_bytes: Any, sha256: str, name: str, threads: int) -> str:
-    """Open ``model_bytes`` as this worker's one session (dropping the old one)."""
+def load_partition(topic: str, ident: str, model_bytes: Any, sha256: str, name: str, threads: int,
+                   cache_spec: CacheSpec) -> bool:
+    """Open the partition as this worker's one session (dropping the old one); False when it missed.
+
+    With ``model_bytes`` None the partition comes from this worker's cache;
+    when it is not there (or changed on disk) nothing is loaded, the event
+    says ``missed`` and the executor sends the bytes.  Bytes that come
+    along are checked against ``sha256`` and kept in the cache.
+    """
     slot, worker = _slot()
-    if not isinstance(model_bytes, bytes):  # Dask may hand over a bytearray or memoryview
-        model_bytes = bytes(model_bytes)
+    cache = _cache(worker, cache_spec)
+    start = time.time()
+    from_cache = model_bytes is None
+    kept = False
+    if from_cache:
+        model_bytes = cache.get(sha256) if cache is not None else None
+        if model_bytes is None:
+            _log(worker, topic, {"id": ident, "start": start, "end": time.time(), "missed": True})
+            return False
+    else:
+        if not isinstance(model_bytes, bytes):  # Dask may hand over a bytearray or memoryview
+            model_bytes = bytes(model_bytes)
+        got = hashlib.sha256(model_bytes).hexdigest()
+        if got != sha256:
+            raise ValueError(f"partition {name}: the bytes that arrived have sha256 {got}, not {sha256}")
+        kept = cache is not None and cache.put(sha256, model_bytes)
     with slot.lock:
-        start = time.time()
         slot.threads = threads
         slot.load(model_bytes, name, sha256)
         end = time.time()
     del model_bytes
-    _log(worker, topic, {"id": ident, "start": start, "end": end, "rss": current_rss()})
-    return sha256
+    _log(worker, topic, {"id": ident, "start": start, "end": end, "rss": current_rss(),
+                         "from_cache": from_cache, "kept": kept})
+    return True
 
 
 def unload_partition(topic: str, ident: str, sha256: str | None) -> bool:
@@ -96,10 +144,12 @@ def run_partition(topic: str, ident: str, sha256: str, name: str, outputs: Seque
     return out
 
 
-def probe(dask_worker: Any = None) -> dict[str, Any]:
-    """This worker's clock, resident partition and memory (run with ``Client.run``)."""
-    slot, _ = _slot(dask_worker)
-    return {"time": time.time(), "sha256": slot.sha256, "name": slot.name, "rss": current_rss()}
+def probe(cache_spec: CacheSpec = NO_CACHE, dask_worker: Any = None) -> dict[str, Any]:
+    """This worker's clock, resident partition, cached partitions and memory (run with ``Client.run``)."""
+    slot, worker = _slot(dask_worker)
+    cache = _cache(worker, cache_spec)
+    return {"time": time.time(), "sha256": slot.sha256, "name": slot.name, "rss": current_rss(),
+            "cached": cache.digests() if cache is not None else []}
 
 
 def pick(result: Mapping[str, np.ndarray], name: str) -> np.ndarray:

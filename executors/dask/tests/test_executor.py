@@ -64,7 +64,9 @@ def test_distilbert_matches_the_oracle_with_a_client_passed_as_is(client, tiny, 
     assert len(report.tasks) == len(compiled.partitions) * 3
     assert set(report.workers) <= set(client.scheduler_info(n_workers=-1)["workers"])
     assert all(t.end >= t.start for t in report.tasks)
-    assert report.weight_bytes_sent == sum(len(compiled[ld.partition].model_bytes) for ld in report.loads)
+    # Loads from a worker's disk cache (an earlier test on this cluster may have left one) send nothing.
+    assert report.weight_bytes_sent == sum(len(compiled[ld.partition].model_bytes)
+                                           for ld in report.loads if not ld.from_cache)
     assert client.status == "running", "a Client passed in stays open"
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
 import numpy as np
 
 from crowdgraph import wire
+from crowdgraph.errors import InputError
 from crowdgraph.executor import Executor, Job, Reporter, TaskStats
 from crowdgraph.partition import Partition
 from crowdgraph.schedule import TaskKey, WorkerInfo
@@ -25,10 +26,22 @@ from crowdgraph.wire import Message
 
 from .common import LOG
 
-__all__ = ["Action", "OutputSpec", "output_specs", "result_problem", "PendingRun", "PendingLoad", "PendingUnload", "Holding", "DriverBridge", "take_answer"]
+__all__ = ["lossy_option", "Action", "OutputSpec", "output_specs", "result_problem", "PendingRun", "PendingLoad", "PendingUnload", "Holding", "DriverBridge", "take_answer"]
 
 #: Encodes a message for the worker it goes to (codec and version agreed with it).
 Encode = Callable[[Message], list[Any]]
+
+
+def lossy_option(lossy: str | None) -> str | None:
+    """Check an executor's ``lossy`` option: None (exact, the default) or a lossy encoding.
+
+    >>> lossy_option("fp16")
+    'fp16'
+    """
+    if lossy is not None and lossy not in wire.LOSSY:
+        raise InputError(f"lossy={lossy!r} is not a wire encoding; use None (exact), "
+                         f"{' or '.join(repr(e) for e in wire.LOSSY)}")
+    return lossy
 
 
 @dataclass
@@ -246,11 +259,13 @@ class DriverBridge:
                       message=Message(wire.UNLOAD, self._header(worker, {"partition": partition})))
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any],
-            encode: Encode) -> Action | None:
+            encode: Encode, lossy: str | None = None) -> Action | None:
         """A RUN of task ``key``, encoded right here (the caller's thread) with ``encode``.
 
-        Returns None before a run, or when the inputs cannot be sent (the
-        task is then reported failed).
+        ``lossy`` (``"fp16"``, ``"int8"``) asks for float32 tensors in that
+        encoding both ways, on links that agreed it.  Returns None before a
+        run, or when the inputs cannot be sent (the task is then reported
+        failed).
         """
         reporter = self.reporter
         if reporter is None:
@@ -258,9 +273,10 @@ class DriverBridge:
         key = (str(key[0]), int(key[1]))
         try:
             arrays = {name: np.asarray(value) for name, value in inputs.items()}
-            parts = encode(Message(wire.RUN, self._header(worker, {"task": list(key),
-                                                                   "outputs": list(partition.outputs)}),
-                                   tensors=arrays))
+            header = {"task": list(key), "outputs": list(partition.outputs)}
+            if lossy is not None:
+                header["lossy"] = lossy
+            parts = encode(Message(wire.RUN, self._header(worker, header), tensors=arrays))
         except (TypeError, ValueError) as exc:
             reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
             return None

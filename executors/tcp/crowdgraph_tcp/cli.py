@@ -24,6 +24,7 @@ from crowdgraph.cli import positive_float
 from crowdgraph.errors import InputError
 
 from .common import DEFAULT_HEARTBEAT, DEFAULT_PORT, TOKEN_ENV, read_token
+from .coordinator import QUARANTINE_SECONDS
 
 
 def register(subparsers: Any) -> None:
@@ -50,6 +51,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
                    help="with --web: also accept worker pages served from this origin (http(s)://HOST:PORT; "
                         "repeat for more); the printed join URL's origin is always accepted, no other")
+    p.add_argument("--quarantine-seconds", type=positive_float, default=QUARANTINE_SECONDS,
+                   help="how long a worker that a driver's spot checks outvoted is refused "
+                        f"(default {QUARANTINE_SECONDS:g})")
     p.set_defaults(func=cmd_serve)
 
 
@@ -79,7 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("crowdgraph serve: onnxruntime-web is not installed, so the page cannot run models yet; "
                   "run `make web` (npm ci in executors/tcp/crowdgraph_tcp/web)", file=sys.stderr)
     coordinator = standing_coordinator(token, args.listen, certfile=args.certfile, keyfile=args.keyfile,
-                                       heartbeat=args.heartbeat, web_port=web_port)
+                                       heartbeat=args.heartbeat, web_port=web_port,
+                                       quarantine_seconds=args.quarantine_seconds)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

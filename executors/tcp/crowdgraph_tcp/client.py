@@ -32,7 +32,7 @@ from crowdgraph.executor import Executor, Job, Reporter
 from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.wire import Message
 
-from .bridge import Action, DriverBridge, Holding, take_answer
+from .bridge import Action, DriverBridge, Holding, lossy_option, take_answer
 from .common import CAFILE_ENV, LOG, TOKEN_ENV, client_ssl_context, parse_url, read_token, wait_for_workers
 from .streams import Link, now
 
@@ -53,14 +53,21 @@ class RemoteExecutor(Executor):
         giving one turns TLS on for a ``tcp://`` URL too.
     min_workers, join_timeout:
         :meth:`start` waits up to ``join_timeout`` seconds for ``min_workers`` workers.
+    lossy:
+        ``"fp16"`` or ``"int8"``: RUN inputs travel in that encoding to the
+        coordinator and on to workers that agreed it, and their RESULTs come
+        back to the coordinator in it (the last hop, to this driver, is
+        exact); as for :class:`~crowdgraph_tcp.TcpExecutor`.
     """
 
     name = "tcp"
 
     def __init__(self, url: str, token: str | bytes | None = None, *, cafile: str | os.PathLike | None = None,
                  min_workers: int = 1, join_timeout: float = 60.0, connect_timeout: float = 30.0,
-                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES):
+                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES, lossy: str | None = None):
         self.url = url
+        #: The lossy wire encoding runs ask for (None: exact), as for ``TcpExecutor``.
+        self.lossy = lossy_option(lossy)
         scheme, self.host, self.port = parse_url(url)
         secret = read_token(token)
         if secret is None:
@@ -238,9 +245,7 @@ class RemoteExecutor(Executor):
         problem = self.bridge.bad_result(worker, action, message)
         if problem is not None:  # not trusted with more tasks: the coordinator disconnects it
             LOG.warning("%s", problem)
-            if self._reports_lost and self._link is not None:
-                self._link.send(Message(wire.LOST, {"worker": worker, "reason": problem}))
-            self._forget(worker, problem)
+            self._report(worker, problem, quarantine=False)
             return
         rec = self.crowd.get(worker)
         if rec is not None and action.kind == wire.LOAD and action.sha256:
@@ -251,6 +256,12 @@ class RemoteExecutor(Executor):
         resend = self.bridge.answered(worker, action, message, size, received)
         if resend is not None:  # the coordinator holds the rest until these bytes come
             self._send_action(worker, resend)
+
+    def _report(self, worker: str, reason: str, *, quarantine: bool) -> None:
+        """Tell the coordinator ``worker`` broke the rules (when it takes LOST), and stop using it."""
+        if self._reports_lost and self._link is not None:
+            self._link.send(Message(wire.LOST, {"worker": worker, "reason": reason, "quarantine": quarantine}))
+        self._forget(worker, reason)
 
     def _send_action(self, worker: str, action: Action) -> None:
         if self._dead or self._link is None:
@@ -273,7 +284,8 @@ class RemoteExecutor(Executor):
 
     def _encode(self, message: Message) -> list[Any]:
         assert self._link is not None
-        return wire.encode_parts(message, codec=self._link.conn.codec, version=self._link.conn.version)
+        conn = self._link.conn
+        return wire.encode_parts(message, codec=conn.codec, version=conn.version, lossy=conn.lossy_of(message))
 
     # -- crowd snapshots -----------------------------------------------------
 
@@ -332,7 +344,12 @@ class RemoteExecutor(Executor):
         self._hand(worker, self.bridge.unload(worker, partition, self.bridge.reporter))
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
-        self._hand(worker, self.bridge.run(worker, key, partition, inputs, self._encode))
+        self._hand(worker, self.bridge.run(worker, key, partition, inputs, self._encode, lossy=self.lossy))
+
+    def quarantine(self, worker: str, reason: str) -> None:
+        """The run's spot checks outvoted ``worker``: the coordinator drops it and refuses
+        its name for its quarantine time (when it takes LOST from drivers)."""
+        self._loop.add_callback(self._report, worker, reason, quarantine=True)
 
     def reset(self) -> None:
         def unload_all() -> None:

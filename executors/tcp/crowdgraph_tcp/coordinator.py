@@ -43,6 +43,9 @@ from crowdgraph.wire import Message
 
 from .bridge import Action, take_answer
 from .common import DEFAULT_HEARTBEAT, LOG, PreAuthLimits
+
+#: Seconds a quarantined worker's name is refused by default (an hour).
+QUARANTINE_SECONDS = 3600.0
 from .streams import Link, now
 
 __all__ = ["Action", "CacheHold", "Peer", "Listener", "Coordinator"]
@@ -219,6 +222,10 @@ class Coordinator:
     preauth:
         What connections that have not yet proved the token may hold, on
         both ports together (the defaults of :class:`PreAuthLimits`).
+    quarantine_seconds:
+        How long a worker quarantined by a run's spot checks
+        (:meth:`quarantine`) is refused when it connects again under the
+        same name.
     """
 
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = 0, *,
@@ -226,7 +233,8 @@ class Coordinator:
                  heartbeat: float = DEFAULT_HEARTBEAT, handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
                  codecs: Sequence[str] = wire.CODECS, web_port: int | None = None,
-                 allowed_origins: Sequence[str] | None = None, preauth: PreAuthLimits | None = None):
+                 allowed_origins: Sequence[str] | None = None, preauth: PreAuthLimits | None = None,
+                 quarantine_seconds: float = QUARANTINE_SECONDS):
         if not token:
             raise ValueError("the coordinator needs a non-empty shared token")
         if heartbeat <= 0:
@@ -238,6 +246,8 @@ class Coordinator:
         self.handshake_timeout = float(handshake_timeout)
         self.max_frame_bytes = int(max_frame_bytes)
         self.codecs = tuple(codecs)
+        self.quarantine_seconds = float(quarantine_seconds)
+        self._quarantined: dict[str, float] = {}  # worker name -> when its quarantine ends
         self.workers: dict[str, Peer] = {}
         self.drivers: dict[str, Peer] = {}
         self._ids = itertools.count(1)
@@ -449,6 +459,10 @@ class Coordinator:
             self.drivers[peer.id] = peer
             LOG.info("driver %s joined from %s", peer.id, where)
             self._notify(self.listener.driver_joined, peer)
+        elif self._quarantine_left(peer.name) > 0:
+            self.drop(peer, f"a worker named {peer.name!r} is quarantined for {self._quarantine_left(peer.name):.0f} "
+                            "more seconds: its results disagreed with other workers'; fix it and join later")
+            return
         else:
             self.workers[peer.id] = peer
             LOG.info("worker %s (%s, budget %s bytes) joined from %s", peer.id, peer.name, peer.memory, where)
@@ -472,7 +486,8 @@ class Coordinator:
                 elif peer.role == wire.WORKER:
                     self._on_reply(peer, message, size)
                 elif message.type == wire.LOST:
-                    self._expel(peer, message.header["worker"], message.header["reason"])
+                    self._expel(peer, message.header["worker"], message.header["reason"],
+                                message.header.get("quarantine", False))
                 else:
                     self._notify(self.listener.driver_message, peer, message, size)
         except StreamClosedError:
@@ -493,8 +508,9 @@ class Coordinator:
         except Exception:
             LOG.exception("listener %s failed", getattr(fn, "__name__", fn))
 
-    def _expel(self, driver: Peer, worker_id: str, reason: str) -> None:
-        """A driver found ``worker_id`` broke the rules (a result that fails its checks): disconnect it.
+    def _expel(self, driver: Peer, worker_id: str, reason: str, quarantine: bool) -> None:
+        """A driver found ``worker_id`` broke the rules (a result that fails its checks, or
+        outvoted by spot checks when ``quarantine``): disconnect it, and quarantine it if asked.
 
         Otherwise it would stay in the crowd and every other driver would
         give it tasks; each driver hears of it with LOST, as of any loss.
@@ -502,13 +518,42 @@ class Coordinator:
         worker = self.workers.get(worker_id)
         if worker is not None:
             LOG.warning("driver %s reports worker %s: %s", driver.id, worker_id, reason)
-            self.drop(worker, f"{reason} (reported by driver {driver.id})")
+            if quarantine:
+                self.quarantine(worker_id, f"{reason} (reported by driver {driver.id})")
+            else:
+                self.drop(worker, f"{reason} (reported by driver {driver.id})")
 
     def drop(self, peer: Peer, reason: str) -> None:
         """Say BYE to ``peer`` with ``reason`` and lose it (IOLoop thread): it broke the rules."""
         peer.link.conn.goodbye(reason, now=now())
         peer.link.flush()
         self._lose(peer, reason)
+
+    def quarantine(self, worker_id: str, reason: str) -> None:
+        """Drop worker ``worker_id`` and refuse its name for :attr:`quarantine_seconds` (IOLoop thread).
+
+        A run's spot checks found its results wrong.  Names are what a
+        worker says it is (``--name``, by default its host name): a worker
+        that lies about its name comes back, and is checked again as an
+        unproven worker.
+        """
+        peer = self.workers.get(worker_id)
+        if peer is None:
+            return
+        if peer.name:
+            self._quarantined[peer.name] = now() + self.quarantine_seconds
+        LOG.warning("quarantining worker %s (%s) for %.0f s: %s", peer.id, peer.name, self.quarantine_seconds, reason)
+        self.drop(peer, f"quarantined: {reason}")
+
+    def _quarantine_left(self, name: str) -> float:
+        """Seconds the quarantine of workers named ``name`` still lasts (0: none)."""
+        until = self._quarantined.get(name) if name else None
+        if until is None:
+            return 0.0
+        if until <= now():
+            del self._quarantined[name]
+            return 0.0
+        return until - now()
 
     def _lose(self, peer: Peer, reason: str, *, clean: bool = False) -> None:
         peer.alive = False
@@ -576,7 +621,8 @@ class Coordinator:
     def _send(self, w: Peer, action: Action) -> None:
         if action.parts is None:
             assert action.message is not None
-            action.parts = wire.encode_parts(action.message, codec=w.codec, version=w.version)
+            action.parts = wire.encode_parts(action.message, codec=w.codec, version=w.version,
+                                             lossy=w.link.conn.lossy_of(action.message))
         action.message = None
         action.size = w.link.send_encoded(action.kind, action.parts)
         action.parts = None
@@ -615,6 +661,11 @@ class Coordinator:
         """(codec, version) agreed with a worker, or None if it is not connected."""
         w = self.workers.get(worker_id)
         return None if w is None else (w.codec, w.version)
+
+    def lossy_for(self, worker_id: str, wanted: str | None) -> str | None:
+        """The lossy encoding to send a worker when ``wanted`` is asked: it where agreed, else None."""
+        w = self.workers.get(worker_id)
+        return None if w is None else w.link.conn.lossy_for(wanted)
 
     def has_cached(self, worker_id: str, sha256: str) -> bool:
         """Whether the worker is believed to hold ``sha256`` in its cache (a hint)."""

@@ -33,9 +33,9 @@ from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.units import parse_bytes
 from crowdgraph.wire import Message
 
-from .bridge import Action, DriverBridge, Holding
+from .bridge import Action, DriverBridge, Holding, lossy_option
 from .common import DEFAULT_HEARTBEAT, parse_listen, read_token, server_ssl_context, wait_for_workers
-from .coordinator import Coordinator, Listener, Peer
+from .coordinator import QUARANTINE_SECONDS, Coordinator, Listener, Peer
 
 __all__ = ["TcpExecutor"]
 
@@ -96,6 +96,13 @@ class TcpExecutor(Executor):
         ... for at most this many seconds, then raises ExecutionError.
     heartbeat:
         Seconds between heartbeats; a worker silent for 3 of them is lost.
+    lossy:
+        ``"fp16"`` or ``"int8"``: send float32 tensors (RUN inputs, RESULT
+        outputs) in that lossy encoding to workers that agreed it in the
+        handshake; the others, browser pages among them, stay exact.  Fewer
+        bytes, outputs no longer equal to the model's: give ``max_error=``
+        to :meth:`~crowdgraph.CompiledModel.run` to measure the error and
+        bound it (docs/tcp.md).  None (the default) is exact.
     certfile, keyfile:
         Serve TLS with this certificate (workers then connect to ``tls://``).
     web:
@@ -104,6 +111,9 @@ class TcpExecutor(Executor):
     web_port:
         Port of the page (HTTP, or HTTPS with ``certfile``); by default the
         TCP port + 1, or a free port when the TCP port is 0.
+    quarantine_seconds:
+        How long a worker that a run's spot checks quarantined
+        (``run(..., audit=...)``, docs/audit.md) is refused under its name.
 
     Attributes
     ----------
@@ -116,15 +126,18 @@ class TcpExecutor(Executor):
     def __init__(self, listen: str = "127.0.0.1:0", token: str | bytes | None = None, *,
                  min_workers: int = 1, join_timeout: float = 60.0, heartbeat: float = DEFAULT_HEARTBEAT,
                  certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None,
-                 handshake_timeout: float = wire.HANDSHAKE_TIMEOUT,
+                 handshake_timeout: float = wire.HANDSHAKE_TIMEOUT, lossy: str | None = None,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
-                 web: bool = False, web_port: int | None = None):
+                 web: bool = False, web_port: int | None = None,
+                 quarantine_seconds: float = QUARANTINE_SECONDS):
         host, port = parse_listen(listen)
         if web and web_port is None:
             web_port = port + 1 if port else 0
         self.token: bytes = read_token(token) or secrets.token_hex(32).encode("ascii")
         self.min_workers = int(min_workers)
         self.join_timeout = float(join_timeout)
+        #: The lossy wire encoding runs ask for (None: exact); see ``lossy`` above.
+        self.lossy = lossy_option(lossy)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         self.bridge = DriverBridge()
@@ -138,7 +151,8 @@ class TcpExecutor(Executor):
         self.coordinator = Coordinator(self.token, host, port, listener=_ExecutorListener(self), ssl_options=ssl_options,
                                        heartbeat=heartbeat, handshake_timeout=handshake_timeout,
                                        max_frame_bytes=max_frame_bytes,
-                                       web_port=web_port if web else None).start()
+                                       web_port=web_port if web else None,
+                                       quarantine_seconds=quarantine_seconds).start()
 
     # -- construction helpers ----------------------------------------------
 
@@ -317,10 +331,16 @@ class TcpExecutor(Executor):
         agreed = self.coordinator.codec_of(worker)
         if agreed is None:
             return
+        lossy = self.lossy
         action = self.bridge.run(worker, key, partition, inputs,
-                                 lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1]))
+                                 lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1],
+                                                                   lossy=self.coordinator.lossy_for(worker, lossy)),
+                                 lossy=lossy)
         if action is not None:
             self.coordinator.call(self._submit_now, worker, action)
+
+    def quarantine(self, worker: str, reason: str) -> None:
+        self.coordinator.call(self.coordinator.quarantine, worker, reason)
 
     def reset(self) -> None:
         def unload_all() -> None:

@@ -54,7 +54,7 @@ ORT_DIST = WEB_ROOT / "node_modules" / "onnxruntime-web" / "dist"
 #: The only onnxruntime-web files the page needs (the WASM-only build).
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 #: The page's own files.
-PAGE_FILES = ("index.html", "worker.mjs", "compute.mjs", "proto.mjs")
+PAGE_FILES = ("index.html", "worker.mjs", "compute.mjs", "proto.mjs", "cache.mjs")
 
 #: What the WASM runtime costs a tab before any partition (measured headless, docs/browser.md).
 BROWSER_RUNTIME_BYTES = 80_000_000
@@ -355,7 +355,7 @@ def make_app(coordinator: Any) -> tornado.web.Application:
     """The tornado application serving the worker page for ``coordinator``."""
     return tornado.web.Application([
         (r"/", _AssetHandler, {"root": WEB_ROOT, "names": PAGE_FILES, "default": "index.html"}),
-        (r"/(index\.html|worker\.mjs|compute\.mjs|proto\.mjs)", _AssetHandler, {"root": WEB_ROOT, "names": PAGE_FILES}),
+        (r"/(index\.html|worker\.mjs|compute\.mjs|proto\.mjs|cache\.mjs)", _AssetHandler, {"root": WEB_ROOT, "names": PAGE_FILES}),
         (r"/ort/([A-Za-z0-9_.\-]+)", _AssetHandler, {"root": ORT_DIST, "names": ORT_FILES}),
         (r"/config\.json", _ConfigHandler),
         (r"/ws", _WorkerSocket, {"coordinator": coordinator}),

@@ -529,6 +529,7 @@ class Agent:
         self.log = log or sys.stderr
         self.resident = ResidentSession(self.threads, collect_garbage=True)
         self.codec, self.version = "none", 1
+        self.lossy: tuple[str, ...] = ()  # lossy encodings agreed with the coordinator
         self.floor_rss = current_rss()
 
     def say(self, text: str) -> None:
@@ -594,7 +595,7 @@ class Agent:
                        now=time.monotonic())
             writer.writelines(conn.data_to_send())
             await asyncio.wait_for(next_message(), conn.handshake_deadline - time.monotonic())  # WELCOME
-            self.codec, self.version = conn.codec, conn.version
+            self.codec, self.version, self.lossy = conn.codec, conn.version, conn.lossy
             self.say(f"joined {self.url} as {conn.peer_id} ({self.name}, budget {format_bytes(self.memory)}, "
                      f"codec {conn.codec}, heartbeat {conn.heartbeat:g} s)")
             await self._serve(conn, writer, next_message)
@@ -732,7 +733,8 @@ class Agent:
                 answer = Message(wire.UNLOADED, {"partition": h["partition"], "rss": current_rss()})
             else:
                 answer = self._run(message)
-            return answer.type, wire.encode_parts(answer, codec=self.codec, version=self.version)
+            lossy = h.get("lossy") if message.type == wire.RUN and h.get("lossy") in self.lossy else None
+            return answer.type, wire.encode_parts(answer, codec=self.codec, version=self.version, lossy=lossy)
         except Exception as exc:  # reported to the coordinator, the connection stays usable
             where = {"task": h["task"]} if message.type == wire.RUN else {"load": h.get("partition", "?")}
             if not wire.is_name(h.get("partition", h.get("task", ["?"])[0])):  # a message not from the wire

@@ -8,12 +8,15 @@ Only 127.0.0.1 is used.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import crowdgraph
 from crowdgraph import zoo
@@ -152,6 +155,104 @@ def test_closing_a_page_mid_run_still_matches_the_oracle(browser, tcp_helpers):
             page.close()
 
 
+def reload(page, ex: TcpExecutor, query: str) -> dict:
+    """Open the join URL again in ``page``; the page's state once it rejoined as a new worker."""
+    before = page.state().get("workerId")
+    # The token was scrubbed from the address bar, so a reload is opening the join URL again (from
+    # another document: the same URL with only a new fragment would not load the page again).
+    page.send("Page.navigate", {"url": "about:blank"})
+    page.send("Page.navigate", {"url": page_url(ex, query)})
+    return page.wait_for(lambda s: s.get("status") == "connected" and s.get("workerId") not in (None, before),
+                         60, "the reloaded page to rejoin")
+
+
+#: Flips one byte in the middle of a partition the page keeps in the Origin Private File System.
+CORRUPT_OPFS_ENTRY = """(async () => {
+  const folder = await (await navigator.storage.getDirectory()).getDirectoryHandle("crowdgraph-partitions");
+  const handle = await folder.getFileHandle("%s.onnx");
+  const bytes = new Uint8Array(await (await handle.getFile()).arrayBuffer());
+  bytes[bytes.length >> 1] ^= 0xff;
+  const out = await handle.createWritable();
+  await out.write(bytes);
+  await out.close();
+  return bytes.length;
+})()"""
+
+
+@pytest.mark.parametrize("store", ["opfs", "indexeddb"])
+def test_a_page_reloaded_mid_crowd_rejoins_and_loads_from_its_cache(browser, store):
+    """The page keeps what it loaded; reloaded, it announces it in HELLO and its loads are tier 2.
+
+    Over OPFS one entry is also changed on disk after the page announced it:
+    the page's sha256 check refuses it and the coordinator sends those bytes.
+    """
+    model = zoo.distilbert("tiny")
+    feeds = zoo.sample_inputs(model, batch=6, sequence=16)
+    compiled = crowdgraph.compile(model, partitions=4, input_shapes={k: (2, 16) for k in feeds})
+    names = {p.sha256: p.name for p in compiled.partitions}
+    query = f"memory=600&store={store}"
+    with TcpExecutor(web=True) as ex:
+        page, state = join(browser, ex, query)
+        assert state["cache"] == {"kind": store, "entries": 0, "bytes": 0, "bound": state["cache"]["bound"]}
+        compiled.run(feeds, executor=ex, microbatch=2, mode="barrier", timeout=RUN_TIMEOUT)
+        first = compiled.last_report
+        assert sorted(ld.partition for ld in first.loads if not ld.from_cache) == sorted(names.values())
+
+        before = state["workerId"]
+        state = reload(page, ex, query)
+        assert before not in ex.coordinator.workers
+        assert state["cache"]["entries"] == len(names) and state["cache"]["kind"] == store
+        assert state["cache"]["bytes"] == sum(len(p.model_bytes) for p in compiled.partitions)
+        assert sorted(ex.coordinator.workers[state["workerId"]].hello["cached"]) == sorted(names)
+        changed = None
+        if store == "opfs":
+            changed = compiled.partitions[1]
+            assert page.eval(CORRUPT_OPFS_ENTRY % changed.sha256) == len(changed.model_bytes)
+
+        got = compiled.run(feeds, executor=ex, microbatch=2, mode="barrier", timeout=RUN_TIMEOUT)
+        report = compiled.last_report
+        assert page.state()["cache"]["entries"] == len(names)  # the changed entry was stored again
+
+        # Opened again with a smaller bound, the page keeps the most recently used that fit in it.
+        bound = 400_000
+        trimmed = reload(page, ex, query + f"&cache={bound / 1e6}")
+        recent, size = [], 0
+        for part in reversed(compiled.partitions):  # the second run used them in plan order
+            if size + len(part.model_bytes) > bound:
+                break
+            recent.append(part.sha256)
+            size += len(part.model_bytes)
+        assert sorted(ex.coordinator.workers[trimmed["workerId"]].hello["cached"]) == sorted(recent)
+        assert trimmed["cache"]["bytes"] == size <= bound and trimmed["cache"]["bound"] == bound
+        page.close()
+    assert_matches(got, oracle(model, feeds))
+    assert {t.worker for t in report.tasks} == {state["workerId"]}
+    assert report.tier_counts.get(2) == len(names) and not {3, 4} & set(report.tier_counts), report.tier_counts
+    sent = [ld.partition for ld in report.loads if not ld.from_cache]
+    assert sent == ([] if changed is None else [changed.name])
+    assert sorted(ld.partition for ld in report.loads if ld.from_cache) == sorted(
+        p.name for p in compiled.partitions if p is not changed)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=st.lists(st.tuples(st.integers(1, 50), st.integers(0, 20)), max_size=10),
+       incoming=st.integers(0, 60), bound=st.integers(0, 200))
+def test_the_page_cache_evicts_the_least_recently_used_and_no_more(crowd, entries, incoming, bound):
+    """cache.mjs's eviction rule, run in the page: room for ``incoming``, oldest first, nothing extra."""
+    ex, pages, browser_ids = crowd
+    plain = [{"sha": f"{n:064x}", "size": size, "used": used} for n, (size, used) in enumerate(entries)]
+    evicted = pages[0].eval(f"import('/cache.mjs').then((m) => m.evictions({json.dumps(plain)}, {incoming}, {bound}))")
+    kept = [e for e in plain if e["sha"] not in evicted]
+    out = [e for e in plain if e["sha"] in evicted]
+    assert len(out) == len(evicted)
+    kept_bytes = sum(e["size"] for e in kept)
+    assert kept_bytes + incoming <= bound or not kept  # room made, unless nothing is left to remove
+    assert all(o["used"] <= k["used"] for o in out for k in kept)  # least recently used first
+    if out:  # and no more than needed: keeping the last one evicted would not have fit
+        last = next(e for e in plain if e["sha"] == evicted[-1])
+        assert kept_bytes + last["size"] + incoming > bound
+
+
 def test_a_frozen_page_is_lost_and_rejoins_as_a_new_worker(browser):
     """A background tab / a screen turned off: no heartbeat; when it comes back it rejoins."""
     with TcpExecutor(web=True, heartbeat=0.5) as ex:
@@ -255,9 +356,10 @@ def test_crowdgraph_serve_web_prints_the_join_url_and_a_qr_code_and_drives_pages
         page.wait_for(lambda s: s.get("status") == "connected", 60, "the page to join")
         monkeypatch.setenv("CROWDGRAPH_TOKEN", token)
         model, feeds, compiled = tiny_case()
-        time.sleep(1.0)  # the Python worker joins too
-        got = compiled.run(feeds, executor=url, microbatch=2, timeout=RUN_TIMEOUT)
-        report = compiled.last_report
+        # What executor=url opens, told to wait (60 s at most) until the Python worker has joined too.
+        with TcpExecutor.from_url(url, min_workers=2, join_timeout=60) as driver:
+            got = compiled.run(feeds, executor=driver, microbatch=2, timeout=RUN_TIMEOUT)
+            report = compiled.last_report
         assert_matches(got, oracle(model, feeds))
         assert len({t.worker for t in report.tasks}) == 2
         page.close()

@@ -6,6 +6,7 @@
 // the coordinator proves the token before anything is loaded.
 import { decodeFrame, encodeFrame, frameType, sign, sha256, hex, unhex, sameText, capIrVersion,
          stringsRaw, DTYPE_CODE, HAS_INFLATE } from "/proto.mjs";
+import { openCache } from "/cache.mjs";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -16,6 +17,7 @@ const MAX_IR_VERSION = 10;
 const state = window.crowdgraph = {
   status: "starting", detail: "", workerId: null, tasks: 0, partition: null, announced: 0,
   threads: 1, isolated: self.crossOriginIsolated === true, memory: null, loads: 0, log: [],
+  cache: { kind: "none", entries: 0, bytes: 0, bound: 0 },
 };
 
 function show(status, detail = "") {
@@ -36,6 +38,15 @@ const tokenText = fragment.get("token") || "";
 if (fragment.has("token")) history.replaceState(history.state, "", location.pathname + location.search);
 const token = new TextEncoder().encode(tokenText);
 const pureJs = params.get("purejs") === "1";     // force the pure-JS HMAC/SHA-256 (tests)
+
+// ---- the partition cache (cache.mjs): ?cache=MB bounds it (0: none), ?store=opfs|indexeddb picks one ----
+let cache = null;
+async function showCache() {
+  state.cache = cache ? { kind: cache.kind, bound: cache.bound, ...await cache.usage() } : { kind: "none", entries: 0, bytes: 0, bound: 0 };
+  const c = state.cache;
+  $("cache").textContent = cache ? `${c.entries} partitions, ${(c.bytes / MB).toFixed(1)} of ${(c.bound / MB).toFixed(0)} MB (${c.kind})`
+                                 : "off (no storage for the page here, or ?cache=0)";
+}
 
 // ---- budget: what the user sets, minus what the WASM runtime really costs ----
 let config = { runtime_bytes: 80 * MB, model_factor: 3, heartbeat: 5 };
@@ -96,13 +107,15 @@ function connect() {
   show("connecting");
   const socket = ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   socket.binaryType = "arraybuffer";
-  socket.onopen = () => {
+  socket.onopen = async () => {
+    const cached = cache ? await cache.digests().catch((err) => { note(`cache unreadable: ${err.message}`); return []; }) : [];
+    if (socket !== ws) return;
     state.announced = announce();
     $("announced").textContent = `${(state.announced / MB).toFixed(0)} MB`;
     lastRecv = lastSent = performance.now();
     send("HELLO", { versions: [1], name: `browser ${navigator.platform || ""}`.trim(), memory_budget: state.announced,
       cores: state.threads, platform: "browser-wasm", codecs: HAS_INFLATE ? ["lz4", "zlib", "none"] : ["lz4", "none"],
-      cached: [] });
+      cached });
   };
   socket.onmessage = (event) => { if (socket === ws) receive(new Uint8Array(event.data)); };
   socket.onclose = (event) => {
@@ -172,15 +185,30 @@ async function control(m) {
   drop(`unexpected ${m.type} during the handshake`);
 }
 
+// A LOAD from_cache: the partition's bytes from the cache, checked against its sha256 there.
+async function cached(sha) {
+  const bytes = cache ? await cache.get(sha) : null;
+  if (bytes === null) throw new Error(`not in this page's cache (absent, or changed since it was stored): ${sha.slice(0, 12)}`);
+  return bytes;
+}
+
+// A LOAD with the bytes: checked against the sha256, then kept in the cache (a full or failing
+// store costs the cache entry, never the load).
+async function received(sha, bytes) {
+  if (!bytes) throw new Error("a LOAD that is not from_cache carries the partition as the blob 'model'");
+  const digest = hex(await sha256(bytes, { pureJs }));
+  if (digest !== sha) throw new Error(`SHA-256 mismatch: got ${digest}`);
+  if (cache) await cache.put(sha, bytes).catch((err) => note(`${sha.slice(0, 12)} not cached: ${err.message}`));
+  return bytes;
+}
+
 async function work(m) {
   const h = m.header;
   if (m.type === "LOAD") {
     const t0 = performance.now();
-    if (h.from_cache || !m.blobs.model) { send("FAILED", { load: h.partition, error: "not cached: this page keeps no partition cache" }); return; }
     try {
-      const digest = hex(await sha256(m.blobs.model, { pureJs }));
-      if (digest !== h.sha256) throw new Error(`SHA-256 mismatch: got ${digest}`);
-      const capped = capIrVersion(m.blobs.model, MAX_IR_VERSION);
+      const bytes = h.from_cache ? await cached(h.sha256) : await received(h.sha256, m.blobs.model);
+      const capped = capIrVersion(bytes, MAX_IR_VERSION);
       if (capped.from !== capped.to) note(`${h.partition}: IR version ${capped.from} -> ${capped.to}`);
       const model = capped.bytes;
       modelBytes = model.byteLength;
@@ -188,6 +216,7 @@ async function work(m) {
       await call("load", { model }, [model.buffer]);
       state.loads++;
       send("LOADED", { partition: h.partition, sha256: h.sha256, seconds: (performance.now() - t0) / 1000, rss: estimatedRss() });
+      showCache().catch((err) => note(`cache unreadable: ${err.message}`));
     } catch (err) {
       state.partition = null; modelBytes = 0; $("partition").textContent = "none";
       send("FAILED", { load: h.partition, error: String(err.message || err) });
@@ -259,6 +288,11 @@ async function main() {
   const wanted = Number(params.get("threads")) || (self.crossOriginIsolated ? Math.min(navigator.hardwareConcurrency || 1, 4) : 1);
   state.threads = self.crossOriginIsolated ? Math.max(1, wanted) : 1;
   await call("init", { threads: state.threads });
+  const bound = params.has("cache") ? Math.max(0, Number(params.get("cache")) || 0) * MB : null;
+  cache = await openCache({ store: params.get("store") || "", bound }).catch((err) => {
+    note(`no partition cache: ${err.message}`); return null;
+  });
+  await showCache();
   $("threads").textContent = `${state.threads}${state.isolated ? " (cross-origin isolated)" : " (not isolated: one thread)"}`;
   connect();
   measure();
