@@ -41,11 +41,16 @@ chromium:
 demo: $(VENV)/.demo-installed
 	$(BIN)/crowdgraph demo
 
+# The suite runs in JOBS pytest processes (pytest-xdist), one test file per process at a time,
+# so a file's shared plans and clusters stay in one process.  JOBS=1 runs it in this process.
+JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
+
 test: $(VENV)/.test-installed web chromium
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test-installed web
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

@@ -1,7 +1,7 @@
 """Spot checks catch a worker that returns wrong numbers of the right shape.
 
-A crowd of four thread workers, one of which ("liar") adds 1 to every
-result it returns, as a broken NPU driver or a cheater might.  Without
+A crowd of four thread workers, one of which ("liar") returns every
+result with its last axis reversed, as a broken NPU driver or a cheater might.  Without
 ``audit=`` the run succeeds with wrong logits; with ``audit=0.5`` the
 liar's results are checked on other workers, it is quarantined, what it
 touched is computed again, and the logits equal the whole model's.  A
@@ -41,7 +41,7 @@ class _LyingReporter:
 class LyingThreads(ThreadExecutor):
     """Thread workers of which ``liar`` changes its results (keeping shape and dtype) on the tasks ``lies`` picks."""
 
-    def __init__(self, workers: list[Worker], liar: str, lie: Callable[[np.ndarray], np.ndarray],
+    def __init__(self, workers: list[WorkerInfo], liar: str, lie: Callable[[np.ndarray], np.ndarray],
                  lies: Callable[[int], bool] = lambda n: True):
         super().__init__(workers)
         self._liar, self._lie, self._lies = liar, lie, lies
@@ -58,8 +58,9 @@ class LyingThreads(ThreadExecutor):
             self._enqueue(worker, ("run", self.lying, key, partition, inputs))
 
 
-def add_one(value: np.ndarray) -> np.ndarray:
-    return value + np.asarray(1, dtype=value.dtype)
+def reverse(value: np.ndarray) -> np.ndarray:
+    """A lie no later layer hides (a LayerNormalization cancels a constant added to its input)."""
+    return value[..., ::-1]
 
 
 def main() -> None:
@@ -68,10 +69,11 @@ def main() -> None:
     compiled = crowdgraph.compile(model, partitions=3, sample={k: v[:2] for k, v in batch.items()})
     expected = run_session(open_session(model.SerializeToString()), batch)["logits"]
     crowd = [WorkerInfo("liar", memory="64MB", speed=2.0)] + [WorkerInfo(f"phone-{k}", memory="64MB") for k in range(3)]
-    with LyingThreads(crowd, "liar", add_one) as executor:
+    with LyingThreads(crowd, "liar", reverse) as executor:
         trusted = compiled.run(batch, executor=executor, microbatch=2)
-        print(f"audit off: max abs difference to the whole model: "
-              f"{np.max(np.abs(trusted['logits'] - expected)):.2e}")
+        lied = sum(task.worker == "liar" for task in compiled.last_report.tasks)
+        print(f"audit off: the liar ran {lied} tasks; logits up to {np.max(np.abs(expected)):.2e}; "
+              f"max abs difference to the whole model: {np.max(np.abs(trusted['logits'] - expected)):.2e}")
         checked = compiled.run(batch, executor=executor, microbatch=2, audit=0.5)
         print(compiled.last_report)
         print(f"audit on: max abs difference to the whole model: {np.max(np.abs(checked['logits'] - expected)):.2e}")

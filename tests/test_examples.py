@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -66,7 +67,8 @@ def test_audit_liar(tmp_path):
     out = run_example("audit_liar.py", cwd=tmp_path)
     diffs = {line.split(":")[0]: float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
              if "max abs difference to the whole model" in line}
-    assert diffs["audit off"] > 0.5  # the liar's numbers reach the logits unnoticed
+    assert int(re.search(r"the liar ran (\d+) tasks", out)[1]) > 0
+    assert diffs["audit off"] > 1e-3  # the liar's numbers reach the logits (up to 0.06) unnoticed
     assert diffs["audit on"] <= 1e-4 and diffs["private"] <= 1e-4
     assert "quarantined: liar" in out and "ran at home" in out
 
