@@ -8,6 +8,7 @@ from typing import Any, Callable
 import pytest
 
 distributed = pytest.importorskip("distributed")
+import dask  # noqa: E402  (with distributed)
 
 
 def cluster_kwargs(**kwargs: Any) -> dict[str, Any]:
@@ -18,6 +19,14 @@ def cluster_kwargs(**kwargs: Any) -> dict[str, Any]:
     if not options["processes"]:
         options["protocol"] = "tcp://"  # not inproc://, so scheduler_port=0 and host apply
     return options
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_spilling_or_pausing():
+    """Workers neither spill nor pause: one in the test process (``processes=False``) would measure
+    the whole process (GBs late in the suite), pause itself and stall its cluster's close for 30 s."""
+    with dask.config.set({f"distributed.worker.memory.{key}": False for key in ("target", "spill", "pause")}):
+        yield
 
 
 @pytest.fixture(scope="session")
