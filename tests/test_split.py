@@ -341,19 +341,15 @@ def full_distilbert():
     return model, zoo.sample_inputs(model, batch=1, sequence=128)
 
 
-@pytest.mark.slow  # test_small_distilbert_at_2_to_3_mb splits the same Gather and MatMul nodes, fast
-def test_embedded_distilbert_full_at_16mb(full_distilbert):
-    _full_distilbert_at(*full_distilbert, "16MB", {"Gather", "MatMul"})
+# Full size at three budgets, each compile about 10 s: the embedded model at 16 MB is
+# test_split_small_budget_example's, and test_small_distilbert_at_2_to_3_mb splits the same nodes fast.
+@pytest.mark.slow
+def test_embedded_distilbert_full_at_24mb(full_distilbert):
+    _full_distilbert_at(*full_distilbert, "24MB", {"Gather"})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("budget", ["48MB", "32MB", "24MB"])
-def test_embedded_distilbert_full(full_distilbert, budget):
-    _full_distilbert_at(*full_distilbert, budget, {"Gather"})
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("budget,ops", [("48MB", {"Gather"}), ("32MB", {"Gather"}), ("16MB", {"Gather", "MatMul"})])
+@pytest.mark.parametrize("budget,ops", [("48MB", {"Gather"}), ("16MB", {"Gather", "MatMul"})])
 def test_exported_distilbert_full(budget, ops):
     path = models.exported_distilbert("full")
     feeds = models.exported_distilbert_inputs(1, 128, size="full")
@@ -823,15 +819,10 @@ def test_transformer_chunks_along_the_sequence_below_its_old_floor(tiny_distilbe
     assert "regions tiled to fit the budget:" in out and "chunks by sequence" in out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("which", ["embedded", "exported"])
-def test_distilbert_at_a_long_sequence_compiles_far_below_its_unchunked_floor(which):
-    if which == "embedded":
-        model = zoo.distilbert("full")
-        feeds = zoo.sample_inputs(model, batch=1, sequence=512)
-    else:
-        model = str(models.exported_distilbert("full"))
-        feeds = models.exported_distilbert_inputs(1, 512, size="full")
+@pytest.mark.slow  # the embedded model has the same layers, without the exported attention's NaN guards
+def test_exported_distilbert_at_a_long_sequence_compiles_far_below_its_unchunked_floor():
+    model = str(models.exported_distilbert("full"))
+    feeds = models.exported_distilbert_inputs(1, 512, size="full")
     og = lower(model, {name: value.shape for name, value in feeds.items()})
     assert max(e.resident_bytes for e in node_estimates(og)) > 58_000_000, "unchunked, attention needs 58 MB"
     compiled = crowdgraph.compile(model, "16MB", sample=feeds)
