@@ -53,11 +53,10 @@ def test_tiny_model_partitions_stay_within_estimates(tmp_path):
     assert_within_estimates(crowdgraph.compile(model, partitions=3, sample=feeds), feeds, tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("batch", [1, 8])
-def test_embedded_distilbert_at_128mb(tmp_path, batch):
+@pytest.mark.slow  # at 1 x 128 the TCP workers' RSS is polled at 128 MB (test_memory_instant)
+def test_embedded_distilbert_at_128mb_8_rows(tmp_path):
     model = zoo.distilbert("full")
-    feeds = zoo.sample_inputs(model, batch=batch, sequence=128)
+    feeds = zoo.sample_inputs(model, batch=8, sequence=128)
     assert_within_estimates(crowdgraph.compile(model, "128MB", sample=feeds), feeds, tmp_path)
 
 
