@@ -86,7 +86,6 @@ def _image_case(name: str):
 
 @pytest.mark.parametrize("name,budget", [
     ("inception_v1", "16MB"),
-    pytest.param("resnet50", "16MB", marks=pytest.mark.slow),
     pytest.param("densenet121", "16MB", marks=pytest.mark.slow),
     pytest.param("unet", "32MB", marks=pytest.mark.slow),
 ])
