@@ -1,12 +1,12 @@
 """Spot checks catch a worker that returns wrong numbers of the right shape.
 
 A crowd of four thread workers, one of which ("liar") returns every
-result with its last axis reversed, as a broken NPU driver or a cheater might.  Without
-``audit=`` the run succeeds with wrong logits; with ``audit=0.5`` the
-liar's results are checked on other workers, it is quarantined, what it
-touched is computed again, and the logits equal the whole model's.  A
-last run with ``private=True`` keeps the partitions that read the inputs
-and produce the logits in this process.
+result with its last axis reversed, as a broken NPU driver or a cheater
+might.  Without ``audit=`` the run succeeds with wrong logits; with
+``audit=0.5`` the liar's results are checked on other workers, it is
+quarantined, what it touched is computed again, and the logits equal the
+whole model's.  A last run with ``private=True`` keeps the partitions
+that read the inputs and produce the logits in this process.
 
 Run it: ``python examples/audit_liar.py``
 """
