@@ -207,6 +207,7 @@ class DriverBridge:
         #: sha256 -> partition name, for the current run's plan.
         self.by_sha: dict[str, str] = {}
         self._offsets: dict[str, float] = {}
+        self._last_end: dict[str, float] = {}
 
     # -- runs ---------------------------------------------------------------
 
@@ -234,6 +235,7 @@ class DriverBridge:
     def lost(self, worker: str) -> None:
         """Forget what was measured of ``worker``."""
         self._offsets.pop(worker, None)
+        self._last_end.pop(worker, None)
 
     # -- actions -> frames --------------------------------------------------
 
@@ -318,8 +320,9 @@ class DriverBridge:
                 pending.reporter.task_failed(worker, pending.key, h.get("error", "failed"))
         elif isinstance(pending, PendingLoad):
             if kind == wire.LOADED:
-                pending.reporter.loaded(worker, action.partition, start=max(action.sent, received - h["seconds"]),
-                                        end=received, bytes_sent=0 if action.from_cache else action.size,
+                start, end = self._in_order(worker, max(action.sent, received - h["seconds"]), received)
+                pending.reporter.loaded(worker, action.partition, start=start,
+                                        end=end, bytes_sent=0 if action.from_cache else action.size,
                                         from_cache=action.from_cache, rss=h["rss"])
             elif action.from_cache:
                 LOG.info("worker %s no longer caches %s (%s); sending its bytes", worker, action.partition,
@@ -342,4 +345,18 @@ class DriverBridge:
         offset = min(self._offsets.get(worker, received - end), received - end)
         self._offsets[worker] = offset
         end = max(sent, min(received, end + offset))
-        return min(end, max(sent, start + offset)), end
+        return self._in_order(worker, min(end, max(sent, start + offset)), end)
+
+    def _in_order(self, worker: str, start: float, end: float) -> tuple[float, float]:
+        """``start, end``, moved no earlier than the end of ``worker``'s previous answer.
+
+        A worker carries out one action at a time, in the order its answers
+        arrive; mapped times must keep that order, or a load would seem to
+        begin while the task before it still ran.  (The clock offset only
+        shrinks as shorter trips are seen, so an early answer's times can map
+        later than a following one's.)
+        """
+        start = max(start, self._last_end.get(worker, start))
+        end = max(end, start)
+        self._last_end[worker] = end
+        return start, end

@@ -152,6 +152,37 @@ def test_worker_times_map_into_the_send_to_receive_window(two_partitions, offset
         assert stats.end >= end_w + offset - 1e-6 * (1 + abs(offset))
 
 
+@settings(max_examples=80, deadline=None)
+@given(offset=st.floats(-1e4, 1e4), actions=st.lists(
+    st.tuples(st.booleans(), st.floats(0, 2), st.floats(0, 5), st.floats(0, 2), st.floats(0, 1)), min_size=2, max_size=8))
+def test_a_workers_answers_map_in_the_order_it_carried_them_out(two_partitions, offset, actions):
+    """Invariant: actions sent before the previous one finished (as the scheduler pipelines a LOAD
+    behind a RUN) run one at a time on the worker, and their mapped times never overlap: a load
+    never seems to begin while the task before it still ran."""
+    part = next(iter(two_partitions.values()))
+    bridge, notices, *_ = started(two_partitions)
+    sent = began = ended = arrived = 0.0
+    previous_end = -float("inf")
+    for i, (is_load, gap, compute, trip_out, trip_back) in enumerate(actions):
+        sent += gap
+        began = max(sent + trip_out, ended)          # the worker's one compute thread, in order
+        ended = began + compute
+        arrived = max(arrived, ended + trip_back)    # one TCP stream: answers arrive in order
+        if is_load:
+            action = bridge.load("w1", part, from_cache=False)
+            answer = Message(wire.LOADED, {"partition": part.name, "sha256": part.sha256, "seconds": compute, "rss": 1})
+        else:
+            action = bridge.run("w1", (part.name, i), part, {}, lambda m: [b""])
+            answer = Message(wire.RESULT, {"task": [part.name, i], "start": began - offset, "end": ended - offset,
+                                           "peak_rss": 1, "rss": 1})
+        action.sent = sent
+        bridge.answered("w1", action, answer, 10, arrived)
+        times = notices[-1] if is_load else notices[-1].stats
+        assert sent <= times.start <= times.end <= arrived
+        assert times.start >= previous_end
+        previous_end = times.end
+
+
 def test_answers_match_their_actions_by_kind_and_key(two_partitions):
     part = next(iter(two_partitions.values()))
     bridge, *_ = started(two_partitions)
