@@ -10,7 +10,9 @@ exceed the partition's estimate.
 
 Run as ``python -m crowdgraph.measure PARTITION.onnx INPUTS.npz`` it prints
 one JSON object: ``cold_floor`` (the RSS before the warm-up), ``floor``,
-``peak``, ``above_floor`` (bytes) and ``seconds``.  With ``--cold`` the
+``peak``, ``above_floor`` (bytes), ``file_added`` (how much of the RSS
+after the run, against the floor, is file-backed: library code and mapped
+files, which the estimate's runtime part must cover too) and ``seconds``.  With ``--cold`` the
 warm-up is skipped, so ``above_floor`` includes the once-cost.
 """
 
@@ -36,6 +38,15 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def file_backed_rss() -> int:
+    """Bytes of this process's RSS backed by files (``statm``'s shared pages; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[2]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def peak_rss_since_reset() -> int:
@@ -97,7 +108,7 @@ def _main(argv: list[str]) -> None:
     cold_floor = current_rss()
     if not cold:
         warm_up()
-    floor = current_rss()
+    floor, file_floor = current_rss(), file_backed_rss()
     reset_peak_rss()
     start = time.perf_counter()
     session = open_session(model_file)
@@ -106,7 +117,8 @@ def _main(argv: list[str]) -> None:
     run_session(session, feeds)
     seconds = time.perf_counter() - start
     peak = peak_rss_since_reset()
-    print(json.dumps({"cold_floor": cold_floor, "floor": floor, "peak": peak, "above_floor": peak - floor, "seconds": seconds}))
+    print(json.dumps({"cold_floor": cold_floor, "floor": floor, "peak": peak, "above_floor": peak - floor,
+                      "file_added": file_backed_rss() - file_floor, "seconds": seconds}))
 
 
 if __name__ == "__main__":
