@@ -40,15 +40,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def file_backed_rss() -> int:
-    """Bytes of this process's RSS backed by files (``statm``'s shared pages; 0 where unknown)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[2]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def peak_rss_since_reset() -> int:
     """Peak RSS in bytes since the last :func:`reset_peak_rss` (or since start)."""
     from .runtime import peak_rss
@@ -100,7 +91,7 @@ def _main(argv: list[str]) -> None:
     import onnx  # noqa: F401  (part of the floor: workers write received partitions with it)
     import onnxruntime  # noqa: F401  (part of the floor)
 
-    from .runtime import current_rss, open_session, run_session, tune_allocator, warm_up
+    from .runtime import current_rss, file_backed_rss, open_session, run_session, tune_allocator, warm_up
 
     cold = "--cold" in argv
     model_file, npz = [a for a in argv if a != "--cold"]
