@@ -33,17 +33,16 @@ Run: python -m benchmarks.memory [--quick]
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import tempfile
-import threading
 import time
 from typing import Any
 
 import crowdgraph
 from crowdgraph.errors import BudgetError
-from crowdgraph.measure import measure_in_fresh_process
+from crowdgraph.measure import RssSampler, measure_in_fresh_process
+from crowdgraph.runtime import current_rss
 from crowdgraph.split import smallest_budget
 from crowdgraph.units import parse_bytes
 
@@ -66,41 +65,6 @@ def _tcp():
     return TcpExecutor
 
 
-def _rss_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-class RssSampler:
-    """Poll the RSS of some processes from a thread; keep each one's maximum."""
-
-    def __init__(self, pids: dict[str, int], every: float = 0.004):
-        self.pids = pids
-        self.every = every
-        self.max: dict[str, int] = {w: _rss_of(pid) for w, pid in pids.items()}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for w, pid in self.pids.items():
-                rss = _rss_of(pid)
-                if rss > self.max[w]:
-                    self.max[w] = rss
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _crowd_run(TcpExecutor: Any, compiled: Any, feeds: dict[str, Any], budget: str) -> list[dict[str, Any]]:
     """Run ``compiled`` once on a fresh local TCP crowd; one row per worker."""
     n = len(compiled.partitions)
@@ -108,8 +72,8 @@ def _crowd_run(TcpExecutor: Any, compiled: Any, feeds: dict[str, Any], budget: s
     try:
         peers = dict(ex.coordinator.workers)
         floors = {w: getattr(peers.get(w), "floor_rss", None) for w in ex.processes}
-        idle = {w: _rss_of(p.pid) for w, p in ex.processes.items()}  # seen from outside, before any load
-        with RssSampler({w: p.pid for w, p in ex.processes.items()}) as sampler:
+        idle = {w: current_rss(p.pid) for w, p in ex.processes.items()}  # seen from outside, before any load
+        with RssSampler({w: p.pid for w, p in ex.processes.items()}, period=0.004) as sampler:
             compiled.run(feeds, ex)
         report = compiled.last_report
     finally:
@@ -124,8 +88,8 @@ def _crowd_run(TcpExecutor: Any, compiled: Any, feeds: dict[str, Any], budget: s
             "estimate": max((compiled[p].resident_bytes for p in parts), default=0),
             "floor": floor, "idle_rss_outside": idle.get(w), "peak_rss": peak,
             "above_floor": (peak - floor) if peak and floor else None,
-            "sampled_max_rss": sampler.max.get(w),
-            "sampled_above_floor": (sampler.max[w] - floor) if sampler.max.get(w) and floor else None,
+            "sampled_max_rss": sampler.peak.get(w),
+            "sampled_above_floor": (sampler.peak[w] - floor) if sampler.peak.get(w) and floor else None,
         })
     return rows
 

@@ -24,6 +24,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Mapping
 
@@ -45,6 +46,47 @@ def peak_rss_since_reset() -> int:
     from .runtime import peak_rss
 
     return peak_rss()
+
+
+class RssSampler:
+    """Polls processes' RSS from outside on a thread, as an out-of-memory killer would see them.
+
+    ``peak`` holds each process's largest RSS seen (bytes), ``hertz`` the
+    sweeps over all of them per second (set on exit).  Reads ``/proc``, so
+    Linux only.
+
+    >>> with RssSampler({"me": os.getpid()}) as sampler:
+    ...     ballast = bytearray(20_000_000)
+    ...     time.sleep(0.05)
+    >>> sampler.peak["me"] > 20_000_000 and sampler.hertz > 0
+    True
+    """
+
+    def __init__(self, pids: Mapping[str, int], period: float = 0.002):
+        from .runtime import current_rss
+
+        self._rss, self.pids, self.period = current_rss, dict(pids), period
+        self.peak = {name: current_rss(pid) for name, pid in self.pids.items()}
+        self.samples, self.hertz = 0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                self.peak[name] = max(self.peak[name], self._rss(pid))
+            self.samples += 1
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "RssSampler":
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.hertz = self.samples / (time.perf_counter() - self._started)
 
 
 def measure_in_fresh_process(model_file: str | os.PathLike, feeds: Mapping[str, np.ndarray], timeout: float = 300,

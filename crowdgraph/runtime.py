@@ -211,19 +211,19 @@ def peak_rss() -> int:
     return int(peak) if os.uname().sysname == "Darwin" else int(peak) * 1024
 
 
-def current_rss() -> int:
-    """Current resident set size of this process in bytes (0 where unknown)."""
-    return _statm_bytes(1)
+def current_rss(pid: int | None = None) -> int:
+    """Current resident set size in bytes of this process, or of process ``pid`` (0 where unknown)."""
+    return _statm_bytes(1, pid)
 
 
 def file_backed_rss() -> int:
     """The part of :func:`current_rss` backed by files: library code, mapped files (0 where unknown)."""
-    return _statm_bytes(2)
+    return _statm_bytes(2, None)
 
 
-def _statm_bytes(field: int) -> int:
+def _statm_bytes(field: int, pid: int | None) -> int:
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{'self' if pid is None else pid}/statm") as f:
             return int(f.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
