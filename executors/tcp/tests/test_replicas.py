@@ -7,6 +7,7 @@ workers are the conformance suite's replica case.)"""
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import numpy as np
@@ -84,4 +85,7 @@ def test_no_progress_ends_the_run_naming_the_stuck_task_and_worker(tiny):
         resume(executor, stopped)
         executor.close()
     text = str(info.value)
-    assert "no progress for" in text and f"('p0', 0) on {stopped[0]}" in text and "stall_timeout=" in text
+    # The worker may finish the micro-batch it had begun before the stop reaches it: the stuck task
+    # is then a later one of the same partition.
+    assert "no progress for" in text and "stall_timeout=" in text
+    assert re.search(rf"waiting for \('p0', \d+\) on {stopped[0]}", text), text
