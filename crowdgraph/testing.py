@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -112,23 +112,10 @@ class _GenerationCase:
         }
 
 
-_CASE: _Case | None = None
-_REPLICA_CASE: _ReplicaCase | None = None
-_GENERATION_CASE: _GenerationCase | None = None
-
-
-def _generation_case() -> _GenerationCase:
-    global _GENERATION_CASE
-    if _GENERATION_CASE is None:
-        _GENERATION_CASE = _GenerationCase()
-    return _GENERATION_CASE
-
-
-def _replica_case() -> _ReplicaCase:
-    global _REPLICA_CASE
-    if _REPLICA_CASE is None:
-        _REPLICA_CASE = _ReplicaCase()
-    return _REPLICA_CASE
+# Each case is built once per process, when a test first needs it.
+_case = cache(_Case)
+_replica_case = cache(_ReplicaCase)
+_generation_case = cache(_GenerationCase)
 
 
 def assert_one_partition_at_a_time(report: Any, partitions: Sequence[Any]) -> None:
@@ -143,13 +130,6 @@ def assert_one_partition_at_a_time(report: Any, partitions: Sequence[Any]) -> No
                 f"{wid} ran {task.partition} micro-batch {task.microbatch} while holding "
                 f"{before[-1] if before else 'nothing'}")
             assert need[task.partition] <= worker.memory, f"{task.partition} does not fit {wid}"
-
-
-def _case() -> _Case:
-    global _CASE
-    if _CASE is None:
-        _CASE = _Case()
-    return _CASE
 
 
 def _assert_close(got: dict[str, Any], want: dict[str, np.ndarray]) -> None:
