@@ -19,7 +19,7 @@ from crowdgraph.audit import (
 )
 from crowdgraph.errors import ExecutionError, InputError
 from crowdgraph.runtime import open_session, run_session
-from crowdgraph.schedule import LoadFinished, Run, Scheduler, TaskFinished, WorkerInfo, WorkerLost
+from crowdgraph.schedule import Run, Scheduler, TaskFinished, WorkerLost
 from tests.models import chain
 from tests.oracle import assert_matches, oracle
 

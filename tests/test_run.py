@@ -92,7 +92,7 @@ def test_report_agrees_with_events(tmp_path):
     model, feeds = batched(models.chain(), 8)
     compiled = crowdgraph.compile(model, partitions=3, sample=feeds)
     with ThreadExecutor(workers=2) as ex:
-        got = compiled.run(feeds, executor=ex, microbatch=2)
+        compiled.run(feeds, executor=ex, microbatch=2)
         report = compiled.last_report
     assert len(report.tasks) == 3 * 4
     assert sorted((t.partition, t.microbatch) for t in report.tasks) == sorted(

@@ -477,7 +477,6 @@ def test_tls_crowd_matches_the_oracle(tmp_path):
                            worker_args=["--cafile", str(cert)]) as ex:
         assert ex.url.startswith("tls://")
         got = compiled.run(feeds, executor=ex, microbatch=2, timeout=RUN_TIMEOUT)
-        report = compiled.last_report
         assert_matches(got, oracle(model, feeds))
         # A plain-TCP peer on the TLS port gets nowhere.
         sock = _connect(ex.coordinator.port)
