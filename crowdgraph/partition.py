@@ -41,7 +41,11 @@ several later partitions goes from its producer straight to each reader,
 so branches and skip connections need no special case.  A dynamic
 programme over cut positions picks, among cuts whose every partition fits
 the budget, the one with the fewest partitions, then the fewest bytes sent
-between partitions, then the smallest largest weights.
+between partitions, then the smallest largest weights.  The estimate is not
+monotone in a run's length (a run that ends just before the reader of a
+large tensor must copy it out; one node more and it is freed inside), so
+from each start every run is scanned, once and in linear time, until the
+part of the estimate that only grows is over the budget.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import networkx as nx
 import onnx
@@ -86,6 +90,18 @@ class Estimate:
     def resident_bytes(self) -> int:
         """The whole estimate: weights + activations + runtime overhead."""
         return self.weight_bytes + self.activation_bytes + self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """What the cut needs to know of one run ``nodes[i:end]``."""
+
+    end: int
+    resident_bytes: int
+    #: The part of ``resident_bytes`` that never shrinks as the run grows.
+    floor_bytes: int
+    fed_bytes: int
+    weight_bytes: int
 
 
 @dataclass
@@ -146,6 +162,15 @@ class _Cutter:
             tuple(dict.fromkeys(r for r in nd.inputs if r not in og.constant_bytes)) for nd in og.nodes]
         self.made: list[tuple[tuple[str, int], ...]] = [
             tuple((o, self.size.get(o, 0)) for o in nd.outputs) for nd in og.nodes]
+        # For scan(): bytes each node makes, of those the bytes nothing reads, and
+        # (producer, bytes) of the tensors whose last reader it is.
+        self.made_bytes = [sum(nbytes for _, nbytes in made) for made in self.made]
+        self.unread_bytes = [sum(nbytes for o, nbytes in made if o not in self.last_reader) for made in self.made]
+        self.last_read_at: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+        for k, made in enumerate(self.made):
+            for o, nbytes in made:
+                if self.last_reader.get(o, n) < n:
+                    self.last_read_at[self.last_reader[o]].append((k, nbytes))
 
     def _constant_closure(self, node: OpNode) -> frozenset[str]:
         """Constant tensors (built and initializers) a node needs."""
@@ -196,59 +221,63 @@ class _Cutter:
         overhead = RUNTIME_BASE_BYTES + RUNTIME_NODE_BYTES * (j - i)
         return Estimate(weights, activations, overhead, tuple(inputs), outputs)
 
-    def input_bytes_by_end(self, i: int, stop: int) -> list[int]:
-        """Bytes fed to ``nodes[i:j]`` for every j in (i, stop]."""
-        seen: set[str] = set()
-        total = 0
-        result = []
-        for k in range(i, stop):
-            for r in self.variable_reads(self.nodes[k]):
-                if r not in seen and self.producer.get(r, -1) < i:
-                    seen.add(r)
-                    total += self.og.nbytes(r)
-            result.append(total)
-        return result
+    def scan(self, i: int) -> Iterator[RunEstimate]:
+        """The estimates of ``nodes[i:j]`` for j = i+1, i+2, ... in one pass.
 
-    def weights_by_end(self, i: int, stop: int) -> list[int]:
-        """Weight bytes of ``nodes[i:j]`` for every j in (i, stop]."""
-        seen: set[str] = set()
-        total = 0
-        result = []
-        for k in range(i, stop):
-            for c in self.node_constants[k] - seen:
-                seen.add(c)
-                total += self.og.constant_bytes.get(c, 0)
-            result.append(total)
-        return result
-
-    def furthest_ends(self, budget: int) -> list[int]:
-        """For each start i, the largest j such that ``nodes[i:j]`` fits.
-
-        Two pointers: a run that fits still fits without its first node,
-        so the furthest end never moves back as the start moves on.
+        Equal to :meth:`estimate` for every j, in time linear in the run
+        rather than quadratic: a tensor made at p is live at step k < j
+        exactly when p <= k and its last reader anywhere is at k or later
+        (an output of the run is never freed, and an internal tensor's last
+        reader is in the run), so the live bytes at each step do not depend
+        on where the run ends, only the outputs' copies do.
         """
-        n = len(self.nodes)
-        ends = []
-        j = 1
-        for i in range(n):
-            j = max(j, i + 1)
-            while j > i + 1 and self.estimate(i, j).resident_bytes > budget:
-                j -= 1  # the estimate is not strictly monotone; step back
-            if j == i + 1 and self.estimate(i, j).resident_bytes > budget:
-                self._too_small(i, budget)
-            while j < n and self.estimate(i, j + 1).resident_bytes <= budget:
-                j += 1
-            ends.append(j)
-        return ends
+        size, producer = self.size, self.producer
+        constant_bytes = self.og.constant_bytes
+        seen_inputs: set[str] = set()
+        seen_constants: set[str] = set()
+        fed = weights = made_live = live_peak = 0
+        for k in range(i, len(self.nodes)):
+            for c in self.node_constants[k]:
+                if c not in seen_constants:
+                    seen_constants.add(c)
+                    weights += constant_bytes.get(c, 0)
+            for r in self.reads[k]:
+                if r not in seen_inputs and producer.get(r, -1) < i:
+                    seen_inputs.add(r)
+                    fed += size.get(r, 0)
+            made_live += self.made_bytes[k]
+            live_peak = max(live_peak, made_live)
+            made_live -= self.unread_bytes[k]
+            made_live -= sum(nbytes for p, nbytes in self.last_read_at[k] if p >= i)
+            overhead = RUNTIME_BASE_BYTES + RUNTIME_NODE_BYTES * (k + 1 - i)
+            # After node k, the tensors of the run still live are its outputs.
+            activations = int(ACTIVATION_FACTOR * max(fed + live_peak, fed + 2 * made_live))
+            floor = weights + int(ACTIVATION_FACTOR * (fed + live_peak)) + overhead
+            yield RunEstimate(k + 1, weights + activations + overhead, floor, fed, weights)
+
+    def runs_from(self, i: int, budget: int) -> Iterator[RunEstimate]:
+        """The runs ``nodes[i:j]`` that fit ``budget``, shortest first.
+
+        The scan stops once the part of the estimate that never shrinks as
+        a run grows (weights, inputs, the live peak so far, the runtime)
+        is over the budget; the rest (the outputs' copies) can shrink, so a
+        longer run may fit where a shorter one did not.
+        """
+        for run in self.scan(i):
+            if run.floor_bytes > budget:
+                return
+            if run.resident_bytes <= budget:
+                yield run
 
     def smallest_budget(self) -> int:
         """The smallest budget at which every node fits on its own."""
         return max(self.estimate(i, i + 1).resident_bytes for i in range(len(self.nodes)))
 
-    def _too_small(self, i: int, budget: int) -> None:
+    def _too_small(self, budget: int) -> BudgetError:
+        i = next(i for i in range(len(self.nodes)) if self.estimate(i, i + 1).resident_bytes > budget)
         node = self.nodes[i]
         need = self.estimate(i, i + 1)
-        raise BudgetError(
+        return BudgetError(
             f"node {node.name!r} ({node.op_type}) needs {format_bytes(need.resident_bytes)} "
             f"on its own (weights {format_bytes(need.weight_bytes)}, activations "
             f"{format_bytes(need.activation_bytes)}, runtime {format_bytes(need.overhead_bytes)}), "
@@ -261,7 +290,6 @@ class _Cutter:
     def cut(self, budget: int) -> list[tuple[int, int]]:
         """Best cut into runs that fit ``budget`` (fewest, then least traffic)."""
         n = len(self.nodes)
-        ends = self.furthest_ends(budget)
         INF = (float("inf"), float("inf"), float("inf"))
         best: list[tuple[float, float, float]] = [INF] * (n + 1)
         back = [0] * (n + 1)
@@ -270,39 +298,33 @@ class _Cutter:
             if best[i] == INF:
                 continue
             count, traffic, heaviest = best[i]
-            fed = self.input_bytes_by_end(i, ends[i])
-            weights = self.weights_by_end(i, ends[i])
-            for j in range(i + 1, ends[i] + 1):
-                cand = (count + 1, traffic + fed[j - i - 1], max(heaviest, weights[j - i - 1]))
-                if cand < best[j]:
-                    best[j] = cand
-                    back[j] = i
+            for run in self.runs_from(i, budget):
+                cand = (count + 1, traffic + run.fed_bytes, max(heaviest, run.weight_bytes))
+                if cand < best[run.end]:
+                    best[run.end] = cand
+                    back[run.end] = i
+        if best[n] == INF:
+            raise self._too_small(budget)  # when every node fits alone, runs of one reach the end
         runs = []
         j = n
         while j > 0:
             runs.append((back[j], j))
             j = back[j]
         runs.reverse()
-        return self._repair(runs, budget)
-
-    def _repair(self, runs: list[tuple[int, int]], budget: int) -> list[tuple[int, int]]:
-        """Split any run whose exact estimate exceeds the budget (rare)."""
-        fixed = []
-        for i, j in runs:
-            while i < j:
-                end = i + 1
-                while end < j and self.estimate(i, end + 1).resident_bytes <= budget:
-                    end += 1
-                fixed.append((i, end))
-                i = end
-        return fixed
+        return runs
 
     def count_at(self, budget: int) -> int:
-        """Fewest runs at ``budget`` (greedy, which is optimal for the count)."""
-        ends = self.furthest_ends(budget)
+        """Runs of a greedy cut at ``budget`` (each run as long as fits).
+
+        At least as many as :meth:`cut` gives at this budget, which may
+        use shorter runs where a longer one's outputs are larger.
+        """
         i = count = 0
         while i < len(self.nodes):
-            i = ends[i]
+            ends = [run.end for run in self.runs_from(i, budget)]
+            if not ends:
+                raise self._too_small(budget)
+            i = ends[-1]
             count += 1
         return count
 

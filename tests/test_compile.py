@@ -16,7 +16,7 @@ from onnx import helper
 import crowdgraph
 from crowdgraph import zoo
 from crowdgraph.lower import lower, outer_scope_names
-from crowdgraph.partition import RUNTIME_BASE_BYTES
+from crowdgraph.partition import RUNTIME_BASE_BYTES, _Cutter
 from tests import models, plans
 from tests.oracle import assert_matches, oracle, run_partitions
 
@@ -168,6 +168,31 @@ def test_random_dags(seed, n_nodes, fraction):
         return
     check_plan(compiled, model, budget)
     assert_matches(run_partitions(compiled, feeds), oracle(model, feeds))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), n_nodes=st.integers(1, 14), fraction=st.floats(0.0, 1.0))
+def test_the_cut_scans_runs_exactly_and_takes_the_fewest_that_fit(seed, n_nodes, fraction):
+    model, feeds = models.random_dag(seed, n_nodes)
+    cutter = _Cutter(lower(model, {k: v.shape for k, v in feeds.items()}))
+    n = len(cutter.nodes)
+    fits: dict[int, list[int]] = {}
+    budget = int(cutter.smallest_budget() + fraction * cutter.estimate(0, n).resident_bytes)
+    for i in range(n):
+        scanned = list(cutter.scan(i))
+        assert [r.end for r in scanned] == list(range(i + 1, n + 1))
+        assert [r.resident_bytes for r in scanned] == [cutter.estimate(i, r.end).resident_bytes for r in scanned]
+        floors = [r.floor_bytes for r in scanned]
+        assert floors == sorted(floors) and all(r.floor_bytes <= r.resident_bytes for r in scanned)
+        fits[i] = [r.end for r in scanned if r.resident_bytes <= budget]
+        assert [r.end for r in cutter.runs_from(i, budget)] == fits[i]
+    fewest = [0] + [n + 1] * n  # fewest runs that fit covering nodes[:j], by brute force
+    for i in range(n):
+        for j in fits[i]:
+            fewest[j] = min(fewest[j], fewest[i] + 1)
+    runs = cutter.cut(budget)
+    assert len(runs) == fewest[n] <= cutter.count_at(budget)
+    assert all(cutter.estimate(i, j).resident_bytes <= budget for i, j in runs)
 
 
 # -- inputs of every kind ---------------------------------------------------
