@@ -15,6 +15,12 @@ round gives one ratio (partitioned / whole).  Rows:
   worker processes on this machine (skipped when it is not installed);
   after the first run, a lone TCP worker loads partitions from its local
   cache, not over the socket.
+* ``..., warm crowd, fast sessions``: the warm crowd again, each worker's
+  budget with room for its partition's fast session (its
+  ``fast_resident_bytes``), so every partition opens fast; the whole model
+  is then opened fast too (onnxruntime's defaults), as one machine with
+  room would run it.  The rows above compare memory-safe sessions on both
+  sides.
 
 Time to first result: a fresh executor runs the plan once (every
 partition loaded just in time) against opening the whole model's session
@@ -32,7 +38,9 @@ from typing import Any, Callable
 import numpy as np
 
 import crowdgraph
+from crowdgraph import WorkerInfo
 from crowdgraph.runtime import open_session, run_session
+from crowdgraph.units import format_bytes
 
 from . import common
 from .common import Target, alternate, ratio_cell, show, table
@@ -76,23 +84,24 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
             compile_s = time.perf_counter() - t0
             n_parts = len(compiled.partitions)
             plural = "s" if n_parts != 1 else ""
-            whole = open_session(whole_bytes, 1)
-            expected = run_session(whole, feeds)
+            whole = {fast: open_session(whole_bytes, 1, fast=fast) for fast in (False, True)}
+            expected = run_session(whole[False], feeds)
             row = 0 if batch == 1 else 1
+            room = max(p.fast_resident_bytes or 0 for p in compiled.partitions)
 
-            def whole_run() -> None:
-                run_session(whole, feeds)
-
-            def add(executor: str, crowd: str, make: Callable[[], Any], limit: float, runs: int) -> None:
+            def add(executor: str, crowd: str, make: Callable[[], Any], limit: float, runs: int,
+                    fast: bool = False) -> None:
                 ex = make()
                 try:
                     got = compiled.run(feeds, ex)  # warm-up; later runs of a warm crowd start at tier 1
                     diff = _max_diff(got, expected)
-                    res = alternate(lambda: compiled.run(feeds, ex), whole_run, runs, warmup=0)
+                    res = alternate(lambda: compiled.run(feeds, ex), lambda: run_session(whole[fast], feeds), runs,
+                                    warmup=0)
                     last = compiled.last_report
                     loads = len(last.loads)
                     load_s = sum(rec.end - rec.start for rec in last.loads)
                     task_s = sum(t.end - t.start for t in last.tasks)  # inside the workers' sessions
+                    assert not fast or all(load.fast for load in last.loads), "a partition opened memory-safe"
                 finally:
                     ex.close()
                 label = f"{executor}, {crowd}"
@@ -101,7 +110,7 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
                              "load_seconds_last_run": load_s, "task_seconds_last_run": task_s,
                              "makespan_last_run": last.makespan,
                              "partitioned_s": res["a"], "whole_s": res["b"], "ratio": res["ratio"],
-                             "max_abs_diff": diff, "target": limit})
+                             "max_abs_diff": diff, "target": limit, "fast_sessions": fast})
                 note = ""
                 if loads:
                     note = (f"{loads} partition loads per run ({load_s:.2f} s in the last run): "
@@ -120,6 +129,13 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
                 add("tcp", f"warm crowd ({n_parts} worker{plural})",
                     lambda: TcpExecutor.local(workers=n_parts, memory=budget, threads=1), TCP_TARGET,
                     runs_warm[row])
+            roomy = f"warm crowd, fast sessions ({n_parts} x {format_bytes(room)})"
+            add("threads", roomy, lambda: crowdgraph.ThreadExecutor(
+                workers=[WorkerInfo(f"thread-{n}", memory=room) for n in range(n_parts)], threads_per_worker=1),
+                THREADS_TARGET, runs_warm[row], fast=True)
+            if TcpExecutor is not None:
+                add("tcp", roomy, lambda: TcpExecutor.local(workers=n_parts, memory=room, threads=1), TCP_TARGET,
+                    runs_warm[row], fast=True)
 
             # Time to first result: a fresh executor (every partition loaded just in time)
             # against opening the whole model and running it once.

@@ -477,7 +477,7 @@ def _partition_meta(p: Partition) -> dict[str, Any]:
         "nodes": list(p.nodes), "inputs": list(p.inputs), "outputs": list(p.outputs),
         "weight_bytes": p.weight_bytes, "activation_bytes": p.activation_bytes,
         "resident_bytes": p.resident_bytes, "input_bytes": p.input_bytes,
-        "output_bytes": p.output_bytes, "flops": p.flops,
+        "output_bytes": p.output_bytes, "flops": p.flops, "fast_resident_bytes": p.fast_resident_bytes,
     }
 
 
@@ -580,7 +580,7 @@ def _load_plan(folder: pathlib.Path, meta: dict[str, Any]) -> CompiledModel:
             outputs=tuple(pm["outputs"]), weight_bytes=pm["weight_bytes"],
             activation_bytes=pm["activation_bytes"], resident_bytes=pm["resident_bytes"],
             input_bytes=pm["input_bytes"], output_bytes=pm["output_bytes"], model=model,
-            flops=pm.get("flops", 0),
+            flops=pm.get("flops", 0), fast_resident_bytes=pm.get("fast_resident_bytes"),
         )
         if part.sha256 != pm["sha256"]:
             raise PlanError(

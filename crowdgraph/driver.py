@@ -237,7 +237,7 @@ class Driver:
                 return actions
             case Loaded(worker, partition):
                 self.report.record_load(LoadRecord(worker, partition, notice.start, notice.end, notice.bytes_sent,
-                                                   notice.from_cache), notice.rss)
+                                                   notice.from_cache, notice.fast), notice.rss)
                 return sched.handle(LoadFinished(worker, partition))
             case Unloaded(worker):
                 self.report.record_unload(worker, notice.rss)

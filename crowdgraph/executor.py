@@ -108,6 +108,7 @@ class Loaded:
     bytes_sent: int = 0
     from_cache: bool = False
     rss: int | None = None
+    fast: bool = False  #: opened as a fast session
 
 
 @dataclass(frozen=True)
@@ -204,9 +205,9 @@ class Reporter:
         self._listeners.append(listener)
 
     def loaded(self, worker: str, partition: str, *, start: float, end: float,
-               bytes_sent: int = 0, from_cache: bool = False, rss: int | None = None) -> None:
-        """``partition`` is now resident on ``worker``."""
-        self.notify(Loaded(worker, partition, start, end, bytes_sent, from_cache, rss))
+               bytes_sent: int = 0, from_cache: bool = False, rss: int | None = None, fast: bool = False) -> None:
+        """``partition`` is now resident on ``worker`` (``fast``: as a fast session)."""
+        self.notify(Loaded(worker, partition, start, end, bytes_sent, from_cache, rss, fast))
 
     def load_failed(self, worker: str, partition: str, error: str) -> None:
         """Loading ``partition`` on ``worker`` failed; the run fails."""

@@ -8,12 +8,13 @@ a worker does before it announces its floor), notes its RSS (the
 boundary tensors, and reports its peak RSS.  ``peak - floor`` must not
 exceed the partition's estimate.
 
-Run as ``python -m crowdgraph.measure PARTITION.onnx INPUTS.npz`` it prints
+Run as ``python -m crowdgraph.measure PARTITION.onnx INPUTS.npz [--cold] [--fast]`` it prints
 one JSON object: ``cold_floor`` (the RSS before the warm-up), ``floor``,
 ``peak``, ``above_floor`` (bytes), ``file_added`` (how much of the RSS
 after the run, against the floor, is file-backed: library code and mapped
 files, which the estimate's runtime part must cover too) and ``seconds``.  With ``--cold`` the
-warm-up is skipped, so ``above_floor`` includes the once-cost.
+warm-up is skipped, so ``above_floor`` includes the once-cost; with
+``--fast`` the partition is opened as a fast session.
 """
 
 from __future__ import annotations
@@ -90,17 +91,19 @@ class RssSampler:
 
 
 def measure_in_fresh_process(model_file: str | os.PathLike, feeds: Mapping[str, np.ndarray], timeout: float = 300,
-                             warm: bool = True) -> dict:
+                             warm: bool = True, fast: bool = False) -> dict:
     """Peak RSS of loading and running ``model_file`` once, in a new process.
 
     ``warm=False`` skips the warm-up session, so the figure above the
-    floor includes onnxruntime's once-cost.
+    floor includes onnxruntime's once-cost; ``fast=True`` opens a fast
+    session (:func:`crowdgraph.runtime.session_options`).
     """
     with tempfile.TemporaryDirectory() as tmp:
         npz = pathlib.Path(tmp) / "inputs.npz"
         np.savez(npz, **dict(feeds))
         done = subprocess.run(
-            [sys.executable, "-m", "crowdgraph.measure", os.fspath(model_file), str(npz)] + ([] if warm else ["--cold"]),
+            [sys.executable, "-m", "crowdgraph.measure", os.fspath(model_file), str(npz)]
+            + ([] if warm else ["--cold"]) + (["--fast"] if fast else []),
             capture_output=True, text=True, timeout=timeout, check=False,
         )
     if done.returncode != 0:
@@ -108,13 +111,14 @@ def measure_in_fresh_process(model_file: str | os.PathLike, feeds: Mapping[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_plan(compiled, feeds: Mapping[str, np.ndarray], folder: str | os.PathLike, warm: bool = True) -> list[dict]:
+def measure_plan(compiled, feeds: Mapping[str, np.ndarray], folder: str | os.PathLike, warm: bool = True,
+                 fast: bool = False) -> list[dict]:
     """Measure every partition of ``compiled`` on ``feeds``, each in a fresh process.
 
     The plan is saved to ``folder``; boundary tensors come from running the
     partitions in order in this process.  Returns one row a partition:
-    ``partition``, ``estimate``, ``cold_floor``, ``floor``, ``peak``,
-    ``above_floor``.
+    ``partition``, ``estimate`` (of a fast session with ``fast=True``),
+    ``cold_floor``, ``floor``, ``peak``, ``above_floor``.
     """
     from .runtime import open_session, run_session
 
@@ -123,8 +127,9 @@ def measure_plan(compiled, feeds: Mapping[str, np.ndarray], folder: str | os.Pat
     rows = []
     for part in compiled.partitions:
         part_feeds = {name: values[name] for name in part.inputs}
-        measured = measure_in_fresh_process(plan / f"{part.name}.onnx", part_feeds, warm=warm)
-        rows.append({"partition": part.name, "estimate": part.resident_bytes, **measured})
+        measured = measure_in_fresh_process(plan / f"{part.name}.onnx", part_feeds, warm=warm, fast=fast)
+        rows.append({"partition": part.name, "estimate": part.fast_resident_bytes if fast else part.resident_bytes,
+                     **measured})
         values.update(run_session(open_session(part.model_bytes), part_feeds))
     return rows
 
@@ -135,8 +140,8 @@ def _main(argv: list[str]) -> None:
 
     from .runtime import current_rss, file_backed_rss, open_session, run_session, tune_allocator, warm_up
 
-    cold = "--cold" in argv
-    model_file, npz = [a for a in argv if a != "--cold"]
+    cold, fast = "--cold" in argv, "--fast" in argv
+    model_file, npz = [a for a in argv if a not in ("--cold", "--fast")]
     tune_allocator()
     cold_floor = current_rss()
     if not cold:
@@ -144,7 +149,7 @@ def _main(argv: list[str]) -> None:
     floor, file_floor = current_rss(), file_backed_rss()
     reset_peak_rss()
     start = time.perf_counter()
-    session = open_session(model_file)
+    session = open_session(model_file, fast=fast)
     with np.load(npz) as data:
         feeds = {k: data[k] for k in data.files}
     run_session(session, feeds)

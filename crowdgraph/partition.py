@@ -72,6 +72,21 @@ RUNTIME_BASE_BYTES = 3 * 2**20 // 2  # 1.5 MiB
 RUNTIME_NODE_BYTES = 24 * 2**10
 #: Measured activation peak over the live-tensor peak, rounded up.
 ACTIVATION_FACTOR = 1.5
+#: A *fast* session (:func:`crowdgraph.runtime.session_options` with
+#: ``fast=True``: memory arena, pre-packed weights, every graph
+#: optimisation) holds more than the estimate above; its own estimate adds
+#: to it, measured in fresh processes like the estimate (docs/partitioning.md):
+#: convolution weights count this many times (onnxruntime keeps them in its
+#: blocked layout next to the originals and fuses BatchNormalization into new
+#: ones: up to 2.8 times, measured on ResNet-50) ...
+FAST_CONV_WEIGHT_FACTOR = 3.5
+#: ... other weights this many times (pre-packed MatMul weights, fusions) ...
+FAST_WEIGHT_FACTOR = 1.25
+#: ... and the live-tensor peak this many times instead of ACTIVATION_FACTOR
+#: (the arena rounds allocations up and keeps them).
+FAST_ACTIVATION_FACTOR = 2.0
+#: Operators whose weights onnxruntime reorders in a fast session.
+CONV_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"})
 #: Partition models use at least this IR version.
 MIN_IR_VERSION = 4
 
@@ -124,6 +139,18 @@ class Partition:
     output_bytes: int
     model: onnx.ModelProto = field(repr=False)
     flops: int = 0
+    #: The estimate of a fast session (None: not known, as in plans saved before it was).
+    fast_resident_bytes: int | None = None
+
+    def opens_fast(self, memory: int | None) -> bool:
+        """Whether a worker with ``memory`` bytes (None: unbounded) opens this partition fast.
+
+        >>> p = Partition("p0", (), (), (), 0, 0, resident_bytes=10, input_bytes=0, output_bytes=0,
+        ...               model=onnx.ModelProto(), fast_resident_bytes=25)
+        >>> p.opens_fast(24), p.opens_fast(25), p.opens_fast(None)
+        (False, True, True)
+        """
+        return self.fast_resident_bytes is not None and (memory is None or memory >= self.fast_resident_bytes)
 
     @cached_property
     def model_bytes(self) -> bytes:
@@ -269,6 +296,17 @@ class _Cutter:
             if run.resident_bytes <= budget:
                 yield run
 
+    def fast_resident_bytes(self, i: int, j: int, est: Estimate) -> int:
+        """The estimate of ``nodes[i:j]`` in a fast session, from its estimate ``est``."""
+        conv: set[str] = set()
+        for k in range(i, j):
+            if self.nodes[k].op_type in CONV_OPS:
+                conv |= self.node_constants[k]
+        conv_bytes = sum(self.og.constant_bytes.get(c, 0) for c in conv)
+        return int(est.resident_bytes + (FAST_CONV_WEIGHT_FACTOR - 1) * conv_bytes
+                   + (FAST_WEIGHT_FACTOR - 1) * (est.weight_bytes - conv_bytes)
+                   + (FAST_ACTIVATION_FACTOR / ACTIVATION_FACTOR - 1) * est.activation_bytes)
+
     def smallest_budget(self) -> int:
         """The smallest budget at which every node fits on its own."""
         return max(self.estimate(i, i + 1).resident_bytes for i in range(len(self.nodes)))
@@ -375,6 +413,7 @@ def partition(og: OpGraph, memory_budget: int | None = None, partitions: int | N
             output_bytes=sum(og.nbytes(t) for t in est.outputs),
             model=model,
             flops=sum(node_flops(og, n) for n in nodes),
+            fast_resident_bytes=cutter.fast_resident_bytes(i, j, est),
         ))
     return result
 

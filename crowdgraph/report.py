@@ -50,6 +50,8 @@ class LoadRecord:
     end: float
     bytes_sent: int = 0
     from_cache: bool = False
+    #: Opened as a fast session (see :meth:`crowdgraph.Partition.opens_fast`).
+    fast: bool = False
 
 
 @dataclass
@@ -222,6 +224,8 @@ class RunReport:
             f"{len(self.tasks)} tasks ({self.partitions} partitions x {self.microbatches} micro-batches, "
             f"{self.mode}) on {self.executor} in {self.makespan:.3f} s; tiers {self.tier_counts}; "
             f"partition bytes sent {format_bytes(self.weight_bytes_sent)}"
+            + (f"; {sum(load.fast for load in self.loads)} of {len(self.loads)} loads opened fast"
+               if any(load.fast for load in self.loads) else "")
             + (f"; {len(self.replaced)} tasks placed again after worker loss" if self.replaced else "")
         )
         for b in self.backups:

@@ -44,16 +44,24 @@ from .errors import ModelError
 SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
-def session_options(threads: int = 1) -> Any:
-    """onnxruntime SessionOptions used for every partition session."""
+def session_options(threads: int = 1, fast: bool = False) -> Any:
+    """onnxruntime SessionOptions for a partition session.
+
+    ``fast=True`` gives onnxruntime's own defaults (memory arena, pre-packed
+    weights, every graph optimisation): faster, and larger by what
+    :func:`crowdgraph.partition.fast_extra_bytes` estimates.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = max(1, int(threads))
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors reach users as crowdgraph errors instead
+    if fast:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return options
+    options.enable_cpu_mem_arena = False
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
     return options
@@ -153,9 +161,10 @@ def warm_up() -> None:
     release_memory()
 
 
-def open_session(model: bytes | str | os.PathLike, threads: int = 1) -> Any:
+def open_session(model: bytes | str | os.PathLike, threads: int = 1, fast: bool = False) -> Any:
     """Open an onnxruntime session on serialized model bytes or a model file.
 
+    ``fast`` as in :func:`session_options`.
     A file keeps its weights in external data next to it, which
     onnxruntime reads without a second copy in Python.  Errors become
     :class:`ModelError` saying which model failed.
@@ -165,7 +174,7 @@ def open_session(model: bytes | str | os.PathLike, threads: int = 1) -> Any:
     tune_allocator()
     source = model if isinstance(model, bytes) else os.fspath(model)
     try:
-        return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, session_options(threads, fast), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         where = "model bytes" if isinstance(model, bytes) else str(model)
         raise ModelError(f"onnxruntime cannot load {where}: {exc}") from exc
@@ -272,10 +281,13 @@ class ResidentSession:
         self.name: str | None = None
         self.sha256: str | None = None
 
-    def load(self, model: bytes | str | os.PathLike, name: str, sha256: str) -> None:
-        """Make ``model`` (bytes or a file) the resident partition, dropping the one held first."""
+    def load(self, model: bytes | str | os.PathLike, name: str, sha256: str, fast: bool = False) -> None:
+        """Make ``model`` (bytes or a file) the resident partition, dropping the one held first.
+
+        ``fast`` opens it as a fast session (:func:`session_options`).
+        """
         self.unload()
-        self.session = open_session(model, self.threads)
+        self.session = open_session(model, self.threads, fast)
         self.name, self.sha256 = name, sha256
 
     def unload(self) -> bool:

@@ -231,6 +231,21 @@ class ExecutorConformance:
         finally:
             executor.close()
 
+    def test_a_worker_with_room_opens_partitions_fast(self) -> None:
+        """A worker whose budget has room for a partition's fast session opens
+        it fast and says so (``Loaded.fast``); the other opens it the
+        memory-safe way; the outputs are the same."""
+        parts = {p.name: p for p in self.case.compiled.partitions}
+        room = max(p.fast_resident_bytes or 0 for p in parts.values())
+        with self.make_executor([room, self.case.budget]) as executor:
+            got = self.case.compiled.run(self.case.feeds, executor=executor, microbatch=2)
+            report = self.case.compiled.last_report
+        _assert_close(got, self.case.expected)
+        for load in report.loads:
+            wanted = parts[load.partition].opens_fast(report.workers[load.worker].memory)
+            assert load.fast == wanted, f"{load.worker} opened {load.partition} fast={load.fast}, not {wanted}"
+        assert any(load.fast for load in report.loads), "the worker with room loaded nothing"
+
     def test_a_worker_holds_one_partition(self) -> None:
         executor, reporter, workers = self._started([self.case.budget])
         try:

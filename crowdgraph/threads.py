@@ -66,8 +66,9 @@ class _ThreadWorker:
 
     def _load(self, reporter: Reporter, partition: Partition) -> None:
         start = time.perf_counter()
-        self.resident.load(partition.model_bytes, partition.name, partition.sha256)
-        reporter.loaded(self.info.id, partition.name, start=start, end=time.perf_counter())
+        fast = partition.opens_fast(self.info.memory)
+        self.resident.load(partition.model_bytes, partition.name, partition.sha256, fast)
+        reporter.loaded(self.info.id, partition.name, start=start, end=time.perf_counter(), fast=fast)
 
     def _unload(self, reporter: Reporter, name: str) -> None:
         self.resident.unload()

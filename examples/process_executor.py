@@ -43,9 +43,9 @@ def _worker_main(conn: Any) -> None:
         start = time.perf_counter()
         try:
             if kind == "load":
-                _, _, name, model_bytes, digest = message
-                resident.load(model_bytes, name, digest)
-                conn.send(("loaded", generation, name, start, time.perf_counter(), len(model_bytes)))
+                _, _, name, model_bytes, digest, fast = message
+                resident.load(model_bytes, name, digest, fast)
+                conn.send(("loaded", generation, name, start, time.perf_counter(), len(model_bytes), fast))
             elif kind == "run":
                 _, _, key, digest, inputs, outputs = message
                 result = resident.run(key[0], inputs, outputs, sha256=digest)
@@ -116,7 +116,7 @@ class ProcessExecutor(Executor):
                 reporter = self._reporter
             kind, wid = reply[0], w.info.id
             if kind == "loaded":
-                reporter.loaded(wid, reply[2], start=reply[3], end=reply[4], bytes_sent=reply[5])
+                reporter.loaded(wid, reply[2], start=reply[3], end=reply[4], bytes_sent=reply[5], fast=reply[6])
             elif kind == "unloaded":
                 reporter.unloaded(wid, reply[2])
             elif kind == "finished":
@@ -131,7 +131,10 @@ class ProcessExecutor(Executor):
     def load(self, worker: str, partition: Partition) -> None:
         if worker in self._workers:
             self._workers[worker].resident = partition.sha256
-            self._send(self._workers[worker], "load", partition.name, partition.model_bytes, partition.sha256)
+            w = self._workers[worker]
+            # A budget with room for the partition's fast session opens it fast (runtime.session_options).
+            self._send(w, "load", partition.name, partition.model_bytes, partition.sha256,
+                       partition.opens_fast(w.info.memory))
 
     def unload(self, worker: str, partition: str) -> None:
         if worker in self._workers:

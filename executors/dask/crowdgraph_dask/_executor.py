@@ -433,7 +433,7 @@ class DaskExecutor(Executor):
         try:
             pend.future = self.client.submit(
                 _worker.load_partition, self._topic, pend.ident, bytes_future, part.sha256, part.name,
-                self._threads, self._cache_spec,
+                self._threads, self._cache_spec, part.opens_fast(lane.info.memory),
                 key=pend.ident, workers=[lane.addr], allow_other_workers=False, pure=False,
             )
         except Exception as exc:  # never leave the driver waiting for a load that was not sent
@@ -575,7 +575,7 @@ class DaskExecutor(Executor):
             if reporter is not None:
                 reporter.loaded(lane.addr, part.name, start=min(pend.t0, end), end=end,
                                 bytes_sent=0 if pend.from_cache else len(part.model_bytes),
-                                from_cache=pend.from_cache, rss=stats.get("rss"))
+                                from_cache=pend.from_cache, rss=stats.get("rss"), fast=stats.get("fast", False))
         else:
             lane.sha256 = None
             if pend.kind == "unload" and reporter is not None:

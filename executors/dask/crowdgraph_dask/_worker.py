@@ -73,9 +73,10 @@ def _log(worker: Any, topic: str, msg: dict[str, Any]) -> None:
 
 
 def load_partition(topic: str, ident: str, model_bytes: Any, sha256: str, name: str, threads: int,
-                   cache_spec: CacheSpec) -> bool:
+                   cache_spec: CacheSpec, fast: bool = False) -> bool:
     """Open the partition as this worker's one session (dropping the old one); False when it missed.
 
+    ``fast`` opens it as a fast session (the worker's budget has room).
     With ``model_bytes`` None the partition comes from this worker's cache;
     when it is not there (or changed on disk) nothing is loaded, the event
     says ``missed`` and the executor sends the bytes.  Bytes that come
@@ -100,11 +101,11 @@ def load_partition(topic: str, ident: str, model_bytes: Any, sha256: str, name: 
         kept = cache is not None and cache.put(sha256, model_bytes)
     with slot.lock:
         slot.threads = threads
-        slot.load(model_bytes, name, sha256)
+        slot.load(model_bytes, name, sha256, fast)
         end = time.time()
     del model_bytes
     _log(worker, topic, {"id": ident, "start": start, "end": end, "rss": current_rss(),
-                         "from_cache": from_cache, "kept": kept})
+                         "from_cache": from_cache, "kept": kept, "fast": fast})
     return True
 
 

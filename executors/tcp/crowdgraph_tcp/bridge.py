@@ -208,6 +208,7 @@ class DriverBridge:
         self.by_sha: dict[str, str] = {}
         self._offsets: dict[str, float] = {}
         self._last_end: dict[str, float] = {}
+        self._memory: dict[str, int] = {}  # worker -> budget, to open partitions fast where they fit
 
     # -- runs ---------------------------------------------------------------
 
@@ -230,12 +231,14 @@ class DriverBridge:
     def info(self, w: Holding) -> WorkerInfo:
         """``w`` as the scheduler sees it: its cache in the current plan's partition names."""
         cached = frozenset(self.by_sha[s] for s in w.cached if s in self.by_sha)
+        self._memory[w.id] = w.memory
         return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, floor=w.floor)
 
     def lost(self, worker: str) -> None:
         """Forget what was measured of ``worker``."""
         self._offsets.pop(worker, None)
         self._last_end.pop(worker, None)
+        self._memory.pop(worker, None)
 
     # -- actions -> frames --------------------------------------------------
 
@@ -251,6 +254,8 @@ class DriverBridge:
     def _load(self, worker: str, pending: PendingLoad, from_cache: bool) -> Action:
         part = pending.partition
         header = self._header(worker, {"partition": part.name, "sha256": part.sha256, "from_cache": from_cache})
+        if part.opens_fast(self._memory.get(worker, 0)):
+            header["fast"] = True
         blobs = {} if from_cache else {"model": part.model_bytes}
         return Action(wire.LOAD, part.name, purpose=pending, message=Message(wire.LOAD, header, blobs=blobs),
                       sha256=part.sha256, from_cache=from_cache)
@@ -323,7 +328,7 @@ class DriverBridge:
                 start, end = self._in_order(worker, max(action.sent, received - h["seconds"]), received)
                 pending.reporter.loaded(worker, action.partition, start=start,
                                         end=end, bytes_sent=0 if action.from_cache else action.size,
-                                        from_cache=action.from_cache, rss=h["rss"])
+                                        from_cache=action.from_cache, rss=h["rss"], fast=h.get("fast", False))
             elif action.from_cache:
                 LOG.info("worker %s no longer caches %s (%s); sending its bytes", worker, action.partition,
                          h.get("error"))

@@ -307,8 +307,8 @@ class TcpExecutor(Executor):
         return action
 
     def _load_parts(self, message: Message, codec: str, version: int) -> list[Any]:
-        """The LOAD frame carrying a partition's bytes, encoded once per codec."""
-        key = (message.header["sha256"], codec, version)
+        """The LOAD frame carrying a partition's bytes, encoded once per codec (and fast or not)."""
+        key = (message.header["sha256"], codec, version, message.header.get("fast", False))
         with self._encoded_lock:
             parts = self._encoded.get(key)
         if parts is None:

@@ -747,6 +747,7 @@ class Agent:
     def _load(self, message: Message) -> Message:
         h = message.header
         name, sha = h["partition"], h["sha256"]
+        fast = h.get("fast", False)
         start = time.perf_counter()
         keep = True
         if h["from_cache"]:
@@ -774,12 +775,12 @@ class Agent:
         release_memory()
         reset_peak_rss()
         try:
-            self.resident.load(str(source), name, sha)
+            self.resident.load(str(source), name, sha, fast)
         finally:
             if not keep:  # larger than the whole cache: it served to open the session only
                 self.cache.remove(sha)
         return Message(wire.LOADED, {"partition": name, "sha256": sha, "seconds": time.perf_counter() - start,
-                                     "rss": current_rss()})
+                                     "rss": current_rss(), **({"fast": True} if fast else {})})
 
     def _received(self, model: ReceivedModel | bytes) -> ReceivedModel:
         """The bytes of a LOAD that came whole (a small frame) staged like a streamed one."""
