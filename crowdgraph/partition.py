@@ -41,11 +41,8 @@ several later partitions goes from its producer straight to each reader,
 so branches and skip connections need no special case.  A dynamic
 programme over cut positions picks, among cuts whose every partition fits
 the budget, the one with the fewest partitions, then the fewest bytes sent
-between partitions, then the smallest largest weights.  The estimate is not
-monotone in a run's length (a run that ends just before the reader of a
-large tensor must copy it out; one node more and it is freed inside), so
-from each start every run is scanned, once and in linear time, until the
-part of the estimate that only grows is over the budget.
+between partitions, then the smallest largest weights.  From each start the
+runs are scanned in one linear pass up to the first that does not fit.
 """
 
 from __future__ import annotations
@@ -113,8 +110,6 @@ class RunEstimate:
 
     end: int
     resident_bytes: int
-    #: The part of ``resident_bytes`` that never shrinks as the run grows.
-    floor_bytes: int
     fed_bytes: int
     weight_bytes: int
 
@@ -279,22 +274,21 @@ class _Cutter:
             overhead = RUNTIME_BASE_BYTES + RUNTIME_NODE_BYTES * (k + 1 - i)
             # After node k, the tensors of the run still live are its outputs.
             activations = int(ACTIVATION_FACTOR * max(fed + live_peak, fed + 2 * made_live))
-            floor = weights + int(ACTIVATION_FACTOR * (fed + live_peak)) + overhead
-            yield RunEstimate(k + 1, weights + activations + overhead, floor, fed, weights)
+            yield RunEstimate(k + 1, weights + activations + overhead, fed, weights)
 
     def runs_from(self, i: int, budget: int) -> Iterator[RunEstimate]:
-        """The runs ``nodes[i:j]`` that fit ``budget``, shortest first.
+        """The runs ``nodes[i:j]`` that fit ``budget``, shortest first, up to the first that does not.
 
-        The scan stops once the part of the estimate that never shrinks as
-        a run grows (weights, inputs, the live peak so far, the runtime)
-        is over the budget; the rest (the outputs' copies) can shrink, so a
-        longer run may fit where a shorter one did not.
+        A longer run may fit again (the estimate is not monotone: the
+        outputs' copies can shrink), but a cut that skips to it packs
+        partitions right up to the budget, where a TCP worker's frames
+        (which the estimate does not count) have taken ResNet-50's workers
+        past a 16 MB budget.
         """
         for run in self.scan(i):
-            if run.floor_bytes > budget:
+            if run.resident_bytes > budget:
                 return
-            if run.resident_bytes <= budget:
-                yield run
+            yield run
 
     def fast_resident_bytes(self, i: int, j: int, est: Estimate) -> int:
         """The estimate of ``nodes[i:j]`` in a fast session, from its estimate ``est``."""

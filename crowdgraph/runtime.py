@@ -21,7 +21,7 @@ for all of them:
 
 A worker whose budget has room for it opens a partition as a *fast*
 session instead (``open_session(..., fast=True)``: onnxruntime's defaults),
-about 1.13x faster on DistilBERT; its own estimate is
+about 1.25x faster on DistilBERT at 8x128; its own estimate is
 ``Partition.fast_resident_bytes`` and ``Partition.opens_fast`` the rule.
 
 A process's first session costs far more than any later one: onnxruntime

@@ -182,9 +182,8 @@ def test_the_cut_scans_runs_exactly_and_takes_the_fewest_that_fit(seed, n_nodes,
         scanned = list(cutter.scan(i))
         assert [r.end for r in scanned] == list(range(i + 1, n + 1))
         assert [r.resident_bytes for r in scanned] == [cutter.estimate(i, r.end).resident_bytes for r in scanned]
-        floors = [r.floor_bytes for r in scanned]
-        assert floors == sorted(floors) and all(r.floor_bytes <= r.resident_bytes for r in scanned)
-        fits[i] = [r.end for r in scanned if r.resident_bytes <= budget]
+        over = [r.end for r in scanned if r.resident_bytes > budget]
+        fits[i] = [r.end for r in scanned if r.resident_bytes <= budget and r.end < min(over, default=n + 1)]
         assert [r.end for r in cutter.runs_from(i, budget)] == fits[i]
     fewest = [0] + [n + 1] * n  # fewest runs that fit covering nodes[:j], by brute force
     for i in range(n):
