@@ -71,19 +71,18 @@ RUNTIME_NODE_BYTES = 24 * 2**10
 ACTIVATION_FACTOR = 1.5
 #: A *fast* session (:func:`crowdgraph.runtime.session_options` with
 #: ``fast=True``: memory arena, pre-packed weights, every graph
-#: optimisation) holds more than the estimate above; its own estimate adds
-#: to it, measured in fresh processes like the estimate (docs/partitioning.md):
-#: convolution weights count this many times (onnxruntime keeps them in its
-#: blocked layout next to the originals and fuses BatchNormalization into new
-#: ones: up to 2.8 times, measured on ResNet-50) ...
-FAST_CONV_WEIGHT_FACTOR = 3.5
-#: ... other weights this many times (pre-packed MatMul weights, fusions) ...
+#: optimisation) holds more than the estimate above.  Its own estimate,
+#: measured in fresh processes like the estimate (docs/partitioning.md),
+#: counts a weight this many times by the operator that reads it:
+#: convolutions' are kept in onnxruntime's blocked layout beside the
+#: originals, with BatchNormalization fused into new ones (up to 4.0 times,
+#: measured on ResNet-50), Gemm's pre-packed beside them (1.8 times) ...
+FAST_WEIGHT_FACTORS = {"Conv": 4.5, "ConvTranspose": 4.5, "ConvInteger": 4.5, "QLinearConv": 4.5, "Gemm": 2.25}
+#: ... any other weight this many times (MatMul's pre-packed in place, fusions) ...
 FAST_WEIGHT_FACTOR = 1.25
 #: ... and the live-tensor peak this many times instead of ACTIVATION_FACTOR
 #: (the arena rounds allocations up and keeps them).
 FAST_ACTIVATION_FACTOR = 2.0
-#: Operators whose weights onnxruntime reorders in a fast session.
-CONV_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"})
 #: Partition models use at least this IR version.
 MIN_IR_VERSION = 4
 
@@ -205,10 +204,6 @@ class _Cutter:
                 names.update(o for o in self.og.node_protos[cn].output if o)
         return frozenset(names)
 
-    def variable_reads(self, node: OpNode) -> tuple[str, ...]:
-        """The non-constant tensors ``node`` reads, each once."""
-        return self.reads[node.index]
-
     def estimate(self, i: int, j: int) -> Estimate:
         """Resident-memory estimate of ``nodes[i:j]`` (the formula above)."""
         size, producer, last_reader = self.size, self.producer, self.last_reader
@@ -280,10 +275,8 @@ class _Cutter:
         """The runs ``nodes[i:j]`` that fit ``budget``, shortest first, up to the first that does not.
 
         A longer run may fit again (the estimate is not monotone: the
-        outputs' copies can shrink), but a cut that skips to it packs
-        partitions right up to the budget, where a TCP worker's frames
-        (which the estimate does not count) have taken ResNet-50's workers
-        past a 16 MB budget.
+        outputs' copies can shrink); a cut that skips to it would pack
+        partitions closer to the budget (docs/partitioning.md).
         """
         for run in self.scan(i):
             if run.resident_bytes > budget:
@@ -292,14 +285,13 @@ class _Cutter:
 
     def fast_resident_bytes(self, i: int, j: int, est: Estimate) -> int:
         """The estimate of ``nodes[i:j]`` in a fast session, from its estimate ``est``."""
-        conv: set[str] = set()
+        factors: dict[str, float] = {}  # a weight read by several operators takes the largest factor
         for k in range(i, j):
-            if self.nodes[k].op_type in CONV_OPS:
-                conv |= self.node_constants[k]
-        conv_bytes = sum(self.og.constant_bytes.get(c, 0) for c in conv)
-        return int(est.resident_bytes + (FAST_CONV_WEIGHT_FACTOR - 1) * conv_bytes
-                   + (FAST_WEIGHT_FACTOR - 1) * (est.weight_bytes - conv_bytes)
-                   + (FAST_ACTIVATION_FACTOR / ACTIVATION_FACTOR - 1) * est.activation_bytes)
+            factor = FAST_WEIGHT_FACTORS.get(self.nodes[k].op_type, FAST_WEIGHT_FACTOR)
+            for c in self.node_constants[k]:
+                factors[c] = max(factors.get(c, factor), factor)
+        extra = sum((f - 1) * self.og.constant_bytes.get(c, 0) for c, f in factors.items())
+        return int(est.resident_bytes + extra + (FAST_ACTIVATION_FACTOR / ACTIVATION_FACTOR - 1) * est.activation_bytes)
 
     def smallest_budget(self) -> int:
         """The smallest budget at which every node fits on its own."""

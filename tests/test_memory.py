@@ -55,13 +55,16 @@ def test_tiny_model_partitions_stay_within_estimates(tmp_path):
 
 @pytest.mark.parametrize("name", ["distilbert-tiny", "inception_v1", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_fast_sessions_stay_within_their_estimates(tmp_path, name):
-    # ResNet-50's convolutions take the most in a fast session: 2.8x their weights, measured.
+    # ResNet-50 at 16 MB takes the most in fast sessions: its 3x3 convolutions 4x their weights,
+    # its classifier's Gemm 1.8x, measured.
     if name == "distilbert-tiny":
         model = zoo.distilbert("tiny")
         feeds = zoo.sample_inputs(model, batch=8, sequence=64)
+        compiled = crowdgraph.compile(model, partitions=4, sample=feeds)
     else:
         model, feeds = models.light_cnn(name)
-    assert_within_estimates(crowdgraph.compile(model, partitions=4, sample=feeds), feeds, tmp_path, fast=True)
+        compiled = crowdgraph.compile(model, "16MB", sample=feeds)
+    assert_within_estimates(compiled, feeds, tmp_path, fast=True)
 
 
 @pytest.mark.slow  # at 1 x 128 the TCP workers' RSS is polled at 128 MB (test_memory_instant)
