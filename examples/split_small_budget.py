@@ -26,12 +26,12 @@ def main() -> None:
     model = zoo.distilbert("full")
     batch = zoo.sample_inputs(model, batch=2, sequence=128)
     start = time.perf_counter()
-    compiled = crowdgraph.compile(model, budget, sample={k: v[:1] for k, v in batch.items()})
+    compiled = crowdgraph.compile(model, budget, sample=batch)
     print(f"compiled for {budget} in {time.perf_counter() - start:.1f} s:")
     print(compiled.table())
     phones = [WorkerInfo(f"phone{i}", memory=budget) for i in range(2)]
     with ThreadExecutor(workers=phones) as executor:
-        outputs = compiled.run(batch, executor=executor, microbatch="auto")
+        outputs = compiled.run(batch, executor=executor)
     print(compiled.last_report)
     expected = run_session(open_session(model.SerializeToString()), batch)
     print(f"max abs difference to the whole model: {np.max(np.abs(outputs['logits'] - expected['logits'])):.2e}")
