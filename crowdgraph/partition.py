@@ -340,8 +340,8 @@ class _Cutter:
     def count_at(self, budget: int) -> int:
         """Runs of a greedy cut at ``budget`` (each run as long as fits).
 
-        At least as many as :meth:`cut` gives at this budget, which may
-        use shorter runs where a longer one's outputs are larger.
+        At least as many as :meth:`cut` gives at this budget: ending a run
+        earlier can let the next one reach further.
         """
         i = count = 0
         while i < len(self.nodes):
