@@ -12,9 +12,9 @@ Run as ``python -m crowdgraph.measure PARTITION.onnx INPUTS.npz [--cold] [--fast
 one JSON object: ``cold_floor`` (the RSS before the warm-up), ``floor``,
 ``peak``, ``above_floor`` (bytes), ``file_added`` (how much of the RSS
 after the run, against the floor, is file-backed: library code and mapped
-files, which the estimate's runtime part must cover too) and ``seconds``.  With ``--cold`` the
-warm-up is skipped, so ``above_floor`` includes the once-cost; with
-``--fast`` the partition is opened as a fast session.
+files, which the estimate's runtime part must cover too) and ``seconds``.
+With ``--cold`` the warm-up is skipped, so ``above_floor`` includes the
+once-cost; with ``--fast`` the partition is opened as a fast session.
 """
 
 from __future__ import annotations

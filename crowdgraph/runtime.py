@@ -53,8 +53,8 @@ def session_options(threads: int = 1, fast: bool = False) -> Any:
     """onnxruntime SessionOptions for a partition session.
 
     ``fast=True`` gives onnxruntime's own defaults (memory arena, pre-packed
-    weights, every graph optimisation): faster, and larger by what
-    :func:`crowdgraph.partition.fast_extra_bytes` estimates.
+    weights, every graph optimisation): faster, and as large as
+    :attr:`crowdgraph.Partition.fast_resident_bytes` estimates.
     """
     import onnxruntime as ort
 
@@ -169,10 +169,10 @@ def warm_up() -> None:
 def open_session(model: bytes | str | os.PathLike, threads: int = 1, fast: bool = False) -> Any:
     """Open an onnxruntime session on serialized model bytes or a model file.
 
-    ``fast`` as in :func:`session_options`.
     A file keeps its weights in external data next to it, which
-    onnxruntime reads without a second copy in Python.  Errors become
-    :class:`ModelError` saying which model failed.
+    onnxruntime reads without a second copy in Python.  ``fast`` as in
+    :func:`session_options`.  Errors become :class:`ModelError` saying
+    which model failed.
     """
     import onnxruntime as ort
 

@@ -130,8 +130,8 @@ class ProcessExecutor(Executor):
 
     def load(self, worker: str, partition: Partition) -> None:
         if worker in self._workers:
-            self._workers[worker].resident = partition.sha256
             w = self._workers[worker]
+            w.resident = partition.sha256
             # A budget with room for the partition's fast session opens it fast (runtime.session_options).
             self._send(w, "load", partition.name, partition.model_bytes, partition.sha256,
                        partition.opens_fast(w.info.memory))

@@ -76,11 +76,11 @@ def load_partition(topic: str, ident: str, model_bytes: Any, sha256: str, name: 
                    cache_spec: CacheSpec, fast: bool = False) -> bool:
     """Open the partition as this worker's one session (dropping the old one); False when it missed.
 
-    ``fast`` opens it as a fast session (the worker's budget has room).
     With ``model_bytes`` None the partition comes from this worker's cache;
     when it is not there (or changed on disk) nothing is loaded, the event
     says ``missed`` and the executor sends the bytes.  Bytes that come
-    along are checked against ``sha256`` and kept in the cache.
+    along are checked against ``sha256`` and kept in the cache.  ``fast``
+    opens it as a fast session (the worker's budget has room for one).
     """
     slot, worker = _slot()
     cache = _cache(worker, cache_spec)
