@@ -45,7 +45,7 @@ from .report import BackupRecord, LoadRecord, RunReport, TaskRecord
 from .runtime import open_session, run_session
 from .schedule import (
     Action, Load, LoadFinished, Policy, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
-    TaskOverdue, Unload, WorkerJoined, WorkerLost,
+    Store, TaskOverdue, Unload, WorkerJoined, WorkerLost,
 )
 from .taskgraph import Mode, build_task_graph, data_consumers, data_producers
 
@@ -456,6 +456,9 @@ class Driver:
                 self.executor.load(action.worker, self.partitions[action.partition])
             elif isinstance(action, Unload):
                 self.executor.unload(action.worker, action.partition)
+            elif isinstance(action, Store):
+                self.report.stored.append((action.worker, action.partition))
+                self.executor.store(action.worker, self.partitions[action.partition])
 
     def _inputs(self, key: TaskKey, part: Any) -> dict[str, Any]:
         i = key[1]

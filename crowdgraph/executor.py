@@ -9,6 +9,11 @@ An executor knows its workers and does four things, one method each:
 ``run(worker, key, ...)`` run task ``key`` on ``worker`` with the given inputs
 ========================  ===================================================
 
+A fifth is optional: ``store(worker, part)`` puts ``part`` on the
+worker's local storage without loading it, while the worker computes, so
+that its later ``load`` reads it from there.  The scheduler only asks it
+of workers whose :class:`~crowdgraph.schedule.WorkerInfo` says ``stores``.
+
 Every method returns at once; the work happens in the background and the
 executor tells the driver what happened through the :class:`Reporter` it
 was given (``reporter.task_finished(...)`` and so on), from any thread.
@@ -326,6 +331,12 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def unload(self, worker: str, partition: str) -> None:
         """Drop ``partition`` from ``worker`` and release its memory; report ``unloaded``."""
+
+    def store(self, worker: str, partition: Partition) -> None:
+        """Put ``partition`` on ``worker``'s local storage, not in its memory;
+        nothing is reported.  Only asked of workers started with
+        ``WorkerInfo.stores``; a later :meth:`load` there may read it from
+        storage, and must still work if the worker did not keep it."""
 
     @abc.abstractmethod
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:

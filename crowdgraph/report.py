@@ -123,6 +123,10 @@ class RunReport:
         Straggling tasks that got a backup copy, and whose result won.
     audit:
         What spot checks did (``run(..., audit=rate)``), or None when off.
+    stored:
+        (worker, partition) of every partition sent to a worker's local
+        storage ahead of its load, in order (``Store``; see "Weights ahead
+        of need" in :mod:`crowdgraph.schedule`).
     """
 
     executor: str
@@ -140,6 +144,7 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     backups: list[BackupRecord] = field(default_factory=list)
     audit: AuditSummary | None = None
+    stored: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def makespan(self) -> float:
@@ -226,6 +231,7 @@ class RunReport:
             f"partition bytes sent {format_bytes(self.weight_bytes_sent)}"
             + (f"; {sum(load.fast for load in self.loads)} of {len(self.loads)} loads opened fast"
                if any(load.fast for load in self.loads) else "")
+            + (f"; {len(self.stored)} partitions stored ahead of need" if self.stored else "")
             + (f"; {len(self.replaced)} tasks placed again after worker loss" if self.replaced else "")
         )
         for b in self.backups:

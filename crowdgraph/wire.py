@@ -74,7 +74,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES", "HANDSHAKE_MAX_FRAME_BYTES", "MAX_NDIM", "MAX_STRINGS", "MAX_NAME_CHARS", "MAX_TEXT_CHARS", "is_name", "CODECS", "HEARTBEAT_MISSES", "HANDSHAKE_TIMEOUT",
     "LOSSY", "lossy_encode", "lossy_decode",
     "HELLO", "CHALLENGE", "AUTH", "WELCOME", "REFUSE", "BYE", "PING", "PONG",
-    "LOAD", "LOADED", "UNLOAD", "UNLOADED", "RUN", "RESULT", "FAILED",
+    "LOAD", "LOADED", "UNLOAD", "UNLOADED", "STORE", "STORED", "RUN", "RESULT", "FAILED",
     "CROWD", "JOINED", "LOST", "ROLES",
     "MESSAGE_TYPES", "Message", "encode", "encode_parts", "decode", "FrameDecoder",
     "make_nonce", "sign", "verify", "negotiate", "frame_length",
@@ -168,6 +168,8 @@ LOAD = "LOAD"            #: coordinator -> worker: load a partition (bytes or fr
 LOADED = "LOADED"        #: worker -> coordinator: partition ready
 UNLOAD = "UNLOAD"        #: coordinator -> worker: drop a partition
 UNLOADED = "UNLOADED"    #: worker -> coordinator: partition dropped
+STORE = "STORE"          #: coordinator -> worker: keep a partition's bytes on local storage, do not load it
+STORED = "STORED"        #: worker -> coordinator: whether it kept them
 RUN = "RUN"              #: coordinator -> worker: run one task on input tensors
 RESULT = "RESULT"        #: worker -> coordinator: output tensors of a task
 FAILED = "FAILED"        #: worker -> coordinator: a task or a load failed
@@ -183,7 +185,7 @@ ROLES = ("worker", "driver")
 MESSAGE_TYPES: dict[str, int] = {
     HELLO: 0x01, CHALLENGE: 0x02, AUTH: 0x03, WELCOME: 0x04, REFUSE: 0x05,
     BYE: 0x06, PING: 0x07, PONG: 0x08,
-    LOAD: 0x10, LOADED: 0x11, UNLOAD: 0x12, UNLOADED: 0x13,
+    LOAD: 0x10, LOADED: 0x11, UNLOAD: 0x12, UNLOADED: 0x13, STORE: 0x14, STORED: 0x15,
     RUN: 0x20, RESULT: 0x21, FAILED: 0x22,
     CROWD: 0x30, JOINED: 0x31, LOST: 0x32,
 }
@@ -1086,6 +1088,7 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
         "rss": (*_COUNT, False),
         "role": (*_ROLE, False),
         "lossy": (*_STRINGS, False),
+        "stores": ((lambda v: type(v) is bool), "true or false", False),
     },
     CHALLENGE: {"nonce": (*_HEX, True),
                 "version": ((lambda v: _is_int(v, 1)), "an integer >= 1", True),
@@ -1110,6 +1113,9 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
              "fast": ((lambda v: type(v) is bool), "true or false", False), "worker": (*_NAME, False)},
     UNLOAD: {"partition": (*_NAME, True), "worker": (*_NAME, False)},
     UNLOADED: {"partition": (*_NAME, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
+    STORE: {"partition": (*_NAME, True), "sha256": (*_HEX, True)},
+    STORED: {"partition": (*_NAME, True), "sha256": (*_HEX, True),
+             "kept": ((lambda v: type(v) is bool), "true or false", True)},
     RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_NAME, False),
           "lossy": ((lambda v: v in LOSSY), f"one of {list(LOSSY)}", False)},
     RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),
@@ -1144,8 +1150,11 @@ def _catalogue_problem(type_name: str, header: dict[str, Any], tensors: Iterable
         if blobs != wanted_blobs:
             return (f"LOAD with from_cache={str(header['from_cache']).lower()} must carry "
                     f"blobs {wanted_blobs}, not {blobs}")
+    elif type_name == STORE:
+        if blobs != ["model"]:
+            return f"STORE must carry blobs ['model'], not {blobs}"
     elif blobs:
-        return f"{type_name} carries blobs {blobs}; only LOAD carries a blob"
+        return f"{type_name} carries blobs {blobs}; only LOAD and STORE carry a blob"
     return None
 
 
@@ -1352,8 +1361,8 @@ _HEARTBEAT = frozenset({PING, PONG, BYE})
 # (sender, receiver) -> what the sender may send once the connection is OPEN,
 # besides PING, PONG and BYE.  Frames to and from a driver name their worker.
 _TRAFFIC: dict[tuple[str, str], frozenset[str]] = {
-    (COORDINATOR, WORKER): frozenset({LOAD, UNLOAD, RUN}),
-    (WORKER, COORDINATOR): frozenset({LOADED, UNLOADED, RESULT, FAILED}),
+    (COORDINATOR, WORKER): frozenset({LOAD, UNLOAD, STORE, RUN}),
+    (WORKER, COORDINATOR): frozenset({LOADED, UNLOADED, STORED, RESULT, FAILED}),
     (DRIVER, COORDINATOR): frozenset({CROWD, LOAD, UNLOAD, RUN, LOST}),
     (COORDINATOR, DRIVER): frozenset({CROWD, JOINED, LOST, LOADED, UNLOADED, RESULT, FAILED}),
 }

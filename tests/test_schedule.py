@@ -28,6 +28,7 @@ from crowdgraph.schedule import (
     ResultsLost,
     Run,
     Scheduler,
+    Store,
     TaskFinished,
     TaskKey,
     TaskOverdue,
@@ -581,6 +582,7 @@ def problems(draw: st.DrawFn) -> Problem:
             cached=frozenset(draw(st.sets(st.sampled_from(parts), max_size=3))),
             resident=resident,
             bandwidth=draw(st.sampled_from([1.0, 100.0, 1e6])),
+            stores=draw(st.booleans()),
         ))
     largest = max(need.values())
     if max(w.memory for w in crowd) < largest:
@@ -601,27 +603,53 @@ def holders_of(state: dict[str, dict[str, Any]], p: str, need: dict[str, int]) -
     return [w for w, x in state.items() if x["resident"] == p and x["info"].memory >= need[p]]
 
 
+def check_stores(s: Scheduler, g: nx.DiGraph, need: dict[str, int], stores: list[Store],
+                 stored: dict[str, set[str]]) -> None:
+    """``Store`` actions, the last of their batch: only to busy workers that
+    store, of partitions that fit them, have work and no holder, one per
+    worker and per partition; ``stored`` (worker -> partitions stored
+    ahead) takes them in."""
+    assert all(isinstance(a, Store) for a in stores), "Store actions come last"
+    unfinished = {key[0] for key in g.nodes if key not in s.finished}
+    held = {p for wid, p in s.resident.items() if p in need and s.workers[wid].memory >= need[p]}
+    assert len({a.worker for a in stores}) == len(stores), "one Store per worker at a time"
+    assert len({a.partition for a in stores}) == len(stores), "one Store per partition at a time"
+    for a in stores:
+        info = s.workers[a.worker]
+        assert info.stores and info.memory >= need[a.partition], a
+        assert s.queue(a.worker), f"{a} to an idle worker"
+        assert a.partition in unfinished and a.partition not in held, a
+        assert a.partition not in stored.setdefault(a.worker, set()) | info.cached, f"{a} stored twice"
+        stored[a.worker].add(a.partition)
+
+
 def check_batch(
     s: Scheduler,
     g: nx.DiGraph,
     need: dict[str, int],
     actions: list[Action],
+    stored: dict[str, set[str]] | None = None,
 ) -> None:
     """Check a batch of actions against the rules, from the state it left.
 
     Every policy: runs wait for all their predecessors (barrier edges
     too), ``Load`` comes just before its ``Run`` (JIT), budgets hold, the
-    reported tier says what moved, and the holders invariant: a worker
-    becomes a new holder of ``p`` only when no other holder of ``p`` could
-    take the task (pipeline: there is none; cost and greedy: every one is
-    busy), and no ``Unload`` leaves a partition with ready tasks without
-    a holder.  The pipeline policy is also checked against an oracle of
-    its tier rules.
+    reported tier says what moved (a partition stored ahead, ``stored``,
+    counts as cached), and the holders invariant: a worker becomes a new
+    holder of ``p`` only when no other holder of ``p`` could take the task
+    (pipeline: there is none; cost and greedy: every one is busy), and no
+    ``Unload`` leaves a partition with ready tasks without a holder.  The
+    pipeline policy is also checked against an oracle of its tier rules.
+    ``Store`` actions are checked by :func:`check_stores`.
     """
+    stored = {} if stored is None else stored
+    first_store = next((i for i, a in enumerate(actions) if isinstance(a, Store)), len(actions))
+    actions, stores = actions[:first_store], actions[first_store:]
     policy = s.policy
     post_res = dict(s.resident)
     post_queue = dict(s.queues)
-    workers = dict(s.workers)
+    workers = {wid: replace(info, cached=info.cached | stored.get(wid, set()))
+               for wid, info in s.workers.items()}
     finished = set(s.finished)
     produced_on = dict(s.produced_on)
     rank = dict(s.tie_break)
@@ -704,6 +732,8 @@ def check_batch(
         if isinstance(a, Unload) and a.partition in ready_parts:
             assert holders_of(state, a.partition, need), f"{a} left ready tasks without a holder"
 
+    check_stores(s, g, need, stores, stored)
+
     # Nothing is left that could have been placed.
     for key in s.ready:
         p = key[0]
@@ -753,10 +783,14 @@ def check_state(s: Scheduler, g: nx.DiGraph, need: dict[str, int],
     assert s.done == (len(finished) == g.number_of_nodes())
 
 
-def check_backup(s: Scheduler, event: TaskOverdue, actions: list[Action],
-                 before: dict[str, tuple[TaskKey, ...]]) -> None:
+def check_backup(s: Scheduler, g: nx.DiGraph, need: dict[str, int], event: TaskOverdue,
+                 actions: list[Action], before: dict[str, tuple[TaskKey, ...]],
+                 stored: dict[str, set[str]]) -> None:
     """A backup is one Run of the running task, on a worker that was idle,
-    after the Unload/Load it needs; nothing else moves."""
+    after the Unload/Load it needs; nothing else moves (but Stores, last)."""
+    first_store = next((i for i, a in enumerate(actions) if isinstance(a, Store)), len(actions))
+    actions, stores = actions[:first_store], actions[first_store:]
+    check_stores(s, g, need, stores, stored)
     if not actions:
         return
     assert before.get(event.worker, ())[:1] == (event.key,), f"backup of {event.key}, which is not running"
@@ -809,6 +843,8 @@ class SimExecutor:
                 assert self.held[wid] is None, "two partitions resident"
                 self.held[wid] = a.partition
                 return LoadFinished(wid, a.partition)
+            elif isinstance(a, Store):
+                continue  # to local storage: nothing resident changes
             else:
                 assert isinstance(a, Run)
                 return TaskFinished(wid, a.key)
@@ -824,6 +860,7 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
     sim.held = {w.id: w.resident for w in crowd}
     unconfirmed: Counter[str] = Counter()  # Loads whose LoadFinished was not fed yet
     backed_up: set[TaskKey] = set()  # tasks that ever had a backup copy
+    stored: dict[str, set[str]] = {}  # worker -> partitions stored ahead on it
     events: list[Event] = []
     batches: list[list[Action]] = []
 
@@ -857,9 +894,9 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
             assert after == before
         assert {w: r for w, r in s.tie_break.items() if w in rank_before} == rank_before, "ranks are kept"
         if isinstance(event, TaskOverdue):
-            check_backup(s, event, actions, before_queues)
+            check_backup(s, g, need, event, actions, before_queues, stored)
         else:
-            check_batch(s, g, need, actions)
+            check_batch(s, g, need, actions, stored)
         check_state(s, g, need, backed_up)
         unconfirmed.update(a.worker for a in actions if isinstance(a, Load))
         for wid, p in s.loaded.items():
@@ -911,6 +948,7 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
             made_there = sorted(k for k, w in s.produced_on.items() if w == wid)
             sim.lose(wid)
             unconfirmed.pop(wid, None)
+            stored.pop(wid, None)
             if not feed(WorkerLost(wid)):
                 return
             if made_there and data.draw(st.booleans()):
@@ -1120,3 +1158,46 @@ def test_losing_either_copy_leaves_the_other_running(lost: str) -> None:
     assert all(r.key != ("p0", 0) for r in runs(after))  # not placed a third time
     s.handle(TaskFinished(stays, ("p0", 0)))
     assert ("p0", 0) in s.finished
+
+
+# -- weights ahead of need ------------------------------------------------------
+
+
+def stored_then_loaded(actions: list[Action]) -> tuple[int, list[int]]:
+    """How many Stores ``actions`` hold, and the tier of each Run whose Load
+    read a partition stored ahead on that worker."""
+    stored: set[tuple[str, str]] = set()
+    tiers, loaded = [], None
+    for a in actions:
+        if isinstance(a, Store):
+            stored.add((a.worker, a.partition))
+        elif isinstance(a, Load):
+            loaded = (a.worker, a.partition)
+        elif isinstance(a, Run) and loaded == (a.worker, a.key[0]):
+            if loaded in stored:
+                tiers.append(a.tier)
+            loaded = None
+    return len(stored), tiers
+
+
+@pytest.mark.parametrize("policy", ["cost", "pipeline", "greedy"])
+def test_a_busy_worker_is_sent_the_partition_it_will_load_next(policy: str) -> None:
+    # Five partitions in a chain, two workers: each worker loads several in turn.
+    parts = [f"p{k}" for k in range(5)]
+    need = {p: 60 for p in parts}
+    costs: dict[str, Any] = {"policy": policy, "weight_bytes": {p: 10**7 for p in parts},
+                             "flops": {p: 5e9 for p in parts}}
+    crowd = [WorkerInfo("w0", 100, stores=True), WorkerInfo("w1", 100, stores=True)]
+    s = Scheduler(chain_of(4, parts), need, crowd, **costs)
+    first = s.start()
+    stores = [a for a in first if isinstance(a, Store)]
+    assert stores and all(s.queue(a.worker) for a in stores), first
+    if policy != "greedy":  # (greedy starts a replica of p0 on w1)
+        # w1 is idle and takes p1 when it is ready; busy w0 is expected to load p2 next.
+        assert first[0] == Load("w0", "p0") and stores == [Store("w0", "p2")]
+    n_stored, tiers = stored_then_loaded(drain(s, first, 1.0))
+    assert n_stored >= 2 and tiers and set(tiers) == {2}, (n_stored, tiers)
+    # Without storage the same run sends nothing ahead and never reads from disk.
+    plain = Scheduler(chain_of(4, parts), need, [WorkerInfo("w0", 100), WorkerInfo("w1", 100)], **costs)
+    log = drain(plain, plain.start(), 1.0)
+    assert not any(isinstance(a, Store) for a in log) and 2 not in {a.tier for a in runs(log)}

@@ -329,11 +329,14 @@ def test_message_repr_shows_shapes_not_values():
     (lambda: encode(Message(wire.PING, {"seq": 1}, tensors={"x": np.zeros(1)})), ValueError,
      "only RUN and RESULT carry tensors"),
     (lambda: encode(Message(wire.RUN, {"task": ["p", 0], "outputs": []}, blobs={"m": b""})),
-     ValueError, "only LOAD carries a blob"),
+     ValueError, "only LOAD and STORE carry a blob"),
     (lambda: encode(Message(wire.LOAD, {"partition": "p", "sha256": "0" * 64, "from_cache": False})),
      ValueError, r"must carry blobs \['model'\]"),
     (lambda: encode(Message(wire.LOAD, {"partition": "p", "sha256": "0" * 64, "from_cache": True},
                             blobs={"model": b"x"})), ValueError, "from_cache=true"),
+    (lambda: encode(Message(wire.STORE, {"partition": "p", "sha256": "0" * 64})),
+     ValueError, r"STORE must carry blobs \['model'\]"),
+    (lambda: encode(Message(wire.STORED, {"partition": "p", "sha256": "0" * 64})), ValueError, "lacks 'kept'"),
     (lambda: encode(Message(wire.PING, {"seq": 1, "x": object()})), ValueError, "not JSON-able"),
     (lambda: encode(Message(wire.PING, {"seq": 1, "x": float("nan")})), ValueError, "not JSON-able"),
     (lambda: encode(Message(wire.PING, {"seq": 1, "x": "\ud800"})), ValueError, "not JSON-able"),
@@ -434,7 +437,7 @@ BAD_FRAMES = {
     "impossible zlib ratio": (run_frame(section_bytes(codec=2, shape=(2**20,), raw_len=2**22,
                                                       payload=b"\x00" * 100)), "cannot decompress to"),
     "huge dimension": (run_frame(section_bytes(shape=(2**63,), payload=b"")), "dimensions < 2\\*\\*63"),
-    "blob on run": (run_frame(section_bytes(kind=2, dtype=0, shape=())), "only LOAD carries a blob"),
+    "blob on run": (run_frame(section_bytes(kind=2, dtype=0, shape=())), "only LOAD and STORE carry a blob"),
 }
 
 
@@ -819,6 +822,8 @@ SAMPLES = {
     wire.RUN: Message(wire.RUN, {"task": ["p0", 0], "outputs": ["y"]}),
     wire.LOADED: Message(wire.LOADED, {"partition": "p0", "sha256": SHA, "seconds": 0.5, "rss": 1}),
     wire.UNLOADED: Message(wire.UNLOADED, {"partition": "p0", "rss": 1}),
+    wire.STORE: Message(wire.STORE, {"partition": "p0", "sha256": SHA}, blobs={"model": b"onnx"}),
+    wire.STORED: Message(wire.STORED, {"partition": "p0", "sha256": SHA, "kept": True}),
     wire.RESULT: Message(wire.RESULT, {"task": ["p0", 0], "start": 0.0, "end": 1.0, "peak_rss": 1, "rss": 1},
                          tensors={"y": np.ones(3, np.float32)}),
     wire.FAILED: Message(wire.FAILED, {"task": ["p0", 0], "error": "boom"}),
@@ -941,8 +946,8 @@ def test_frames_before_welcome_are_held_to_the_handshake_limit():
 
 # Who may send what once the connection is open (docs/protocol.md §6, §7.4).
 MAY_SEND = {
-    (wire.WORKER, wire.COORDINATOR): {wire.LOADED, wire.UNLOADED, wire.RESULT, wire.FAILED},
-    (wire.COORDINATOR, wire.WORKER): {wire.LOAD, wire.UNLOAD, wire.RUN},
+    (wire.WORKER, wire.COORDINATOR): {wire.LOADED, wire.UNLOADED, wire.STORED, wire.RESULT, wire.FAILED},
+    (wire.COORDINATOR, wire.WORKER): {wire.LOAD, wire.UNLOAD, wire.STORE, wire.RUN},
     (wire.DRIVER, wire.COORDINATOR): {wire.CROWD, wire.LOAD, wire.UNLOAD, wire.RUN, wire.LOST},
     (wire.COORDINATOR, wire.DRIVER): {wire.CROWD, wire.JOINED, wire.LOST, wire.LOADED, wire.UNLOADED,
                                       wire.RESULT, wire.FAILED},

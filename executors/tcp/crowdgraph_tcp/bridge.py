@@ -131,7 +131,7 @@ class PendingUnload:
 
 @dataclass(eq=False)
 class Action:
-    """One LOAD, UNLOAD or RUN on its way to a worker, and what its answer is for.
+    """One LOAD, UNLOAD, STORE or RUN on its way to a worker, and what its answer is for.
 
     ``parts`` is the encoded frame, or None and ``message`` is encoded when
     it is sent.  ``purpose`` comes back with the answer (a ``Pending*``
@@ -139,7 +139,7 @@ class Action:
     may release a cache-miss hold (the executor, or a driver connection).
     """
 
-    kind: Literal["LOAD", "UNLOAD", "RUN"]  # the wire message type
+    kind: Literal["LOAD", "UNLOAD", "STORE", "RUN"]  # the wire message type
     partition: str
     purpose: Any = None
     parts: list[Any] | None = None
@@ -157,8 +157,8 @@ def take_answer(outstanding: list[Action], message: Message) -> Action | None:
 
     A worker answers its actions of one kind in order, so the first match
     is the one: RESULT and a task's FAILED answer the RUN of that task,
-    LOADED and a load's FAILED the LOAD of that partition, UNLOADED the
-    UNLOAD.
+    LOADED and a load's FAILED the LOAD of that partition, STORED the
+    STORE of that partition, UNLOADED the UNLOAD.
 
     >>> run = Action(wire.RUN, "p0", key=("p0", 1))
     >>> pending = [Action(wire.LOAD, "p0"), run]
@@ -172,6 +172,8 @@ def take_answer(outstanding: list[Action], message: Message) -> Action | None:
     elif kind == wire.LOADED or kind == wire.FAILED:
         name = h.get("partition", h.get("load"))
         matches = lambda a: a.kind == wire.LOAD and a.partition == name
+    elif kind == wire.STORED:
+        matches = lambda a: a.kind == wire.STORE and a.partition == h["partition"]
     else:
         matches = lambda a: a.kind == wire.UNLOAD and a.partition == h["partition"]
     for i, action in enumerate(outstanding):
@@ -181,13 +183,15 @@ def take_answer(outstanding: list[Action], message: Message) -> Action | None:
 
 
 class Holding(NamedTuple):
-    """What the driver side knows of a worker: its budget, cache, resident partition (sha256s) and idle RSS."""
+    """What the driver side knows of a worker: its budget, cache, resident partition (sha256s), idle RSS,
+    and whether it is to be sent partitions for its cache ahead of need (STORE)."""
 
     id: str
     memory: int
     cached: Iterable[str]
     resident: str | None
     floor: int | None = None
+    stores: bool = False
 
 
 class DriverBridge:
@@ -232,7 +236,7 @@ class DriverBridge:
         """``w`` as the scheduler sees it: its cache in the current plan's partition names."""
         cached = frozenset(self.by_sha[s] for s in w.cached if s in self.by_sha)
         self._memory[w.id] = w.memory
-        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, floor=w.floor)
+        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, floor=w.floor, stores=w.stores)
 
     def lost(self, worker: str) -> None:
         """Forget what was measured of ``worker``."""
@@ -259,6 +263,16 @@ class DriverBridge:
         blobs = {} if from_cache else {"model": part.model_bytes}
         return Action(wire.LOAD, part.name, purpose=pending, message=Message(wire.LOAD, header, blobs=blobs),
                       sha256=part.sha256, from_cache=from_cache)
+
+    def store(self, worker: str, partition: Partition) -> Action | None:
+        """A STORE of ``partition``'s bytes (for the worker's cache; its answer
+        is not reported); None before a run."""
+        if self.reporter is None:
+            return None
+        header = self._header(worker, {"partition": partition.name, "sha256": partition.sha256})
+        return Action(wire.STORE, partition.name, message=Message(wire.STORE, header,
+                                                                  blobs={"model": partition.model_bytes}),
+                      sha256=partition.sha256)
 
     def unload(self, worker: str, partition: str, reporter: Reporter | None) -> Action:
         """An UNLOAD of ``partition``; its answer goes to ``reporter`` (None: not reported)."""

@@ -106,6 +106,11 @@ class Peer:
         return int(self.hello.get("memory_budget", 0))
 
     @property
+    def stores(self) -> bool:
+        """Whether the worker takes STORE (it said so in HELLO)."""
+        return self.hello.get("stores") is True
+
+    @property
     def floor_rss(self) -> int | None:
         rss = self.hello.get("rss")
         return int(rss) if isinstance(rss, int) else None
@@ -633,6 +638,8 @@ class Coordinator:
                 w.hold = CacheHold(action.sha256, action.owner)
             else:
                 w.cached.add(action.sha256)
+        elif action.kind == wire.STORE and action.sha256:
+            w.cached.add(action.sha256)  # a later LOAD reads it from there (a miss sends the bytes)
 
     def _on_reply(self, w: Peer, message: Message, size: int) -> None:
         received = now()
@@ -651,6 +658,8 @@ class Coordinator:
                 hold.missed = True  # held until the bytes come (submit) or release()
             elif w.expected_resident == action.sha256:
                 w.expected_resident = None
+        elif action is not None and action.kind == wire.STORE and action.sha256 and not message.header["kept"]:
+            w.cached.discard(action.sha256)
         self._notify(self.listener.reply, w, action, message, size, received)
         if release:
             self.release(w)

@@ -51,7 +51,7 @@ class _ExecutorListener(Listener):
         with ex._changed:
             ex._changed.notify_all()
         if ex.bridge.reporter is not None:
-            ex.bridge.reporter.worker_joined(ex.bridge.info(_holding(worker)))
+            ex.bridge.reporter.worker_joined(ex.bridge.info(ex._holding(worker)))
 
     def worker_lost(self, worker: Peer, reason: str) -> None:
         ex = self.executor
@@ -72,10 +72,6 @@ class _ExecutorListener(Listener):
         resend = ex.bridge.answered(worker.id, action, message, size, received)
         if resend is not None:  # the worker's cache lost it: the bytes go ahead of what waits
             ex._submit_now(worker.id, resend)
-
-
-def _holding(w: Peer) -> Holding:
-    return Holding(w.id, w.memory, w.cached, w.expected_resident, w.floor_rss)
 
 
 class TcpExecutor(Executor):
@@ -114,6 +110,12 @@ class TcpExecutor(Executor):
     quarantine_seconds:
         How long a worker that a run's spot checks quarantined
         (``run(..., audit=...)``, docs/audit.md) is refused under its name.
+    prefetch:
+        Stream each worker that takes it (``crowdgraph-worker`` does, the
+        browser page does not) the partition it is expected to load next,
+        into its disk cache while it computes, so that its load reads it
+        from there (tier 2); memory holds only what is loaded.  Off by
+        default; see docs/tcp.md, "Weights ahead of need".
 
     Attributes
     ----------
@@ -129,7 +131,7 @@ class TcpExecutor(Executor):
                  handshake_timeout: float = wire.HANDSHAKE_TIMEOUT, lossy: str | None = None,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
                  web: bool = False, web_port: int | None = None,
-                 quarantine_seconds: float = QUARANTINE_SECONDS):
+                 quarantine_seconds: float = QUARANTINE_SECONDS, prefetch: bool = False):
         host, port = parse_listen(listen)
         if web and web_port is None:
             web_port = port + 1 if port else 0
@@ -138,10 +140,12 @@ class TcpExecutor(Executor):
         self.join_timeout = float(join_timeout)
         #: The lossy wire encoding runs ask for (None: exact); see ``lossy`` above.
         self.lossy = lossy_option(lossy)
+        #: Whether workers that take STORE get partitions ahead of need (``prefetch`` above).
+        self.prefetch = bool(prefetch)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         self.bridge = DriverBridge()
-        self._encoded: dict[tuple[str, str, int], list[Any]] = {}
+        self._encoded: dict[tuple[str, str, str, int, bool], list[Any]] = {}
         self._encoded_lock = threading.Lock()
         self._changed = threading.Condition()
         self._spawned: list[tuple[str, subprocess.Popen[bytes], Any]] = []
@@ -283,7 +287,7 @@ class TcpExecutor(Executor):
             self._encoded.clear()
 
         def snapshot() -> list[WorkerInfo]:
-            crowd, unloads = self.bridge.start(job, reporter, map(_holding, list(self.coordinator.workers.values())))
+            crowd, unloads = self.bridge.start(job, reporter, map(self._holding, list(self.coordinator.workers.values())))
             for worker, action in unloads:
                 self._submit_now(worker, action)
             return crowd
@@ -293,22 +297,26 @@ class TcpExecutor(Executor):
             raise ExecutionError(f"only {len(crowd)} workers are connected, {self.min_workers} needed")
         return crowd
 
+    def _holding(self, w: Peer) -> Holding:
+        return Holding(w.id, w.memory, w.cached, w.expected_resident, w.floor_rss, self.prefetch and w.stores)
+
     def _submit_now(self, worker: str, action: Action) -> None:
         """Hand ``action`` to the coordinator (IOLoop thread)."""
         self.coordinator.submit(worker, self._prepare(worker, action))
 
     def _prepare(self, worker: str, action: Action) -> Action:
-        """Mark ``action`` as this executor's; encode a LOAD's bytes (once per codec)."""
+        """Mark ``action`` as this executor's; encode the bytes of a LOAD or STORE (once per codec)."""
         action.owner = self
         agreed = self.coordinator.codec_of(worker)
-        if action.kind == wire.LOAD and not action.from_cache and agreed is not None:
+        if action.kind in (wire.LOAD, wire.STORE) and not action.from_cache and agreed is not None:
             assert action.message is not None
-            action.parts, action.message = self._load_parts(action.message, *agreed), None
+            action.parts, action.message = self._bytes_parts(action.message, *agreed), None
         return action
 
-    def _load_parts(self, message: Message, codec: str, version: int) -> list[Any]:
-        """The LOAD frame carrying a partition's bytes, encoded once per codec (and fast or not)."""
-        key = (message.header["sha256"], codec, version, message.header.get("fast", False))
+    def _bytes_parts(self, message: Message, codec: str, version: int) -> list[Any]:
+        """The LOAD or STORE frame carrying a partition's bytes, encoded once per
+        codec (and per type, and fast or not)."""
+        key = (message.type, message.header["sha256"], codec, version, message.header.get("fast", False))
         with self._encoded_lock:
             parts = self._encoded.get(key)
         if parts is None:
@@ -321,6 +329,13 @@ class TcpExecutor(Executor):
         if self.coordinator.codec_of(worker) is None:
             return  # lost: the scheduler hears of it from worker_lost
         action = self.bridge.load(worker, partition, from_cache=self.coordinator.has_cached(worker, partition.sha256))
+        if action is not None:  # the bytes are encoded here, not on the coordinator's thread
+            self.coordinator.call(self.coordinator.submit, worker, self._prepare(worker, action))
+
+    def store(self, worker: str, partition: Partition) -> None:
+        if self.coordinator.codec_of(worker) is None or self.coordinator.has_cached(worker, partition.sha256):
+            return  # lost, or its cache has it already
+        action = self.bridge.store(worker, partition)
         if action is not None:  # the bytes are encoded here, not on the coordinator's thread
             self.coordinator.call(self.coordinator.submit, worker, self._prepare(worker, action))
 
@@ -344,7 +359,7 @@ class TcpExecutor(Executor):
 
     def reset(self) -> None:
         def unload_all() -> None:
-            for worker, action in self.bridge.reset(map(_holding, list(self.coordinator.workers.values()))):
+            for worker, action in self.bridge.reset(map(self._holding, list(self.coordinator.workers.values()))):
                 self._submit_now(worker, action)
 
         self.coordinator.call(unload_all)

@@ -44,6 +44,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -528,6 +529,8 @@ class Agent:
         self.max_frame_bytes = max_frame_bytes
         self.log = log or sys.stderr
         self.resident = ResidentSession(self.threads, collect_garbage=True)
+        # The compute thread (LOAD) and the storing thread (STORE) both change the cache.
+        self.cache_lock = threading.Lock()
         self.codec, self.version = "none", 1
         self.lossy: tuple[str, ...] = ()  # lossy encodings agreed with the coordinator
         self.floor_rss = current_rss()
@@ -591,7 +594,8 @@ class Agent:
 
         try:
             conn.hello({"name": self.name, "memory_budget": self.memory, "cores": self.threads,
-                        "platform": _platform(), "cached": self.cache.digests(), "rss": self.floor_rss},
+                        "platform": _platform(), "cached": self.cache.digests(), "rss": self.floor_rss,
+                        "stores": True},
                        now=time.monotonic())
             writer.writelines(conn.data_to_send())
             await asyncio.wait_for(next_message(), conn.handshake_deadline - time.monotonic())  # WELCOME
@@ -611,19 +615,38 @@ class Agent:
         loop = asyncio.get_running_loop()
         actions: asyncio.Queue[Message] = asyncio.Queue()
         pool = ThreadPoolExecutor(1, thread_name_prefix="crowdgraph-worker-compute")
+        # STOREs are written to the cache beside the compute, not between its tasks.
+        storage = ThreadPoolExecutor(1, thread_name_prefix="crowdgraph-worker-store")
+        storing: dict[str, asyncio.Future[Any]] = {}  # sha256 -> its STORE being written
         assert conn.heartbeat is not None
         heartbeat = conn.heartbeat
+
+        async def store(message: Message) -> None:
+            sha = message.header["sha256"]
+            try:
+                kind, parts = await loop.run_in_executor(storage, self.handle, message)
+            finally:
+                if storing.get(sha) is asyncio.current_task():
+                    del storing[sha]
+            if conn.sending(kind, now=time.monotonic()):
+                writer.writelines(parts)  # a few bytes: no drain, as for heartbeats
 
         async def read_loop() -> None:
             while True:
                 message = await next_message()
                 if message.type == wire.BYE:
                     raise _Bye(message.header.get("reason", ""))
-                actions.put_nowait(message)
+                if message.type == wire.STORE:
+                    storing[message.header["sha256"]] = asyncio.ensure_future(store(message))
+                else:
+                    actions.put_nowait(message)
 
         async def compute_loop() -> None:
             while True:
                 message = await actions.get()
+                pending = storing.get(message.header.get("sha256", "")) if message.type == wire.LOAD else None
+                if pending is not None:  # a LOAD of what is still being stored waits for it
+                    await asyncio.wait([pending])
                 kind, parts = await loop.run_in_executor(pool, self.handle, message)
                 del message
                 if conn.sending(kind, now=time.monotonic()):
@@ -650,10 +673,11 @@ class Agent:
                 if exc is not None:
                     raise exc
         finally:
-            for task in tasks:
+            for task in [*tasks, *storing.values()]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *storing.values(), return_exceptions=True)
             pool.shutdown(wait=False, cancel_futures=True)
+            storage.shutdown(wait=False, cancel_futures=True)
 
     async def _receive(self, reader: asyncio.StreamReader, conn: wire.Connection) -> list[Message]:
         """Read from the coordinator; return the frames completed (for ``conn.take_frames``).
@@ -681,7 +705,7 @@ class Agent:
         return conn.decode_frames(data)
 
     async def _stream_load(self, data: bytes, reader: asyncio.StreamReader, conn: wire.Connection) -> list[Message]:
-        """A large frame whose fixed header is ``data``: a LOAD's partition goes straight to a cache file.
+        """A large frame whose fixed header is ``data``: a LOAD's or STORE's partition goes straight to a cache file.
 
         The partition's bytes are hashed as they arrive and written to a
         file the cache then takes (:meth:`PartitionCache.put`), so the
@@ -693,7 +717,7 @@ class Agent:
         while isinstance(head, int):  # how many more bytes the head needs
             data += await _read_exactly(reader, head)
             head = wire.read_blob_head(data, max_frame_bytes=conn.max_frame_bytes)
-        if head is None or head.message.type != wire.LOAD or head.name != "model":
+        if head is None or head.message.type not in (wire.LOAD, wire.STORE) or head.name != "model":
             frames = conn.decode_frames(data)
             while conn.buffered:  # the rest of the frame, the usual way
                 frames += await self._receive(reader, conn)
@@ -723,11 +747,12 @@ class Agent:
     # -- the work (compute thread) -------------------------------------------
 
     def handle(self, message: Message) -> tuple[str, list[Any]]:
-        """Carry out LOAD, UNLOAD or RUN; return the answer's type and its encoded frame."""
+        """Carry out LOAD, UNLOAD, STORE or RUN; return the answer's type and its encoded frame."""
         h = message.header
         try:
-            if message.type == wire.LOAD:
-                answer = self._load(message)
+            if message.type in (wire.LOAD, wire.STORE):
+                with self.cache_lock:
+                    answer = self._load(message) if message.type == wire.LOAD else self._store(message)
             elif message.type == wire.UNLOAD:
                 self.resident.unload()
                 answer = Message(wire.UNLOADED, {"partition": h["partition"], "rss": current_rss()})
@@ -781,6 +806,36 @@ class Agent:
                 self.cache.remove(sha)
         return Message(wire.LOADED, {"partition": name, "sha256": sha, "seconds": time.perf_counter() - start,
                                      "rss": current_rss(), **({"fast": True} if fast else {})})
+
+    def _store(self, message: Message) -> Message:
+        """Keep a partition's bytes in the cache without opening them; say whether they were kept.
+
+        Never FAILED: a STORE is a hint, and a FAILED naming a partition
+        would answer a LOAD of it.  A partition not kept is sent again with
+        the LOAD that needs it.
+        """
+        h = message.header
+        name, sha = h["partition"], h["sha256"]
+        received = self._received(message.blobs.pop("model"))
+        kept, why = False, ""
+        try:
+            if received.path is None:
+                why = f"it is {format_bytes(received.size)}, more than this worker's budget"
+            elif received.sha256 != sha:
+                why = f"its bytes do not hash to its sha256 {sha[:12]}..."
+            else:
+                _, kept = self.cache.put(sha, received.path)
+                if not kept:
+                    why = "it is larger than the whole cache"
+                    self.cache.remove(sha)
+        except (OSError, ValueError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        finally:
+            if received.path is not None:
+                _remove(received.path)
+        if not kept:
+            self.say(f"did not keep partition {name} sent ahead of need: {why}")
+        return Message(wire.STORED, {"partition": name, "sha256": sha, "kept": kept})
 
     def _received(self, model: ReceivedModel | bytes) -> ReceivedModel:
         """The bytes of a LOAD that came whole (a small frame) staged like a streamed one."""
