@@ -145,7 +145,10 @@ The rules
   gone; its queued and running tasks become ready again.  Results it
   produced are kept (the driver holds them) unless a ``ResultsLost``
   event names them: those tasks are computed again, and their unfinished
-  dependents that were ready or queued wait for them again.  After either
+  dependents that were ready or queued wait for them again.  A named task
+  whose slower copy still runs (see ``TaskOverdue``) takes that copy's
+  result when its inputs are all still there, else the copy is dropped
+  and the task waits for them too, whatever the order of the names.  After either
   event, if no remaining worker can hold some partition that still has
   work, or no worker remains, :class:`~crowdgraph.errors.WorkerLostError`
   is raised.
@@ -153,7 +156,9 @@ The rules
   finished, from a lost worker, or for a task not queued on that worker is
   ignored; so are ``LoadFinished`` that does not name the oldest
   unconfirmed load of that worker, ``WorkerLost`` for a worker already
-  lost and ``WorkerJoined`` for a live worker (a repeated announcement).
+  lost, ``WorkerJoined`` for a live worker (a repeated announcement) and
+  ``TaskOverdue`` for a task not running on that worker, backed up
+  already or finished elsewhere.
 
 Estimates
 ---------
@@ -908,7 +913,7 @@ class Scheduler:
         w = self._live.get(wid)
         if (w is None or not w.queue or next(iter(w.queue)) != key or key in self._copies
                 or self._state[key] == _FINISHED):
-            return []  # not running there (any more), backed up already, or the slower copy of one
+            return []  # not running there (any more), backed up already, or done elsewhere
         p = self._part[key]
         if self._idle_holders[p]:
             backup, tier = self._best_idle_holder(p), 1
@@ -1086,11 +1091,8 @@ class Scheduler:
             self._parts_left += not self._unfinished[self._part[key]]
             self._unfinished[self._part[key]] += 1
             self._star_left += self._tensor_bytes[self._part[key]]
-            if key in self._where:  # the slower copy of a backed-up task still runs: it delivers
-                state[key] = _QUEUED
-            else:
-                state[key] = _WAITING
-                again.append(key)
+            state[key] = _WAITING
+            again.append(key)
             for s in self._succs[key]:
                 missing[s] += 1
                 if state[s] == _READY:
@@ -1100,7 +1102,13 @@ class Scheduler:
                         self._dequeue(self._live[self._copies[s]], s)
                     self._dequeue(self._live[self._where[s]], s)
                     state[s] = _WAITING
+        # Decided once every key is counted, so the order of the keys does not matter.
         for key in again:
+            if key in self._where:  # the slower copy of a backed-up task still runs
+                if missing[key] == 0:
+                    state[key] = _QUEUED  # it delivers
+                    continue
+                self._dequeue(self._live[self._where[key]], key)  # its inputs are lost too
             if missing[key] == 0:
                 self._make_ready(key)
         # The lost results may belong to a partition no live worker can hold.
