@@ -49,12 +49,12 @@ The rules
   busy workers in the order their partitions' remaining work drains
   (unfinished tasks x ``task(p, w)`` / summed speed of the holders):
   each of those that stores claims the first such partition that fits
-  its budget.  A worker has at most one such claim;
-  it ends when the worker is given a ``Load`` (of that partition or
-  another), when another worker loads the partition, when the partition
-  has no work left or when the worker is lost.  The stored partition
-  counts as cached from then on, so when that worker comes free its load
-  is tier 2, a local read; memory holds only what ``Load`` put there.
+  its budget.  A worker has at most one claim; it ends when the worker is
+  given a ``Load`` (of that partition or another), when another worker
+  loads the partition, when the partition has no work left or when the
+  worker is lost.  The stored partition counts as cached from then on, so
+  when that worker comes free its load is tier 2, a local read; memory
+  holds only what ``Load`` put there.
 * **Placement.**  A task is placed only when it is *ready* (all its
   predecessors finished).  Four tiers rank what a placement costs, best
   first:
@@ -186,8 +186,9 @@ the network with no worker to spare, or with a busy coordinator link,
 sums the remaining work over the partitions (linear in the partitions,
 never in the crowd).  Storing weights ahead of need costs nothing unless
 some worker stores and claims nothing; then each event looks at those
-workers and at the partitions (linear in both).  A worker joining rebuilds those trees and a worker
-lost checks every partition, both linear in the crowd; they are rare.  On the benchmark chain (20
+workers and at the partitions (linear in both).  A worker joining
+rebuilds those trees and a worker lost checks every partition, both
+linear in the crowd; they are rare.  On the benchmark chain (20
 partitions x 500 micro-batches, 1,000 workers) the scheduler spends
 about 24 microseconds of CPU per task under the cost rule (40 at 5,000
 micro-batches) and 8 under the pipeline rule; Dask's threaded scheduler
@@ -263,10 +264,6 @@ class WorkerInfo:
     bandwidth
         Bytes per second of the worker's link: what a partition's weights
         take to arrive (tiers 3 and 4).  The default is Wi-Fi, 10 MB/s.
-    stores
-        The executor can put partitions on this worker's local storage
-        without loading them (``Store`` actions): weights then arrive while
-        it computes, ahead of the load that needs them.
     disk_bandwidth
         Bytes per second the worker reads cached partitions at (tier 2).
     floor
@@ -274,6 +271,10 @@ class WorkerInfo:
         idle floor), when it reports one.  Placement ignores it: budgets
         count what a partition adds above the floor, and the run report
         shows peaks next to it.
+    stores
+        The executor can put partitions on this worker's local storage
+        without loading them (``Store`` actions): weights then arrive while
+        it computes, ahead of the load that needs them.
     """
 
     id: str
