@@ -168,8 +168,8 @@ LOAD = "LOAD"            #: coordinator -> worker: load a partition (bytes or fr
 LOADED = "LOADED"        #: worker -> coordinator: partition ready
 UNLOAD = "UNLOAD"        #: coordinator -> worker: drop a partition
 UNLOADED = "UNLOADED"    #: worker -> coordinator: partition dropped
-STORE = "STORE"          #: coordinator -> worker: keep a partition's bytes on local storage, do not load it
-STORED = "STORED"        #: worker -> coordinator: whether it kept them
+STORE = "STORE"          #: coordinator -> worker: a chunk of a partition for local storage, not for memory
+STORED = "STORED"        #: worker -> coordinator: how much of it is there; at the end, whether it was kept
 RUN = "RUN"              #: coordinator -> worker: run one task on input tensors
 RESULT = "RESULT"        #: worker -> coordinator: output tensors of a task
 FAILED = "FAILED"        #: worker -> coordinator: a task or a load failed
@@ -1113,9 +1113,10 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
              "fast": ((lambda v: type(v) is bool), "true or false", False), "worker": (*_NAME, False)},
     UNLOAD: {"partition": (*_NAME, True), "worker": (*_NAME, False)},
     UNLOADED: {"partition": (*_NAME, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
-    STORE: {"partition": (*_NAME, True), "sha256": (*_HEX, True)},
-    STORED: {"partition": (*_NAME, True), "sha256": (*_HEX, True),
-             "kept": ((lambda v: type(v) is bool), "true or false", True)},
+    STORE: {"partition": (*_NAME, True), "sha256": (*_HEX, True), "offset": (*_COUNT, True),
+            "size": ((lambda v: _is_int(v, 1)), "an integer >= 1", True)},
+    STORED: {"partition": (*_NAME, True), "sha256": (*_HEX, True), "received": (*_COUNT, True),
+             "kept": ((lambda v: type(v) is bool), "true or false", False)},
     RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_NAME, False),
           "lossy": ((lambda v: v in LOSSY), f"one of {list(LOSSY)}", False)},
     RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),

@@ -26,7 +26,7 @@ from crowdgraph.wire import Message
 
 from .common import LOG
 
-__all__ = ["lossy_option", "Action", "OutputSpec", "output_specs", "result_problem", "PendingRun", "PendingLoad", "PendingUnload", "Holding", "DriverBridge", "take_answer"]
+__all__ = ["lossy_option", "Action", "OutputSpec", "output_specs", "result_problem", "PendingRun", "PendingLoad", "PendingUnload", "PendingStore", "Holding", "DriverBridge", "take_answer"]
 
 #: Encodes a message for the worker it goes to (codec and version agreed with it).
 Encode = Callable[[Message], list[Any]]
@@ -127,6 +127,13 @@ class PendingUnload:
     """An UNLOAD's answer goes to ``reporter``; None: the executor's own clean-up, not reported."""
 
     reporter: Reporter | None
+
+
+@dataclass
+class PendingStore:
+    """A STORE's partition bytes, which the coordinator sends in chunks; its answers are not reported."""
+
+    data: bytes
 
 
 @dataclass(eq=False)
@@ -265,13 +272,11 @@ class DriverBridge:
                       sha256=part.sha256, from_cache=from_cache)
 
     def store(self, worker: str, partition: Partition) -> Action | None:
-        """A STORE of ``partition``'s bytes (for the worker's cache; its answer
-        is not reported); None before a run."""
+        """A STORE of ``partition``'s bytes for the worker's cache, which the
+        coordinator sends in chunks (:class:`PendingStore`); None before a run."""
         if self.reporter is None:
             return None
-        header = self._header(worker, {"partition": partition.name, "sha256": partition.sha256})
-        return Action(wire.STORE, partition.name, message=Message(wire.STORE, header,
-                                                                  blobs={"model": partition.model_bytes}),
+        return Action(wire.STORE, partition.name, purpose=PendingStore(partition.model_bytes),
                       sha256=partition.sha256)
 
     def unload(self, worker: str, partition: str, reporter: Reporter | None) -> Action:

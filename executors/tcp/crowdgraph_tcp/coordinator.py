@@ -48,7 +48,11 @@ from .common import DEFAULT_HEARTBEAT, LOG, PreAuthLimits
 QUARANTINE_SECONDS = 3600.0
 from .streams import Link, now
 
-__all__ = ["Action", "CacheHold", "Peer", "Listener", "Coordinator"]
+__all__ = ["Action", "CacheHold", "StoreStream", "Peer", "Listener", "Coordinator"]
+
+#: Bytes of a partition per STORE frame.  The next chunk goes when the worker
+#: answers the last, so a RUN sent meanwhile waits behind at most this much.
+STORE_CHUNK_BYTES = 1 << 19
 
 
 @dataclass
@@ -66,6 +70,18 @@ class CacheHold:
     missed: bool = False
 
 
+@dataclass
+class StoreStream:
+    """A STORE under way to a worker: ``action`` as submitted, ``offset`` the bytes sent so far,
+    ``load``, a LOAD from the worker's cache that waits for the last chunk, and ``then``, the
+    STORE to start after it."""
+
+    action: Action
+    offset: int = 0
+    load: Action | None = None
+    then: Action | None = None
+
+
 @dataclass(eq=False)
 class Peer:
     """One authenticated connection: a worker or a driver."""
@@ -80,6 +96,7 @@ class Peer:
     outstanding: list[Action] = field(default_factory=list)
     held: deque[Action] = field(default_factory=deque)
     hold: CacheHold | None = None
+    storing: StoreStream | None = None
 
     @property
     def role(self) -> str:
@@ -598,12 +615,29 @@ class Coordinator:
         """Send ``action`` to worker ``worker_id`` in order (IOLoop thread).
 
         While a LOAD from the worker's cache is unanswered, later actions
-        wait (see :class:`CacheHold`).
+        wait (see :class:`CacheHold`).  A STORE goes in chunks beside the
+        other actions, one chunk at a time (:data:`STORE_CHUNK_BYTES`).  A
+        LOAD of that partition from the worker's cache waits for the last
+        chunk, and what follows it waits too; a LOAD with its bytes, or
+        another STORE, ends it.
         """
         w = self.workers.get(worker_id)
         if w is None or not w.alive:
             self._notify(self.listener.dropped, worker_id, action)
             return
+        if action.kind == wire.STORE:
+            if w.storing is not None and w.storing.load is not None:
+                w.storing.then = action  # a LOAD waits for the one under way
+            else:
+                w.storing = StoreStream(action)
+                self._send_store_chunk(w)
+            return
+        if w.storing is not None and action.kind == wire.LOAD and action.sha256 == w.storing.action.sha256:
+            if action.from_cache and w.hold is None:  # sent once the STORE is over
+                w.storing.load, w.hold = action, CacheHold(action.sha256, action.owner)
+                w.expected_resident = action.sha256
+                return
+            w.storing = None  # the LOAD brings the bytes itself
         if action.kind == wire.LOAD:
             w.expected_resident = action.sha256
         elif action.kind == wire.UNLOAD:
@@ -638,8 +672,6 @@ class Coordinator:
                 w.hold = CacheHold(action.sha256, action.owner)
             else:
                 w.cached.add(action.sha256)
-        elif action.kind == wire.STORE and action.sha256:
-            w.cached.add(action.sha256)  # a later LOAD reads it from there (a miss sends the bytes)
 
     def _on_reply(self, w: Peer, message: Message, size: int) -> None:
         received = now()
@@ -658,11 +690,53 @@ class Coordinator:
                 hold.missed = True  # held until the bytes come (submit) or release()
             elif w.expected_resident == action.sha256:
                 w.expected_resident = None
-        elif action is not None and action.kind == wire.STORE and action.sha256 and not message.header["kept"]:
-            w.cached.discard(action.sha256)
+        elif action is not None and action.kind == wire.STORE:
+            self._stored(w, action, message.header)
         self._notify(self.listener.reply, w, action, message, size, received)
         if release:
             self.release(w)
+
+    def _send_store_chunk(self, w: Peer) -> None:
+        """Send the next chunk of the STORE under way to ``w``."""
+        stream = w.storing
+        assert stream is not None
+        data = stream.action.purpose.data
+        chunk = bytes(memoryview(data)[stream.offset:stream.offset + STORE_CHUNK_BYTES])
+        header = {"partition": stream.action.partition, "sha256": stream.action.sha256,
+                  "offset": stream.offset, "size": len(data)}
+        stream.offset += len(chunk)
+        self._send(w, Action(wire.STORE, stream.action.partition, purpose=stream.action.purpose,
+                             message=Message(wire.STORE, header, blobs={"model": chunk}),
+                             sha256=stream.action.sha256, owner=stream.action.owner))
+
+    def _stored(self, w: Peer, action: Action, answer: dict[str, Any]) -> None:
+        """A STORED: at the end, the partition is cached (or not); before it, the next chunk goes."""
+        stream = w.storing
+        ours = stream is not None and stream.action.sha256 == action.sha256
+        if "kept" in answer:
+            if answer["kept"]:
+                w.cached.add(action.sha256)  # LOADs of it now read it from the worker's cache
+            if ours:
+                w.storing = None
+                if stream.load is not None:  # (a miss, when not kept, brings the bytes)
+                    w.hold = None
+                    self._send(w, stream.load)
+                if stream.then is not None:
+                    w.storing = StoreStream(stream.then)
+                    self._send_store_chunk(w)
+        elif ours and stream.offset == answer["received"] < len(stream.action.purpose.data):
+            self._send_store_chunk(w)
+        elif ours:  # the worker lost count: leave it
+            w.storing = None
+
+    def cancel_stores(self) -> None:
+        """Send no more chunks of the STOREs under way (a new run decides anew; IOLoop thread),
+        but those a LOAD waits for."""
+        for w in self.workers.values():
+            if w.storing is not None and w.storing.load is None:
+                w.storing = None
+            elif w.storing is not None:
+                w.storing.then = None
 
     # -- lookups (any thread) ----------------------------------------------
 
@@ -677,9 +751,10 @@ class Coordinator:
         return None if w is None else w.link.conn.lossy_for(wanted)
 
     def has_cached(self, worker_id: str, sha256: str) -> bool:
-        """Whether the worker is believed to hold ``sha256`` in its cache (a hint)."""
+        """Whether the worker is believed to hold ``sha256`` in its cache, or
+        to be receiving it in a STORE (a hint)."""
         w = self.workers.get(worker_id)
-        return w is not None and sha256 in w.cached
+        return w is not None and (sha256 in w.cached or (w.storing is not None and w.storing.action.sha256 == sha256))
 
 
 def _address(address: Any) -> str:

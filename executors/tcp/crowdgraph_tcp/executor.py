@@ -145,7 +145,7 @@ class TcpExecutor(Executor):
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         self.bridge = DriverBridge()
-        self._encoded: dict[tuple[str, str, str, int, bool], list[Any]] = {}
+        self._encoded: dict[tuple[str, str, int, bool], list[Any]] = {}
         self._encoded_lock = threading.Lock()
         self._changed = threading.Condition()
         self._spawned: list[tuple[str, subprocess.Popen[bytes], Any]] = []
@@ -287,6 +287,7 @@ class TcpExecutor(Executor):
             self._encoded.clear()
 
         def snapshot() -> list[WorkerInfo]:
+            self.coordinator.cancel_stores()  # what an earlier run sent ahead is not needed now
             crowd, unloads = self.bridge.start(job, reporter, map(self._holding, list(self.coordinator.workers.values())))
             for worker, action in unloads:
                 self._submit_now(worker, action)
@@ -305,18 +306,17 @@ class TcpExecutor(Executor):
         self.coordinator.submit(worker, self._prepare(worker, action))
 
     def _prepare(self, worker: str, action: Action) -> Action:
-        """Mark ``action`` as this executor's; encode the bytes of a LOAD or STORE (once per codec)."""
+        """Mark ``action`` as this executor's; encode a LOAD's bytes (once per codec)."""
         action.owner = self
         agreed = self.coordinator.codec_of(worker)
-        if action.kind in (wire.LOAD, wire.STORE) and not action.from_cache and agreed is not None:
+        if action.kind == wire.LOAD and not action.from_cache and agreed is not None:
             assert action.message is not None
-            action.parts, action.message = self._bytes_parts(action.message, *agreed), None
+            action.parts, action.message = self._load_parts(action.message, *agreed), None
         return action
 
-    def _bytes_parts(self, message: Message, codec: str, version: int) -> list[Any]:
-        """The LOAD or STORE frame carrying a partition's bytes, encoded once per
-        codec (and per type, and fast or not)."""
-        key = (message.type, message.header["sha256"], codec, version, message.header.get("fast", False))
+    def _load_parts(self, message: Message, codec: str, version: int) -> list[Any]:
+        """The LOAD frame carrying a partition's bytes, encoded once per codec (and fast or not)."""
+        key = (message.header["sha256"], codec, version, message.header.get("fast", False))
         with self._encoded_lock:
             parts = self._encoded.get(key)
         if parts is None:
@@ -336,8 +336,8 @@ class TcpExecutor(Executor):
         if self.coordinator.codec_of(worker) is None or self.coordinator.has_cached(worker, partition.sha256):
             return  # lost, or its cache has it already
         action = self.bridge.store(worker, partition)
-        if action is not None:  # the bytes are encoded here, not on the coordinator's thread
-            self.coordinator.call(self.coordinator.submit, worker, self._prepare(worker, action))
+        if action is not None:
+            self.coordinator.call(self._submit_now, worker, action)
 
     def unload(self, worker: str, partition: str) -> None:
         self.coordinator.call(self._submit_now, worker, self.bridge.unload(worker, partition, self.bridge.reporter))

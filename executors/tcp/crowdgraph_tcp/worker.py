@@ -488,6 +488,80 @@ class ReceivedModel:
     path: Path | None
 
 
+class PartialStore:
+    """The partition a STORE brings in chunks, staged in a cache file until its last chunk arrives.
+
+    One at a time: a chunk at offset 0 starts a partition (dropping one
+    under way); a chunk of another partition, or out of order, ends the one
+    under way, not kept.  The bytes are hashed as they come, so the last
+    chunk says at once whether they are the partition named.
+
+    >>> partial = PartialStore(PartitionCache(tempfile.mkdtemp()))
+    >>> sha = hashlib.sha256(b"weights!").hexdigest()
+    >>> partial.take(sha, 0, 8, b"weig", limit=100)
+    (4, None, '')
+    >>> partial.take(sha, 4, 8, b"hts!", limit=100)
+    (8, True, '')
+    >>> partial.take_file().read_bytes()
+    b'weights!'
+    >>> partial.take(sha, 0, 8, b"weig", limit=6)
+    (0, False, 'it is 8 B, more than this worker can keep (6 B)')
+    """
+
+    def __init__(self, cache: PartitionCache):
+        self.cache = cache
+        self._start(None, 0)
+
+    def _start(self, sha256: str | None, size: int) -> None:
+        self.sha256, self.size, self.received = sha256, size, 0
+        self.digest = hashlib.sha256()
+        self.path, self.out = self.cache.stage() if sha256 is not None else (None, None)
+
+    def take(self, sha256: str, offset: int, size: int, chunk: bytes, limit: int) -> tuple[int, bool | None, str]:
+        """Add ``chunk`` (at ``offset`` of a ``size``-byte partition); return the bytes here,
+        then True (complete, ready for :meth:`take_file`), False (refused, dropped) or None
+        (more to come), and why it was refused."""
+        if offset == 0:
+            self.discard()
+            if size > limit:
+                return 0, False, f"it is {format_bytes(size)}, more than this worker can keep ({format_bytes(limit)})"
+            self._start(sha256, size)
+        elif (sha256, size, offset) != (self.sha256, self.size, self.received):
+            self.discard()
+            return 0, False, "its chunks came out of order"
+        if self.received + len(chunk) > size:
+            received = self.received
+            self.discard()
+            return received, False, f"its chunks add up to more than its {size} bytes"
+        assert self.out is not None
+        self.out.write(chunk)
+        self.digest.update(chunk)
+        self.received += len(chunk)
+        if self.received < size:
+            return self.received, None, ""
+        self.out.close()
+        self.out = None
+        if self.digest.hexdigest() != sha256:
+            self.discard()
+            return size, False, f"its bytes do not hash to its sha256 {sha256[:12]}..."
+        return size, True, ""
+
+    def take_file(self) -> Path:
+        """The complete partition's file; the caller moves it into the cache."""
+        path, self.path = self.path, None
+        assert path is not None
+        self._start(None, 0)
+        return path
+
+    def discard(self) -> None:
+        """Drop the partition under way, if any, and its file."""
+        if self.out is not None:
+            self.out.close()
+        if self.path is not None:
+            _remove(self.path)
+        self._start(None, 0)
+
+
 async def _read_exactly(reader: asyncio.StreamReader, size: int) -> bytes:
     try:
         return await reader.readexactly(size)
@@ -516,7 +590,7 @@ class Agent:
     def __init__(self, url: str, token: bytes, memory: int, *, name: str | None = None,
                  cache: PartitionCache, threads: int = 1, cafile: str | None = None,
                  reconnect: bool = False, max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
-                 log: Any = None):
+                 log: Any = None, link_speed: int | None = None):
         self.scheme, self.host, self.port = parse_url(url)
         self.url = url
         self.token = token
@@ -531,6 +605,10 @@ class Agent:
         self.resident = ResidentSession(self.threads, collect_garbage=True)
         # The compute thread (LOAD) and the storing thread (STORE) both change the cache.
         self.cache_lock = threading.Lock()
+        self.partial = PartialStore(cache)  # the partition STORE chunks are bringing (storing thread)
+        # Bytes per second to read from the coordinator at most (None: as fast as they come).
+        self.link_speed = link_speed
+        self._link_free = 0.0  # when the paced link has taken in what was read so far
         self.codec, self.version = "none", 1
         self.lossy: tuple[str, ...] = ()  # lossy encodings agreed with the coordinator
         self.floor_rss = current_rss()
@@ -615,19 +693,14 @@ class Agent:
         loop = asyncio.get_running_loop()
         actions: asyncio.Queue[Message] = asyncio.Queue()
         pool = ThreadPoolExecutor(1, thread_name_prefix="crowdgraph-worker-compute")
-        # STOREs are written to the cache beside the compute, not between its tasks.
+        # STORE chunks are written to the cache beside the compute, not between its tasks.
         storage = ThreadPoolExecutor(1, thread_name_prefix="crowdgraph-worker-store")
-        storing: dict[str, asyncio.Future[Any]] = {}  # sha256 -> its STORE being written
+        storing: set[asyncio.Future[Any]] = set()
         assert conn.heartbeat is not None
         heartbeat = conn.heartbeat
 
         async def store(message: Message) -> None:
-            sha = message.header["sha256"]
-            try:
-                kind, parts = await loop.run_in_executor(storage, self.handle, message)
-            finally:
-                if storing.get(sha) is asyncio.current_task():
-                    del storing[sha]
+            kind, parts = await loop.run_in_executor(storage, self.handle, message)
             if conn.sending(kind, now=time.monotonic()):
                 writer.writelines(parts)  # a few bytes: no drain, as for heartbeats
 
@@ -637,16 +710,15 @@ class Agent:
                 if message.type == wire.BYE:
                     raise _Bye(message.header.get("reason", ""))
                 if message.type == wire.STORE:
-                    storing[message.header["sha256"]] = asyncio.ensure_future(store(message))
+                    task = asyncio.ensure_future(store(message))
+                    storing.add(task)
+                    task.add_done_callback(storing.discard)
                 else:
                     actions.put_nowait(message)
 
         async def compute_loop() -> None:
             while True:
                 message = await actions.get()
-                pending = storing.get(message.header.get("sha256", "")) if message.type == wire.LOAD else None
-                if pending is not None:  # a LOAD of what is still being stored waits for it
-                    await asyncio.wait([pending])
                 kind, parts = await loop.run_in_executor(pool, self.handle, message)
                 del message
                 if conn.sending(kind, now=time.monotonic()):
@@ -673,11 +745,12 @@ class Agent:
                 if exc is not None:
                     raise exc
         finally:
-            for task in [*tasks, *storing.values()]:
+            for task in [*tasks, *storing]:
                 task.cancel()
-            await asyncio.gather(*tasks, *storing.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, *storing, return_exceptions=True)
             pool.shutdown(wait=False, cancel_futures=True)
             storage.shutdown(wait=False, cancel_futures=True)
+            self.partial.discard()
 
     async def _receive(self, reader: asyncio.StreamReader, conn: wire.Connection) -> list[Message]:
         """Read from the coordinator; return the frames completed (for ``conn.take_frames``).
@@ -688,7 +761,7 @@ class Agent:
         (:meth:`_stream_load`).
         """
         if conn.state == wire.OPEN and conn.buffered == 0:
-            head = await _read_exactly(reader, wire.HEADER_SIZE)
+            head = await self._read(reader, wire.HEADER_SIZE)
             if head[:4] == wire.MAGIC and wire.frame_length(head) > STREAM_BYTES:
                 try:
                     return await self._stream_load(head, reader, conn)
@@ -700,12 +773,30 @@ class Agent:
             data = await reader.read(min(conn.needed, CHUNK))
             if not data:
                 raise _Lost("the coordinator closed the connection")
+            await self._paced(len(data))
         if len(data) == conn.needed and conn.buffered + len(data) > OFF_LOOP_BYTES:
             return await asyncio.get_running_loop().run_in_executor(None, conn.decode_frames, data)
         return conn.decode_frames(data)
 
+    async def _read(self, reader: asyncio.StreamReader, size: int) -> bytes:
+        """``size`` bytes from the coordinator, no faster than ``link_speed``."""
+        data = await _read_exactly(reader, size)
+        await self._paced(size)
+        return data
+
+    async def _paced(self, size: int) -> None:
+        """With ``link_speed``, wait until a link of that speed would have carried ``size`` more bytes.
+
+        Reading slower makes TCP slow the coordinator down too, so one machine
+        can stand in for a crowd on slow links (phones on Wi-Fi) in benchmarks.
+        """
+        if self.link_speed:
+            start = max(self._link_free, time.monotonic())
+            self._link_free = start + size / self.link_speed
+            await asyncio.sleep(max(0.0, self._link_free - time.monotonic()))
+
     async def _stream_load(self, data: bytes, reader: asyncio.StreamReader, conn: wire.Connection) -> list[Message]:
-        """A large frame whose fixed header is ``data``: a LOAD's or STORE's partition goes straight to a cache file.
+        """A large frame whose fixed header is ``data``: a LOAD's partition goes straight to a cache file.
 
         The partition's bytes are hashed as they arrive and written to a
         file the cache then takes (:meth:`PartitionCache.put`), so the
@@ -715,9 +806,9 @@ class Agent:
         """
         head = wire.read_blob_head(data, max_frame_bytes=conn.max_frame_bytes)
         while isinstance(head, int):  # how many more bytes the head needs
-            data += await _read_exactly(reader, head)
+            data += await self._read(reader, head)
             head = wire.read_blob_head(data, max_frame_bytes=conn.max_frame_bytes)
-        if head is None or head.message.type not in (wire.LOAD, wire.STORE) or head.name != "model":
+        if head is None or head.message.type != wire.LOAD or head.name != "model":
             frames = conn.decode_frames(data)
             while conn.buffered:  # the rest of the frame, the usual way
                 frames += await self._receive(reader, conn)
@@ -726,7 +817,7 @@ class Agent:
         path, out = self.cache.stage() if head.length <= self.memory else (None, None)
         try:
             for left in range(head.length, 0, -CHUNK):
-                chunk = await _read_exactly(reader, min(left, CHUNK))
+                chunk = await self._read(reader, min(left, CHUNK))
                 conn.take_frames([], now=time.monotonic())  # a sign of life, for the heartbeat
                 crc = zlib.crc32(chunk, crc)
                 if out is not None:
@@ -750,9 +841,11 @@ class Agent:
         """Carry out LOAD, UNLOAD, STORE or RUN; return the answer's type and its encoded frame."""
         h = message.header
         try:
-            if message.type in (wire.LOAD, wire.STORE):
+            if message.type == wire.LOAD:
                 with self.cache_lock:
-                    answer = self._load(message) if message.type == wire.LOAD else self._store(message)
+                    answer = self._load(message)
+            elif message.type == wire.STORE:
+                answer = self._store(message)
             elif message.type == wire.UNLOAD:
                 self.resident.unload()
                 answer = Message(wire.UNLOADED, {"partition": h["partition"], "rss": current_rss()})
@@ -808,7 +901,7 @@ class Agent:
                                      "rss": current_rss(), **({"fast": True} if fast else {})})
 
     def _store(self, message: Message) -> Message:
-        """Keep a partition's bytes in the cache without opening them; say whether they were kept.
+        """Take one chunk of a STORE; say how much of the partition is here, and at its end whether it was kept.
 
         Never FAILED: a STORE is a hint, and a FAILED naming a partition
         would answer a LOAD of it.  A partition not kept is sent again with
@@ -816,26 +909,20 @@ class Agent:
         """
         h = message.header
         name, sha = h["partition"], h["sha256"]
-        received = self._received(message.blobs.pop("model"))
-        kept, why = False, ""
-        try:
-            if received.path is None:
-                why = f"it is {format_bytes(received.size)}, more than this worker's budget"
-            elif received.sha256 != sha:
-                why = f"its bytes do not hash to its sha256 {sha[:12]}..."
-            else:
-                _, kept = self.cache.put(sha, received.path)
-                if not kept:
-                    why = "it is larger than the whole cache"
-                    self.cache.remove(sha)
-        except (OSError, ValueError) as exc:
-            why = f"{type(exc).__name__}: {exc}"
-        finally:
-            if received.path is not None:
-                _remove(received.path)
+        received, kept, why = self.partial.take(sha, h["offset"], h["size"], message.blobs.pop("model"),
+                                                min(self.memory, self.cache.max_bytes))
+        if kept is None:
+            return Message(wire.STORED, {"partition": name, "sha256": sha, "received": received})
+        if kept:
+            try:
+                with self.cache_lock:
+                    self.cache.put(sha, self.partial.take_file())
+            except (OSError, ValueError) as exc:
+                kept, why = False, f"{type(exc).__name__}: {exc}"
+        self.partial.discard()
         if not kept:
             self.say(f"did not keep partition {name} sent ahead of need: {why}")
-        return Message(wire.STORED, {"partition": name, "sha256": sha, "kept": kept})
+        return Message(wire.STORED, {"partition": name, "sha256": sha, "received": received, "kept": kept})
 
     def _received(self, model: ReceivedModel | bytes) -> ReceivedModel:
         """The bytes of a LOAD that came whole (a small frame) staged like a streamed one."""
@@ -880,6 +967,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="when the connection drops, retry with backoff (joining as a new worker)")
     parser.add_argument("--max-frame-bytes", type=positive_int, default=wire.DEFAULT_MAX_FRAME_BYTES,
                         help="largest frame accepted (default 256 MiB)")
+    parser.add_argument("--link-speed", type=byte_size, default=None,
+                        help="read from the coordinator at most this many bytes per second, as over a slow "
+                             "link (to measure one on a single machine; default: as fast as they come)")
     return parser
 
 
@@ -898,7 +988,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # warm-up session, so a partition's estimate covers only its own session.
         warm_up()
         agent = Agent(args.url, token, memory, name=args.name, cache=cache, threads=args.threads,
-                      cafile=args.cafile, reconnect=args.reconnect, max_frame_bytes=args.max_frame_bytes)
+                      cafile=args.cafile, reconnect=args.reconnect, max_frame_bytes=args.max_frame_bytes,
+                      link_speed=args.link_speed)
     except (CrowdgraphError, OSError) as exc:
         print(f"crowdgraph-worker: {exc}", file=sys.stderr)
         return EXIT_REFUSED
