@@ -131,3 +131,18 @@ def test_store_chunks_let_runs_pass_and_a_load_from_cache_waits_for_the_last():
         assert worker.quiet(), "the UNLOAD went before the LOAD from the cache was answered"
         worker.answer(Message(wire.LOADED, {"partition": "p7", "sha256": sha, "seconds": 0.1, "rss": 1}))
         assert worker.next().type == wire.UNLOAD
+
+
+def test_a_worker_with_a_link_speed_reads_no_faster():
+    """``--link-speed`` stands in for a slow link: a partition's bytes take at least size / speed to arrive."""
+    model = zoo.distilbert("tiny")
+    batch = zoo.sample_inputs(model, batch=1, sequence=8)
+    compiled = crowdgraph.compile(model, partitions=1, sample=batch)
+    size = len(compiled.partitions[0].model_bytes)
+    speed = size  # one second for the partition
+    with TcpExecutor.local(workers=1, memory="64MB", worker_args=["--link-speed", str(speed)]) as executor:
+        start = time.perf_counter()
+        compiled.run(batch, executor=executor, timeout=60)
+        seconds = time.perf_counter() - start
+    (load,) = compiled.last_report.loads
+    assert load.bytes_sent >= size and seconds >= 0.9 * load.bytes_sent / speed
