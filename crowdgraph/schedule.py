@@ -89,6 +89,15 @@ The rules
             >  (sum over unfinished tasks q of task(q, h) + speed(w) x load(w, p))
                / summed speed of the crowd
 
+    Except when the crowd is one partition short of a worker to spare
+    (as many live workers as partitions with unfinished work) and ``p``
+    is all it can run (no other partition has a task ready or queued):
+    the idle workers would only wait for ``p``'s outputs, and once any
+    partition is done the crowd has a worker to spare and the stages
+    after ``p`` get replicas anyway; loading ``p`` now takes only time
+    they would have waited, and moves the crowd on to the next stage in
+    step.
+
   - *The star has room.*  With a shared coordinator link
     (``star_bandwidth``), the bytes it must still carry before the run
     can end (the tensors of every unfinished task, unconfirmed loads, the
@@ -1301,9 +1310,13 @@ class Scheduler:
         """Whether ``p``'s holders have more than their share of the remaining
         work, by their speed, counting the replica's ``load`` (speed x
         seconds) as work the crowd must also do (always, when the crowd has a
-        worker to spare)."""
+        worker to spare or is one partition short of it and can only run
+        ``p``)."""
         if len(self._live) > self._parts_left:
             return True
+        if (len(self._live) == self._parts_left and len(self._ready_parts) == 1
+                and sum(self._queued_n.values()) == self._queued_n[p]):
+            return True  # (p is the one partition ready: _ready_parts holds it)
         work = sum(n * self._task_seconds(q, h) for q, n in self._unfinished.items())
         mine = self._unfinished[p] * self._task_seconds(p, h) / self._holder_speed[p]
         return mine > (work + load) / self._crowd_speed
