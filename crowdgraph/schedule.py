@@ -95,10 +95,23 @@ The rules
     needed as some partition's holder, and a replica of an average stage
     only turns the pipeline into waves in which every worker loads every
     partition.  ``p``'s holders must then have more than their share of
-    the remaining work by speed::
+    the remaining work by speed, the replica's own load counted as work
+    the crowd must also do (in a pipeline of equal stages a later stage
+    always has a few more tasks left than the one before it, and that
+    alone is not worth a load)::
 
         unfinished tasks of p x task(p, h) / summed speed of p's holders
-            >  sum over unfinished tasks q of task(q, h) / summed speed of the crowd
+            >  (sum over unfinished tasks q of task(q, h) + speed(w) x load(w, p))
+               / summed speed of the crowd
+
+    Except when the crowd is one partition short of a worker to spare
+    (as many live workers as partitions with unfinished work) and ``p``
+    is all it can run (no other partition has a task ready or queued):
+    the idle workers would only wait for ``p``'s outputs, and once any
+    partition is done the crowd has a worker to spare and the stages
+    after ``p`` get replicas anyway; loading ``p`` now takes only time
+    they would have waited, and moves the crowd on to the next stage in
+    step.
 
   - *The star has room.*  With a shared coordinator link
     (``star_bandwidth``), the bytes it must still carry before the run
@@ -1336,9 +1349,11 @@ class Scheduler:
         # holder must load and run this task before that.
         queued, speed = self._queued_n[p] * c + self._loading[p], self._holder_speed[p]
         drain = max((queued + self._ready_n[p] * c) / speed, queued / speed + c / h.speed)
-        if (i is not None and self._load_seconds(i, p) + self._task_seconds(p, i) / i.speed < drain
-                and (p in i.stored or (self._lags(p, h) and self._star_spare(p, drain)))):
-            return i, tier
+        if i is not None:
+            load = self._load_seconds(i, p)
+            if (load + self._task_seconds(p, i) / i.speed < drain
+                    and (p in i.stored or (self._lags(p, h, i.speed * load) and self._star_spare(p, drain)))):
+                return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
         return None
@@ -1348,13 +1363,20 @@ class Scheduler:
         and its tensors over the worker's own link."""
         return self._estimate[p] + self._tensor_bytes[p] * w.speed / w.info.bandwidth
 
-    def _lags(self, p: str, h: _Worker) -> bool:
+    def _lags(self, p: str, h: _Worker, load: float) -> bool:
         """Whether ``p``'s holders have more than their share of the remaining
-        work, by their speed (always, when the crowd has a worker to spare)."""
+        work, by their speed, counting the replica's ``load`` (speed x
+        seconds) as work the crowd must also do (always, when the crowd has a
+        worker to spare or is one partition short of it and can only run
+        ``p``)."""
         if len(self._live) > self._parts_left:
             return True
+        if (len(self._live) == self._parts_left and len(self._ready_parts) == 1
+                and sum(self._queued_n.values()) == self._queued_n[p]):
+            return True  # (p is the one partition ready: _ready_parts holds it)
         work = sum(n * self._task_seconds(q, h) for q, n in self._unfinished.items())
-        return self._unfinished[p] * self._task_seconds(p, h) / self._holder_speed[p] > work / self._crowd_speed
+        mine = self._unfinished[p] * self._task_seconds(p, h) / self._holder_speed[p]
+        return mine > (work + load) / self._crowd_speed
 
     def _star_spare(self, p: str, drain: float) -> bool:
         """Whether ``p``'s weights can cross the star without making it what

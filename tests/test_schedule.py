@@ -1091,6 +1091,32 @@ def test_a_faster_idle_worker_loads_a_replica_the_holders_queue_would_delay() ->
     assert [r.tier for r in placed if r.worker == "fast"][0] == 4
 
 
+@pytest.mark.parametrize("weights, replica", [(10_000_000, True), (60_000_000, False)])
+def test_with_no_worker_to_spare_a_replica_must_lag_by_more_than_its_load(weights: int, replica: bool) -> None:
+    # Two workers, three stages: every worker is needed as a holder.  p0's
+    # 8 tasks of 1 s on w0 are 8 s of the crowd's 12 s of work, 2 s more
+    # than its share: worth a 1 s load (10 MB at 10 MB/s) that the two
+    # workers share, not a 6 s one, though either replica would run a task
+    # before w0 gets through them.
+    crowd = [WorkerInfo("w0", 100, resident="p0"), WorkerInfo("w1", 100)]
+    s = Scheduler(chain_of(8, ("p0", "p1", "p2")), MEM, crowd, weight_bytes=dict.fromkeys(MEM, weights),
+                  flops={"p0": 5e9, "p1": 1.25e9, "p2": 1.25e9})
+    assert (Load("w1", "p0") in s.start()) == replica
+
+
+@pytest.mark.parametrize("stages, in_step", [(("p0", "p1", "p2"), True), (("p0", "p1", "p2", "big"), False)])
+def test_a_crowd_one_stage_short_of_a_spare_worker_loads_the_only_stage_it_can_run(
+        stages: tuple[str, ...], in_step: bool) -> None:
+    # Three cold workers; the first stage is the cheap one, so it never lags
+    # the crowd.  With as many stages as workers the idle ones load it too
+    # (they could only wait for its outputs); one stage more, they wait.
+    crowd = [WorkerInfo(f"w{i}", 100) for i in range(3)]
+    flops = {p: (5e9 if p == "p0" else 2e10) for p in stages}
+    s = Scheduler(chain_of(8, stages), MEM, crowd, flops=flops)
+    loads = [a.worker for a in s.start() if isinstance(a, Load)]
+    assert len(loads) == (3 if in_step else 1)
+
+
 def test_policy_is_checked() -> None:
     with pytest.raises(PlanningError, match="policy must be one of 'cost', 'pipeline', 'greedy'"):
         Scheduler(chain_of(1), MEM, [WorkerInfo("a", 100)], policy="fastest")  # type: ignore[arg-type]
