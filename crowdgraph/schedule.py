@@ -45,16 +45,18 @@ The rules
   (``WorkerInfo.stores``) is sent the partition it is expected to load
   next, as a ``Store``.  The partitions in plan order (lowest task
   priority first) that have unfinished work, no holder and no claim yet
-  are expected to go first to the idle workers, one each, then to the
-  busy workers in the order their partitions' remaining work drains
-  (unfinished tasks x ``task(p, w)`` / summed speed of the holders):
-  each of those that stores claims the first such partition that fits
+  are expected to go first to the idle workers that do not store, one
+  each, then to the storing workers in the order their partitions'
+  remaining work drains (unfinished tasks x ``task(p, w)`` / summed speed
+  of the holders; a worker holding nothing, or a partition with no work
+  left, first): each of those claims the first such partition that fits
   its budget.  A worker has at most one claim; it ends when the worker is
   given a ``Load`` (of that partition or another), when another worker
   loads the partition, when the partition has no work left or when the
-  worker is lost.  The stored partition counts as cached from then on, so
-  when that worker comes free its load is tier 2, a local read; memory
-  holds only what ``Load`` put there.
+  worker is lost.  The stored partition counts as cached (tier 2, a local
+  read) once the partition that worker holds has no work left, so it
+  never lures a holder away from work still coming its way; memory holds
+  only what ``Load`` put there.
 * **Placement.**  A task is placed only when it is *ready* (all its
   predecessors finished).  Four tiers rank what a placement costs, best
   first:
@@ -910,10 +912,13 @@ class Scheduler:
         self._star_left -= self._tensor_bytes[p]
         if not self._unfinished[p] and p in self._ahead_of:
             self._end_claim(self._live[self._ahead_of[p]])
-        if not self._unfinished[p] and self.policy == "cost":
-            for h in self._holders[p]:  # its idle holders are now the first to swap
+        if not self._unfinished[p]:
+            for h in self._holders[p]:
                 x = self._live[h]
-                if x.tree is self._holding_tree:
+                if x.tree is not None:  # idle: what it stored ahead counts as cached now
+                    for q in sorted(x.prefetched):
+                        heapq.heappush(self._caching_heap[q], (x.inv_speed, x.rank, x.epoch, x.id))
+                if x.tree is self._holding_tree and self.policy == "cost":  # the first to swap
                     x.tree.set(x.pos, _NONE)
                     x.tree = self._spent_tree
                     x.tree.set(x.pos, (x.inv_speed, x.rank, x.id))
@@ -1226,8 +1231,15 @@ class Scheduler:
         w.tree = tree
         entry = (w.inv_speed, w.rank, epoch, w.id)
         for p in w.cached_fit:
-            heapq.heappush(self._caching_heap[p], entry)
+            if self._caches(w, p):
+                heapq.heappush(self._caching_heap[p], entry)
         self._push_holder(w)
+
+    def _caches(self, w: _Worker, p: str) -> bool:
+        """Whether ``w`` counts as caching ``p`` now (tier 2): a partition stored
+        ahead of need only counts once the one ``w`` holds has no work left,
+        so that it never lures a holder away from work still coming its way."""
+        return p not in w.prefetched or w.resident is None or not self._unfinished.get(w.resident, 0)
 
     def _tree_for(self, w: _Worker) -> _MinTree:
         """The idle tree of ``w``: empty, holding a partition with tasks left,
@@ -1477,7 +1489,7 @@ class Scheduler:
             return w.id in self._holders[p]
         if w.queue or w.resident == p or w.memory < self._need[p]:
             return False
-        if p in w.cached_fit:
+        if p in w.cached_fit and self._caches(w, p):
             return tier == 2
         return tier == (3 if w.resident is None else 4)
 
@@ -1548,39 +1560,42 @@ class Scheduler:
     # -- weights ahead of need ----------------------------------------------
 
     def _store_ahead(self, actions: list[Action]) -> None:
-        """Give each busy worker that stores and claims nothing the partition
-        it is expected to load next (see "Weights ahead of need")."""
+        """Give each worker that stores and claims nothing the partition it is
+        expected to load next (see "Weights ahead of need")."""
         if not self._unclaimed:
-            return
-        live = self._live
-        busy = [live[wid] for wid in self._unclaimed if live[wid].queue]
-        if not busy:
             return
         wanted = [p for p in self._plan_order
                   if self._unfinished[p] and not self._holders[p] and p not in self._ahead_of]
-        del wanted[:self._idle_n]  # what idle workers will load first, when it is ready
         if not wanted:
             return
-        busy.sort(key=lambda w: (self._drain_seconds(w), w.rank))
+        live = self._live
+        storing = [live[wid] for wid in self._unclaimed]
+        # Idle workers that do not store take the first of them, when they are ready.
+        idle_storing = sum(not w.queue for w in storing) + sum(not live[wid].queue for wid in self._ahead_of.values())
+        del wanted[:self._idle_n - idle_storing]
+        storing.sort(key=lambda w: (self._drain_seconds(w), w.rank))
         for p in wanted:
-            w = next((w for w in busy if w.memory >= self._need[p]), None)
+            w = next((w for w in storing if w.memory >= self._need[p]), None)
             if w is None:
                 continue
-            busy.remove(w)
+            storing.remove(w)
             del self._unclaimed[w.id]
             w.ahead, self._ahead_of[p] = p, w.id
             if p not in w.stored and p not in w.prefetched:
                 actions.append(Store(w.id, p))
-                w.prefetched.add(p)  # tier 2 for it from now on
+                w.prefetched.add(p)
                 w.cached_fit.insert(bisect_left(w.cached_fit, p), p)
-            if not busy:
+                if w.tree is not None and self._caches(w, p):  # idle: tier 2 for it at once
+                    heapq.heappush(self._caching_heap[p], (w.inv_speed, w.rank, w.epoch, w.id))
+            if not storing:
                 return
 
     def _drain_seconds(self, w: _Worker) -> float:
-        """When busy ``w``'s resident partition is expected to run out of
-        work: its unfinished tasks at the summed speed of its holders."""
+        """When ``w``'s resident partition is expected to run out of work: its
+        unfinished tasks at the summed speed of its holders (0 with none)."""
         p = w.resident
-        assert p is not None  # a busy worker holds the partition of its queue
+        if p is None or not self._unfinished.get(p, 0):
+            return 0.0
         return self._unfinished[p] * self._task_seconds(p, w) / max(self._holder_speed[p], w.speed)
 
     def _end_claim(self, w: _Worker) -> None:

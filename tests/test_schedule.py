@@ -605,7 +605,7 @@ def holders_of(state: dict[str, dict[str, Any]], p: str, need: dict[str, int]) -
 
 def check_stores(s: Scheduler, g: nx.DiGraph, need: dict[str, int], stores: list[Store],
                  stored: dict[str, set[str]]) -> None:
-    """``Store`` actions, the last of their batch: only to busy workers that
+    """``Store`` actions, the last of their batch: only to workers that
     store, of partitions that fit them, have work and no holder, one per
     worker and per partition; ``stored`` (worker -> partitions stored
     ahead) takes them in."""
@@ -617,7 +617,6 @@ def check_stores(s: Scheduler, g: nx.DiGraph, need: dict[str, int], stores: list
     for a in stores:
         info = s.workers[a.worker]
         assert info.stores and info.memory >= need[a.partition], a
-        assert s.queue(a.worker), f"{a} to an idle worker"
         assert a.partition in unfinished and a.partition not in held, a
         assert a.partition not in stored.setdefault(a.worker, set()) | info.cached, f"{a} stored twice"
         stored[a.worker].add(a.partition)
@@ -635,7 +634,7 @@ def check_batch(
     Every policy: runs wait for all their predecessors (barrier edges
     too), ``Load`` comes just before its ``Run`` (JIT), budgets hold, the
     reported tier says what moved (a partition stored ahead, ``stored``,
-    counts as cached), and the holders invariant: a worker becomes a new
+    counts as cached once the worker's partition has no work left), and the holders invariant: a worker becomes a new
     holder of ``p`` only when no other holder of ``p`` could take the task
     (pipeline: there is none; cost and greedy: every one is busy), and no
     ``Unload`` leaves a partition with ready tasks without a holder.  The
@@ -648,8 +647,7 @@ def check_batch(
     policy = s.policy
     post_res = dict(s.resident)
     post_queue = dict(s.queues)
-    workers = {wid: replace(info, cached=info.cached | stored.get(wid, set()))
-               for wid, info in s.workers.items()}
+    workers = dict(s.workers)
     finished = set(s.finished)
     produced_on = dict(s.produced_on)
     rank = dict(s.tie_break)
@@ -669,6 +667,10 @@ def check_batch(
         keys = [a.key for a in mine if isinstance(a, Run)]
         q = post_queue[wid]
         assert list(q[len(q) - len(keys):]) == keys, "runs are queued in order"
+        # What it stored ahead counts as cached once the partition it holds has no work left.
+        spent = res is None or all(k in finished for k in g.nodes if k[0] == res)
+        if spent:
+            info = replace(info, cached=info.cached | stored.get(wid, set()))
         state[wid] = {"info": info, "resident": res, "queue": len(q) - len(keys)}
     assert not any(a.worker not in workers for a in actions)
 
@@ -1217,12 +1219,13 @@ def test_a_busy_worker_is_sent_the_partition_it_will_load_next(policy: str) -> N
     s = Scheduler(chain_of(4, parts), need, crowd, **costs)
     first = s.start()
     stores = [a for a in first if isinstance(a, Store)]
-    assert stores and all(s.queue(a.worker) for a in stores), first
+    assert stores, first
     if policy != "greedy":  # (greedy starts a replica of p0 on w1)
-        # w1 is idle and takes p1 when it is ready; busy w0 is expected to load p2 next.
-        assert first[0] == Load("w0", "p0") and stores == [Store("w0", "p2")]
+        # Idle w1 will load p1 when it is ready, busy w0 p2 when p0 runs out: both get them now.
+        assert first[0] == Load("w0", "p0") and stores == [Store("w1", "p1"), Store("w0", "p2")]
     n_stored, tiers = stored_then_loaded(drain(s, first, 1.0))
-    assert n_stored >= 2 and tiers and set(tiers) == {2}, (n_stored, tiers)
+    # (greedy also swaps a worker to what it stored while its own partition has work left: tier 4)
+    assert n_stored >= 2 and 2 in tiers and set(tiers) <= ({2, 4} if policy == "greedy" else {2}), (n_stored, tiers)
     # Without storage the same run sends nothing ahead and never reads from disk.
     plain = Scheduler(chain_of(4, parts), need, [WorkerInfo("w0", 100), WorkerInfo("w1", 100)], **costs)
     log = drain(plain, plain.start(), 1.0)
