@@ -96,6 +96,9 @@ class PrivateExecutor(Executor):
     def unload(self, worker: str, partition: str) -> None:
         self._for(worker).unload(worker, partition)
 
+    def store(self, worker: str, partition: Partition) -> None:
+        self._for(worker).store(worker, partition)
+
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
         if worker == HOME:  # the crowd's outputs may be handles (Dask): the home worker needs arrays
             inputs = self.crowd.gather(inputs)

@@ -659,6 +659,9 @@ class LiveView(Executor):
     def unload(self, worker: str, partition: str) -> None:
         self.executor.unload(worker, partition)
 
+    def store(self, worker: str, partition: Any) -> None:
+        self.executor.store(worker, partition)
+
     def run(self, worker: str, key: Any, partition: Any, inputs: Any) -> None:
         self.executor.run(worker, key, partition, inputs)
 

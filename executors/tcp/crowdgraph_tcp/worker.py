@@ -750,6 +750,7 @@ class Agent:
             await asyncio.gather(*tasks, *storing, return_exceptions=True)
             pool.shutdown(wait=False, cancel_futures=True)
             storage.shutdown(wait=False, cancel_futures=True)
+            await loop.run_in_executor(None, storage.shutdown)  # the chunk being written, then nothing
             self.partial.discard()
 
     async def _receive(self, reader: asyncio.StreamReader, conn: wire.Connection) -> list[Message]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import socket
 import subprocess
@@ -146,3 +147,21 @@ def test_a_worker_with_a_link_speed_reads_no_faster():
         seconds = time.perf_counter() - start
     (load,) = compiled.last_report.loads
     assert load.bytes_sent >= size and seconds >= 0.9 * load.bytes_sent / speed
+
+
+def test_wrapped_executors_pass_stores_on():
+    """A live view and a private run wrap the TCP executor: its workers still get partitions ahead of need."""
+    from crowdgraph.report import LiveView
+
+    model = zoo.distilbert("tiny")
+    batch = zoo.sample_inputs(model, batch=4, sequence=16)
+    compiled = crowdgraph.compile(model, partitions=6, sample={k: v[:1] for k, v in batch.items()})
+    expected = run_session(open_session(model.SerializeToString()), batch)
+    for wrap, options in ((lambda ex: LiveView(ex, total_tasks=24, stream=io.StringIO()), {}),
+                          (lambda ex: ex, {"private": True})):
+        with TcpExecutor.local(workers=2, memory="64MB", prefetch=True) as executor:
+            outputs = compiled.run(batch, executor=wrap(executor), microbatch=1, timeout=60, **options)
+        report = compiled.last_report
+        np.testing.assert_allclose(outputs["logits"], expected["logits"], atol=1e-4)
+        stored = {(w, p) for w, p in report.stored}
+        assert stored and any(load.from_cache and (load.worker, load.partition) in stored for load in report.loads)
