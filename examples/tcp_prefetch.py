@@ -5,7 +5,7 @@ The tiny DistilBERT, cut into six partitions, runs on two
 worker loads several in turn.  Each crowd starts cold (empty caches),
 once as usual and once with ``TcpExecutor(prefetch=True)``: then the
 coordinator sends a busy worker the partition the scheduler expects it to
-load next (a STORE frame, to its cache, never to its memory), and that
+load next (in STORE frames, to its cache, never to its memory), and that
 load reads it from disk (tier 2) instead of waiting for its bytes.
 
 Run it: ``python examples/tcp_prefetch.py`` (needs ``pip install -e executors/tcp``).

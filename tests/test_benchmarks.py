@@ -56,8 +56,11 @@ def test_expected_rows(quick_run):
     transport = load("transport")
     assert {r["codec"] for r in transport["totals"]} >= {"lz4", "lz4 + shuffle", "zlib", "zlib + shuffle"}
     assert all(r["bytes"] > 0 and r["crowdio_bytes"] > 0 for r in transport["rows"])
-    for r in load("overhead")["rows"]:
+    overhead = load("overhead")
+    for r in overhead["rows"]:
         assert {"median", "min", "max"} <= set(r["ratio"])
+    if overhead["config"]["tcp"]:
+        assert overhead["prefetch"]["stored_last_run"] > 0 and overhead["prefetch"]["ratio"]["median"] > 0
     streaming = load("streaming")
     assert {r["crowd"] for r in streaming["simulated"] if r["compiles"]} == {"heterogeneous", "equal"}
     scale = load("scale")
