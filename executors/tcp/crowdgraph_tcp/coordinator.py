@@ -754,7 +754,9 @@ class Coordinator:
         """Whether the worker is believed to hold ``sha256`` in its cache, or
         to be receiving it in a STORE (a hint)."""
         w = self.workers.get(worker_id)
-        return w is not None and (sha256 in w.cached or (w.storing is not None and w.storing.action.sha256 == sha256))
+        if w is None:
+            return False
+        return sha256 in w.cached or (w.storing is not None and w.storing.action.sha256 == sha256)
 
 
 def _address(address: Any) -> str:

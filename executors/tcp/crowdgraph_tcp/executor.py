@@ -288,7 +288,8 @@ class TcpExecutor(Executor):
 
         def snapshot() -> list[WorkerInfo]:
             self.coordinator.cancel_stores()  # what an earlier run sent ahead is not needed now
-            crowd, unloads = self.bridge.start(job, reporter, map(self._holding, list(self.coordinator.workers.values())))
+            crowd, unloads = self.bridge.start(job, reporter,
+                                               map(self._holding, list(self.coordinator.workers.values())))
             for worker, action in unloads:
                 self._submit_now(worker, action)
             return crowd

@@ -32,7 +32,8 @@ def test_the_prefetch_example_reads_stored_partitions_from_disk(tcp_helpers):
                        r"tiers (\{.*?\}); partition bytes sent with loads (\d+); "
                        r"max abs difference to the whole model: (\S+)", done.stdout)
     assert [f[0] for f in found] == ["False", "True"], done.stdout
-    (_, stored_off, disk_off, _, tiers_off, sent_off, diff_off), (_, stored_on, disk_on, _, tiers_on, sent_on, diff_on) = found
+    (_, stored_off, disk_off, _, tiers_off, sent_off, diff_off) = found[0]
+    (_, stored_on, disk_on, _, tiers_on, sent_on, diff_on) = found[1]
     assert max(float(diff_off), float(diff_on)) <= 1e-4
     assert (int(stored_off), int(disk_off)) == (0, 0) and "2:" not in tiers_off
     assert int(stored_on) > 0 and int(disk_on) > 0 and "2:" in tiers_on
