@@ -1572,7 +1572,7 @@ class Scheduler:
         storing = [live[wid] for wid in self._unclaimed]
         # Idle workers that do not store take the first of them, when they are ready.
         idle_storing = sum(not w.queue for w in storing) + sum(not live[wid].queue for wid in self._ahead_of.values())
-        del wanted[:self._idle_n - idle_storing]
+        del wanted[:max(0, self._idle_n - idle_storing)]
         storing.sort(key=lambda w: (self._drain_seconds(w), w.rank))
         for p in wanted:
             w = next((w for w in storing if w.memory >= self._need[p]), None)
