@@ -371,7 +371,8 @@ class TaskOverdue:
     though the worker still answers (a slow phone, thermal throttling).
 
     The driver sends it; the scheduler answers with a backup copy of the
-    task on an idle worker, if there is one.  Whichever copy finishes
+    task on an idle worker, if there is one, and places what that new
+    holder of the partition can take, as after any event.  Whichever copy finishes
     first wins; the other's result is dropped.
     """
 
@@ -874,7 +875,9 @@ class Scheduler:
             self._on_results_lost(event.keys)
         elif isinstance(event, TaskOverdue):
             actions = self._back_up(event.worker, event.key)
-            self._store_ahead(actions)
+            if actions:  # the backup's worker is a new holder: what waits for one is placed too
+                actions += self._place()
+                self._store_ahead(actions)
             return actions
         else:
             raise TypeError(f"not a scheduler event: {event!r}")

@@ -634,11 +634,12 @@ def check_batch(
     Every policy: runs wait for all their predecessors (barrier edges
     too), ``Load`` comes just before its ``Run`` (JIT), budgets hold, the
     reported tier says what moved (a partition stored ahead, ``stored``,
-    counts as cached once the worker's partition has no work left), and the holders invariant: a worker becomes a new
-    holder of ``p`` only when no other holder of ``p`` could take the task
-    (pipeline: there is none; cost and greedy: every one is busy), and no
-    ``Unload`` leaves a partition with ready tasks without a holder.  The
-    pipeline policy is also checked against an oracle of its tier rules.
+    counts as cached once the worker's partition has no work left), and
+    the holders invariant: a worker becomes a new holder of ``p`` only when
+    no other holder of ``p`` could take the task (pipeline: there is none;
+    cost and greedy: every one is busy), and no ``Unload`` leaves a
+    partition with ready tasks without a holder.  The pipeline policy is
+    also checked against an oracle of its tier rules.
     ``Store`` actions are checked by :func:`check_stores`.
     """
     stored = {} if stored is None else stored
@@ -789,12 +790,13 @@ def check_backup(s: Scheduler, g: nx.DiGraph, need: dict[str, int], event: TaskO
                  actions: list[Action], before: dict[str, tuple[TaskKey, ...]],
                  stored: dict[str, set[str]]) -> None:
     """A backup is one Run of the running task, on a worker that was idle,
-    after the Unload/Load it needs; nothing else moves (but Stores, last)."""
-    first_store = next((i for i, a in enumerate(actions) if isinstance(a, Store)), len(actions))
-    actions, stores = actions[:first_store], actions[first_store:]
-    check_stores(s, g, need, stores, stored)
+    after the Unload/Load it needs; what follows it is a placement like any
+    other (:func:`check_batch`), then Stores."""
     if not actions:
         return
+    backup = next(i for i, a in enumerate(actions) if isinstance(a, Run)) + 1
+    check_batch(s, g, need, actions[backup:], stored)
+    actions = actions[:backup]
     assert before.get(event.worker, ())[:1] == (event.key,), f"backup of {event.key}, which is not running"
     assert event.key not in s.finished
     *moves, run = actions
@@ -1209,7 +1211,7 @@ def stored_then_loaded(actions: list[Action]) -> tuple[int, list[int]]:
 
 
 @pytest.mark.parametrize("policy", ["cost", "pipeline", "greedy"])
-def test_a_busy_worker_is_sent_the_partition_it_will_load_next(policy: str) -> None:
+def test_each_storing_worker_is_sent_the_partition_it_will_load_next(policy: str) -> None:
     # Five partitions in a chain, two workers: each worker loads several in turn.
     parts = [f"p{k}" for k in range(5)]
     need = {p: 60 for p in parts}
