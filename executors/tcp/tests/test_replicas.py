@@ -53,17 +53,24 @@ def resume(executor: TcpExecutor, stopped: list[str]) -> None:
 def test_a_stopped_worker_is_backed_up_and_the_backup_result_wins(tiny):
     compiled, feeds, expected = tiny
     budget = max(p.resident_bytes for p in compiled.partitions)
-    executor = TcpExecutor.local(memory=[budget] * 3, heartbeat=5.0, join_timeout=60)
-    stopped: list[str] = []
-    stop_on_first_load(executor, stopped)
-    try:
-        got = compiled.run(feeds, executor=executor, microbatch=1, timeout=60)
-        report = compiled.last_report
-    finally:
-        resume(executor, stopped)
-        executor.close()
-    for name, want in expected.items():
-        np.testing.assert_allclose(got[name], want, atol=1e-4)
+    # The stop must land while the worker runs a task.  On a loaded machine it
+    # can land after the worker already answered its few millisecond-long
+    # tasks: the worker then stops holding nothing to back up and is lost by
+    # heartbeat instead.  Such an attempt is run again (at most three).
+    for _ in range(3):
+        executor = TcpExecutor.local(memory=[budget] * 3, heartbeat=5.0, join_timeout=60)
+        stopped: list[str] = []
+        stop_on_first_load(executor, stopped)
+        try:
+            got = compiled.run(feeds, executor=executor, microbatch=1, timeout=60)
+            report = compiled.last_report
+        finally:
+            resume(executor, stopped)
+            executor.close()
+        for name, want in expected.items():
+            np.testing.assert_allclose(got[name], want, atol=1e-4)
+        if not (report.workers[stopped[0]].lost and not report.backups):
+            break
     (backup,) = [b for b in report.backups if b.straggler == stopped[0]]
     assert backup.winner == backup.backup != stopped[0]
     assert backup.after >= 1.0  # BACKUP_MIN_SECONDS
