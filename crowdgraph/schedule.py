@@ -920,7 +920,7 @@ class Scheduler:
                 x = self._live[h]
                 if x.tree is not None:  # idle: what it stored ahead counts as cached now
                     for q in sorted(x.prefetched):
-                        heapq.heappush(self._caching_heap[q], (x.inv_speed, x.rank, x.epoch, x.id))
+                        self._offer_cached(x, q)
                 if x.tree is self._holding_tree and self.policy == "cost":  # the first to swap
                     x.tree.set(x.pos, _NONE)
                     x.tree = self._spent_tree
@@ -1228,15 +1228,18 @@ class Scheduler:
         self._idle_n += 1
         if self._holds(w):
             self._idle_holders[w.resident] += 1  # type: ignore[index]
-        w.epoch = epoch = self._tick()
+        w.epoch = self._tick()
         tree = self._tree_for(w)
         tree.set(w.pos, (w.inv_speed, w.rank, w.id))
         w.tree = tree
-        entry = (w.inv_speed, w.rank, epoch, w.id)
         for p in w.cached_fit:
             if self._caches(w, p):
-                heapq.heappush(self._caching_heap[p], entry)
+                self._offer_cached(w, p)
         self._push_holder(w)
+
+    def _offer_cached(self, w: _Worker, p: str) -> None:
+        """Put idle ``w`` in ``p``'s caching heap (tier 2), stamped with its idle epoch."""
+        heapq.heappush(self._caching_heap[p], (w.inv_speed, w.rank, w.epoch, w.id))
 
     def _caches(self, w: _Worker, p: str) -> bool:
         """Whether ``w`` counts as caching ``p`` now (tier 2): a partition stored
@@ -1589,7 +1592,7 @@ class Scheduler:
                 w.prefetched.add(p)
                 w.cached_fit.insert(bisect_left(w.cached_fit, p), p)
                 if w.tree is not None and self._caches(w, p):  # idle: tier 2 for it at once
-                    heapq.heappush(self._caching_heap[p], (w.inv_speed, w.rank, w.epoch, w.id))
+                    self._offer_cached(w, p)
             if not storing:
                 return
 
