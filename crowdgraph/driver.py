@@ -43,6 +43,7 @@ from .executor import Executor, Failed, Finished, Job, Joined, Loaded, LoadFaile
 from .private import home_crowd, home_memory
 from .report import BackupRecord, LoadRecord, RunReport, TaskRecord
 from .runtime import open_session, run_session
+from .state import StateBook
 from .schedule import (
     Action, Load, LoadFinished, Policy, ResultsLost, Run, Scheduler, TaskFinished, TaskKey,
     Store, TaskOverdue, Unload, WorkerJoined, WorkerLost,
@@ -68,7 +69,8 @@ class Driver:
                  *, mode: Mode = "streaming", seed: int = 0, progress: bool = False,
                  timeout: float | None = None, policy: Policy = "cost",
                  stall_timeout: float = STALL_SECONDS, backups: bool = True, audit: float = 0.0,
-                 private: frozenset[str] = frozenset(), canaries: Sequence[Mapping[str, np.ndarray]] = ()):
+                 private: frozenset[str] = frozenset(), canaries: Sequence[Mapping[str, np.ndarray]] = (),
+                 state: StateBook | None = None):
         self.compiled = compiled
         #: Micro-batches of the batch, then the canaries (their outputs are known; see _canary_finished).
         self.microbatches = [*microbatches, *canaries]
@@ -77,7 +79,11 @@ class Driver:
         self.tasks = build_task_graph(compiled.graph, len(self.microbatches), mode)
         self.partitions = {p.name: p for p in compiled.partitions}
         self.producer = {t: p.name for p in compiled.partitions for t in p.outputs}
-        self.output_partition = {name: self.producer[name] for name in compiled.output_names}
+        #: Partition state kept across runs (a decoder's cache), see crowdgraph.state.
+        self.state = state
+        self.keeps: dict[tuple[str, TaskKey], bool] = {}  # (worker, task) -> whether it was asked to keep the state
+        self.output_partition = {name: self.producer[name] for name in compiled.output_names
+                                 if state is None or name not in state.outputs}
         self.keep = set(self.output_partition.values())
         self.reporter = Reporter()
         self.report = RunReport(executor=getattr(executor, "name", type(executor).__name__), mode=mode,
@@ -113,6 +119,8 @@ class Driver:
         workers = list(self.executor.start(Job(self.partitions, self.compiled.memory_budget), self.reporter))
         for w in workers:
             self.report.add_worker(w.id, w.memory, w.speed, w.floor)
+        if self.state is not None:
+            self.state.crowd([w.id for w in workers])
         rows = _rows_scale(self.compiled, self.microbatches)
         need = {p: part.resident_bytes for p, part in self.partitions.items()}
         if self.private:
@@ -122,7 +130,8 @@ class Driver:
                                    flops={p: part.flops * rows for p, part in self.partitions.items()},
                                    star_bandwidth=getattr(self.executor, "star_bandwidth", math.inf),
                                    tensor_bytes={p: (part.input_bytes + part.output_bytes) * rows
-                                                 for p, part in self.partitions.items()})
+                                                 for p, part in self.partitions.items()},
+                                   pins=self.state.pins() if self.state else None)
         self.report.start = self.executor.now()
         bar = _progress_bar(len(self.tasks)) if self.progress else None
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -190,6 +199,8 @@ class Driver:
                 continue
             if key in copies or key in self.backup_records or key in sched.finished:
                 continue
+            if self.state is not None and self.state.kept_on(*key):
+                continue  # a copy elsewhere would first rebuild the state it reads
             expected = sched.estimate(key[0]) / sched.workers[wid].speed
             if now - seen[1] > max(BACKUP_AFTER * expected, BACKUP_MIN_SECONDS):
                 actions = sched.handle(TaskOverdue(wid, key))
@@ -246,6 +257,8 @@ class Driver:
                 if worker not in sched.workers or worker in sched.lost:
                     return []
                 self.report.replaced.extend(sched.queue(worker))
+                if self.state is not None:
+                    self.state.lost(worker)
                 if worker in self.report.workers:
                     self.report.workers[worker].lost = reason or "lost"
                 if self.report.audit is not None:
@@ -268,7 +281,11 @@ class Driver:
         tier = self.issued.get(key, (worker, 0))[1]
         self.report.record_task(TaskRecord(key[0], key[1], worker, tier, s.start, s.end, s.bytes_in, s.bytes_out,
                                            s.wire_in, s.wire_out), s.peak_rss, s.rss)
-        self.values[key] = notice.outputs
+        outputs = notice.outputs
+        if self.state is not None and key[0] in self.state.pairs:
+            outputs = self.state.finished(key[0], self.state.keys[key[1]], worker, outputs,
+                                          self.keeps.pop((worker, key), False))
+        self.values[key] = outputs
         self.waiting[key] = {c for c in data_consumers(self.tasks, key) if c not in self.scheduler.finished}  # type: ignore[union-attr]
         for u in data_producers(self.tasks, key):
             self.waiting[u].discard(key)
@@ -451,19 +468,46 @@ class Driver:
             if isinstance(action, Run):
                 self.issued[action.key] = (action.worker, action.tier)
                 part = self.partitions[action.key[0]]
-                self.executor.run(action.worker, action.key, part, self._inputs(action.key, part))
+                inputs = self._inputs(action.key, part)
+                if self.state is not None and part.name in self.state.pairs:
+                    self._run_with_state(action.worker, action.key, part, inputs)
+                else:
+                    self.executor.run(action.worker, action.key, part, inputs)
             elif isinstance(action, Load):
                 self.executor.load(action.worker, self.partitions[action.partition])
             elif isinstance(action, Unload):
+                if self.state is not None:
+                    self.state.lost(action.worker, action.partition)
                 self.executor.unload(action.worker, action.partition)
             elif isinstance(action, Store):
                 self.report.stored.append((action.worker, action.partition))
                 self.executor.store(action.worker, self.partitions[action.partition])
 
+    def _run_with_state(self, worker: str, key: TaskKey, part: Any, inputs: dict[str, Any]) -> None:
+        """Run a task of a partition with state: the state is sent, or the worker keeps it."""
+        book = self.state
+        assert book is not None and self.scheduler is not None
+        seq = book.keys[key[1]]
+        if not self.executor.keeps_state:
+            self.executor.run(worker, key, part, {**inputs, **book.inputs_for(part.name, seq, worker, part)})
+            return
+        book.record(part.name, seq, inputs)
+        inputs.update(book.inputs_for(part.name, seq, worker, part))
+        # A crowd smaller than the plan swaps partitions at every step, and a
+        # swapped-out partition's caches would be lost: they travel then.
+        crowd = self.scheduler.workers
+        keep = len(crowd) >= len(self.partitions) and book.keep(part.name, seq, worker, crowd[worker].memory,
+                                                                part.resident_bytes)
+        self.keeps[(worker, key)] = keep
+        self.executor.run(worker, key, part, inputs, state=book.task_state(part.name, seq, keep))  # type: ignore[call-arg]
+
     def _inputs(self, key: TaskKey, part: Any) -> dict[str, Any]:
         i = key[1]
         inputs = {}
+        state_inputs = self.state.inputs.get(part.name, ()) if self.state is not None else ()
         for name in part.inputs:
+            if name in state_inputs:
+                continue  # sent by _run_with_state, or kept by the worker
             if name in self.producer and i >= self.real:  # a canary: its right inputs, so it tests this worker alone
                 inputs[name] = self.known[(self.producer[name], i)][name]
             elif name in self.producer:

@@ -14,6 +14,11 @@ worker's local storage without loading it, while the worker computes, so
 that its later ``load`` reads it from there.  The scheduler only asks it
 of workers whose :class:`~crowdgraph.schedule.WorkerInfo` says ``stores``.
 
+An executor whose workers can keep a partition's state between runs (a
+decoder's key/value cache, :class:`~crowdgraph.runtime.TaskState`) sets
+``keeps_state``: ``run`` then gets ``state=`` for tasks of partitions with
+state, and ``forget_state(worker, keys)`` drops what a worker keeps.
+
 Every method returns at once; the work happens in the background and the
 executor tells the driver what happened through the :class:`Reporter` it
 was given (``reporter.task_finished(...)`` and so on), from any thread.
@@ -50,6 +55,7 @@ import numpy as np
 
 from .errors import ExecutorNotFound, InputError
 from .partition import Partition
+from .runtime import TaskState
 from .schedule import TaskKey, WorkerInfo
 
 ENTRY_POINT_GROUP = "crowdgraph.executors"
@@ -273,6 +279,9 @@ class Executor(abc.ABC):
 
     #: Name used in reports.
     name = "executor"
+    #: Whether ``run`` takes ``state=`` (:class:`~crowdgraph.runtime.TaskState`)
+    #: and workers keep it; if not, the driver sends the state with every task.
+    keeps_state = False
 
     @classmethod
     def accepts(cls, obj: Any) -> bool:
@@ -341,7 +350,18 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
         """Run ``partition`` on ``inputs`` on ``worker``; report ``task_finished``
-        with every name in ``partition.outputs``, or ``task_failed``."""
+        with every name in ``partition.outputs``, or ``task_failed``.
+
+        An executor with ``keeps_state`` also takes ``state:
+        TaskState | None`` (a keyword): the worker fills the state's inputs
+        missing from ``inputs`` from what it keeps under ``state.key``, and
+        with ``state.keep`` keeps the state's outputs there and leaves them
+        out of the reported outputs (a worker that cannot keep state
+        reports them: the driver keeps them then)."""
+
+    def forget_state(self, worker: str, keys: Sequence[str]) -> None:
+        """Drop the state ``worker`` keeps under ``keys`` (asked only with
+        ``keeps_state``, in order with the worker's other actions)."""
 
     def gather(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Turn reported output values into numpy arrays (they already are, by default)."""

@@ -23,17 +23,22 @@ leave the batch at once: later steps run on the remaining rows only.
 
 Where the cache lives
 ---------------------
-Each step's ``present`` outputs are fed back as the next step's ``past``
-inputs, so the cache travels between the driver and the workers that run
-its layers at every step (its bytes are in the run report).  A layer's
-past and present always belong to the same partition: they are read and
-written by the same ``Concat`` node, and :func:`check_cache_partitions`
-refuses a plan where they are not.
+Each step's ``present`` outputs are the next step's ``past`` inputs.  A
+layer's past and present always belong to the same partition: they are
+read and written by the same ``Concat`` node, and
+:func:`check_cache_partitions` refuses a plan where they are not.  So the
+cache is state of its partition: with a plan compiled with
+``max_length``, each worker keeps the cache of the layers it runs, when
+its budget has room, and a :class:`~crowdgraph.state.StateBook` records
+where every cache is and rebuilds one lost with its worker.  Otherwise the
+cache travels with each step, through the driver.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -326,6 +331,12 @@ class GenerationReport:
         """New tokens over the wall time of the whole generation."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    #: ``(step, partition, sequence, steps replayed)`` of every cache rebuilt
+    #: after its worker was lost or dropped it.
+    rebuilt: list[tuple[int, str, int, int]] = field(default_factory=list)
+    #: Per worker: the most sequences whose cache it kept at once.
+    kept: dict[str, int] = field(default_factory=dict)
+
     @property
     def lost_workers(self) -> dict[str, str]:
         """Workers lost during the generation, with why."""
@@ -333,10 +344,10 @@ class GenerationReport:
 
     @property
     def replaced(self) -> list[tuple[int, str, int]]:
-        """``(step, partition, sequence)`` of every task run again after its worker was lost.
+        """``(step, partition, micro-batch)`` of every task run again after its worker was lost.
 
-        The cache of those sequences came from the driver, so running the
-        task again on another worker rebuilt it.
+        The task ran again on another worker with the same inputs and its
+        cache: the driver's copy, or one rebuilt (:attr:`rebuilt`).
         """
         return [(step, partition, row) for step, run in enumerate(self.runs) for partition, row in run.replaced]
 
@@ -358,17 +369,21 @@ class GenerationReport:
             f"{self.sequences} sequences, {self.prompt_tokens} prompt tokens, {self.tokens} new tokens in "
             f"{self.steps} steps, {self.seconds:.3g} s: {self.tokens_per_second:.3g} tokens/s",
             "",
-            f"{'worker':<12} {'tasks':>6} {'busy s':>8} {'peak RSS':>10}",
+            f"{'worker':<12} {'tasks':>6} {'busy s':>8} {'peak RSS':>10} {'caches kept':>12}",
         ]
         for name, t in sorted(self.worker_totals().items()):
             peak = format_bytes(int(t["peak_rss"])) if t["peak_rss"] else "-"
-            lines.append(f"{name:<12} {int(t['tasks']):>6} {t['busy']:>8.3g} {peak:>10}")
+            lines.append(f"{name:<12} {int(t['tasks']):>6} {t['busy']:>8.3g} {peak:>10} {self.kept.get(name, 0):>12}")
         for name, why in self.lost_workers.items():
             lines.append(f"lost {name}: {why}")
         if self.replaced:
-            lines.append(f"{len(self.replaced)} tasks run again elsewhere (cache rebuilt from the driver's copy): "
+            lines.append(f"{len(self.replaced)} tasks run again elsewhere: "
                          + ", ".join(f"step {s} {p} sequence {r}" for s, p, r in self.replaced[:6])
                          + (" ..." if len(self.replaced) > 6 else ""))
+        if self.rebuilt:
+            lines.append(f"{len(self.rebuilt)} caches rebuilt by replaying their partition: "
+                         + ", ".join(f"step {s} {p} sequence {r} ({n} steps)" for s, p, r, n in self.rebuilt[:6])
+                         + (" ..." if len(self.rebuilt) > 6 else ""))
         return "\n".join(lines)
 
 
@@ -376,13 +391,16 @@ def decode(step: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], la
            cache_dims: Mapping[str, tuple[int, ...]], input_ids: np.ndarray, attention_mask: np.ndarray, *,
            max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
            eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-           report: GenerationReport | None = None) -> Iterator[GenerationStep]:
+           report: GenerationReport | None = None, keeps_cache: bool = False) -> Iterator[GenerationStep]:
     """Run the generation loop, yielding each step's tokens as they come.
 
     ``step(feeds)`` runs the decoder on the active rows and returns at
     least the logits and every ``present`` output.  With a cache, the
     prompt is read once and every later step feeds one token plus the
-    cache; without one, every step feeds the whole sequence so far.
+    cache; without one, every step feeds the whole sequence so far.  With
+    ``keeps_cache`` the step keeps the cache itself: no cache is fed, and
+    it is called as ``step(feeds, rows)``, ``rows`` being the sequence
+    (row of ``input_ids``) of each fed row.
     ``eos_token_id`` (one id or several stop ids) ends a sequence, which
     then leaves the batch; ``max_new_tokens`` ends them all.
     ``cache_dims`` maps each cache input to its ``(heads, head_dim)``.
@@ -395,8 +413,9 @@ def decode(step: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], la
     active = np.arange(rows)
     finished = np.zeros(rows, bool)
     tokens_so_far, mask = input_ids, attention_mask
-    cache = {pair.past: np.zeros((rows, *cache_dims[pair.past][:1], 0, *cache_dims[pair.past][1:]), np.float32)
-             for pair in layout.cache}
+    cache = {} if keeps_cache else {
+        pair.past: np.zeros((rows, *cache_dims[pair.past][:1], 0, *cache_dims[pair.past][1:]), np.float32)
+        for pair in layout.cache}
     new_ids = input_ids
     started = time.perf_counter()
     for index in range(max_new_tokens):
@@ -411,7 +430,7 @@ def decode(step: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], la
             feeds[layout.attention_mask] = fed_mask
         if layout.position_ids:
             feeds[layout.position_ids] = positions.astype(np.int64)
-        outputs = step(feeds)
+        outputs = step(feeds, active) if keeps_cache else step(feeds)
         last = np.asarray(outputs[layout.logits])[:, -1, :]
         chosen = pick_tokens(last, sampling, rng)
         tokens = np.full(rows, pad_token_id, np.int64)
@@ -431,7 +450,8 @@ def decode(step: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], la
         yield GenerationStep(index, tokens, finished.copy(), logits)
         keep = ~ended
         active, new_ids = active[keep], chosen[keep][:, None]
-        cache = {pair.past: np.asarray(outputs[pair.present])[keep] for pair in layout.cache}
+        if not keeps_cache:
+            cache = {pair.past: np.asarray(outputs[pair.present])[keep] for pair in layout.cache}
         if not len(active):
             return
 
@@ -482,21 +502,43 @@ def generate(compiled: Any, prompts: Any, *, max_new_tokens: int, attention_mask
     report = GenerationReport(sequences=len(ids), prompt_tokens=int(mask.sum()))
     compiled.last_report = report
 
+    book = _state_book(compiled, layout, cache_dims)
+    generation = next(_generations)
+
     def steps() -> Iterator[GenerationStep]:
         ex, owned = resolve_executor(executor)
+        alive: list[int] = []
 
-        def step(feeds: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-            outputs = compiled.run(feeds, ex, microbatch=1, mode=mode, seed=seed, policy=policy,
-                                   timeout=timeout)
-            report.runs.append(compiled.last_report)
+        def step(feeds: dict[str, np.ndarray], rows: Sequence[int] = ()) -> Mapping[str, np.ndarray]:
+            if book is None:
+                outputs = compiled.run(feeds, ex, microbatch=1, mode=mode, seed=seed, policy=policy,
+                                       timeout=timeout)
+                run_report = compiled.last_report
+            else:
+                keys = [f"{generation}.{row}" for row in rows]
+                if not alive:
+                    for key in keys:
+                        book.add_sequence(key, {pair.past: np.zeros((1, *cache_dims[pair.past][:1], 0,
+                                                                      *cache_dims[pair.past][1:]), np.float32)
+                                                for pair in layout.cache})
+                _forget(ex, book.drop([f"{generation}.{row}" for row in alive if row not in rows]))
+                alive[:] = rows
+                outputs, run_report = _run_step(compiled, feeds, keys, book, ex, mode=mode, seed=seed,
+                                                policy=policy, timeout=timeout)
+                for worker, n in Counter(book.where.values()).items():  # a worker keeps its one partition's
+                    report.kept[worker] = max(report.kept.get(worker, 0), n)
+            report.runs.append(run_report)
             compiled.last_report = report
             return outputs
 
         try:
             yield from decode(step, layout, cache_dims, ids, mask, max_new_tokens=max_new_tokens,
                               sampling=sampling, seed=seed, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, report=report)
+                              pad_token_id=pad_token_id, report=report, keeps_cache=book is not None)
         finally:
+            if book is not None:
+                report.rebuilt = [(s, p, int(key.split(".")[1]), n) for s, p, key, n in book.rebuilt]
+                _forget(ex, book.drop(list(book.initial)))
             if owned:
                 ex.close()
 
@@ -504,6 +546,50 @@ def generate(compiled: Any, prompts: Any, *, max_new_tokens: int, attention_mask
         return steps()
     new = [s.tokens for s in steps()]
     return np.concatenate([ids, np.stack(new, axis=1)], axis=1)
+
+
+#: Numbers generations, so that state keys of two generations never meet on a worker.
+_generations = itertools.count()
+
+
+def _state_book(compiled: Any, layout: DecoderLayout, cache_dims: Mapping[str, tuple[int, int]]) -> Any:
+    """The ledger of where each cache is, for a plan whose every step runs at its compiled shapes.
+
+    None for a model without a cache, or a plan compiled without
+    ``max_length`` (its steps may be cut again at their own shapes, so no
+    partition is the same from one step to the next): the cache then
+    travels with each step.
+    """
+    from .state import StateBook
+
+    if not layout.cache or compiled.max_length is None:
+        return None
+    dtype = {spec.name: spec.dtype for spec in compiled.inputs}
+    pairs = {p.name: tuple((pair.present, pair.past) for pair in layout.cache if pair.past in p.inputs)
+             for p in compiled.partitions}
+    state_bytes = {p: sum(cache_dims[past][0] * compiled.max_length * cache_dims[past][1] * dtype[past].itemsize
+                          for _, past in v) for p, v in pairs.items()}
+    read = {name for p in compiled.partitions for name in p.inputs}
+    return StateBook(pairs, state_bytes, frozenset(pair.present for pair in layout.cache if pair.present in read))
+
+
+def _run_step(compiled: Any, feeds: Mapping[str, np.ndarray], keys: Sequence[str], book: Any, executor: Any,
+              **options: Any) -> tuple[dict[str, np.ndarray], Any]:
+    """One step, one micro-batch per sequence, the caches where ``book`` says."""
+    from .driver import Driver
+    from .taskgraph import join_outputs
+
+    microbatches = [{name: value[row:row + 1] for name, value in feeds.items()} for row in range(len(keys))]
+    book.begin(keys)
+    outputs, run_report = Driver(compiled, microbatches, executor, state=book, **options).run()
+    assert outputs is not None
+    return join_outputs(outputs, list(outputs[0])), run_report
+
+
+def _forget(executor: Any, kept: Mapping[str, Sequence[str]]) -> None:
+    """Tell each worker to drop the caches it keeps under these keys."""
+    for worker, keys in kept.items():
+        executor.forget_state(worker, keys)
 
 
 def step_shapes(layout: DecoderLayout, cache_dims: Mapping[str, tuple[int, int]], sequence: int,

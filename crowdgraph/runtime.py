@@ -39,6 +39,7 @@ import ctypes.util
 import gc
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -243,6 +244,35 @@ def _statm_bytes(field: int, pid: int | None) -> int:
         return 0
 
 
+@dataclass(frozen=True)
+class TaskState:
+    """The state a task reads and leaves on its worker: a decoder's key/value cache.
+
+    A partition with state reads, at each step of a generation, what it
+    wrote at the step before: each ``(output, input)`` of ``pairs`` is an
+    output fed back as that input.  ``key`` names whose state it is (one
+    sequence of one generation).  A task whose inputs lack a pair's input
+    takes it from what its worker kept under ``key``; with ``keep`` the
+    worker keeps the pair's outputs under ``key`` and leaves them out of
+    the task's result, but for those in ``shared`` (other partitions read
+    them too).  Without ``keep`` they are reported, and the driver keeps
+    the state (:mod:`crowdgraph.state`).
+
+    >>> TaskState("g1.s0", (("present.0.key", "past_key_values.0.key"),), keep=True).inputs
+    ('past_key_values.0.key',)
+    """
+
+    key: str
+    pairs: tuple[tuple[str, str], ...]
+    keep: bool = True
+    shared: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The inputs the state is fed as."""
+        return tuple(i for _, i in self.pairs)
+
+
 class ResidentSession:
     """The one partition a worker holds in memory: load, unload, run.
 
@@ -274,6 +304,9 @@ class ResidentSession:
     RuntimeError: partition p1 is not loaded on this worker (it holds p0); loads and runs for one worker must come in order
     >>> resident.unload(), resident.unload()
     (True, False)
+
+    A partition with state (:class:`TaskState`) keeps it here between
+    tasks, per key, until it is forgotten or the session is unloaded.
     """
 
     def __init__(self, threads: int = 1, *, collect_garbage: bool = False, where: str = "this worker"):
@@ -285,6 +318,8 @@ class ResidentSession:
         #: Name and sha256 of the partition held (None: nothing).
         self.name: str | None = None
         self.sha256: str | None = None
+        #: State kept per TaskState key: input name -> the output fed back as it.
+        self.states: dict[str, dict[str, np.ndarray]] = {}
 
     def load(self, model: bytes | str | os.PathLike, name: str, sha256: str, fast: bool = False) -> None:
         """Make ``model`` (bytes or a file) the resident partition, dropping the one held first.
@@ -297,6 +332,7 @@ class ResidentSession:
 
     def unload(self) -> bool:
         """Drop the session and release its memory; whether one was held."""
+        self.states.clear()
         if self.session is None:
             return False
         self.session = self.name = self.sha256 = None
@@ -306,14 +342,33 @@ class ResidentSession:
         return True
 
     def run(self, name: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], *,
-            sha256: str | None = None) -> dict[str, np.ndarray]:
+            sha256: str | None = None, state: TaskState | None = None) -> dict[str, np.ndarray]:
         """Run partition ``name`` on ``feeds``; refuse if another is held.
 
         With ``sha256`` the content decides (names are per plan: a later
-        plan may call the same partition otherwise), else the name.
+        plan may call the same partition otherwise), else the name.  With
+        ``state``, inputs of its pairs missing from ``feeds`` come from the
+        state kept under its key, and with ``state.keep`` the pairs'
+        outputs are kept there instead of returned.
         """
         held = self.sha256 == sha256 if sha256 is not None else self.name == name
         if self.session is None or not held:
             raise RuntimeError(f"partition {name} is not loaded on {self.where} (it holds {self.name or 'nothing'}); "
                                "loads and runs for one worker must come in order")
-        return run_session(self.session, feeds, outputs)
+        if state is None:
+            return run_session(self.session, feeds, outputs)
+        missing = [i for i in state.inputs if i not in feeds]
+        kept = self.states.get(state.key, {})
+        if any(i not in kept for i in missing):
+            raise RuntimeError(f"{self.where} keeps no state {state.key!r} of partition {name} (it keeps "
+                               f"{len(self.states)}); the driver must send it with the task")
+        result = run_session(self.session, {**feeds, **{i: kept[i] for i in missing}}, outputs)
+        self.states.pop(state.key, None)
+        if state.keep:
+            self.states[state.key] = {i: result[o] if o in state.shared else result.pop(o) for o, i in state.pairs}
+        return result
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop the state kept under ``keys`` (those it does not keep are ignored)."""
+        for key in keys:
+            self.states.pop(key, None)

@@ -150,6 +150,14 @@ The rules
   swaps workers whose partition has no task left to run.  A task that cannot be
   placed stays ready and is retried on every event.
 
+  *State affinity* ranks above every tier: a task pinned to a worker
+  (``Scheduler(pins=...)``, a task that reads state its worker kept from
+  an earlier run, such as a decoder's key/value cache) queues on that
+  worker, busy or not, whenever the worker holds the task's partition.
+  A pin to a worker that is lost or holds another partition is void: the
+  task is placed by the rules above, and the driver sends the state along
+  (rebuilding it if its worker is gone, :mod:`crowdgraph.state`).
+
   The holders invariant: a worker only becomes a new holder of ``p``
   when no other holder could take the task -- under ``"pipeline"`` when
   ``p`` has no holder, under ``"cost"`` and ``"greedy"`` when every holder
@@ -577,6 +585,9 @@ class Scheduler:
     tensor_bytes
         Bytes one task of each partition receives and sends (default 0),
         what its queued tasks put on the star.
+    pins
+        Tasks that must run on a given worker while it holds their
+        partition (state affinity, see "Placement").
 
     Raises
     ------
@@ -619,6 +630,7 @@ class Scheduler:
         flops: Mapping[str, float] | None = None,
         star_bandwidth: float = math.inf,
         tensor_bytes: Mapping[str, int] | None = None,
+        pins: Mapping[TaskKey, str] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise PlanningError(
@@ -685,6 +697,7 @@ class Scheduler:
 
         self._part = part
         self._prio = prio
+        self._pins = dict(pins or {})
         self._preds: dict[TaskKey, tuple[TaskKey, ...]] = {
             k: tuple(tasks.predecessors(k)) for k in part
         }
@@ -1332,12 +1345,13 @@ class Scheduler:
                 key = self._peek_ready(p)[1]
                 heapq.heappop(self._ready_heap[p])
                 self._take_ready(key)
-                self._assign(key, self._best_idle_holder(p), 1, actions)
+                self._assign(key, self._pinned(key, p) or self._best_idle_holder(p), 1, actions)
         heap = [(*self._peek_ready(p), p) for p in held if self._ready_n[p]]
         heapq.heapify(heap)
         while heap:
             _, key, p = heapq.heappop(heap)
-            choice = self._choose(key, p)
+            pinned = self._pinned(key, p)
+            choice = (pinned, 1) if pinned is not None else self._choose(key, p)
             if choice is None:
                 self._deferred[p] = None
                 continue
@@ -1445,8 +1459,15 @@ class Scheduler:
             batch.sort()
         for _, key in batch:
             p = self._part[key]
-            w = self._by_inputs(key, p, 1) or self._best_holder(p)
+            w = self._pinned(key, p) or self._by_inputs(key, p, 1) or self._best_holder(p)
             self._assign(key, w, 1, actions)
+
+    def _pinned(self, key: TaskKey, p: str) -> _Worker | None:
+        """The worker ``key`` is pinned to, if it holds ``p`` now (state affinity)."""
+        if not self._pins:
+            return None
+        w = self._live.get(self._pins.get(key, ""))
+        return w if w is not None and w.id in self._holders[p] else None
 
     def _peek_ready(self, p: str) -> tuple[Any, TaskKey]:
         heap, state = self._ready_heap[p], self._state

@@ -22,7 +22,7 @@ import numpy as np
 
 from .executor import Executor, Job, Reporter, TaskStats
 from .partition import Partition
-from .runtime import ResidentSession
+from .runtime import ResidentSession, TaskState
 from .schedule import TaskKey, WorkerInfo
 from .units import parse_bytes
 
@@ -74,12 +74,17 @@ class _ThreadWorker:
         self.resident.unload()
         reporter.unloaded(self.info.id, name)
 
-    def _run(self, reporter: Reporter, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
+    def _run(self, reporter: Reporter, key: TaskKey, partition: Partition, inputs: Mapping[str, Any],
+             state: TaskState | None) -> None:
         start = time.perf_counter()
-        outputs = self.resident.run(partition.name, inputs, partition.outputs, sha256=partition.sha256)
+        outputs = self.resident.run(partition.name, inputs, partition.outputs, sha256=partition.sha256,
+                                    state=state)
         reporter.task_finished(self.info.id, key, outputs, TaskStats(
             start, time.perf_counter(), bytes_in=sum(np.asarray(v).nbytes for v in inputs.values()),
             bytes_out=sum(v.nbytes for v in outputs.values())))
+
+    def _forget(self, reporter: Reporter, keys: Sequence[str]) -> None:
+        self.resident.forget(keys)
 
     def cancel_pending(self) -> None:
         """Drop queued actions that have not started."""
@@ -112,6 +117,7 @@ class ThreadExecutor(Executor):
     """
 
     name = "threads"
+    keeps_state = True
 
     def __init__(self, workers: int | Sequence[WorkerInfo] | None = None, memory: int | str | None = None,
                  threads_per_worker: int = 1):
@@ -145,8 +151,12 @@ class ThreadExecutor(Executor):
         if w is not None:
             w.queued_sha256 = None
 
-    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
-        self._enqueue(worker, ("run", self._reporter, key, partition, inputs))
+    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any], *,
+            state: TaskState | None = None) -> None:
+        self._enqueue(worker, ("run", self._reporter, key, partition, inputs, state))
+
+    def forget_state(self, worker: str, keys: Sequence[str]) -> None:
+        self._enqueue(worker, ("forget", self._reporter, list(keys)))
 
     def _enqueue(self, worker: str, action: tuple[Any, ...]) -> _ThreadWorker | None:
         w = self._workers.get(worker)
