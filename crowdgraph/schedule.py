@@ -823,6 +823,11 @@ class Scheduler:
         return self._estimate[partition]
 
     @property
+    def pins(self) -> Mapping[TaskKey, str]:
+        """Tasks pinned to a worker (state affinity)."""
+        return MappingProxyType(self._pins)
+
+    @property
     def copies(self) -> Mapping[TaskKey, str]:
         """Tasks with a backup copy still queued, and the worker of that copy."""
         return MappingProxyType(self._copies)

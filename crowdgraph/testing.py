@@ -24,8 +24,10 @@ earlier plan (same names, other content) starts the next plan's run with
 nothing resident; six workers on a three-partition plan run replicas (some
 partition on two or more workers, each worker one partition at a time
 within its budget); a decoder generates the tokens of the whole-model
-loop, greedy and sampled, with its cache fed back at every step;
-``close()`` leaves no thread running.
+loop, greedy and sampled, with its cache fed back at every step, and
+with each cache kept on its worker (``Executor.keeps_state``) when the
+crowd has a worker for every partition, even when one of those workers
+is lost mid-generation; ``close()`` leaves no thread running.
 """
 
 from __future__ import annotations
@@ -341,6 +343,39 @@ class ExecutorConformance:
                 for got, expected in zip(steps, want):
                     diff = float(np.nanmax(np.abs(got.logits - expected.logits)))
                     assert diff <= TOLERANCE, f"{kind} step {got.index}: logits differ by {diff}"
+
+    def test_generation_keeps_caches_where_their_layers_run(self) -> None:
+        """With a worker for every partition and room in their budgets, an
+        executor that ``keeps_state`` keeps each sequence's cache on the
+        worker that ran its layers; one of those workers lost mid-generation
+        (with ``can_lose_workers``) costs a rebuild, never a token."""
+        case = _generation_case()
+        lose = self.can_lose_workers
+        with self.make_executor([2 * case.budget] * (len(case.compiled.partitions) + 1)) as executor:
+            keepers: set[str] = set()
+            killed: list[str] = []
+
+            def kill_a_keeper(notice: Notice) -> None:
+                if notice.kind == "finished" and notice.worker in keepers and not killed:
+                    killed.append(notice.worker)
+                    threading.Thread(target=self.kill_worker, args=(executor, notice.worker)).start()
+
+            if lose:
+                watch_notices(executor, kill_a_keeper)
+            steps = []
+            for step in case.compiled.generate(case.prompts, max_new_tokens=case.new_tokens, stream=True,
+                                               executor=executor):
+                steps.append(step)
+                report = case.compiled.last_report
+                if step.index == 1 and lose and executor.keeps_state:
+                    keepers.update(w for w, n in report.kept.items() if n)
+        want = case.expected["greedy"]
+        assert [s.tokens.tolist() for s in steps] == [w.tokens.tolist() for w in want]
+        if executor.keeps_state:
+            assert any(report.kept.values()), f"no worker kept a cache: {report.kept}"
+            if lose:
+                assert killed and killed[0] in report.lost_workers, "a worker keeping caches was lost"
+                assert report.rebuilt, "the caches of the lost worker were rebuilt"
 
     def test_close_leaves_nothing_running(self) -> None:
         before = set(threading.enumerate())

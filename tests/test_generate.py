@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crowdgraph
-from crowdgraph import zoo
+from crowdgraph import ThreadExecutor, zoo
 from crowdgraph.errors import BudgetError, InputError, ModelError
 from crowdgraph.generate import (
     Sampling,
@@ -20,6 +20,7 @@ from crowdgraph.generate import (
 )
 from crowdgraph.runtime import open_session, run_session
 from crowdgraph.split import smallest_budget
+from crowdgraph.state import StateBook
 
 from .oracle import TOLERANCE
 
@@ -118,6 +119,43 @@ def test_a_sequence_that_meets_its_stop_id_leaves_and_the_others_go_on(model, se
     running = [3] + [int((~s.finished).sum()) for s in steps[:-1]]
     assert [run.microbatches for run in compiled.last_report.runs] == running
     assert running[3] < 3
+
+
+def test_caches_stay_on_the_workers_that_run_their_layers(model, session):
+    """A worker per partition with room: every cache stays where its layers
+    run and no step sends one; a smaller crowd swaps partitions, so the
+    caches travel with the steps."""
+    compiled = crowdgraph.compile(model, partitions=3, max_length=MAX_LENGTH)
+    largest = max(p.resident_bytes for p in compiled.partitions)
+    with_state = [p.name for p in compiled.partitions if any(n.startswith("past_key_values.") for n in p.inputs)]
+    sent, kept = {}, {}
+    for crowd, workers in (("a worker each", 4), ("too few", 2)):
+        with ThreadExecutor(workers=workers, memory=2 * largest) as executor:
+            out = compiled.generate(PROMPTS, max_new_tokens=6, executor=executor)
+        for row, prompt in enumerate(PROMPTS):
+            assert out[row, -6:].tolist() == greedy_one_by_one(session, model, prompt, 6), crowd
+        report = compiled.last_report
+        assert not report.rebuilt
+        sent[crowd] = sum(t.bytes_in for run in report.runs[1:] for t in run.tasks if t.partition in with_state)
+        kept[crowd] = sorted(n for n in report.kept.values() if n)
+    assert kept["a worker each"] == [3] * len(with_state)
+    assert kept["too few"] == []
+    assert sent["a worker each"] < sent["too few"] / 2
+
+
+def test_a_worker_keeps_as_many_caches_as_its_budget_has_room_for():
+    book = StateBook({"p1": (("present.0.key", "past_key_values.0.key"),)}, {"p1": 1000})
+    for key in ("a", "b", "c"):
+        book.add_sequence(key, {"past_key_values.0.key": np.zeros((1, 2, 0, 4), np.float32)})
+    book.begin(["a", "b", "c"])
+    assert book.keep("p1", "a", "w1", memory=5000, resident_bytes=4000)  # its own cache is in the estimate
+    book.finished("p1", "a", "w1", {}, kept=True)
+    assert book.keep("p1", "a", "w1", memory=5000, resident_bytes=4000)  # the same cache, replaced
+    assert book.keep("p1", "b", "w1", memory=5000, resident_bytes=4000)  # room for one more
+    book.finished("p1", "b", "w1", {}, kept=True)
+    assert not book.keep("p1", "c", "w1", memory=5000, resident_bytes=4000)
+    assert book.keep("p1", "c", "w2", memory=5000, resident_bytes=4000)
+    assert book.drop(["a", "c"]) == {"w1": ["a"]} and book.where == {("p1", "b"): "w1"}
 
 
 def test_a_decoder_without_cache_gives_the_same_tokens(model):

@@ -593,6 +593,10 @@ def problems(draw: st.DrawFn) -> Problem:
         "policy": draw(st.sampled_from(["cost", "pipeline", "greedy"])),
         "weight_bytes": {p: draw(st.integers(0, 1000)) for p in parts},
         "flops": {p: draw(st.sampled_from([0, 1e6, 1e9, 1e11])) for p in parts},
+        # State affinity: some tasks read state kept on a worker (which may
+        # not hold their partition, or be lost later).
+        "pins": {key: f"w{draw(st.integers(0, n_workers - 1))}" for key in sorted(g.nodes)
+                 if draw(st.integers(0, 3)) == 0},
     }
     return g, need, crowd, seed, costs
 
@@ -694,6 +698,13 @@ def check_batch(
         assert all(u in finished for u in g.predecessors(key)), "ran before its predecessors"
         w = state[wid]
         old = w["resident"]
+        pin = s.pins.get(key)
+        if pin in state and pin in holders_of(state, p, need):  # state affinity above every tier
+            assert wid == pin and a.tier == 1, f"{a}: pinned to {pin}, which holds {p}"
+            unplaced.discard(key)
+            w["queue"] += 1
+            pending = []
+            continue
         if old == p:
             assert pending == [] and a.tier == 1, a
         else:
