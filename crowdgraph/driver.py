@@ -488,14 +488,14 @@ class Driver:
         book = self.state
         assert book is not None and self.scheduler is not None
         seq = book.keys[key[1]]
-        if not self.executor.keeps_state:
+        crowd = self.scheduler.workers
+        if not crowd[worker].keeps_state:
             self.executor.run(worker, key, part, {**inputs, **book.inputs_for(part.name, seq, worker, part)})
             return
         book.record(part.name, seq, inputs)
         inputs.update(book.inputs_for(part.name, seq, worker, part))
         # A crowd smaller than the plan swaps partitions at every step, and a
         # swapped-out partition's caches would be lost: they travel then.
-        crowd = self.scheduler.workers
         keep = len(crowd) >= len(self.partitions) and book.keep(part.name, seq, worker, crowd[worker].memory,
                                                                 part.resident_bytes)
         self.keeps[(worker, key)] = keep

@@ -14,10 +14,11 @@ worker's local storage without loading it, while the worker computes, so
 that its later ``load`` reads it from there.  The scheduler only asks it
 of workers whose :class:`~crowdgraph.schedule.WorkerInfo` says ``stores``.
 
-An executor whose workers can keep a partition's state between runs (a
-decoder's key/value cache, :class:`~crowdgraph.runtime.TaskState`) sets
-``keeps_state``: ``run`` then gets ``state=`` for tasks of partitions with
-state, and ``forget_state(worker, keys)`` drops what a worker keeps.
+Workers that can keep a partition's state between runs (a decoder's
+key/value cache, :class:`~crowdgraph.runtime.TaskState`) say so in
+``WorkerInfo.keeps_state``: ``run`` then gets ``state=`` for their tasks
+of partitions with state, and ``forget_state(worker, keys)`` drops what
+they keep.
 
 Every method returns at once; the work happens in the background and the
 executor tells the driver what happened through the :class:`Reporter` it
@@ -279,9 +280,6 @@ class Executor(abc.ABC):
 
     #: Name used in reports.
     name = "executor"
-    #: Whether ``run`` takes ``state=`` (:class:`~crowdgraph.runtime.TaskState`)
-    #: and workers keep it; if not, the driver sends the state with every task.
-    keeps_state = False
 
     @classmethod
     def accepts(cls, obj: Any) -> bool:
@@ -352,16 +350,16 @@ class Executor(abc.ABC):
         """Run ``partition`` on ``inputs`` on ``worker``; report ``task_finished``
         with every name in ``partition.outputs``, or ``task_failed``.
 
-        An executor with ``keeps_state`` also takes ``state:
-        TaskState | None`` (a keyword): the worker fills the state's inputs
-        missing from ``inputs`` from what it keeps under ``state.key``, and
-        with ``state.keep`` keeps the state's outputs there and leaves them
-        out of the reported outputs (a worker that cannot keep state
-        reports them: the driver keeps them then)."""
+        For a worker started with ``WorkerInfo.keeps_state`` it also takes
+        ``state: TaskState`` (a keyword) on tasks of partitions with state:
+        the worker fills the state's inputs missing from ``inputs`` from
+        what it keeps under ``state.key``, and with ``state.keep`` keeps the
+        state's outputs there and leaves them out of the reported outputs
+        (but for ``state.shared``)."""
 
     def forget_state(self, worker: str, keys: Sequence[str]) -> None:
-        """Drop the state ``worker`` keeps under ``keys`` (asked only with
-        ``keeps_state``, in order with the worker's other actions)."""
+        """Drop the state ``worker`` keeps under ``keys``, in order with its
+        other actions (asked only of workers with ``keeps_state``)."""
 
     def gather(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Turn reported output values into numpy arrays (they already are, by default)."""

@@ -99,10 +99,13 @@ class PrivateExecutor(Executor):
     def store(self, worker: str, partition: Partition) -> None:
         self._for(worker).store(worker, partition)
 
-    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
+    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any], **state: Any) -> None:
         if worker == HOME:  # the crowd's outputs may be handles (Dask): the home worker needs arrays
             inputs = self.crowd.gather(inputs)
-        self._for(worker).run(worker, key, partition, inputs)
+        self._for(worker).run(worker, key, partition, inputs, **state)
+
+    def forget_state(self, worker: str, keys: Sequence[str]) -> None:
+        self._for(worker).forget_state(worker, keys)
 
     def quarantine(self, worker: str, reason: str) -> None:
         self._for(worker).quarantine(worker, reason)

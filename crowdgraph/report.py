@@ -662,8 +662,11 @@ class LiveView(Executor):
     def store(self, worker: str, partition: Any) -> None:
         self.executor.store(worker, partition)
 
-    def run(self, worker: str, key: Any, partition: Any, inputs: Any) -> None:
-        self.executor.run(worker, key, partition, inputs)
+    def run(self, worker: str, key: Any, partition: Any, inputs: Any, **state: Any) -> None:
+        self.executor.run(worker, key, partition, inputs, **state)
+
+    def forget_state(self, worker: str, keys: Any) -> None:
+        self.executor.forget_state(worker, keys)
 
     def gather(self, values: Any) -> Any:
         return self.executor.gather(values)

@@ -298,6 +298,11 @@ class WorkerInfo:
         The executor can put partitions on this worker's local storage
         without loading them (``Store`` actions): weights then arrive while
         it computes, ahead of the load that needs them.
+    keeps_state
+        The worker can keep a partition's state between runs (a decoder's
+        key/value cache, :class:`~crowdgraph.runtime.TaskState`): its
+        executor's ``run`` takes ``state=`` for it.  Placement ignores it;
+        the driver pins the tasks that read what it kept (``pins``).
     """
 
     id: str
@@ -309,6 +314,7 @@ class WorkerInfo:
     disk_bandwidth: float = 100e6
     floor: int | None = None
     stores: bool = False
+    keeps_state: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.memory, str):  # "64MB", as people write budgets

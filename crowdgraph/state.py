@@ -5,8 +5,8 @@ wrote at the step before (:class:`~crowdgraph.runtime.TaskState`); each
 step is one run.  :class:`StateBook` is the driver's ledger of that state,
 plain data, kept from one run to the next:
 
-* **On the worker.**  With an executor that ``keeps_state``, a worker
-  keeps the cache its task wrote when its budget has room for it (the
+* **On the worker.**  A worker that ``keeps_state`` (its
+  :class:`~crowdgraph.schedule.WorkerInfo` says so) keeps the cache its task wrote when its budget has room for it (the
   partition's estimate, which counts one sequence's cache in and out at
   ``max_length``, plus one cache at ``max_length`` for every other
   sequence it keeps) and the crowd has a worker for every partition (a
@@ -15,8 +15,8 @@ plain data, kept from one run to the next:
   it (state affinity, above the four tiers in
   :mod:`crowdgraph.schedule`) and carries no cache.
 * **With the driver.**  Otherwise the cache comes back with the task's
-  result and the driver sends it with the next task: always so with an
-  executor that does not keep state.
+  result and the driver sends it with the next task: always so on a
+  worker that does not keep state.
 * **Rebuilt.**  Every step's other inputs of each partition and sequence
   are kept here (a few kilobytes a token: the hidden state of one token,
   the mask, the positions).  A cache lost with its worker, or dropped when

@@ -25,7 +25,7 @@ nothing resident; six workers on a three-partition plan run replicas (some
 partition on two or more workers, each worker one partition at a time
 within its budget); a decoder generates the tokens of the whole-model
 loop, greedy and sampled, with its cache fed back at every step, and
-with each cache kept on its worker (``Executor.keeps_state``) when the
+with each cache kept on its worker (``WorkerInfo.keeps_state``) when the
 crowd has a worker for every partition, even when one of those workers
 is lost mid-generation; ``close()`` leaves no thread running.
 """
@@ -345,9 +345,9 @@ class ExecutorConformance:
                     assert diff <= TOLERANCE, f"{kind} step {got.index}: logits differ by {diff}"
 
     def test_generation_keeps_caches_where_their_layers_run(self) -> None:
-        """With a worker for every partition and room in their budgets, an
-        executor that ``keeps_state`` keeps each sequence's cache on the
-        worker that ran its layers; one of those workers lost mid-generation
+        """With a worker for every partition and room in their budgets,
+        workers that ``keeps_state`` keep each sequence's cache where its
+        layers ran; one of those workers lost mid-generation
         (with ``can_lose_workers``) costs a rebuild, never a token."""
         case = _generation_case()
         lose = self.can_lose_workers
@@ -360,6 +360,9 @@ class ExecutorConformance:
                     killed.append(notice.worker)
                     threading.Thread(target=self.kill_worker, args=(executor, notice.worker)).start()
 
+            infos = executor.start(Job({p.name: p for p in case.compiled.partitions}, case.compiled.memory_budget),
+                                   Reporter())
+            keeps = all(info.keeps_state for info in infos)
             if lose:
                 watch_notices(executor, kill_a_keeper)
             steps = []
@@ -367,11 +370,11 @@ class ExecutorConformance:
                                                executor=executor):
                 steps.append(step)
                 report = case.compiled.last_report
-                if step.index == 1 and lose and executor.keeps_state:
+                if step.index == 1 and lose and keeps:
                     keepers.update(w for w, n in report.kept.items() if n)
         want = case.expected["greedy"]
         assert [s.tokens.tolist() for s in steps] == [w.tokens.tolist() for w in want]
-        if executor.keeps_state:
+        if keeps:
             assert any(report.kept.values()), f"no worker kept a cache: {report.kept}"
             if lose:
                 assert killed and killed[0] in report.lost_workers, "a worker keeping caches was lost"

@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -75,7 +76,7 @@ class _ThreadWorker:
         reporter.unloaded(self.info.id, name)
 
     def _run(self, reporter: Reporter, key: TaskKey, partition: Partition, inputs: Mapping[str, Any],
-             state: TaskState | None) -> None:
+             state: TaskState | None = None) -> None:
         start = time.perf_counter()
         outputs = self.resident.run(partition.name, inputs, partition.outputs, sha256=partition.sha256,
                                     state=state)
@@ -117,7 +118,6 @@ class ThreadExecutor(Executor):
     """
 
     name = "threads"
-    keeps_state = True
 
     def __init__(self, workers: int | Sequence[WorkerInfo] | None = None, memory: int | str | None = None,
                  threads_per_worker: int = 1):
@@ -134,6 +134,7 @@ class ThreadExecutor(Executor):
                 infos = [WorkerInfo(f"thread-{n}", memory=memory) for n in range(self._spec)]
             else:
                 infos = list(self._spec)
+            infos = [replace(info, keeps_state=True) for info in infos]
             self._workers = {info.id: _ThreadWorker(info, self._threads) for info in infos}
         self._reporter = reporter
         crowd, clear = self.crowd_for(job, [(w.info, w.queued_sha256) for w in self._workers.values()])
