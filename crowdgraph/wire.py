@@ -1057,6 +1057,18 @@ _STRINGS: _Check = (lambda v: isinstance(v, list) and all(is_name(x) for x in v)
 _ROLE: _Check = (lambda v: v in ROLES, f"one of {list(ROLES)}")
 
 
+def _is_task_state(v: Any) -> bool:
+    """A RUN's ``state``: {key, keep, pairs: [[output, input], ...], shared: [output, ...]}."""
+    return (isinstance(v, dict) and set(v) == {"key", "keep", "pairs", "shared"} and is_name(v["key"])
+            and type(v["keep"]) is bool and isinstance(v["pairs"], list) and 0 < len(v["pairs"]) <= MAX_STRINGS
+            and all(isinstance(p, list) and len(p) == 2 and is_name(p[0]) and is_name(p[1]) for p in v["pairs"])
+            and isinstance(v["shared"], list) and all(is_name(x) for x in v["shared"]))
+
+
+_TASK_STATE: _Check = (_is_task_state, "a task state {key: name, keep: bool, pairs: [[output, input], ...], "
+                                       "shared: [output, ...]}")
+
+
 def _is_worker_record(v: Any) -> bool:
     """A worker as CROWD and JOINED describe it to a driver."""
     if not isinstance(v, dict):
@@ -1089,6 +1101,7 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
         "role": (*_ROLE, False),
         "lossy": (*_STRINGS, False),
         "stores": ((lambda v: type(v) is bool), "true or false", False),
+        "state": ((lambda v: type(v) is bool), "true or false", False),
     },
     CHALLENGE: {"nonce": (*_HEX, True),
                 "version": ((lambda v: _is_int(v, 1)), "an integer >= 1", True),
@@ -1118,7 +1131,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
     STORED: {"partition": (*_NAME, True), "sha256": (*_HEX, True), "received": (*_COUNT, True),
              "kept": ((lambda v: type(v) is bool), "true or false", False)},
     RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_NAME, False),
-          "lossy": ((lambda v: v in LOSSY), f"one of {list(LOSSY)}", False)},
+          "lossy": ((lambda v: v in LOSSY), f"one of {list(LOSSY)}", False),
+          "state": (*_TASK_STATE, False), "forget": (*_STRINGS, False)},
     RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),
              "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
     FAILED: {"task": (*_TASK, False), "load": (*_NAME, False), "error": (*_STR, True),
@@ -1146,6 +1160,10 @@ def _catalogue_problem(type_name: str, header: dict[str, Any], tensors: Iterable
                 "and 'load' (a load failed)")
     if tensors and type_name not in (RUN, RESULT):
         return f"{type_name} carries tensors {tensors}; only RUN and RESULT carry tensors"
+    if type_name == RUN and "state" in header:
+        state, outputs = header["state"], set(header["outputs"])
+        if any(o not in outputs for o, _ in state["pairs"]) or not set(state["shared"]) <= outputs:
+            return "RUN state names outputs the task does not compute; pairs and shared must be in 'outputs'"
     if type_name == LOAD:
         wanted_blobs = [] if header["from_cache"] else ["model"]
         if blobs != wanted_blobs:

@@ -1116,6 +1116,33 @@ def test_doc_lossy_examples_are_what_the_encoder_writes(marker, message, lossy, 
     assert decode(documented).tensors["x"].tolist() == decoded
 
 
+def test_doc_run_with_state_is_what_the_encoder_writes():
+    message = Message(wire.RUN, {"task": ["p1", 3], "outputs": ["h", "present.0.key"],
+                                 "state": {"key": "0.3", "keep": True, "pairs": [["present.0.key", "past.0.key"]],
+                                           "shared": []},
+                                 "forget": ["0.1"]}, tensors={"x": np.array([[1.0, 2.0]], np.float32)})
+    documented = hexdump_to_bytes(doc_block("example-run-state"))
+    assert documented == encode(message, codec="none")
+    assert decode(documented).header == message.header
+
+
+@pytest.mark.parametrize("state", [
+    {"key": "0.3", "keep": True, "pairs": [["y", "past.0.key"]], "shared": []},  # y is not computed
+    {"key": "0.3", "keep": True, "pairs": [["h", "past.0.key"]], "shared": ["z"]},
+    {"key": "0.3", "keep": "yes", "pairs": [["h", "past.0.key"]], "shared": []},
+    {"key": "", "keep": True, "pairs": [["h", "past.0.key"]], "shared": []},
+    {"key": "0.3", "keep": True, "pairs": [], "shared": []},
+    {"key": "0.3", "keep": True, "pairs": [["h"]], "shared": []},
+    {"key": "0.3", "keep": True, "pairs": [["h", "past.0.key"]], "shared": [], "path": "/etc"},
+])
+def test_a_run_with_a_malformed_state_is_refused_both_ways(state):
+    header = {"task": ["p1", 0], "outputs": ["h"], "state": state}
+    with pytest.raises(ValueError, match="state"):
+        encode(Message(wire.RUN, header))
+    with pytest.raises(ProtocolError, match="state"):
+        decode(frame_bytes(0x20, json.dumps(header).encode()))
+
+
 def test_doc_hmac_vector():
     block = doc_block("hmac-vector")
     values = dict(re.findall(r"^(\w+(?: \w+)?)\s+= (\S+)", block, re.M))

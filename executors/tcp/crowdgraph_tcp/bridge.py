@@ -21,6 +21,7 @@ from crowdgraph import wire
 from crowdgraph.errors import InputError
 from crowdgraph.executor import Executor, Job, Reporter, TaskStats
 from crowdgraph.partition import Partition
+from crowdgraph.runtime import TaskState
 from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.wire import Message
 
@@ -191,7 +192,8 @@ def take_answer(outstanding: list[Action], message: Message) -> Action | None:
 
 class Holding(NamedTuple):
     """What the driver side knows of a worker: its budget, cache, resident partition (sha256s), idle RSS,
-    and whether it is to be sent partitions for its cache ahead of need (STORE)."""
+    whether it is to be sent partitions for its cache ahead of need (STORE) and whether it keeps
+    state between runs (RUN ``state``)."""
 
     id: str
     memory: int
@@ -199,6 +201,7 @@ class Holding(NamedTuple):
     resident: str | None
     floor: int | None = None
     stores: bool = False
+    keeps_state: bool = False
 
 
 class DriverBridge:
@@ -243,7 +246,8 @@ class DriverBridge:
         """``w`` as the scheduler sees it: its cache in the current plan's partition names."""
         cached = frozenset(self.by_sha[s] for s in w.cached if s in self.by_sha)
         self._memory[w.id] = w.memory
-        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, floor=w.floor, stores=w.stores)
+        return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, floor=w.floor, stores=w.stores,
+                          keeps_state=w.keeps_state)
 
     def lost(self, worker: str) -> None:
         """Forget what was measured of ``worker``."""
@@ -285,11 +289,14 @@ class DriverBridge:
                       message=Message(wire.UNLOAD, self._header(worker, {"partition": partition})))
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any],
-            encode: Encode, lossy: str | None = None) -> Action | None:
+            encode: Encode, lossy: str | None = None, state: TaskState | None = None,
+            forget: Iterable[str] = ()) -> Action | None:
         """A RUN of task ``key``, encoded right here (the caller's thread) with ``encode``.
 
         ``lossy`` (``"fp16"``, ``"int8"``) asks for float32 tensors in that
-        encoding both ways, on links that agreed it.  Returns None before a
+        encoding both ways, on links that agreed it.  ``state`` is the
+        task's :class:`~crowdgraph.runtime.TaskState`; ``forget`` names
+        state the worker drops before the task.  Returns None before a
         run, or when the inputs cannot be sent (the task is then reported
         failed).
         """
@@ -302,12 +309,21 @@ class DriverBridge:
             header = {"task": list(key), "outputs": list(partition.outputs)}
             if lossy is not None:
                 header["lossy"] = lossy
+            if state is not None:
+                header["state"] = {"key": state.key, "keep": state.keep, "pairs": [list(p) for p in state.pairs],
+                                   "shared": list(state.shared)}
+            if forget:
+                header["forget"] = list(forget)
             parts = encode(Message(wire.RUN, self._header(worker, header), tensors=arrays))
         except (TypeError, ValueError) as exc:
             reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
             return None
+        specs = output_specs(partition, arrays)
+        if state is not None and state.keep:  # what the worker keeps does not come back
+            specs = {name: spec for name, spec in specs.items()
+                     if name in state.shared or all(name != o for o, _ in state.pairs)}
         return Action(wire.RUN, partition.name, purpose=PendingRun(reporter, key, sum(a.nbytes for a in arrays.values()),
-                                                                   output_specs(partition, arrays)),
+                                                                   specs),
                       parts=parts, key=key)
 
     # -- answers -> notices -------------------------------------------------

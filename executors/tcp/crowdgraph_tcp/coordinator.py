@@ -128,6 +128,11 @@ class Peer:
         return self.hello.get("stores") is True
 
     @property
+    def keeps_state(self) -> bool:
+        """Whether the worker keeps state between runs (HELLO ``state``)."""
+        return self.hello.get("state") is True
+
+    @property
     def floor_rss(self) -> int | None:
         rss = self.hello.get("rss")
         return int(rss) if isinstance(rss, int) else None

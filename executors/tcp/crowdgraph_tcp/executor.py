@@ -29,6 +29,7 @@ from crowdgraph import wire
 from crowdgraph.errors import ExecutionError, InputError
 from crowdgraph.executor import Executor, Job, Reporter
 from crowdgraph import Partition
+from crowdgraph.runtime import TaskState
 from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.units import parse_bytes
 from crowdgraph.wire import Message
@@ -151,6 +152,7 @@ class TcpExecutor(Executor):
         self._spawned: list[tuple[str, subprocess.Popen[bytes], Any]] = []
         self._tmp: str | None = None
         self._closed = False
+        self._forgotten: dict[str, list[str]] = {}  # worker -> state keys its next RUN drops
         ssl_options = server_ssl_context(certfile, keyfile) if certfile else None
         self.coordinator = Coordinator(self.token, host, port, listener=_ExecutorListener(self), ssl_options=ssl_options,
                                        heartbeat=heartbeat, handshake_timeout=handshake_timeout,
@@ -300,7 +302,8 @@ class TcpExecutor(Executor):
         return crowd
 
     def _holding(self, w: Peer) -> Holding:
-        return Holding(w.id, w.memory, w.cached, w.expected_resident, w.floor_rss, self.prefetch and w.stores)
+        return Holding(w.id, w.memory, w.cached, w.expected_resident, w.floor_rss, self.prefetch and w.stores,
+                       w.keeps_state)
 
     def _submit_now(self, worker: str, action: Action) -> None:
         """Hand ``action`` to the coordinator (IOLoop thread)."""
@@ -343,7 +346,8 @@ class TcpExecutor(Executor):
     def unload(self, worker: str, partition: str) -> None:
         self.coordinator.call(self._submit_now, worker, self.bridge.unload(worker, partition, self.bridge.reporter))
 
-    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
+    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any], *,
+            state: TaskState | None = None) -> None:
         agreed = self.coordinator.codec_of(worker)
         if agreed is None:
             return
@@ -351,9 +355,14 @@ class TcpExecutor(Executor):
         action = self.bridge.run(worker, key, partition, inputs,
                                  lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1],
                                                                    lossy=self.coordinator.lossy_for(worker, lossy)),
-                                 lossy=lossy)
+                                 lossy=lossy, state=state, forget=self._forgotten.pop(worker, ()))
         if action is not None:
             self.coordinator.call(self._submit_now, worker, action)
+
+    def forget_state(self, worker: str, keys: Sequence[str]) -> None:
+        """The keys go with the worker's next RUN, which drops them before its task (an
+        UNLOAD drops all it keeps): until then they only hold what its last task held."""
+        self._forgotten.setdefault(worker, []).extend(keys)
 
     def quarantine(self, worker: str, reason: str) -> None:
         self.coordinator.call(self.coordinator.quarantine, worker, reason)

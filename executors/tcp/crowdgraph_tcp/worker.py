@@ -11,7 +11,10 @@ knows the shared token, and then does what the coordinator says:
   partition *from the file* through :func:`crowdgraph.runtime.open_session`;
 * ``UNLOAD``: drop the session and hand the memory back to the OS;
 * ``RUN``: run one task and send back its outputs with the peak RSS since
-  the last load;
+  the last load; with ``state`` (a decoder's key/value cache), take the
+  inputs it lacks from the state kept under its key and keep the new one
+  there instead of sending it back; ``forget`` drops kept state first
+  (and an UNLOAD all of it);
 * ``PING``/``PONG``: heartbeats, answered from the I/O loop even while a
   task computes; ``BYE``: leave.
 
@@ -56,7 +59,7 @@ from crowdgraph import wire
 from crowdgraph.cli import Parser, byte_size, positive_int
 from crowdgraph.errors import AuthenticationError, CrowdgraphError, ProtocolError
 from crowdgraph.measure import peak_rss_since_reset, reset_peak_rss
-from crowdgraph.runtime import ResidentSession, current_rss, release_memory, warm_up
+from crowdgraph.runtime import ResidentSession, TaskState, current_rss, release_memory, warm_up
 from crowdgraph.units import format_bytes
 from crowdgraph.wire import Message
 
@@ -673,7 +676,7 @@ class Agent:
         try:
             conn.hello({"name": self.name, "memory_budget": self.memory, "cores": self.threads,
                         "platform": _platform(), "cached": self.cache.digests(), "rss": self.floor_rss,
-                        "stores": True},
+                        "stores": True, "state": True},
                        now=time.monotonic())
             writer.writelines(conn.data_to_send())
             await asyncio.wait_for(next_message(), conn.handshake_deadline - time.monotonic())  # WELCOME
@@ -939,8 +942,13 @@ class Agent:
     def _run(self, message: Message) -> Message:
         h = message.header
         partition, _ = h["task"]
+        self.resident.forget(h.get("forget", ()))
+        state = h.get("state")
+        if state is not None:
+            state = TaskState(state["key"], tuple((o, i) for o, i in state["pairs"]), state["keep"],
+                              tuple(state["shared"]))
         start = time.perf_counter()
-        outputs = self.resident.run(partition, message.tensors, h["outputs"])
+        outputs = self.resident.run(partition, message.tensors, h["outputs"], state=state)
         end = time.perf_counter()
         message.tensors.clear()
         return Message(wire.RESULT, {"task": h["task"], "start": start, "end": end,

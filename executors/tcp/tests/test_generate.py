@@ -1,4 +1,4 @@
-"""Generation on a real TCP crowd: a worker SIGKILLed mid-generation changes no token."""
+"""Generation on a real TCP crowd: a worker keeping caches SIGKILLed mid-generation changes no token."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16]]
 NEW_TOKENS = 8
 
 
-def test_a_worker_killed_mid_generation_changes_no_token():
+def test_a_worker_keeping_caches_killed_mid_generation_changes_no_token():
     model = zoo.gpt2("tiny")
     compiled = crowdgraph.compile(model, partitions=3, max_length=16)
     session = open_session(model.SerializeToString())
@@ -30,33 +30,36 @@ def test_a_worker_killed_mid_generation_changes_no_token():
     want = [s.tokens.tolist() for s in decode(lambda feeds: run_session(session, feeds), compiled.decoder_layout,
                                               dims, ids, mask, max_new_tokens=NEW_TOKENS)]
 
-    budget = max(p.resident_bytes for p in compiled.partitions)
+    budget = 2 * max(p.resident_bytes for p in compiled.partitions)  # room for every sequence's cache
     executor = TcpExecutor.local(memory=[budget] * 5, heartbeat=2.0, join_timeout=60)
-    finished: list[str] = []
+    keepers: set[str] = set()
     killed: list[str] = []
 
-    def kill_mid_generation(notice):
-        # The 40th task is in step 2 or 3 (5 sequences x 3 partitions a step).  The worker is
-        # stopped first, so the tasks placed on it meanwhile are in its hands when it dies.
-        if notice.kind == "finished" and notice.worker:
-            finished.append(notice.worker)
-            if len(finished) == 40 and not killed:
-                killed.append(notice.worker)
-                pid = executor.processes[notice.worker].pid
-                os.kill(pid, signal.SIGSTOP)
-                threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+    def kill_a_keeper(notice):
+        # Stopped first, so the tasks placed on it meanwhile are in its hands when it dies.
+        if notice.kind == "finished" and notice.worker in keepers and not killed:
+            killed.append(notice.worker)
+            pid = executor.processes[notice.worker].pid
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
 
-    watch_notices(executor, kill_mid_generation)
+    watch_notices(executor, kill_a_keeper)
+    steps = []
     try:
-        steps = list(compiled.generate(PROMPTS, max_new_tokens=NEW_TOKENS, executor=executor, stream=True,
-                                       timeout=120))
+        for step in compiled.generate(PROMPTS, max_new_tokens=NEW_TOKENS, executor=executor, stream=True,
+                                      timeout=120):
+            steps.append(step)
+            if step.index == 2:  # every keeper holds the caches of all five sequences now
+                keepers.update(w for w, n in compiled.last_report.kept.items() if n == len(PROMPTS))
     finally:
         executor.close()
     assert [s.tokens.tolist() for s in steps] == want
     report = compiled.last_report
-    assert killed and killed[0] in report.lost_workers
+    assert keepers and killed and killed[0] in report.lost_workers
     assert report.replaced, "the killed worker's tasks were run again"
-    assert f"lost {killed[0]}" in str(report) and "cache rebuilt" in str(report)
+    assert {(p, r) for _, p, r, _ in report.rebuilt} == {(p, r) for p in {p for _, p, _, _ in report.rebuilt}
+                                                         for r in range(len(PROMPTS))}, report.rebuilt
+    assert f"lost {killed[0]}" in str(report) and "caches rebuilt" in str(report)
 
 
 def test_workers_stay_within_budget_at_max_length_sampled_from_outside():
