@@ -283,8 +283,10 @@ class Driver:
                                            s.wire_in, s.wire_out), s.peak_rss, s.rss)
         outputs = notice.outputs
         if self.state is not None and key[0] in self.state.pairs:
-            outputs = self.state.finished(key[0], self.state.keys[key[1]], worker, outputs,
-                                          self.keeps.pop((worker, key), False))
+            kept = self.keeps.pop((worker, key), False)
+            if not kept:  # the state lives here until the next step: arrays, not an executor's handles
+                outputs = {**outputs, **self.executor.gather({o: outputs[o] for o, _ in self.state.pairs[key[0]]})}
+            outputs = self.state.finished(key[0], self.state.keys[key[1]], worker, outputs, kept)
         self.values[key] = outputs
         self.waiting[key] = {c for c in data_consumers(self.tasks, key) if c not in self.scheduler.finished}  # type: ignore[union-attr]
         for u in data_producers(self.tasks, key):

@@ -58,6 +58,7 @@ import numpy as np
 
 from crowdgraph import Executor, Job, Partition, Reporter, TaskStats, WorkerInfo, parse_bytes
 from crowdgraph.errors import ExecutionError, InputError, PlanningError
+from crowdgraph.runtime import TaskState
 
 from . import _worker
 from ._cluster import ClusterWatch, leaving_error, running
@@ -211,8 +212,12 @@ class DaskExecutor(Executor):
     def unload(self, worker: str, partition: str) -> None:
         self._post(worker, ("unload", partition))
 
-    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
-        self._post(worker, ("run", tuple(key), partition, dict(inputs)))
+    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any], *,
+            state: TaskState | None = None) -> None:
+        self._post(worker, ("run", tuple(key), partition, dict(inputs), state))
+
+    def forget_state(self, worker: str, keys: Sequence[str]) -> None:
+        self._post(worker, ("forget", list(keys)))
 
     def gather(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Fetch the arrays behind ``values`` (handles) to this process."""
@@ -312,7 +317,7 @@ class DaskExecutor(Executor):
             parts = self._job.partitions.values()
             memory = max([self._job.memory_budget or 0] + [p.resident_bytes for p in parts])
         names = frozenset(name for name, p in self._job.partitions.items() if p.sha256 in cached)
-        return WorkerInfo(addr, memory=memory, speed=1.0, cached=names)
+        return WorkerInfo(addr, memory=memory, speed=1.0, cached=names, keeps_state=True)
 
     def _add_lane(self, addr: str, w: Mapping[str, Any], probe: Mapping[str, Any],
                   mid: float, uncertainty: float) -> Lane:
@@ -338,8 +343,13 @@ class DaskExecutor(Executor):
         while (action := lane.next_action(self._window)) is not None:
             kind = action[0]
             if kind == "run":
-                _, key, part, inputs = action
-                self._guarded(self._submit_run, lane, key, part, inputs)
+                _, key, part, inputs, state = action
+                self._guarded(self._submit_run, lane, key, part, inputs, state)
+            elif kind == "forget":  # after the runs before it; nothing waits for it
+                from distributed import fire_and_forget
+
+                fire_and_forget(self.client.submit(_worker.forget_state, action[1], workers=[lane.addr],
+                                                   allow_other_workers=False, pure=False))
             elif kind == "load":
                 part = action[1]
                 self._start_load(lane, part, self.now(), from_cache=part.sha256 in lane.cached)
@@ -354,7 +364,8 @@ class DaskExecutor(Executor):
             if self._reporter is not None and fn == self._submit_run:
                 self._reporter.task_failed(lane.addr, args[0], f"{type(exc).__name__}: {exc}")
 
-    def _submit_run(self, lane: Lane, key: TaskKey, part: Partition, inputs: Mapping[str, Any]) -> None:
+    def _submit_run(self, lane: Lane, key: TaskKey, part: Partition, inputs: Mapping[str, Any],
+                    state: TaskState | None) -> None:
         futures: list[Any] = []
         index: dict[str, int] = {}
         refs: dict[str, tuple[int, str | None]] = {}
@@ -374,14 +385,16 @@ class DaskExecutor(Executor):
                 arrays[tensor] = np.asarray(value)
                 sources[tensor] = None
         ident = f"crowdgraph-{key[0]}-{key[1]}-{uuid.uuid4().hex[:12]}"
+        kept = {o for o, _ in state.pairs if o not in state.shared} if state is not None and state.keep else set()
         pend = Pending("run", lane, ident, key=key, partition=part, name=part.name,
-                        input_keys=frozenset(index), sources=sources)
+                       input_keys=frozenset(index), sources=sources,
+                       outputs=tuple(o for o in part.outputs if o not in kept))
         pend.future = self.client.submit(
-            _worker.run_partition, self._topic, ident, part.sha256, part.name, list(part.outputs),
+            _worker.run_partition, self._topic, ident, part.sha256, part.name, list(part.outputs), state,
             arrays, refs, *futures,
             key=ident, workers=[lane.addr], allow_other_workers=False, pure=False,
         )
-        if len(part.outputs) > 1:
+        if len(pend.outputs) > 1:
             # One key per output tensor, so a consumer fetches only the tensors it reads
             # (Dask moves whole results).  They run on the same worker right after the run.
             pend.tensors = {
@@ -389,7 +402,7 @@ class DaskExecutor(Executor):
                     _worker.pick, pend.future, name, key=f"{ident}-{n}", workers=[lane.addr],
                     allow_other_workers=False, pure=False, priority=1,
                 )
-                for n, name in enumerate(part.outputs)
+                for n, name in enumerate(pend.outputs)
             }
         lane.runs[ident] = pend
         self._pending[ident] = pend
@@ -547,7 +560,7 @@ class DaskExecutor(Executor):
             part, key = pend.partition, pend.key
             assert part is not None and key is not None
             if pend.tensors is None:
-                handles = {n: TensorHandle(pend.future, n, n) for n in part.outputs}
+                handles = {n: TensorHandle(pend.future, n, n) for n in pend.outputs}
             else:
                 handles = {n: TensorHandle(f, n) for n, f in pend.tensors.items()}
                 pend.future.release()  # the tensors' own futures keep what is needed

@@ -38,6 +38,7 @@ class Pending:
     from_cache: bool = False  # a load the worker reads from its disk cache
     bytes_future: Any = None
     input_keys: frozenset[str] = frozenset()
+    outputs: tuple[str, ...] = ()  # a run's outputs that come back (not those its worker keeps)
     tensors: dict[str, Any] | None = None  # output name -> its own future (partitions with several outputs)
     sources: dict[str, str | None] = field(default_factory=dict)  # input -> producer worker (None: client)
     done: bool = False
@@ -53,8 +54,8 @@ class Lane:
         self.addr = info.id
         self.info = info
         self.offset = offset  # worker clock minus client clock
-        #: Actions not submitted yet: ("run", key, partition, inputs), ("load", partition),
-        #: ("unload", name) or ("reset",).
+        #: Actions not submitted yet: ("run", key, partition, inputs, state), ("load", partition),
+        #: ("unload", name), ("forget", keys) or ("reset",).
         self.actions: deque[tuple[Any, ...]] = deque()
         #: Submitted runs not finished yet, by ident.
         self.runs: dict[str, Pending] = {}

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from crowdgraph.runtime import ResidentSession, current_rss, peak_rss
+from crowdgraph.runtime import ResidentSession, TaskState, current_rss, peak_rss
 
 from ._cache import DiskCache, folder_for
 
@@ -120,10 +120,10 @@ def unload_partition(topic: str, ident: str, sha256: str | None) -> bool:
     return dropped
 
 
-def run_partition(topic: str, ident: str, sha256: str, name: str, outputs: Sequence[str],
+def run_partition(topic: str, ident: str, sha256: str, name: str, outputs: Sequence[str], state: TaskState | None,
                   arrays: Mapping[str, np.ndarray], refs: Mapping[str, tuple[int, str | None]],
                   *results: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the resident session.
+    """Run the resident session (with ``state``, what it keeps stays in it).
 
     ``refs`` maps input names to (index into ``results``, key in that
     result, or None when the result is the array itself).
@@ -134,7 +134,7 @@ def run_partition(topic: str, ident: str, sha256: str, name: str, outputs: Seque
         feeds[tensor] = results[index] if source is None else results[index][source]
     with slot.lock:
         start = time.time()
-        out = slot.run(name, feeds, outputs, sha256=sha256)
+        out = slot.run(name, feeds, outputs, sha256=sha256, state=state)
         end = time.time()
     _log(worker, topic, {
         "id": ident, "start": start, "end": end,
@@ -143,6 +143,13 @@ def run_partition(topic: str, ident: str, sha256: str, name: str, outputs: Seque
         "rss": current_rss(), "peak_rss": peak_rss(),
     })
     return out
+
+
+def forget_state(keys: Sequence[str]) -> None:
+    """Drop the state this worker's session keeps under ``keys``."""
+    slot, _ = _slot()
+    with slot.lock:
+        slot.forget(keys)
 
 
 def probe(cache_spec: CacheSpec = NO_CACHE, dask_worker: Any = None) -> dict[str, Any]:
