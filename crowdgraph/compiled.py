@@ -294,7 +294,8 @@ class CompiledModel:
                  executor: Any = "threads", stream: bool = False, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-                 mode: str = "streaming", policy: str = "pipeline", timeout: float | None = None) -> Any:
+                 mode: str = "streaming", policy: str = "pipeline", timeout: float | None = None,
+                 keep_caches: bool = True) -> Any:
         """Generate ``max_new_tokens`` tokens after each prompt with a decoder model.
 
         Parameters
@@ -319,6 +320,12 @@ class CompiledModel:
         pad_token_id:
             Fills the prompts' left padding and the places after a
             sequence ended.
+        keep_caches:
+            Each worker keeps the key/value cache of the layers it runs,
+            where its budget has room and the crowd has a worker for every
+            partition (docs/generate.md); False sends every cache with its
+            step through the driver instead (and keeps straggler backups
+            for every task).
 
         Returns
         -------
@@ -339,7 +346,8 @@ class CompiledModel:
         return generate(self, prompts, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
                         executor=executor, stream=stream, do_sample=do_sample, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, mode=mode, policy=policy, timeout=timeout)
+                        pad_token_id=pad_token_id, mode=mode, policy=policy, timeout=timeout,
+                        keep_caches=keep_caches)
 
     def _auto_microbatch(self, feeds: Mapping[str, np.ndarray]) -> int | None:
         """Rows of the largest micro-batch that fits the budget (None: the whole batch)."""

@@ -483,7 +483,7 @@ def generate(compiled: Any, prompts: Any, *, max_new_tokens: int, attention_mask
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
              mode: str = "streaming", policy: str = "pipeline",
-             timeout: float | None = None) -> Any:
+             timeout: float | None = None, keep_caches: bool = True) -> Any:
     """What :meth:`crowdgraph.CompiledModel.generate` does (see there)."""
     from .executor import resolve_executor
 
@@ -502,7 +502,7 @@ def generate(compiled: Any, prompts: Any, *, max_new_tokens: int, attention_mask
     report = GenerationReport(sequences=len(ids), prompt_tokens=int(mask.sum()))
     compiled.last_report = report
 
-    book = _state_book(compiled, layout, cache_dims)
+    book = _state_book(compiled, layout, cache_dims) if keep_caches else None
     generation = next(_generations)
 
     def steps() -> Iterator[GenerationStep]:
