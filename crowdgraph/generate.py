@@ -613,14 +613,18 @@ def step_shapes(layout: DecoderLayout, cache_dims: Mapping[str, tuple[int, int]]
 
 
 def simulate_generation(compiled: Any, crowd: Sequence[Any], *, sequences: int, prompt_length: int,
-                        new_tokens: int, cost: Any = None, policy: str = "pipeline", seed: int = 0) -> GenerationReport:
+                        new_tokens: int, cost: Any = None, policy: str = "pipeline", seed: int = 0,
+                        keep_caches: bool = True) -> GenerationReport:
     """How many tokens per second would ``crowd`` generate?  In virtual seconds, like :func:`crowdgraph.simulate`.
 
     Every step is simulated at its own shapes (the prefill reads the
     prompt, step ``k`` one token on a cache of ``prompt_length + k - 1``),
     one micro-batch per sequence, and the crowd carries what it holds and
-    has cached from one step to the next.  The cache travels with each
-    step's tensors, so its bytes are on the links.
+    has cached from one step to the next.  The caches stay on the workers
+    (their bytes are on no link) when :meth:`~crowdgraph.CompiledModel.generate`
+    would keep them there: ``keep_caches``, a worker for every partition,
+    and every budget with room for every sequence's cache of the largest
+    partition with one; otherwise they travel with each step's tensors.
     """
     from dataclasses import replace
 
@@ -639,6 +643,14 @@ def simulate_generation(compiled: Any, crowd: Sequence[Any], *, sequences: int, 
                   if spec.name in {pair.past for pair in layout.cache}}
     report = GenerationReport(sequences=sequences, prompt_tokens=sequences * prompt_length)
     crowd = list(crowd)
+    book = _state_book(compiled, layout, cache_dims) if keep_caches else None
+    if book is not None and len(crowd) >= len(compiled.partitions):
+        need = max((p.resident_bytes + (sequences - 1) * book.state_bytes[p.name] for p in compiled.partitions
+                    if p.name in book.pairs), default=0)
+        stays = {name for name in book.outputs | {i for v in book.inputs.values() for i in v}
+                 if name not in book.shared} if all(w.memory >= need for w in crowd) else set()
+    else:
+        stays = set()
     for step in range(new_tokens):
         if not layout.cache:
             shapes = step_shapes(layout, cache_dims, prompt_length + step, 0)
@@ -649,8 +661,9 @@ def simulate_generation(compiled: Any, crowd: Sequence[Any], *, sequences: int, 
         og = lower(compiled._source.model, shapes)
         nodes = {node.name: node for node in og.nodes}
         parts = [replace(p, flops=sum(node_flops(og, nodes[n]) for n in p.nodes if n in nodes),
-                         input_bytes=sum(og.nbytes(t) for t in p.inputs),
-                         output_bytes=sum(og.nbytes(t) for t in p.outputs)) for p in compiled.partitions]
+                         input_bytes=sum(og.nbytes(t) for t in p.inputs if t not in stays),
+                         output_bytes=sum(og.nbytes(t) for t in p.outputs if t not in stays))
+                 for p in compiled.partitions]
         plan = CompiledModel(parts, compiled.inputs, compiled.outputs, compiled.input_shapes, compiled.memory_budget)
         run = simulate(plan, crowd, {k: (sequences, *v[1:]) for k, v in shapes.items()}, microbatch=1,
                        cost=cost, policy=policy, seed=seed)

@@ -2,9 +2,11 @@
 
 The embedded GPT-2-shaped decoder (7M parameters, random weights) is cut
 to a 16 MB budget that holds every step up to 48 tokens, key/value cache
-included; three prompts are decoded greedily and checked against the same
-loop on one whole-model onnxruntime session, then one prompt is sampled
-step by step.
+included; three prompts are decoded greedily on five thread workers of
+32 MB (a worker for every partition, with room for every sequence's
+cache: each worker keeps the caches of the layers it runs) and checked
+against the same loop on one whole-model onnxruntime session, then one
+prompt is sampled step by step.
 
 Run it: ``python examples/generate.py``
 """
@@ -25,9 +27,10 @@ def main() -> None:
     model = zoo.gpt2("small")
     compiled = crowdgraph.compile(model, "16MB", max_length=48)
     print(compiled.table())
-    with ThreadExecutor(workers=3) as executor:
+    with ThreadExecutor(workers=5, memory="32MB") as executor:
         tokens = compiled.generate(PROMPTS, max_new_tokens=12, executor=executor)
-        print(compiled.last_report)
+        report = compiled.last_report
+        print(report)
         print("sampled, step by step:", end="")
         for step in compiled.generate([PROMPTS[0]], max_new_tokens=8, executor=executor, stream=True,
                                       do_sample=True, top_k=50, temperature=0.8, seed=0):
@@ -42,6 +45,7 @@ def main() -> None:
     print("greedy tokens:")
     print(tokens[:, ids.shape[1]:])
     print(f"tokens equal to the whole model: {np.array_equal(tokens[:, ids.shape[1]:], np.stack(whole, axis=1))}")
+    print(f"caches kept on the workers: {sum(report.kept.values())} (sequences x partitions with a cache)")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def test_generate(tmp_path):
     out = run_example("generate.py", cwd=tmp_path)
     assert "tokens equal to the whole model: True" in out
     assert "3 sequences, 9 prompt tokens, 36 new tokens in 12 steps" in out
+    kept = int(out.split("caches kept on the workers: ")[1].split()[0])
+    assert kept >= 3 * 2, "every sequence's cache stays on the workers of the layers with a cache"
     assert len(out.split("sampled, step by step:")[1].splitlines()[0].split()) == 8
 
 
