@@ -106,6 +106,22 @@ The rules
             >  (sum over unfinished tasks q of task(q, h) + speed(w) x load(w, p))
                / summed speed of the crowd
 
+    And when a stage ``p`` feeds (a partition reading its outputs) has
+    unfinished work and no holder, the replica's worker is one that stage
+    will need, so the replica must also end ``p`` sooner than the stages
+    feeding ``p`` supply its inputs, by more than its own load and the
+    loads of those unheld stages on ``w``::
+
+        unfinished tasks of p x task(p, h) / summed speed of p's holders
+            - max over held stages q feeding p of
+                  unfinished tasks of q x task(q, h) / summed speed of q's holders
+            >  load(w, p) + sum over unheld stages r that p feeds of load(w, r)
+
+    (in a pipeline of equal stages the stage after the running one looks
+    behind only because its holder is still loading; a replica of it
+    would wait for inputs, and the stage after it would get its holder
+    late and end the run in a wave of loads).
+
     Except when the crowd is one partition short of a worker to spare
     (as many live workers as partitions with unfinished work) and ``p``
     is all it can run (no other partition has a task ready or queued):
@@ -711,6 +727,16 @@ class Scheduler:
             k: tuple(tasks.successors(k)) for k in part
         }
         self._n_tasks = len(part)
+        # The stages each partition feeds (partitions reading its outputs)
+        # and the stages feeding it, for the cost rule's replicas.
+        fed: dict[str, set[str]] = {p: set() for p in used}
+        feeds: dict[str, set[str]] = {p: set() for p in used}
+        for u, v in tasks.edges:
+            if part[u] != part[v]:
+                fed[part[u]].add(part[v])
+                feeds[part[v]].add(part[u])
+        self._fed: dict[str, tuple[str, ...]] = {p: tuple(sorted(fed[p])) for p in used}
+        self._feeds: dict[str, tuple[str, ...]] = {p: tuple(sorted(feeds[p])) for p in used}
         # Partitions in plan order (their first task's priority), the order
         # their weights are stored ahead of need.
         first: dict[str, Any] = {}
@@ -1395,7 +1421,7 @@ class Scheduler:
         if i is not None:
             load = self._load_seconds(i, p)
             if (load + self._task_seconds(p, i) / i.speed < drain
-                    and (p in i.stored or (self._lags(p, h, i.speed * load) and self._star_spare(p, drain)))):
+                    and (p in i.stored or (self._lags(p, h, i, i.speed * load) and self._star_spare(p, drain)))):
                 return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
@@ -1406,12 +1432,14 @@ class Scheduler:
         and its tensors over the worker's own link."""
         return self._estimate[p] + self._tensor_bytes[p] * w.speed / w.info.bandwidth
 
-    def _lags(self, p: str, h: _Worker, load: float) -> bool:
+    def _lags(self, p: str, h: _Worker, w: _Worker, load: float) -> bool:
         """Whether ``p``'s holders have more than their share of the remaining
         work, by their speed, counting the replica's ``load`` (speed x
-        seconds) as work the crowd must also do (always, when the crowd has a
-        worker to spare or is one partition short of it and can only run
-        ``p``)."""
+        seconds on ``w``) as work the crowd must also do (always, when the
+        crowd has a worker to spare or is one partition short of it and can
+        only run ``p``); and, when a stage ``p`` feeds has work and no holder,
+        whether they end ``p`` later than its feeding stages supply its
+        inputs by more than ``w``'s loads of ``p`` and of those stages."""
         if len(self._live) > self._parts_left:
             return True
         if (len(self._live) == self._parts_left and len(self._ready_parts) == 1
@@ -1419,7 +1447,16 @@ class Scheduler:
             return True  # (p is the one partition ready: _ready_parts holds it)
         work = sum(n * self._task_seconds(q, h) for q, n in self._unfinished.items())
         mine = self._unfinished[p] * self._task_seconds(p, h) / self._holder_speed[p]
-        return mine > (work + load) / self._crowd_speed
+        if mine <= (work + load) / self._crowd_speed:
+            return False
+        unheld = [q for q in self._fed[p] if self._unfinished[q] and not self._holders[q]]
+        if not unheld:
+            return True
+        unfinished, speed = self._unfinished, self._holder_speed
+        supply = max((unfinished[q] * self._task_seconds(q, h) / speed[q]
+                      for q in self._feeds[p] if unfinished[q] and speed[q]), default=0.0)
+        loads = load / w.speed + sum(self._load_seconds(w, q) for q in unheld)
+        return mine - supply > loads
 
     def _star_spare(self, p: str, drain: float) -> bool:
         """Whether ``p``'s weights can cross the star without making it what
