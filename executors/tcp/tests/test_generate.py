@@ -63,7 +63,7 @@ def test_a_worker_keeping_caches_killed_mid_generation_changes_no_token():
 
 
 def test_workers_stay_within_budget_at_max_length_sampled_from_outside():
-    """Generate up to max_length on warm workers, polling each worker process's RSS from outside."""
+    """Generate up to max_length on warm workers that keep caches, polling each worker process's RSS from outside."""
     from crowdgraph.measure import RssSampler
 
     max_length, budget = 64, 24_000_000
@@ -77,6 +77,8 @@ def test_workers_stay_within_budget_at_max_length_sampled_from_outside():
             compiled.generate(prompts, max_new_tokens=max_length - 40, executor=executor, timeout=120)
     finally:
         executor.close()
+    kept = compiled.last_report.kept
+    assert any(kept.values()), f"the workers kept caches within their budgets: {kept}"
     above = {w: sampler.peak[w] - floors[w] for w in floors}
     assert all(value <= budget for value in above.values()), f"above floor: {above}, budget {budget}"
     assert max(above.values()) > budget / 4, f"the sampler saw the work: {above}"
