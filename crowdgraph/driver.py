@@ -81,7 +81,8 @@ class Driver:
         self.producer = {t: p.name for p in compiled.partitions for t in p.outputs}
         #: Partition state kept across runs (a decoder's cache), see crowdgraph.state.
         self.state = state
-        self.keeps: dict[tuple[str, TaskKey], bool] = {}  # (worker, task) -> whether it was asked to keep the state
+        #: (worker, task) -> whether it was asked to keep the state, and its other inputs (to record once it finished)
+        self.keeps: dict[tuple[str, TaskKey], tuple[bool, dict[str, Any]]] = {}
         self.output_partition = {name: self.producer[name] for name in compiled.output_names
                                  if state is None or name not in state.outputs}
         self.keep = set(self.output_partition.values())
@@ -283,10 +284,12 @@ class Driver:
                                            s.wire_in, s.wire_out), s.peak_rss, s.rss)
         outputs = notice.outputs
         if self.state is not None and key[0] in self.state.pairs:
-            kept = self.keeps.pop((worker, key), False)
+            kept, inputs = self.keeps.pop((worker, key))
+            seq = self.state.keys[key[1]]
+            self.state.record(key[0], seq, self.executor.gather(inputs))  # arrays: handles go with this run
             if not kept:  # the state lives here until the next step: arrays, not an executor's handles
                 outputs = {**outputs, **self.executor.gather({o: outputs[o] for o, _ in self.state.pairs[key[0]]})}
-            outputs = self.state.finished(key[0], self.state.keys[key[1]], worker, outputs, kept)
+            outputs = self.state.finished(key[0], seq, worker, outputs, kept)
         self.values[key] = outputs
         self.waiting[key] = {c for c in data_consumers(self.tasks, key) if c not in self.scheduler.finished}  # type: ignore[union-attr]
         for u in data_producers(self.tasks, key):
@@ -491,17 +494,17 @@ class Driver:
         assert book is not None and self.scheduler is not None
         seq = book.keys[key[1]]
         crowd = self.scheduler.workers
-        if not crowd[worker].keeps_state:
-            self.executor.run(worker, key, part, {**inputs, **book.inputs_for(part.name, seq, worker, part)})
-            return
-        book.record(part.name, seq, inputs)
+        others = dict(inputs)  # recorded once the task finished: any later step may need a replay
         inputs.update(book.inputs_for(part.name, seq, worker, part))
         # A crowd smaller than the plan swaps partitions at every step, and a
         # swapped-out partition's caches would be lost: they travel then.
-        keep = len(crowd) >= len(self.partitions) and book.keep(part.name, seq, worker, crowd[worker].memory,
-                                                                part.resident_bytes)
-        self.keeps[(worker, key)] = keep
-        self.executor.run(worker, key, part, inputs, state=book.task_state(part.name, seq, keep))  # type: ignore[call-arg]
+        keep = (crowd[worker].keeps_state and len(crowd) >= len(self.partitions)
+                and book.keep(part.name, seq, worker, crowd[worker].memory, part.resident_bytes))
+        self.keeps[(worker, key)] = (keep, others)
+        if crowd[worker].keeps_state:
+            self.executor.run(worker, key, part, inputs, state=book.task_state(part.name, seq, keep))  # type: ignore[call-arg]
+        else:
+            self.executor.run(worker, key, part, inputs)
 
     def _inputs(self, key: TaskKey, part: Any) -> dict[str, Any]:
         i = key[1]

@@ -109,10 +109,11 @@ class StateBook:
         """Whether task ``(p, i)`` reads state a worker keeps."""
         return p in self.pairs and (p, self.keys[i]) in self.where
 
-    def record(self, p: str, key: str, inputs: Mapping[str, Any]) -> None:
-        """The inputs (besides the state) of this step's task of ``p`` for ``key``, for a replay."""
+    def record(self, p: str, key: str, inputs: Mapping[str, np.ndarray]) -> None:
+        """The inputs (arrays, besides the state) of this step's finished task of ``p`` for ``key``, for a replay."""
         steps = self.history[(p, key)]
-        del steps[self.step:]  # a task placed again replaces its first record
+        assert len(steps) >= self.step, f"step {self.step} of {p} for {key} recorded after {len(steps)} steps"
+        del steps[self.step:]  # a task that ran twice replaces its first record
         steps.append({n: np.asarray(v) for n, v in inputs.items() if n not in self.inputs[p]})
 
     def keep(self, p: str, key: str, worker: str, memory: int, resident_bytes: int) -> bool:
