@@ -134,6 +134,31 @@ def test_a_mixed_crowd_generates_the_tokens_of_the_whole_model(crowd):
     assert workers & browser_ids, f"no task ran in a browser: {sorted(workers)}"
 
 
+def test_pages_keep_the_caches_of_the_layers_they_run(browser):
+    """Both partitions of the plan read a cache; one Python worker and two pages hold them, so at
+    least one page keeps every sequence's cache between steps and the tokens stay the same."""
+    from crowdgraph.generate import decode, left_padded
+    from crowdgraph.runtime import open_session, run_session
+
+    model = zoo.gpt2("tiny")
+    compiled = crowdgraph.compile(model, partitions=2, max_length=16)
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    with TcpExecutor.local(memory=["16MB"], web=True) as ex:
+        pages = [join(browser, ex) for _ in range(2)]
+        got = compiled.generate(prompts, max_new_tokens=5, executor=ex, timeout=RUN_TIMEOUT)
+        for page, _ in pages:
+            page.close()
+    report = compiled.last_report
+    session = open_session(model.SerializeToString())
+    caches = {t.name: (t.dims[1], t.dims[3]) for t in compiled.inputs if t.name.startswith("past_key_values.")}
+    ids, mask = left_padded(prompts)
+    want = np.stack([s.tokens for s in decode(lambda feeds: run_session(session, feeds), compiled.decoder_layout,
+                                              caches, ids, mask, max_new_tokens=5)], axis=1)
+    assert got[:, ids.shape[1]:].tolist() == want.tolist()
+    browser_ids = {state["workerId"] for _, state in pages}
+    assert any(report.kept.get(b, 0) == len(prompts) for b in browser_ids), report.kept
+
+
 def test_closing_a_page_mid_run_still_matches_the_oracle(browser, tcp_helpers):
     model, feeds, compiled = tiny_case()
     with TcpExecutor.local(memory=["24MB"], web=True, heartbeat=1.0) as ex:

@@ -89,6 +89,9 @@ function call(op, payload = {}, transfer = []) {
 let ws = null, stopped = false, refused = false, retryTimer = null, retryDelay = 1000;
 let lastSent = 0, lastRecv = 0, heartbeat = 5, pingSeq = 0, phase = "closed";
 let nonce = null, myNonce = null, chain = Promise.resolve(), modelBytes = 0;
+// RUN `state` (docs/protocol.md): key -> {input name: tensor}, the caches this page keeps for its
+// partition between a decoder's steps; dropped with the partition.
+const kept = new Map();
 
 function send(typeName, header, sections) {
   if (!ws || ws.readyState !== WebSocket.OPEN) return;
@@ -102,7 +105,7 @@ function connect() {
   if (stopped || (ws && ws.readyState <= WebSocket.OPEN)) return;
   if (!tokenText) { show("error", "no token: open the join URL the coordinator printed (it ends with #token=...)"); return; }
   refused = false; phase = "hello"; state.workerId = null; $("worker").textContent = "-";
-  state.partition = null; $("partition").textContent = "none"; modelBytes = 0;
+  state.partition = null; $("partition").textContent = "none"; modelBytes = 0; kept.clear();
   chain = Promise.resolve();
   show("connecting");
   const socket = ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
@@ -115,7 +118,7 @@ function connect() {
     lastRecv = lastSent = performance.now();
     send("HELLO", { versions: [1], name: `browser ${navigator.platform || ""}`.trim(), memory_budget: state.announced,
       cores: state.threads, platform: "browser-wasm", codecs: HAS_INFLATE ? ["lz4", "zlib", "none"] : ["lz4", "none"],
-      cached });
+      cached, state: true });
   };
   socket.onmessage = (event) => { if (socket === ws) receive(new Uint8Array(event.data)); };
   socket.onclose = (event) => {
@@ -211,7 +214,7 @@ async function work(m) {
       const capped = capIrVersion(bytes, MAX_IR_VERSION);
       if (capped.from !== capped.to) note(`${h.partition}: IR version ${capped.from} -> ${capped.to}`);
       const model = capped.bytes;
-      modelBytes = model.byteLength;
+      modelBytes = model.byteLength; kept.clear();
       state.partition = h.partition; $("partition").textContent = `${h.partition} (${(modelBytes / MB).toFixed(1)} MB)`;
       await call("load", { model }, [model.buffer]);
       state.loads++;
@@ -222,14 +225,33 @@ async function work(m) {
       send("FAILED", { load: h.partition, error: String(err.message || err) });
     }
   } else if (m.type === "UNLOAD") {
+    kept.clear();
     await call("unload").catch(() => {});
     state.partition = null; modelBytes = 0; $("partition").textContent = "none";
     send("UNLOADED", { partition: h.partition, rss: estimatedRss() });
   } else if (m.type === "RUN") {
     try {
+      for (const key of h.forget || []) kept.delete(key);
       const transfer = Object.values(m.tensors).filter((t) => t.data instanceof Uint8Array).map((t) => t.data.buffer);
-      const r = await call("run", { inputs: m.tensors, outputs: h.outputs }, transfer);
-      const sections = h.outputs.map((name) => {
+      const inputs = { ...m.tensors };  // what the page keeps is copied to the compute worker, not moved
+      const st = h.state;
+      if (st) {
+        const mine = kept.get(st.key) || {};
+        for (const [, input] of st.pairs) {
+          if (inputs[input]) continue;
+          if (!mine[input]) throw new Error(`this page keeps no state ${JSON.stringify(st.key)} for ${input}`);
+          inputs[input] = mine[input];
+        }
+        kept.delete(st.key);
+      }
+      const r = await call("run", { inputs, outputs: h.outputs }, transfer);
+      let returned = h.outputs;
+      if (st && st.keep) {
+        kept.set(st.key, Object.fromEntries(st.pairs.map(([output, input]) => [input, r.outputs[output]])));
+        const stays = new Set(st.pairs.map(([output]) => output).filter((o) => !st.shared.includes(o)));
+        returned = h.outputs.filter((name) => !stays.has(name));
+      }
+      const sections = returned.map((name) => {
         const t = r.outputs[name];
         const raw = t.dtype === "string" ? stringsRaw(t.data) : t.data;
         return { name, dtype: DTYPE_CODE[t.dtype], shape: t.shape, raw };
