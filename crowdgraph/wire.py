@@ -1079,11 +1079,11 @@ def _is_worker_record(v: Any) -> bool:
                        ("resident", lambda x: x is None or _HEX[0](x))):
         if key not in v or not check(v[key]):
             return False
-    return "rss" not in v or _is_int(v["rss"])
+    return ("rss" not in v or _is_int(v["rss"])) and ("state" not in v or type(v["state"]) is bool)
 
 
 _WORKER_RECORD: _Check = (_is_worker_record, "a worker record {id, name, memory_budget, cores, "
-                          "platform, cached, resident[, rss]}")
+                          "platform, cached, resident[, rss, state]}")
 
 # type -> {field: (check, description, required)}
 _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {

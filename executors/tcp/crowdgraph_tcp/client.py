@@ -20,7 +20,7 @@ import platform
 import socket
 import sys
 import threading
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import StreamClosedError
@@ -29,6 +29,7 @@ from tornado.tcpclient import TCPClient
 from crowdgraph import Partition, wire
 from crowdgraph.errors import ExecutionError, InputError, ProtocolError
 from crowdgraph.executor import Executor, Job, Reporter
+from crowdgraph.runtime import TaskState
 from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.wire import Message
 
@@ -88,6 +89,7 @@ class RemoteExecutor(Executor):
         self._changed = threading.Condition()
         self._dead: str | None = None
         self._closed = False
+        self._forgotten: dict[str, list[str]] = {}  # worker -> state keys its next RUN drops
         self._link: Link | None = None
         self._reports_lost = False  # whether the coordinator disconnects a worker this driver reports
         self._loop: IOLoop | None = None
@@ -343,8 +345,14 @@ class RemoteExecutor(Executor):
     def unload(self, worker: str, partition: str) -> None:
         self._hand(worker, self.bridge.unload(worker, partition, self.bridge.reporter))
 
-    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any]) -> None:
-        self._hand(worker, self.bridge.run(worker, key, partition, inputs, self._encode, lossy=self.lossy))
+    def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any], *,
+            state: TaskState | None = None) -> None:
+        self._hand(worker, self.bridge.run(worker, key, partition, inputs, self._encode, lossy=self.lossy,
+                                           state=state, forget=self._forgotten.pop(worker, ())))
+
+    def forget_state(self, worker: str, keys: Sequence[str]) -> None:
+        """As :meth:`TcpExecutor.forget_state`: the keys go with the worker's next RUN."""
+        self._forgotten.setdefault(worker, []).extend(keys)
 
     def quarantine(self, worker: str, reason: str) -> None:
         """The run's spot checks outvoted ``worker``: the coordinator drops it and refuses
@@ -387,7 +395,8 @@ class RemoteExecutor(Executor):
 
 
 def _holding(rec: dict[str, Any]) -> Holding:
-    return Holding(rec["id"], rec["memory_budget"], rec["cached"], rec["resident"], rec.get("rss"))
+    return Holding(rec["id"], rec["memory_budget"], rec["cached"], rec["resident"], rec.get("rss"),
+                   keeps_state=rec.get("state") is True)
 
 
 def _record(rec: dict[str, Any]) -> dict[str, Any]:

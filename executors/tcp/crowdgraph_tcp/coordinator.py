@@ -150,6 +150,8 @@ class Peer:
         }
         if self.floor_rss is not None:
             rec["rss"] = self.floor_rss
+        if self.keeps_state:
+            rec["state"] = True
         return rec
 
 

@@ -153,3 +153,25 @@ def test_a_driver_with_nothing_listening_gets_a_clear_error():
     with pytest.raises(ExecutionError, match="cannot connect"):
         RemoteExecutor(f"tcp://127.0.0.1:{port}", token=TOKEN)
     assert time.monotonic() - start < 30
+
+
+def test_a_driver_of_a_standing_coordinator_keeps_caches_on_its_workers(tmp_path, tcp_helpers):
+    """RUN state and forget travel through the relay: the workers keep every sequence's cache, and
+    a second generation drops the first one's (forget) and gives the same tokens."""
+    coordinator = standing_coordinator(TOKEN.encode(), "127.0.0.1:0")
+    workers = []
+    try:
+        workers = start_workers(coordinator.url, tmp_path, 3, tcp_helpers)
+        compiled = crowdgraph.compile(zoo.gpt2("tiny"), partitions=3, max_length=16)
+        prompts = [[5, 6, 7], [8], [9, 10]]
+        with RemoteExecutor(coordinator.url, token=TOKEN, min_workers=3) as ex:
+            first = compiled.generate(prompts, max_new_tokens=5, executor=ex, timeout=RUN_TIMEOUT)
+            kept = compiled.last_report.kept
+            again = compiled.generate(prompts, max_new_tokens=5, executor=ex, timeout=RUN_TIMEOUT)
+        sent = compiled.generate(prompts, max_new_tokens=5, keep_caches=False)
+    finally:
+        coordinator.stop()
+        for proc in workers:
+            tcp_helpers.stop_process(proc)
+    assert sorted(n for n in kept.values() if n) == [3, 3], kept  # two partitions read a cache
+    assert first.tolist() == again.tolist() == sent.tolist()
