@@ -671,14 +671,22 @@ def compile(
 def _compile_decoder(proto: onnx.ModelProto, budget: int | None, partitions: int | None,
                      input_shapes: Mapping[str, Iterable[int]] | None, max_length: int) -> CompiledModel:
     """``compile(..., max_length=)``: cut at the shapes that fit every step of a generation."""
-    from .generate import check_cache_partitions, decoder_layout, generation_shapes, largest_fitting_length
+    from .generate import (
+        check_cache_partitions, decoder_layout, feed_cache_shapes, generation_shapes, largest_fitting_length,
+    )
 
     if input_shapes is not None:
         raise InputError("give max_length= or input_shapes=/sample=, not both: max_length sets the shapes")
-    inputs = [vi.name for vi in proto.graph.input if vi.name not in {i.name for i in proto.graph.initializer}]
-    outputs = _specs(proto, [vi.name for vi in proto.graph.output], input=False)
-    logits = [t.dims for t in outputs if t.name == "logits"]
-    layout = decoder_layout(inputs, [t.name for t in outputs], logits[0] if logits else None)
+
+    def layout_of(proto: onnx.ModelProto) -> DecoderLayout:
+        inputs = [vi.name for vi in proto.graph.input if vi.name not in {i.name for i in proto.graph.initializer}]
+        outputs = _specs(proto, [vi.name for vi in proto.graph.output], input=False)
+        logits = [t.dims for t in outputs if t.name == "logits"]
+        return decoder_layout(inputs, [t.name for t in outputs], logits[0] if logits else None)
+
+    proto = feed_cache_shapes(proto, layout_of(proto))
+    layout = layout_of(proto)
+    inputs = [pair.past for pair in layout.cache]
     declared = {t.name: t.dims for t in _specs(proto, inputs, input=True)}
     shapes = generation_shapes(layout, declared, max_length)
     try:

@@ -54,6 +54,7 @@ __all__ = [
     "GenerationStep",
     "GenerationReport",
     "decoder_layout",
+    "feed_cache_shapes",
     "generation_shapes",
     "check_cache_partitions",
     "pick_tokens",
@@ -68,12 +69,21 @@ __all__ = [
 CACHE_SEQUENCE_AXIS = 2
 
 
+#: Suffix of the input that carries a cache input's shape (see :func:`feed_cache_shapes`).
+SHAPE_SUFFIX = ".shape"
+
+
 @dataclass(frozen=True)
 class CachePair:
-    """One cache tensor: the input it is fed as and the output it comes back as."""
+    """One cache tensor: the input it is fed as and the output it comes back as.
+
+    ``shape`` names the input that carries the past's shape, in a model
+    that reads it (:func:`feed_cache_shapes`).
+    """
 
     past: str
     present: str
+    shape: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +125,7 @@ def decoder_layout(inputs: Sequence[str], outputs: Sequence[str],
         )
     pairs = []
     for name in inputs:
-        if not name.startswith("past_key_values."):
+        if not name.startswith("past_key_values.") or name.endswith(SHAPE_SUFFIX):
             continue
         present = "present." + name[len("past_key_values."):]
         if present not in outputs:
@@ -123,8 +133,10 @@ def decoder_layout(inputs: Sequence[str], outputs: Sequence[str],
                 f"the cache input {name!r} has no matching output {present!r}; generation feeds each "
                 "present.* output back as its past_key_values.* input"
             )
-        pairs.append(CachePair(name, present))
-    known = {"input_ids", "attention_mask", "position_ids", *(p.past for p in pairs)}
+        shape = name + SHAPE_SUFFIX
+        pairs.append(CachePair(name, present, shape if shape in inputs else None))
+    known = {"input_ids", "attention_mask", "position_ids", *(p.past for p in pairs),
+             *(p.shape for p in pairs if p.shape)}
     other = [name for name in inputs if name not in known]
     if other:
         raise ModelError(
@@ -138,6 +150,57 @@ def decoder_layout(inputs: Sequence[str], outputs: Sequence[str],
         position_ids="position_ids" if "position_ids" in inputs else None,
         cache=tuple(pairs),
     )
+
+
+def feed_cache_shapes(model: Any, layout: DecoderLayout) -> Any:
+    """``model`` with every ``Shape`` of a cache input reading an empty stand-in instead.
+
+    Some exports (Optimum's Llama) take the cache's length from
+    ``Shape(past_key_values.0.key)`` at the start of the graph, far from
+    the ``Concat`` that appends to the cache, so the partition computing
+    the mask would need the whole cache as an input.  A new input
+    ``<past>.shape`` of dims ``[batch, heads, past, 0]`` stands in for it:
+    it holds no bytes, :func:`decode` feeds it beside (or instead of) the
+    cache, and its ``Shape`` plus ``[0, 0, 0, head_dim]`` is the cache's.
+    Returns a copy, or ``model`` itself when no ``Shape`` reads a cache
+    input.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    pasts = {pair.past: pair for pair in layout.cache}
+    if not any(n.op_type == "Shape" and n.input[0] in pasts for n in model.graph.node):
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    declared = {vi.name: vi for vi in graph.input}
+    nodes: list[Any] = []
+    added: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "Shape" or node.input[0] not in pasts:
+            nodes.append(node)
+            continue
+        past = declared[node.input[0]]
+        stub = past.name + SHAPE_SUFFIX
+        if stub not in added:
+            stand_in = graph.input.add()
+            stand_in.CopyFrom(past)
+            stand_in.name = stub
+            stand_in.type.tensor_type.shape.dim[3].Clear()
+            stand_in.type.tensor_type.shape.dim[3].dim_value = 0
+            added.add(stub)
+        bounds = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        head_dim = past.type.tensor_type.shape.dim[3].dim_value
+        fix = np.array([0, 0, 0, head_dim], np.int64)[bounds.get("start", 0):bounds.get("end", 4)]
+        base = node.name or node.output[0]
+        graph.initializer.append(numpy_helper.from_array(fix, f"{base}{SHAPE_SUFFIX}.head_dim"))
+        nodes.append(helper.make_node("Shape", [stub], [f"{base}{SHAPE_SUFFIX}.out"], name=base,
+                                      **{k: v for k, v in bounds.items() if k in ("start", "end")}))
+        nodes.append(helper.make_node("Add", [f"{base}{SHAPE_SUFFIX}.out", f"{base}{SHAPE_SUFFIX}.head_dim"],
+                                      list(node.output), name=f"{base}{SHAPE_SUFFIX}.add"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
 
 
 def generation_shapes(layout: DecoderLayout, cache_dims: Mapping[str, tuple[Any, ...]],
@@ -173,6 +236,8 @@ def generation_shapes(layout: DecoderLayout, cache_dims: Mapping[str, tuple[Any,
                 "sequence, head_dim] with fixed heads and head_dim"
             )
         shapes[pair.past] = (1, dims[1], max_length, dims[3])
+        if pair.shape:
+            shapes[pair.shape] = (1, dims[1], max_length, 0)
     return shapes
 
 
@@ -426,6 +491,10 @@ def decode(step: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], la
             fed_ids, fed_mask = tokens_so_far[active], mask[active]
             positions = np.maximum(np.cumsum(fed_mask, axis=1) - 1, 0)
         feeds = {layout.input_ids: fed_ids, **cache}
+        past = tokens_so_far.shape[1] - fed_ids.shape[1]  # tokens in the cache
+        for pair in layout.cache:
+            if pair.shape:  # the cache's shape, in no bytes
+                feeds[pair.shape] = np.zeros((len(fed_ids), cache_dims[pair.past][0], past, 0), np.float32)
         if layout.attention_mask:
             feeds[layout.attention_mask] = fed_mask
         if layout.position_ids:
@@ -609,6 +678,8 @@ def step_shapes(layout: DecoderLayout, cache_dims: Mapping[str, tuple[int, int]]
     for pair in layout.cache:
         heads, head_dim = cache_dims[pair.past]
         shapes[pair.past] = (1, heads, past, head_dim)
+        if pair.shape:
+            shapes[pair.shape] = (1, heads, past, 0)
     return shapes
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +17,7 @@ from crowdgraph.generate import (
     Sampling,
     decode,
     decoder_layout,
+    feed_cache_shapes,
     generation_shapes,
     left_padded,
     pick_tokens,
@@ -156,6 +160,66 @@ def test_a_worker_keeps_as_many_caches_as_its_budget_has_room_for():
     assert not book.keep("p1", "c", "w1", memory=5000, resident_bytes=4000)
     assert book.keep("p1", "c", "w2", memory=5000, resident_bytes=4000)
     assert book.drop(["a", "c"]) == {"w1": ["a"]} and book.where == {("p1", "b"): "w1"}
+
+
+#: Decoders exported by Hugging Face Optimum itself (optimum-onnx 0.1.0 with transformers 4.57.6 and torch
+#: 2.13.0, ``main_export(..., task="text-generation-with-past")``) from randomly initialised
+#: ``LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+#: num_attention_heads=4, num_key_value_heads=2)`` and ``GPT2Config(vocab_size=256, n_embd=32, n_layer=2,
+#: n_head=4)``: rotary positions and grouped-query attention, learned positions and multi-head.  Both
+#: read the cache's length with ``Shape(past_key_values.0.key)`` at the start of the graph.
+OPTIMUM = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_decoders_exported_by_optimum_generate_the_tokens_of_the_whole_model(kind):
+    path = OPTIMUM / f"optimum-{kind}.onnx"
+    original = onnx.load(path)
+    layout = decoder_layout([i.name for i in original.graph.input], [o.name for o in original.graph.output])
+    dims = {i.name: tuple(i.type.tensor_type.shape.dim[k].dim_value for k in (1, 3)) for i in original.graph.input
+            if i.name.startswith("past_key_values.")}
+    session = open_session(original.SerializeToString())
+    ids, mask = left_padded(PROMPTS)
+    want = np.stack([s.tokens for s in decode(lambda feeds: run_session(session, feeds), layout, dims, ids, mask,
+                                              max_new_tokens=6)], axis=1)
+    for partitions in (2, 3):
+        compiled = crowdgraph.compile(path, partitions=partitions, max_length=MAX_LENGTH)
+        assert all(pair.shape for pair in compiled.decoder_layout.cache[:1]), "the cache's shape is fed on its own"
+        with ThreadExecutor(workers=partitions + 1, memory="64MB") as executor:
+            out = compiled.generate(PROMPTS, max_new_tokens=6, executor=executor)
+        assert out[:, ids.shape[1]:].tolist() == want.tolist(), partitions
+        pasts = {pair.past for pair in compiled.decoder_layout.cache}
+        with_state = [p for p in compiled.partitions if pasts & set(p.inputs)]
+        assert sorted(n for n in compiled.last_report.kept.values() if n) == [3] * len(with_state)
+
+
+def test_a_shape_read_of_the_cache_becomes_the_shape_of_an_empty_stand_in():
+    """Shape(past, start=2) (the cache's length, as exports read it) gives the same values read off
+    a stand-in of dims [batch, heads, past, 0], which holds no bytes."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["past_key_values.0.key"], ["length"], start=2),
+         helper.make_node("Shape", ["past_key_values.0.key"], ["whole"]),
+         helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"]),
+         helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)],
+        "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s", 1]),
+              helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["b", 2, "p", 8])],
+        [helper.make_tensor_value_info(n, t, None) for n, t in
+         (("logits", TensorProto.FLOAT), ("present.0.key", TensorProto.FLOAT), ("length", TensorProto.INT64),
+          ("whole", TensorProto.INT64))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    layout = decoder_layout(["input_ids", "past_key_values.0.key"], ["logits", "present.0.key"])
+    fed = feed_cache_shapes(model, layout)
+    assert feed_cache_shapes(fed, decoder_layout([i.name for i in fed.graph.input], ["logits", "present.0.key"])) is fed
+    past = np.ones((3, 2, 5, 8), np.float32)
+    want = run_session(open_session(model.SerializeToString()), {"input_ids": np.zeros((3, 1, 1), np.int64),
+                                                                 "past_key_values.0.key": past})
+    got = run_session(open_session(fed.SerializeToString()), {
+        "input_ids": np.zeros((3, 1, 1), np.int64), "past_key_values.0.key": past,
+        "past_key_values.0.key.shape": np.zeros((3, 2, 5, 0), np.float32)})
+    assert got["length"].tolist() == want["length"].tolist() == [5, 8]
+    assert got["whole"].tolist() == want["whole"].tolist() == [3, 2, 5, 8]
 
 
 def test_a_decoder_without_cache_gives_the_same_tokens(model):
