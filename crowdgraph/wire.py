@@ -355,7 +355,7 @@ def lossy_encode(array: np.ndarray, lossy: str) -> np.ndarray | None:
     ``"fp16"``: each element rounded to the nearest float16 (half an fp16
     ulp of error).  ``"int8"``: one affine 8-bit code per element over the
     tensor's own range: ``offset`` is its minimum, ``scale = (max - min) /
-    255``, ``code = round((x - offset) / scale)``, so nothing is clipped and
+    255`` (in float32, rounded up), ``code = round((x - offset) / scale)``, so nothing is clipped and
     each element is off by at most ``scale / 2``.  A tensor that one of them
     cannot carry (an empty one, NaN or infinity, fp16 beyond 65504) is sent
     exact; so is every tensor that is not float32.
@@ -382,6 +382,8 @@ def lossy_encode(array: np.ndarray, lossy: str) -> np.ndarray | None:
     if lossy != "int8":
         raise ValueError(f"unknown lossy encoding {lossy!r}; use one of {', '.join(LOSSY)}")
     scale = np.float32((high - low) / 255)
+    if float(scale) * 255 < high - low:  # rounded down (coarse among subnormals): a code would pass 255
+        scale = np.nextafter(scale, np.float32(np.inf))
     out = np.empty(_INT8_PREFIX + flat.size, np.uint8)
     out[:_INT8_PREFIX].view("<f4")[:] = (scale, low)
     if scale > 0:

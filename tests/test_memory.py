@@ -29,6 +29,28 @@ def assert_within_estimates(compiled, feeds, tmp_path, fast=False):
             assert row["estimate"] <= compiled.memory_budget
 
 
+@pytest.fixture(scope="module")
+def images():
+    """``images(name)``: the image model and its input; ``images(name, budget)``: its plan too.
+
+    Each is built once in this module and dropped at its end (the tests only read them).
+    """
+    cache: dict[tuple, tuple] = {}
+
+    def get(name: str, budget: str | None = None):
+        if (name,) not in cache:
+            cache[(name,)] = (zoo.unet(), zoo.image_inputs(1, 512, 512)) if name == "unet" else models.light_cnn(name)
+        if budget is None:
+            return cache[(name,)]
+        if (name, budget) not in cache:
+            model, feeds = cache[(name,)]
+            cache[(name, budget)] = (model, feeds, crowdgraph.compile(model, budget, sample=feeds))
+        return cache[(name, budget)]
+
+    yield get
+    cache.clear()
+
+
 def smallest_budget(model, feeds) -> int:
     """The budget at which every node fits on its own (layer granularity)."""
     finest = crowdgraph.compile(model, partitions=10**6, sample=feeds)
@@ -54,7 +76,7 @@ def test_tiny_model_partitions_stay_within_estimates(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["distilbert-tiny", "inception_v1", pytest.param("resnet50", marks=pytest.mark.slow)])
-def test_fast_sessions_stay_within_their_estimates(tmp_path, name):
+def test_fast_sessions_stay_within_their_estimates(tmp_path, images, name):
     # ResNet-50 at 16 MB takes the most in fast sessions: its 3x3 convolutions 4x their weights,
     # its classifier's Gemm 1.8x, measured.
     if name == "distilbert-tiny":
@@ -62,8 +84,7 @@ def test_fast_sessions_stay_within_their_estimates(tmp_path, name):
         feeds = zoo.sample_inputs(model, batch=8, sequence=64)
         compiled = crowdgraph.compile(model, partitions=4, sample=feeds)
     else:
-        model, feeds = models.light_cnn(name)
-        compiled = crowdgraph.compile(model, "16MB", sample=feeds)
+        model, feeds, compiled = images(name, "16MB")  # inception_v1's plan is measured tiled below too
     assert_within_estimates(compiled, feeds, tmp_path, fast=True)
 
 
@@ -75,10 +96,9 @@ def test_embedded_distilbert_at_128mb_8_rows(tmp_path):
 
 
 @pytest.mark.slow  # 100 MB of convolutions measured in fresh processes; the tiny model keeps measuring fast
-def test_resnet50_partitions_with_large_convolutions_stay_within_estimates(tmp_path):
+def test_resnet50_partitions_with_large_convolutions_stay_within_estimates(tmp_path, images):
     # Graph optimisations (Conv + BatchNormalization fusion) held these at 1.5x their estimate.
-    model, feeds = models.light_cnn("resnet50")
-    compiled = crowdgraph.compile(model, "24MB", sample=feeds)
+    model, feeds, compiled = images("resnet50", "24MB")
     assert max(p.weight_bytes for p in compiled.partitions) > 12 * 2**20
     assert_within_estimates(compiled, feeds, tmp_path)
 
@@ -95,18 +115,13 @@ def test_exported_distilbert_at_the_smallest_budget(tmp_path):
     assert_within_estimates(compiled, feeds, tmp_path)
 
 
-def _image_case(name: str):
-    return (zoo.unet(), zoo.image_inputs(1, 512, 512)) if name == "unet" else models.light_cnn(name)
-
-
 @pytest.mark.parametrize("name,budget", [
     ("inception_v1", "16MB"),
     pytest.param("densenet121", "16MB", marks=pytest.mark.slow),
     pytest.param("unet", "32MB", marks=pytest.mark.slow),
 ])
-def test_tiled_partitions_stay_within_estimates(tmp_path, name, budget):
-    model, feeds = _image_case(name)
-    compiled = crowdgraph.compile(model, budget, sample=feeds)
+def test_tiled_partitions_stay_within_estimates(tmp_path, images, name, budget):
+    model, feeds, compiled = images(name, budget)
     assert any(r.region for r in compiled.splits), "activations this large are tiled"
     assert_within_estimates(compiled, feeds, tmp_path)
 

@@ -15,9 +15,14 @@ from tests import models, plans
 
 
 @pytest.fixture(scope="module")
-def distilbert_plan():
-    model = zoo.distilbert("full")
-    return crowdgraph.compile(model, "128MB", input_shapes={"input_ids": (8, 128)})
+def full_distilbert():
+    """The full DistilBERT model (66M parameters, seconds to build): only compiled here, never changed."""
+    return zoo.distilbert("full")
+
+
+@pytest.fixture(scope="module")
+def distilbert_plan(full_distilbert):
+    return crowdgraph.compile(full_distilbert, "128MB", input_shapes={"input_ids": (8, 128)})
 
 
 def test_streaming_edges_follow_the_micro_batch():
@@ -215,12 +220,12 @@ def test_simulated_tasks_report_their_compute_time():
 
 
 @pytest.mark.slow
-def test_replicas_with_no_worker_to_spare_go_to_the_lagging_stages():
+def test_replicas_with_no_worker_to_spare_go_to_the_lagging_stages(full_distilbert):
     # 9 partitions on 6 cold workers (the crowd benchmark's 48 MB plan): every
     # worker is needed as a holder, and replicas of average stages turned the
     # pipeline into waves of loads (18% slower than the pipeline rule, 4%
     # slower than greedy).
-    plan = crowdgraph.compile(zoo.distilbert("full"), "48MB", input_shapes={"input_ids": (1, 128)})
+    plan = crowdgraph.compile(full_distilbert, "48MB", input_shapes={"input_ids": (1, 128)})
     crowd = [WorkerInfo(f"w{k}", memory="48MB") for k in range(6)]
 
     def makespan(policy):

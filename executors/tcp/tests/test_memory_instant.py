@@ -3,7 +3,9 @@
 A cold run of the full DistilBERT at 1 x 128 on five real ``crowdgraph-worker``
 processes, each polled from outside (``crowdgraph.measure.RssSampler``, this process) at 100 Hz or more
 through the whole run, partition loads included: the largest RSS above a
-worker's idle floor stays within its announced budget.
+worker's idle floor stays within its announced budget.  And at 128 MB, twice on
+one crowd: what each worker reports as its peak stays within the estimate of
+the partition it ran, and the second run sends no weights.
 """
 
 from __future__ import annotations
@@ -53,11 +55,49 @@ def distilbert():
     return model, feeds, oracle(model, feeds)
 
 
+@pytest.fixture(scope="module")
+def plan_at(distilbert):
+    """``plan_at(budget)``: the full DistilBERT compiled at ``budget`` for 1 x 128, once in this module
+    (runs do not change a plan; each test runs it on a crowd of its own)."""
+    model, feeds, _ = distilbert
+    plans: dict[str, crowdgraph.CompiledModel] = {}
+
+    def get(budget: str) -> crowdgraph.CompiledModel:
+        if budget not in plans:
+            plans[budget] = crowdgraph.compile(model, budget, sample=feeds)
+        return plans[budget]
+
+    yield get
+    plans.clear()
+
+
 @pytest.mark.parametrize("budget", ["128MB", "48MB", "24MB"])
-def test_no_worker_exceeds_its_budget_at_any_sampled_instant_of_a_cold_run(distilbert, budget):
+def test_no_worker_exceeds_its_budget_at_any_sampled_instant_of_a_cold_run(distilbert, plan_at, budget):
     model, feeds, want = distilbert
-    compiled = crowdgraph.compile(model, budget, sample=feeds)
+    compiled = plan_at(budget)
     got, hertz, above = run_polled(compiled, feeds, 5, budget, budget)
     assert_matches(got, want)
     assert hertz >= 100
     assert max(above.values()) <= parse_bytes(budget), above
+
+
+# Here rather than in test_full_size.py, to share the 128 MB plan and the oracle with the test above.
+def test_full_distilbert_at_128mb_keeps_each_worker_within_its_estimate(distilbert, plan_at):
+    model, feeds, want = distilbert
+    compiled = plan_at("128MB")
+    estimates = {p.name: p.resident_bytes for p in compiled.partitions}
+    with TcpExecutor.local(workers=len(compiled.partitions) + 1, memory="128MB") as ex:
+        floors = {w: peer.floor_rss for w, peer in dict(ex.coordinator.workers).items()}
+        got = compiled.run(feeds, executor=ex, timeout=300)
+        first = compiled.last_report
+        assert_matches(got, want)
+        assert first.weight_bytes_sent >= sum(len(p.model_bytes) for p in compiled.partitions)
+        for task in first.tasks:
+            record = first.workers[task.worker]
+            above = record.peak_rss - floors[task.worker]
+            # The worker's peak above its idle floor stays within the partition's estimate.
+            assert 0 < above <= 1.05 * estimates[task.partition], (task.partition, above, estimates[task.partition])
+        got = compiled.run(feeds, executor=ex, timeout=300)
+        second = compiled.last_report
+        assert_matches(got, want)
+        assert second.weight_bytes_sent == 0 and set(second.tier_counts) == {1}
