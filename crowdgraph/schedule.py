@@ -1156,10 +1156,13 @@ class Scheduler:
     def _on_results_lost(self, keys: Iterable[TaskKey]) -> None:
         state, missing = self._state, self._missing
         again: list[TaskKey] = []
+        revived: dict[str, None] = {}  # partitions that had no work left and have some again
         for key in keys:
             if state.get(key) != _FINISHED:
                 continue
             del self._produced_on[key]
+            if not self._unfinished[self._part[key]]:
+                revived[self._part[key]] = None
             self._parts_left += not self._unfinished[self._part[key]]
             self._unfinished[self._part[key]] += 1
             self._star_left += self._tensor_bytes[self._part[key]]
@@ -1183,6 +1186,15 @@ class Scheduler:
                 self._dequeue(self._live[self._where[key]], key)  # its inputs are lost too
             if missing[key] == 0:
                 self._make_ready(key)
+        # Their idle holders are no longer spent: neither the first to swap
+        # nor lured by what they stored ahead (_best_idle skips that offer).
+        for p in revived:
+            for h in self._holders[p]:
+                x = self._live[h]
+                if x.tree is not None:
+                    x.tree.set(x.pos, _NONE)
+                    x.tree = self._tree_for(x)
+                    x.tree.set(x.pos, (x.inv_speed, x.rank, x.id))
         # The lost results may belong to a partition no live worker can hold.
         self._check_feasible()
 
@@ -1545,7 +1557,7 @@ class Scheduler:
         while heap:
             _, _, epoch, wid = heap[0]
             w = live.get(wid)
-            if w is not None and w.epoch == epoch and w.resident != p:
+            if w is not None and w.epoch == epoch and w.resident != p and self._caches(w, p):
                 return 2, w
             heapq.heappop(heap)
         lo = bisect_left(self._mem_sorted, self._need[p])
