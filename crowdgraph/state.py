@@ -6,14 +6,15 @@ step is one run.  :class:`StateBook` is the driver's ledger of that state,
 plain data, kept from one run to the next:
 
 * **On the worker.**  A worker that ``keeps_state`` (its
-  :class:`~crowdgraph.schedule.WorkerInfo` says so) keeps the cache its task wrote when its budget has room for it (the
-  partition's estimate, which counts one sequence's cache in and out at
-  ``max_length``, plus one cache at ``max_length`` for every other
-  sequence it keeps) and the crowd has a worker for every partition (a
-  smaller crowd swaps partitions at every step, and a partition swapped
-  out loses the caches its worker kept).  The next step's task of that sequence is pinned to
-  it (state affinity, above the four tiers in
-  :mod:`crowdgraph.schedule`) and carries no cache.
+  :class:`~crowdgraph.schedule.WorkerInfo` says so) keeps the cache its
+  task wrote when its budget has room for it (the partition's estimate,
+  which counts one sequence's cache in and out at ``max_length``, plus
+  one cache at ``max_length`` for every other sequence it keeps) and the
+  crowd has a worker for every partition (a smaller crowd swaps
+  partitions at every step, and a partition swapped out loses the caches
+  its worker kept).  The next step's task of that sequence is pinned to
+  it (state affinity, above the four tiers in :mod:`crowdgraph.schedule`)
+  and carries no cache.
 * **With the driver.**  Otherwise the cache comes back with the task's
   result and the driver sends it with the next task: always so on a
   worker that does not keep state.
@@ -127,11 +128,10 @@ class StateBook:
         A state neither here nor on ``worker`` is rebuilt first, from
         ``partition`` (its model bytes and outputs) and the recorded steps.
         """
-        kept_by = self.where.pop((p, key), None)
-        if kept_by == worker:
-            self.where[(p, key)] = worker
+        if self.where.get((p, key)) == worker:
             return {}
-        if (p, key) not in self.held:  # lost, or kept by a worker whose partition was placed elsewhere
+        self.where.pop((p, key), None)  # kept by another worker: not this task's to read
+        if (p, key) not in self.held:
             self._rebuild(p, key, partition)
         return dict(self.held[(p, key)])
 
@@ -158,8 +158,7 @@ class StateBook:
         for (p, key), w in list(self.where.items()):
             if key in gone:
                 del self.where[(p, key)]
-                workers.setdefault(w, [])
-                if key not in workers[w]:
+                if key not in workers.setdefault(w, []):
                     workers[w].append(key)
         for pk in [pk for pk in self.held if pk[1] in gone]:
             del self.held[pk]
