@@ -230,7 +230,7 @@ rebuilds those trees and a worker lost checks every partition, both
 linear in the crowd; they are rare.  On the benchmark chain (20
 partitions x 500 micro-batches, 1,000 workers) the scheduler spends
 about half the CPU per task that Dask's threaded scheduler spends on the
-same graph of no-op tasks under the cost rule, and an eighth under the
+same graph of no-op tasks under the cost rule, and a sixth to an eighth under the
 pipeline rule (43, 12 and 79-102 microseconds in one run on a busy
 2-core machine; ``python -m benchmarks --only scale``).
 """
