@@ -223,6 +223,7 @@ class DriverBridge:
         self._offsets: dict[str, float] = {}
         self._last_end: dict[str, float] = {}
         self._memory: dict[str, int] = {}  # worker -> budget, to open partitions fast where they fit
+        self._forgotten: dict[str, list[str]] = {}  # worker -> state keys its next RUN drops
 
     # -- runs ---------------------------------------------------------------
 
@@ -254,6 +255,7 @@ class DriverBridge:
         self._offsets.pop(worker, None)
         self._last_end.pop(worker, None)
         self._memory.pop(worker, None)
+        self._forgotten.pop(worker, None)
 
     # -- actions -> frames --------------------------------------------------
 
@@ -288,17 +290,21 @@ class DriverBridge:
         return Action(wire.UNLOAD, partition, purpose=PendingUnload(reporter),
                       message=Message(wire.UNLOAD, self._header(worker, {"partition": partition})))
 
+    def forget_state(self, worker: str, keys: Iterable[str]) -> None:
+        """State keys ``worker`` drops before its next RUN (``forget``; an UNLOAD drops all it
+        keeps): until then they hold only what its last task held."""
+        self._forgotten.setdefault(worker, []).extend(keys)
+
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any],
-            encode: Encode, lossy: str | None = None, state: TaskState | None = None,
-            forget: Iterable[str] = ()) -> Action | None:
+            encode: Encode, lossy: str | None = None, state: TaskState | None = None) -> Action | None:
         """A RUN of task ``key``, encoded right here (the caller's thread) with ``encode``.
 
         ``lossy`` (``"fp16"``, ``"int8"``) asks for float32 tensors in that
         encoding both ways, on links that agreed it.  ``state`` is the
-        task's :class:`~crowdgraph.runtime.TaskState`; ``forget`` names
-        state the worker drops before the task.  Returns None before a
-        run, or when the inputs cannot be sent (the task is then reported
-        failed).
+        task's :class:`~crowdgraph.runtime.TaskState`; the RUN also carries
+        the keys :meth:`forget_state` gathered for the worker.  Returns None
+        before a run, or when the inputs cannot be sent (the task is then
+        reported failed).
         """
         reporter = self.reporter
         if reporter is None:
@@ -312,8 +318,8 @@ class DriverBridge:
             if state is not None:
                 header["state"] = {"key": state.key, "keep": state.keep, "pairs": [list(p) for p in state.pairs],
                                    "shared": list(state.shared)}
-            if forget:
-                header["forget"] = list(forget)
+            if self._forgotten.get(worker):
+                header["forget"] = self._forgotten.pop(worker)
             parts = encode(Message(wire.RUN, self._header(worker, header), tensors=arrays))
         except (TypeError, ValueError) as exc:
             reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")

@@ -89,7 +89,6 @@ class RemoteExecutor(Executor):
         self._changed = threading.Condition()
         self._dead: str | None = None
         self._closed = False
-        self._forgotten: dict[str, list[str]] = {}  # worker -> state keys its next RUN drops
         self._link: Link | None = None
         self._reports_lost = False  # whether the coordinator disconnects a worker this driver reports
         self._loop: IOLoop | None = None
@@ -348,11 +347,10 @@ class RemoteExecutor(Executor):
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any], *,
             state: TaskState | None = None) -> None:
         self._hand(worker, self.bridge.run(worker, key, partition, inputs, self._encode, lossy=self.lossy,
-                                           state=state, forget=self._forgotten.pop(worker, ())))
+                                           state=state))
 
     def forget_state(self, worker: str, keys: Sequence[str]) -> None:
-        """As :meth:`TcpExecutor.forget_state`: the keys go with the worker's next RUN."""
-        self._forgotten.setdefault(worker, []).extend(keys)
+        self.bridge.forget_state(worker, keys)
 
     def quarantine(self, worker: str, reason: str) -> None:
         """The run's spot checks outvoted ``worker``: the coordinator drops it and refuses

@@ -152,7 +152,6 @@ class TcpExecutor(Executor):
         self._spawned: list[tuple[str, subprocess.Popen[bytes], Any]] = []
         self._tmp: str | None = None
         self._closed = False
-        self._forgotten: dict[str, list[str]] = {}  # worker -> state keys its next RUN drops
         ssl_options = server_ssl_context(certfile, keyfile) if certfile else None
         self.coordinator = Coordinator(self.token, host, port, listener=_ExecutorListener(self), ssl_options=ssl_options,
                                        heartbeat=heartbeat, handshake_timeout=handshake_timeout,
@@ -355,14 +354,12 @@ class TcpExecutor(Executor):
         action = self.bridge.run(worker, key, partition, inputs,
                                  lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1],
                                                                    lossy=self.coordinator.lossy_for(worker, lossy)),
-                                 lossy=lossy, state=state, forget=self._forgotten.pop(worker, ()))
+                                 lossy=lossy, state=state)
         if action is not None:
             self.coordinator.call(self._submit_now, worker, action)
 
     def forget_state(self, worker: str, keys: Sequence[str]) -> None:
-        """The keys go with the worker's next RUN, which drops them before its task (an
-        UNLOAD drops all it keeps): until then they only hold what its last task held."""
-        self._forgotten.setdefault(worker, []).extend(keys)
+        self.bridge.forget_state(worker, keys)
 
     def quarantine(self, worker: str, reason: str) -> None:
         self.coordinator.call(self.coordinator.quarantine, worker, reason)
