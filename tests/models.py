@@ -772,3 +772,34 @@ def exported_decoder(kind: str = "gpt2", cache_dir: str | os.PathLike | None = N
         raise ValueError(f"unknown decoder {kind!r}; use one of {sorted(_DECODERS)}")
     return _exported_once(f"{kind}-with-past", lambda path: _export_decoder(kind, path),
                           {"config": _DECODERS[kind][2]}, cache_dir)
+
+
+# -- decoders exported by Hugging Face Optimum itself -------------------------
+# Made once with optimum-onnx 0.1.0, transformers 4.57.6 and torch 2.13.0 (Optimum is not a test
+# dependency: it pins transformers < 4.58), ``main_export(..., task="text-generation-with-past")``,
+# from randomly initialised ``LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+# num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)`` (rotary positions,
+# grouped-query attention) and ``GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4)`` (learned
+# positions, multi-head).  Both read the cache's length with ``Shape(past_key_values.0.key)`` where
+# they build the mask.
+OPTIMUM_DECODERS = ("llama", "gpt2")
+
+
+def optimum_decoder(kind: str) -> Path:
+    """The ``.onnx`` file of the Optimum export ``kind`` (one of :data:`OPTIMUM_DECODERS`)."""
+    return REPO / "tests" / "data" / f"optimum-{kind}.onnx"
+
+
+def whole_model_tokens(path: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of ``prompts`` from one whole-model session of ``path``, its cache fed back."""
+    from crowdgraph.generate import decode, decoder_layout, left_padded
+    from crowdgraph.runtime import open_session, run_session
+
+    model = onnx.load(path)
+    layout = decoder_layout([i.name for i in model.graph.input], [o.name for o in model.graph.output])
+    dims = {i.name: tuple(i.type.tensor_type.shape.dim[k].dim_value for k in (1, 3)) for i in model.graph.input
+            if i.name.startswith("past_key_values.")}
+    session = open_session(model.SerializeToString())
+    ids, mask = left_padded(prompts)
+    steps = decode(lambda feeds: run_session(session, feeds), layout, dims, ids, mask, max_new_tokens=new_tokens)
+    return np.stack([s.tokens for s in steps], axis=1).tolist()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -26,6 +24,7 @@ from crowdgraph.runtime import open_session, run_session
 from crowdgraph.split import smallest_budget
 from crowdgraph.state import StateBook
 
+from .models import OPTIMUM_DECODERS, optimum_decoder, whole_model_tokens
 from .oracle import TOLERANCE
 
 MAX_LENGTH = 24
@@ -162,35 +161,31 @@ def test_a_worker_keeps_as_many_caches_as_its_budget_has_room_for():
     assert book.drop(["a", "c"]) == {"w1": ["a"]} and book.where == {("p1", "b"): "w1"}
 
 
-#: Decoders exported by Hugging Face Optimum itself (optimum-onnx 0.1.0 with transformers 4.57.6 and torch
-#: 2.13.0, ``main_export(..., task="text-generation-with-past")``) from randomly initialised
-#: ``LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-#: num_attention_heads=4, num_key_value_heads=2)`` and ``GPT2Config(vocab_size=256, n_embd=32, n_layer=2,
-#: n_head=4)``: rotary positions and grouped-query attention, learned positions and multi-head.  Both
-#: read the cache's length with ``Shape(past_key_values.0.key)`` at the start of the graph.
-OPTIMUM = Path(__file__).parent / "data"
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", OPTIMUM_DECODERS)
 def test_decoders_exported_by_optimum_generate_the_tokens_of_the_whole_model(kind):
-    path = OPTIMUM / f"optimum-{kind}.onnx"
-    original = onnx.load(path)
-    layout = decoder_layout([i.name for i in original.graph.input], [o.name for o in original.graph.output])
-    dims = {i.name: tuple(i.type.tensor_type.shape.dim[k].dim_value for k in (1, 3)) for i in original.graph.input
-            if i.name.startswith("past_key_values.")}
-    session = open_session(original.SerializeToString())
-    ids, mask = left_padded(PROMPTS)
-    want = np.stack([s.tokens for s in decode(lambda feeds: run_session(session, feeds), layout, dims, ids, mask,
-                                              max_new_tokens=6)], axis=1)
+    path = optimum_decoder(kind)
+    want = whole_model_tokens(path, PROMPTS, 6)
     for partitions in (2, 3):
         compiled = crowdgraph.compile(path, partitions=partitions, max_length=MAX_LENGTH)
         assert all(pair.shape for pair in compiled.decoder_layout.cache[:1]), "the cache's shape is fed on its own"
         with ThreadExecutor(workers=partitions + 1, memory="64MB") as executor:
             out = compiled.generate(PROMPTS, max_new_tokens=6, executor=executor)
-        assert out[:, ids.shape[1]:].tolist() == want.tolist(), partitions
+        assert out[:, -6:].tolist() == want, partitions
         pasts = {pair.past for pair in compiled.decoder_layout.cache}
         with_state = [p for p in compiled.partitions if pasts & set(p.inputs)]
         assert sorted(n for n in compiled.last_report.kept.values() if n) == [3] * len(with_state)
+    # The smallest budget that compiles (the cache's shape read off its stand-in), on four workers
+    # that swap partitions, so the caches travel.
+    original = onnx.load(path)
+    layout = decoder_layout([i.name for i in original.graph.input], [o.name for o in original.graph.output])
+    fed = feed_cache_shapes(original, layout)
+    declared = {i.name: tuple(d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim)
+                for i in fed.graph.input}
+    fed_layout = decoder_layout([i.name for i in fed.graph.input], [o.name for o in fed.graph.output])
+    smallest = crowdgraph.compile(path, smallest_budget(fed, generation_shapes(fed_layout, declared, MAX_LENGTH)),
+                                  max_length=MAX_LENGTH)
+    assert len(smallest.partitions) > 3
+    assert smallest.generate(PROMPTS, max_new_tokens=6, executor="threads")[:, -6:].tolist() == want
 
 
 def test_a_shape_read_of_the_cache_becomes_the_shape_of_an_empty_stand_in():
@@ -364,8 +359,6 @@ def test_an_exported_decoder_generates_the_tokens_of_transformers(kind):
 
 @pytest.mark.slow
 def test_an_exported_decoder_with_external_data_generates_the_same_tokens(tmp_path):
-    import onnx
-
     from .models import exported_decoder
 
     path = str(exported_decoder("gpt2"))

@@ -14,7 +14,7 @@ import crowdgraph
 from crowdgraph import Job, Reporter, zoo
 from crowdgraph.errors import ExecutionError, InputError, PlanningError, WorkerLostError
 from crowdgraph.executor import installed_executors, resolve_executor
-from tests.models import chain, diamond, skip
+from tests.models import OPTIMUM_DECODERS, chain, diamond, optimum_decoder, skip, whole_model_tokens
 from tests.oracle import assert_matches, oracle
 
 distributed = pytest.importorskip("distributed")
@@ -339,3 +339,16 @@ def test_results_lost_with_their_worker_are_reported_and_never_gathered(cluster_
             assert seen["results_lost"].keys == ((part.name, 0),)
             with pytest.raises(WorkerLostError, match="run the batch again"):
                 executor.gather(dict(finished.outputs))
+
+
+def test_decoders_exported_by_optimum_keep_their_caches_on_the_dask_workers(client) -> None:
+    """A worker per partition (three of each): every sequence's cache stays on the worker that runs its
+    layers, and the tokens are the whole model's."""
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    with DaskExecutor(client) as executor:
+        for kind in OPTIMUM_DECODERS:
+            path = optimum_decoder(kind)
+            compiled = crowdgraph.compile(path, partitions=3, max_length=16)
+            out = compiled.generate(prompts, max_new_tokens=6, executor=executor, timeout=120)
+            assert out[:, -6:].tolist() == whole_model_tokens(path, prompts, 6), kind
+            assert any(n == len(prompts) for n in compiled.last_report.kept.values()), compiled.last_report.kept

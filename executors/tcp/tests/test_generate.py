@@ -14,6 +14,7 @@ from crowdgraph.generate import decode, left_padded
 from crowdgraph.runtime import open_session, run_session
 from crowdgraph.testing import watch_notices
 from crowdgraph_tcp import TcpExecutor
+from tests.models import OPTIMUM_DECODERS, optimum_decoder, whole_model_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +83,16 @@ def test_workers_stay_within_budget_at_max_length_sampled_from_outside():
     above = {w: sampler.peak[w] - floors[w] for w in floors}
     assert all(value <= budget for value in above.values()), f"above floor: {above}, budget {budget}"
     assert max(above.values()) > budget / 4, f"the sampler saw the work: {above}"
+
+
+@pytest.mark.parametrize("kind", OPTIMUM_DECODERS)
+def test_decoders_exported_by_optimum_generate_over_tcp(kind):
+    """Three partitions on four workers that keep the caches (tests/test_generate.py runs the
+    smallest budget, 115-126 partitions, on thread workers)."""
+    path = optimum_decoder(kind)
+    compiled = crowdgraph.compile(path, partitions=3, max_length=16)
+    budget = 4 * max(p.resident_bytes for p in compiled.partitions)
+    with TcpExecutor.local(memory=[budget] * 4, join_timeout=60) as executor:
+        out = compiled.generate(PROMPTS, max_new_tokens=NEW_TOKENS, executor=executor, timeout=120)
+    assert out[:, -NEW_TOKENS:].tolist() == whole_model_tokens(path, PROMPTS, NEW_TOKENS)
+    assert any(compiled.last_report.kept.values()), "the workers kept the caches"
