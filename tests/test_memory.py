@@ -117,6 +117,7 @@ def test_exported_distilbert_at_the_smallest_budget(tmp_path):
 
 @pytest.mark.parametrize("name,budget", [
     ("inception_v1", "16MB"),
+    pytest.param("resnet50", "16MB", marks=pytest.mark.slow),
     pytest.param("densenet121", "16MB", marks=pytest.mark.slow),
     pytest.param("unet", "32MB", marks=pytest.mark.slow),
 ])
