@@ -509,6 +509,8 @@ class Coordinator:
         try:
             while peer.alive:
                 message, size = await peer.link.next()
+                if not peer.alive:
+                    break  # dropped while this frame came: its BYE is on its way
                 if message.type == wire.BYE:
                     self._lose(peer, f"it said BYE ({message.header.get('reason', 'no reason given')})",
                                clean=True)
@@ -553,10 +555,14 @@ class Coordinator:
                 self.drop(worker, f"{reason} (reported by driver {driver.id})")
 
     def drop(self, peer: Peer, reason: str) -> None:
-        """Say BYE to ``peer`` with ``reason`` and lose it (IOLoop thread): it broke the rules."""
+        """Say BYE to ``peer`` with ``reason`` and lose it (IOLoop thread): it broke the rules.
+
+        It is lost at once; its connection closes once the BYE has left (a
+        close with the BYE still queued would drop it, and the peer would
+        not learn why), or after a second.
+        """
         peer.link.conn.goodbye(reason, now=now())
-        peer.link.flush()
-        self._lose(peer, reason)
+        self._lose(peer, reason, farewell=True)
 
     def quarantine(self, worker_id: str, reason: str) -> None:
         """Drop worker ``worker_id`` and refuse its name for :attr:`quarantine_seconds` (IOLoop thread).
@@ -584,13 +590,16 @@ class Coordinator:
             return 0.0
         return until - now()
 
-    def _lose(self, peer: Peer, reason: str, *, clean: bool = False) -> None:
+    def _lose(self, peer: Peer, reason: str, *, clean: bool = False, farewell: bool = False) -> None:
         peer.alive = False
         table = self.drivers if peer.role == wire.DRIVER else self.workers
         mine = table.get(peer.id) is peer
         if mine:  # out of the table before the peer can see its connection close
             del table[peer.id]
-        peer.link.stream.close()
+        if farewell:
+            self._spawn(_close_when_sent(peer.link))
+        else:
+            peer.link.stream.close()
         if not mine or self._stopping:
             return
         if clean:
@@ -764,6 +773,12 @@ class Coordinator:
         if w is None:
             return False
         return sha256 in w.cached or (w.storing is not None and w.storing.action.sha256 == sha256)
+
+
+async def _close_when_sent(link: Link) -> None:
+    """Close ``link`` once what it queued (a BYE) has left, or after a second (a shutdown waits 2 s)."""
+    await link.drain(1.0)
+    link.stream.close()
 
 
 def _address(address: Any) -> str:
