@@ -971,10 +971,7 @@ class Scheduler:
                 if x.tree is not None:  # idle: what it stored ahead counts as cached now
                     for q in sorted(x.prefetched):
                         self._offer_cached(x, q)
-                if x.tree is self._holding_tree and self.policy == "cost":  # the first to swap
-                    x.tree.set(x.pos, _NONE)
-                    x.tree = self._spent_tree
-                    x.tree.set(x.pos, (x.inv_speed, x.rank, x.id))
+                    self._retree(x)  # under the cost rule, the first to swap
         for s in self._succs[key]:
             missing[s] -= 1
             if missing[s] == 0 and state[s] == _WAITING:
@@ -1192,9 +1189,7 @@ class Scheduler:
             for h in self._holders[p]:
                 x = self._live[h]
                 if x.tree is not None:
-                    x.tree.set(x.pos, _NONE)
-                    x.tree = self._tree_for(x)
-                    x.tree.set(x.pos, (x.inv_speed, x.rank, x.id))
+                    self._retree(x)
         # The lost results may belong to a partition no live worker can hold.
         self._check_feasible()
 
@@ -1317,6 +1312,14 @@ class Scheduler:
         if self.policy == "cost" and not self._unfinished.get(w.resident, 0):
             return self._spent_tree
         return self._holding_tree
+
+    def _retree(self, w: _Worker) -> None:
+        """Move idle ``w`` to the tree :meth:`_tree_for` puts it in now (its partition's work changed)."""
+        tree = self._tree_for(w)
+        if tree is not w.tree:
+            w.tree.set(w.pos, _NONE)  # type: ignore[union-attr]
+            w.tree = tree
+            tree.set(w.pos, (w.inv_speed, w.rank, w.id))
 
     def _become_busy(self, w: _Worker) -> None:
         self._idle_n -= 1
