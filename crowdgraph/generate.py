@@ -478,9 +478,7 @@ def decode(step: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], la
     active = np.arange(rows)
     finished = np.zeros(rows, bool)
     tokens_so_far, mask = input_ids, attention_mask
-    cache = {} if keeps_cache else {
-        pair.past: np.zeros((rows, *cache_dims[pair.past][:1], 0, *cache_dims[pair.past][1:]), np.float32)
-        for pair in layout.cache}
+    cache = {} if keeps_cache else empty_caches(layout, cache_dims, rows)
     new_ids = input_ids
     started = time.perf_counter()
     for index in range(max_new_tokens):
@@ -523,6 +521,17 @@ def decode(step: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], la
             cache = {pair.past: np.asarray(outputs[pair.present])[keep] for pair in layout.cache}
         if not len(active):
             return
+
+
+def empty_caches(layout: DecoderLayout, cache_dims: Mapping[str, tuple[int, ...]], rows: int) -> dict[str, np.ndarray]:
+    """The cache inputs before the first step: ``rows`` sequences with no token cached.
+
+    >>> layout = decoder_layout(["input_ids", "past_key_values.0.key"], ["logits", "present.0.key"])
+    >>> empty_caches(layout, {"past_key_values.0.key": (4, 16)}, 2)["past_key_values.0.key"].shape
+    (2, 4, 0, 16)
+    """
+    return {pair.past: np.zeros((rows, cache_dims[pair.past][0], 0, cache_dims[pair.past][1]), np.float32)
+            for pair in layout.cache}
 
 
 def largest_fitting_length(model: Any, layout: DecoderLayout, cache_dims: Mapping[str, tuple[Any, ...]],
@@ -587,9 +596,7 @@ def generate(compiled: Any, prompts: Any, *, max_new_tokens: int, attention_mask
                 keys = [f"{generation}.{row}" for row in rows]
                 if not alive:
                     for key in keys:
-                        book.add_sequence(key, {pair.past: np.zeros((1, *cache_dims[pair.past][:1], 0,
-                                                                      *cache_dims[pair.past][1:]), np.float32)
-                                                for pair in layout.cache})
+                        book.add_sequence(key, empty_caches(layout, cache_dims, 1))
                 _forget(ex, book.drop([f"{generation}.{row}" for row in alive if row not in rows]))
                 alive[:] = rows
                 outputs, run_report = _run_step(compiled, feeds, keys, book, ex, mode=mode, seed=seed,
