@@ -75,10 +75,10 @@ __all__ = [
     "LOSSY", "lossy_encode", "lossy_decode",
     "HELLO", "CHALLENGE", "AUTH", "WELCOME", "REFUSE", "BYE", "PING", "PONG",
     "LOAD", "LOADED", "UNLOAD", "UNLOADED", "STORE", "STORED", "RUN", "RESULT", "FAILED",
-    "CROWD", "JOINED", "LOST", "ROLES",
+    "FETCH", "FETCHED", "DROP", "CROWD", "JOINED", "LOST", "ROLES",
     "MESSAGE_TYPES", "Message", "encode", "encode_parts", "decode", "FrameDecoder",
     "make_nonce", "sign", "verify", "negotiate", "frame_length",
-    "COORDINATOR", "WORKER", "DRIVER", "Connection", "Refused", "BlobHead", "read_blob_head",
+    "COORDINATOR", "WORKER", "DRIVER", "HOLDER", "FETCHER", "Connection", "Refused", "BlobHead", "read_blob_head",
     "SEND_HELLO", "AWAIT_CHALLENGE", "AWAIT_WELCOME", "AWAIT_HELLO", "AWAIT_AUTH", "AUTHENTICATED",
     "OPEN", "CLOSED", "ERROR",
 ]
@@ -173,20 +173,26 @@ STORED = "STORED"        #: worker -> coordinator: how much of it is there; at t
 RUN = "RUN"              #: coordinator -> worker: run one task on input tensors
 RESULT = "RESULT"        #: worker -> coordinator: output tensors of a task
 FAILED = "FAILED"        #: worker -> coordinator: a task or a load failed
+# Tensors a worker holds for the tasks that read them (RUN ``hold``): any of
+# them may be fetched by the worker that needs them, directly from the
+# holder's peer port (FETCHER -> HOLDER) or through the coordinator.
+FETCH = "FETCH"          #: fetcher -> holder, coordinator <-> worker: send me these held outputs
+FETCHED = "FETCHED"      #: answer to FETCH: the tensors, or why not
+DROP = "DROP"            #: coordinator -> worker: forget these held outputs
 # Driver connections (a program that runs models on a standing coordinator's
 # crowd; HELLO says role "driver"): workers never send or receive these.
 CROWD = "CROWD"          #: driver -> coordinator: ask for the crowd; coordinator -> driver: the crowd
 JOINED = "JOINED"        #: coordinator -> driver: a worker joined
 LOST = "LOST"            #: coordinator -> driver: a worker is gone; driver -> coordinator: drop it
 #: Values of HELLO's optional ``role`` field: who opens the connection.
-ROLES = ("worker", "driver")
+ROLES = ("worker", "driver", "fetcher")
 
 #: Message type name -> the code in byte 5 of the fixed header.
 MESSAGE_TYPES: dict[str, int] = {
     HELLO: 0x01, CHALLENGE: 0x02, AUTH: 0x03, WELCOME: 0x04, REFUSE: 0x05,
     BYE: 0x06, PING: 0x07, PONG: 0x08,
     LOAD: 0x10, LOADED: 0x11, UNLOAD: 0x12, UNLOADED: 0x13, STORE: 0x14, STORED: 0x15,
-    RUN: 0x20, RESULT: 0x21, FAILED: 0x22,
+    RUN: 0x20, RESULT: 0x21, FAILED: 0x22, FETCH: 0x23, FETCHED: 0x24, DROP: 0x25,
     CROWD: 0x30, JOINED: 0x31, LOST: 0x32,
 }
 _TYPE_NAMES = {code: name for name, code in MESSAGE_TYPES.items()}
@@ -1057,6 +1063,27 @@ _STRINGS: _Check = (lambda v: isinstance(v, list) and all(is_name(x) for x in v)
                     f"a list of printable names of 1 to {MAX_NAME_CHARS} characters")
 
 _ROLE: _Check = (lambda v: v in ROLES, f"one of {list(ROLES)}")
+_BOOL: _Check = (lambda v: type(v) is bool, "true or false")
+_ADDRESS = re.compile(r"[^\s/]{1,255}:[0-9]{1,5}")
+#: A worker's peer address, ``HOST:PORT`` (HELLO ``peer``, RUN ``fetch``).
+_PEER_ADDRESS: _Check = (lambda v: isinstance(v, str) and _ADDRESS.fullmatch(v) is not None
+                         and 0 < int(v.rsplit(":", 1)[1]) < 65536, "HOST:PORT")
+
+
+def _is_fetch(v: Any) -> bool:
+    """One RUN ``fetch`` entry: {input, task, output, holder[, address]}."""
+    return (isinstance(v, dict) and {"input", "task", "output", "holder"} <= set(v)
+            and set(v) <= {"input", "task", "output", "holder", "address"}
+            and is_name(v["input"]) and _is_task(v["task"]) and is_name(v["output"]) and is_name(v["holder"])
+            and ("address" not in v or _PEER_ADDRESS[0](v["address"])))
+
+
+def _is_held(v: Any) -> bool:
+    """RESULT ``held``: {output: {dtype, shape}} for the outputs the worker holds instead of sending."""
+    return (isinstance(v, dict) and len(v) <= MAX_STRINGS and all(
+        is_name(name) and isinstance(t, dict) and set(t) == {"dtype", "shape"}
+        and t["dtype"] in _DTYPE_CODES and isinstance(t["shape"], list) and len(t["shape"]) <= MAX_NDIM
+        and all(_is_int(d) for d in t["shape"]) for name, t in v.items()))
 
 
 def _is_task_state(v: Any) -> bool:
@@ -1104,6 +1131,7 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
         "lossy": (*_STRINGS, False),
         "stores": ((lambda v: type(v) is bool), "true or false", False),
         "state": ((lambda v: type(v) is bool), "true or false", False),
+        "peer": (*_PEER_ADDRESS, False),
     },
     CHALLENGE: {"nonce": (*_HEX, True),
                 "version": ((lambda v: _is_int(v, 1)), "an integer >= 1", True),
@@ -1134,11 +1162,18 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
              "kept": ((lambda v: type(v) is bool), "true or false", False)},
     RUN: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "worker": (*_NAME, False),
           "lossy": ((lambda v: v in LOSSY), f"one of {list(LOSSY)}", False),
-          "state": (*_TASK_STATE, False), "forget": (*_STRINGS, False)},
+          "state": (*_TASK_STATE, False), "forget": (*_STRINGS, False),
+          "hold": (*_STRINGS, False),
+          "fetch": ((lambda v: isinstance(v, list) and 0 < len(v) <= MAX_STRINGS and all(_is_fetch(x) for x in v)),
+                    "a list of {input, task, output, holder[, address]}", False)},
     RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),
-             "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True), "worker": (*_NAME, False)},
+             "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True), "worker": (*_NAME, False),
+             "held": (_is_held, "{output: {dtype, shape}}", False)},
     FAILED: {"task": (*_TASK, False), "load": (*_NAME, False), "error": (*_STR, True),
-             "worker": (*_NAME, False)},
+             "worker": (*_NAME, False), "holder": (*_NAME, False)},
+    FETCH: {"task": (*_TASK, True), "outputs": (*_STRINGS, True), "holder": (*_NAME, True)},
+    FETCHED: {"task": (*_TASK, True), "holder": (*_NAME, True), "error": (*_STR, False)},
+    DROP: {"task": (*_TASK, True), "outputs": (*_STRINGS, True)},
     CROWD: {"workers": ((lambda v: isinstance(v, list) and all(_is_worker_record(w) for w in v)),
                         "a list of worker records", False)},
     JOINED: {"worker": (*_WORKER_RECORD, True)},
@@ -1160,8 +1195,16 @@ def _catalogue_problem(type_name: str, header: dict[str, Any], tensors: Iterable
     if type_name == FAILED and ("task" in header) == ("load" in header):
         return ("FAILED header needs exactly one of 'task' (a task failed) "
                 "and 'load' (a load failed)")
-    if tensors and type_name not in (RUN, RESULT):
-        return f"{type_name} carries tensors {tensors}; only RUN and RESULT carry tensors"
+    if tensors and type_name not in (RUN, RESULT, FETCHED):
+        return f"{type_name} carries tensors {tensors}; only RUN, RESULT and FETCHED carry tensors"
+    if type_name == FETCHED and tensors and "error" in header:
+        return "FETCHED carries either tensors or an 'error', not both"
+    if type_name == RUN and "fetch" in header and any(f["input"] in tensors for f in header["fetch"]):
+        return "RUN names an input both in 'fetch' and among its tensors"
+    if type_name == RUN and not set(header.get("hold", ())) <= set(header["outputs"]):
+        return "RUN asks to hold outputs the task does not compute; 'hold' must be in 'outputs'"
+    if type_name == RESULT and "held" in header and any(name in header["held"] for name in tensors):
+        return "RESULT names an output both in 'held' and among its tensors"
     if type_name == RUN and "state" in header:
         state, outputs = header["state"], set(header["outputs"])
         if any(o not in outputs for o, _ in state["pairs"]) or not set(state["shared"]) <= outputs:
@@ -1183,10 +1226,12 @@ def _catalogue_problem(type_name: str, header: dict[str, Any], tensors: Iterable
 # Handshake helpers.
 # --------------------------------------------------------------------------
 
-# The two sides an HMAC is made for (``role=`` of sign and verify): the side
-# that connects signs as "worker", whether it is a worker or a driver (its
-# role in HELLO, ROLES), and the coordinator as "coordinator".
-_SIGNING_SIDES = ("worker", "coordinator")
+# The sides an HMAC is made for (``role=`` of sign and verify): on a link to
+# the coordinator, the side that connects signs as "worker", whether it is a
+# worker or a driver (its role in HELLO, ROLES), and the coordinator as
+# "coordinator"; on a link between two workers, "fetcher" and "holder", so
+# that no signature made on one kind of link passes on the other.
+_SIGNING_SIDES = ("worker", "coordinator", "fetcher", "holder")
 
 
 def make_nonce() -> bytes:
@@ -1196,7 +1241,7 @@ def make_nonce() -> bytes:
 
 def _auth_message(nonce: bytes, role: str) -> bytes:
     if role not in _SIGNING_SIDES:
-        raise ValueError(f"role must be 'worker' or 'coordinator', got {role!r}")
+        raise ValueError(f"role must be one of {list(_SIGNING_SIDES)}, got {role!r}")
     if not isinstance(nonce, (bytes, bytearray)) or len(nonce) < 16:
         raise ValueError("nonce must be at least 16 random bytes (make_nonce() gives 32)")
     return b"crowdgraph " + role.encode("ascii") + b" " + bytes(nonce)
@@ -1369,6 +1414,10 @@ def read_blob_head(data: bytes | bytearray | memoryview, *, max_frame_bytes: int
 #: Who is at either end of a connection.  Workers and drivers open it
 #: (HELLO says which, :data:`ROLES`); the coordinator accepts it.
 COORDINATOR, WORKER, DRIVER = "coordinator", "worker", "driver"
+#: The two ends of a link between workers: a worker fetching held tensors
+#: opens it (HELLO role "fetcher") to the peer port of the worker holding them.
+HOLDER, FETCHER = "holder", "fetcher"
+_ACCEPTS = {COORDINATOR: (WORKER, DRIVER), HOLDER: (FETCHER,)}  # accepting side -> who may open
 
 # Handshake and life states.  The joining side (worker, driver) goes
 # SEND_HELLO -> AWAIT_CHALLENGE -> AWAIT_WELCOME -> OPEN; the coordinator
@@ -1382,8 +1431,10 @@ _HEARTBEAT = frozenset({PING, PONG, BYE})
 # (sender, receiver) -> what the sender may send once the connection is OPEN,
 # besides PING, PONG and BYE.  Frames to and from a driver name their worker.
 _TRAFFIC: dict[tuple[str, str], frozenset[str]] = {
-    (COORDINATOR, WORKER): frozenset({LOAD, UNLOAD, STORE, RUN}),
-    (WORKER, COORDINATOR): frozenset({LOADED, UNLOADED, STORED, RESULT, FAILED}),
+    (COORDINATOR, WORKER): frozenset({LOAD, UNLOAD, STORE, RUN, FETCH, FETCHED, DROP}),
+    (WORKER, COORDINATOR): frozenset({LOADED, UNLOADED, STORED, RESULT, FAILED, FETCH, FETCHED}),
+    (FETCHER, HOLDER): frozenset({FETCH}),
+    (HOLDER, FETCHER): frozenset({FETCHED}),
     (DRIVER, COORDINATOR): frozenset({CROWD, LOAD, UNLOAD, RUN, LOST}),
     (COORDINATOR, DRIVER): frozenset({CROWD, JOINED, LOST, LOADED, UNLOADED, RESULT, FAILED}),
 }
@@ -1431,17 +1482,24 @@ class Connection:
     the handshake, BYE after it) is then waiting in :meth:`data_to_send`.
     Write it, then close the socket.
 
+    A link between two workers is the same machine with other roles: the
+    worker that fetches held tensors is a :data:`FETCHER` and the one that
+    holds them a :data:`HOLDER`, which accepts like a coordinator; their
+    HMACs are made for their own sides, so a proof from one kind of link
+    is worthless on the other.
+
     Parameters
     ----------
     role
-        This side: :data:`COORDINATOR`, :data:`WORKER` or :data:`DRIVER`.
+        This side: :data:`COORDINATOR`, :data:`WORKER` or :data:`DRIVER`;
+        :data:`HOLDER` or :data:`FETCHER` between workers.
     token
         The shared secret; it never leaves this object, only HMACs of it.
     now
         The caller's clock when the connection opened.
     heartbeat
-        Coordinator: the interval announced in WELCOME (the joining side
-        learns it from WELCOME).
+        Coordinator, holder: the interval announced in WELCOME (the joining
+        side learns it from WELCOME).
     codecs
         Codecs this side offers (joining side) or accepts, most preferred first.
     lossy
@@ -1487,16 +1545,21 @@ class Connection:
                  lossy: Sequence[str] = LOSSY, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  admit: Callable[[dict[str, Any]], str | None] | None = None) -> None:
-        if role not in (COORDINATOR, *ROLES):
-            raise ValueError(f"role must be one of {[COORDINATOR, *ROLES]}, got {role!r}")
+        if role not in (COORDINATOR, HOLDER, *ROLES):
+            raise ValueError(f"role must be one of {[COORDINATOR, HOLDER, *ROLES]}, got {role!r}")
         if not isinstance(token, (bytes, bytearray)) or not token:
             raise ValueError("the shared token must be non-empty bytes (encode a str as UTF-8)")
-        if role == COORDINATOR and not (heartbeat and heartbeat > 0):
-            raise ValueError(f"the coordinator announces a heartbeat > 0 seconds, got {heartbeat}")
+        #: Whether this side accepts connections (coordinator, holder) rather than opening them.
+        self.accepting = role in _ACCEPTS
+        if self.accepting and not (heartbeat and heartbeat > 0):
+            raise ValueError(f"the {role} announces a heartbeat > 0 seconds, got {heartbeat}")
         self.role = role
-        #: The other side's role; a coordinator learns it from HELLO.
-        self.peer_role = COORDINATOR if role != COORDINATOR else WORKER
-        self.state = AWAIT_HELLO if role == COORDINATOR else SEND_HELLO
+        between_workers = role in (HOLDER, FETCHER)
+        #: The other side's role; an accepting side learns it from HELLO.
+        self.peer_role = {COORDINATOR: WORKER, HOLDER: FETCHER, FETCHER: HOLDER}.get(role, COORDINATOR)
+        self._signs_as = (role if between_workers else COORDINATOR if self.accepting else WORKER)
+        self._peer_signs_as = {HOLDER: FETCHER, FETCHER: HOLDER, COORDINATOR: WORKER}.get(role, COORDINATOR)
+        self.state = AWAIT_HELLO if self.accepting else SEND_HELLO
         self.heartbeat = float(heartbeat) if heartbeat else None
         self.codecs, self.versions = tuple(codecs), tuple(versions)
         unknown = [e for e in lossy if e not in LOSSY]
@@ -1618,19 +1681,19 @@ class Connection:
             self._take_challenge(message.header, now)
             return None
         if state == AWAIT_AUTH:
-            if not verify(self._token, self._nonce, message.header["signature"], role=WORKER):
-                raise AuthenticationError("authentication failed: the token does not match the "
-                                          "coordinator's (check --token-file / CROWDGRAPH_TOKEN)")
+            if not verify(self._token, self._nonce, message.header["signature"], role=self._peer_signs_as):
+                raise AuthenticationError(f"authentication failed: the token does not match the "
+                                          f"{self.role}'s (check --token-file / CROWDGRAPH_TOKEN)")
             self._peer_nonce = bytes.fromhex(message.header["nonce"])
             self.state = AUTHENTICATED
             return Message(HELLO, dict(self.hello_header))
         if state == AWAIT_WELCOME:
-            if not verify(self._token, self._nonce, message.header["signature"], role=COORDINATOR):
+            if not verify(self._token, self._nonce, message.header["signature"], role=self._peer_signs_as):
                 raise AuthenticationError(
-                    "the coordinator did not prove that it knows the token; it may be an impostor. "
+                    f"the {self.peer_role} did not prove that it knows the token; it may be an impostor. "
                     "Nothing was loaded or run; check the address and the token")
             if message.header.get("role", WORKER) != self.role:
-                raise ProtocolError(f"the coordinator welcomed this {self.role} as a "
+                raise ProtocolError(f"the {self.peer_role} welcomed this {self.role} as a "
                                     f"{message.header.get('role', WORKER)}; it does not take "
                                     f"{self.role}s")
             self.peer_id, self.heartbeat = message.header["worker_id"], float(message.header["heartbeat"])
@@ -1650,6 +1713,9 @@ class Connection:
     def _take_hello(self, header: dict[str, Any], now: float) -> None:
         self.hello_header = dict(header)
         self.peer_role = header.get("role", WORKER)
+        if self.peer_role not in _ACCEPTS[self.role]:
+            raise ProtocolError(f"a {self.role} takes connections from {' and '.join(_ACCEPTS[self.role])}s, "
+                                f"not from a {self.peer_role}")
         version, codec = negotiate(header, self.versions, self.codecs)
         reason = self._admit(self.hello_header) if self._admit is not None else None
         if reason is not None:
@@ -1676,7 +1742,7 @@ class Connection:
         self._nonce = make_nonce()
         self.state = AWAIT_WELCOME
         self._queue(Message(AUTH, {
-            "signature": sign(self._token, bytes.fromhex(header["nonce"]), role=WORKER),
+            "signature": sign(self._token, bytes.fromhex(header["nonce"]), role=self._signs_as),
             "nonce": self._nonce.hex()}), now)
 
     def _open(self) -> None:
@@ -1692,8 +1758,8 @@ class Connection:
         self.hello_header = dict(header, versions=list(self.versions), codecs=list(self.codecs))
         if self.lossy_offered:
             self.hello_header["lossy"] = list(self.lossy_offered)
-        if self.role == DRIVER:
-            self.hello_header["role"] = DRIVER
+        if self.role != WORKER:
+            self.hello_header["role"] = self.role
         self.state = AWAIT_CHALLENGE
         self._queue(Message(HELLO, self.hello_header), now)
 
@@ -1702,9 +1768,11 @@ class Connection:
         if self.state != AUTHENTICATED:
             self._misuse(f"WELCOME answers a proven AUTH; this connection is {self.state}")
         header: dict[str, Any] = {"worker_id": peer_id, "heartbeat": self.heartbeat,
-                                  "signature": sign(self._token, self._peer_nonce, role=COORDINATOR)}
+                                  "signature": sign(self._token, self._peer_nonce, role=self._signs_as)}
         if self.peer_role == DRIVER:
             header.update(role=DRIVER, takes_lost=True)
+        elif self.peer_role == FETCHER:
+            header["role"] = FETCHER
         self.peer_id = peer_id
         self._queue(Message(WELCOME, header), now)
         self._open()
@@ -1768,7 +1836,7 @@ class Connection:
             return
         if self.state == OPEN:
             self._queue(Message(BYE, {"reason": reason}), now)
-        elif self.role == COORDINATOR:
+        elif self.accepting:
             self._queue(Message(REFUSE, {"reason": reason}), now)
         self.state = CLOSED  # a joining side that gives up during the handshake just closes
 
@@ -1799,7 +1867,7 @@ class Connection:
         if self.state in (CLOSED, ERROR):
             self.state = ERROR
             return
-        if self.role == COORDINATOR and self.state != OPEN:
+        if self.accepting and self.state != OPEN:
             self._queue(Message(REFUSE, {"reason": str(exc)}), self.last_sent)
         elif self.state == OPEN:
             self._queue(Message(BYE, {"reason": f"protocol error: {exc}"}), self.last_sent)

@@ -327,7 +327,7 @@ def test_message_repr_shows_shapes_not_values():
     (lambda: encode(Message(wire.FAILED, {"error": "x", "task": ["p", 1], "load": "p"})),
      ValueError, "exactly one"),
     (lambda: encode(Message(wire.PING, {"seq": 1}, tensors={"x": np.zeros(1)})), ValueError,
-     "only RUN and RESULT carry tensors"),
+     "only RUN, RESULT and FETCHED carry tensors"),
     (lambda: encode(Message(wire.RUN, {"task": ["p", 0], "outputs": []}, blobs={"m": b""})),
      ValueError, "only LOAD and STORE carry a blob"),
     (lambda: encode(Message(wire.LOAD, {"partition": "p", "sha256": "0" * 64, "from_cache": False})),
@@ -383,7 +383,7 @@ BAD_FRAMES = {
     "deep json": (frame_bytes(control=b'{"x":' + b"[" * 100000 + b"]" * 100000 + b',"seq":1}'),
                   "nests too deeply|not UTF-8 JSON"),
     "missing field": (frame_bytes(control=b'{"sec":1}'), "PING header lacks 'seq'"),
-    "tensor on ping": (frame_bytes(body=section_bytes(), count=1), "only RUN and RESULT"),
+    "tensor on ping": (frame_bytes(body=section_bytes(), count=1), "only RUN, RESULT and FETCHED"),
     "unknown kind": (run_frame(section_bytes(kind=3)), "unknown section kind 3"),
     "unknown codec": (run_frame(section_bytes(codec=7)), "unknown codec code 7"),
     "unknown dtype": (run_frame(section_bytes(dtype=99)), "unknown dtype code 99"),
@@ -841,6 +841,9 @@ SAMPLES = {
     wire.AUTH: Message(wire.AUTH, {"signature": "00" * 32, "nonce": "11" * 32}),
     wire.WELCOME: Message(wire.WELCOME, {"worker_id": "w1", "signature": "00" * 32, "heartbeat": 5.0}),
     wire.REFUSE: Message(wire.REFUSE, {"reason": "no"}),
+    wire.FETCH: Message(wire.FETCH, {"task": ["p0", 0], "outputs": ["y"], "holder": "w1"}),
+    wire.FETCHED: Message(wire.FETCHED, {"task": ["p0", 0], "holder": "w1"}, tensors={"y": np.ones(3, np.float32)}),
+    wire.DROP: Message(wire.DROP, {"task": ["p0", 0], "outputs": ["y"]}),
 }
 
 
@@ -852,8 +855,10 @@ def pump(src: wire.Connection, dst: wire.Connection, now: float = 0.0) -> list[M
 def joined_pair(role: str = wire.WORKER, *, token: bytes = TOKEN, heartbeat: float = 5.0,
                 joiner_lossy: tuple[str, ...] = wire.LOSSY,
                 **coordinator: object) -> tuple[wire.Connection, wire.Connection]:
-    """A coordinator and a worker (or driver) connection, through the handshake, in memory."""
-    c = wire.Connection(wire.COORDINATOR, token=TOKEN, now=0.0, heartbeat=heartbeat, **coordinator)
+    """A coordinator and a worker (or driver) connection, through the handshake, in memory;
+    for a fetcher, a holder and the fetcher."""
+    accepting = wire.HOLDER if role == wire.FETCHER else wire.COORDINATOR
+    c = wire.Connection(accepting, token=TOKEN, now=0.0, heartbeat=heartbeat, **coordinator)
     j = wire.Connection(role, token=token, now=0.0, lossy=joiner_lossy)
     j.hello(dict(HELLO_FIELDS), now=0.0)
     assert pump(j, c) == [] and pump(c, j) == []  # HELLO, CHALLENGE
@@ -863,6 +868,61 @@ def joined_pair(role: str = wire.WORKER, *, token: bytes = TOKEN, heartbeat: flo
     (welcome,) = pump(c, j)
     assert welcome.type == wire.WELCOME
     return c, j
+
+
+def test_workers_link_to_each_other_with_proofs_of_their_own():
+    """A fetcher and a holder prove the token to each other; neither proof is worth anything on a
+    coordinator link, and neither kind of accepting side takes the other's joiners."""
+    holder, fetcher = joined_pair(wire.FETCHER)
+    assert holder.state == fetcher.state == wire.OPEN and holder.peer_role == wire.FETCHER
+    assert fetcher.peer_role == wire.HOLDER
+    fetcher.send(SAMPLES[wire.FETCH], now=1.0)
+    assert [m.type for m in pump(fetcher, holder)] == [wire.FETCH]
+    holder.send(SAMPLES[wire.FETCHED], now=1.0)
+    (got,) = pump(holder, fetcher)
+    assert got.tensors["y"].tolist() == [1.0, 1.0, 1.0]
+    nonce = bytes(32)
+    assert not wire.verify(TOKEN, nonce, wire.sign(TOKEN, nonce, role="fetcher"), role="worker")
+    assert not wire.verify(TOKEN, nonce, wire.sign(TOKEN, nonce, role="holder"), role="coordinator")
+    for accepting, joining in ((wire.COORDINATOR, wire.FETCHER), (wire.HOLDER, wire.WORKER)):
+        a = wire.Connection(accepting, token=TOKEN, now=0.0, heartbeat=5.0)
+        j = wire.Connection(joining, token=TOKEN, now=0.0)
+        j.hello(dict(HELLO_FIELDS), now=0.0)
+        with pytest.raises(ProtocolError, match=f"takes connections from .*not from a {joining}"):
+            pump(j, a)
+        (refuse,) = FrameDecoder().feed(b"".join(bytes(p) for p in a.data_to_send()))
+        assert refuse.type == wire.REFUSE
+
+
+def test_a_holder_refuses_a_fetcher_with_another_token():
+    holder = wire.Connection(wire.HOLDER, token=TOKEN, now=0.0, heartbeat=5.0)
+    fetcher = wire.Connection(wire.FETCHER, token=b"a guess", now=0.0)
+    fetcher.hello(dict(HELLO_FIELDS), now=0.0)
+    pump(fetcher, holder)
+    pump(holder, fetcher)
+    with pytest.raises(AuthenticationError, match="does not match the holder's"):
+        pump(fetcher, holder)
+
+
+@pytest.mark.parametrize("message, problem", [
+    (Message(wire.RUN, {"task": ["p1", 0], "outputs": ["z"], "fetch": [
+        {"input": "y", "task": ["p0", 0], "output": "y", "holder": "w1"}]}, tensors={"y": np.ones(1)}),
+     "both in 'fetch' and among its tensors"),
+    (Message(wire.RUN, {"task": ["p0", 0], "outputs": ["y"], "hold": ["z"]}), "'hold' must be in 'outputs'"),
+    (Message(wire.RUN, {"task": ["p1", 0], "outputs": ["z"], "fetch": [
+        {"input": "y", "task": ["p0", 0], "output": "y", "holder": "w1", "address": "no port"}]}), "fetch"),
+    (Message(wire.RESULT, {"task": ["p0", 0], "start": 0.0, "end": 1.0, "peak_rss": 1, "rss": 1,
+                           "held": {"y": {"dtype": "float32", "shape": [2]}}}, tensors={"y": np.ones(1)}),
+     "both in 'held' and among its tensors"),
+    (Message(wire.RESULT, {"task": ["p0", 0], "start": 0.0, "end": 1.0, "peak_rss": 1, "rss": 1,
+                           "held": {"y": {"dtype": "object", "shape": [2]}}}), "held"),
+    (Message(wire.FETCHED, {"task": ["p0", 0], "holder": "w1", "error": "gone"}, tensors={"y": np.ones(1)}),
+     "either tensors or an 'error'"),
+    (Message(wire.DROP, {"task": ["p0", 0], "outputs": ["y"]}, tensors={"y": np.ones(1)}), "carries tensors"),
+])
+def test_held_outputs_fields_are_checked_at_the_door(message, problem):
+    with pytest.raises(ValueError, match=problem):
+        encode(message)
 
 
 @pytest.mark.parametrize("role", [wire.WORKER, wire.DRIVER])
@@ -949,8 +1009,12 @@ def test_frames_before_welcome_are_held_to_the_handshake_limit():
 
 # Who may send what once the connection is open (docs/protocol.md §6, §7.4).
 MAY_SEND = {
-    (wire.WORKER, wire.COORDINATOR): {wire.LOADED, wire.UNLOADED, wire.STORED, wire.RESULT, wire.FAILED},
-    (wire.COORDINATOR, wire.WORKER): {wire.LOAD, wire.UNLOAD, wire.STORE, wire.RUN},
+    (wire.WORKER, wire.COORDINATOR): {wire.LOADED, wire.UNLOADED, wire.STORED, wire.RESULT, wire.FAILED,
+                                      wire.FETCH, wire.FETCHED},
+    (wire.COORDINATOR, wire.WORKER): {wire.LOAD, wire.UNLOAD, wire.STORE, wire.RUN, wire.FETCH, wire.FETCHED,
+                                      wire.DROP},
+    (wire.FETCHER, wire.HOLDER): {wire.FETCH},
+    (wire.HOLDER, wire.FETCHER): {wire.FETCHED},
     (wire.DRIVER, wire.COORDINATOR): {wire.CROWD, wire.LOAD, wire.UNLOAD, wire.RUN, wire.LOST},
     (wire.COORDINATOR, wire.DRIVER): {wire.CROWD, wire.JOINED, wire.LOST, wire.LOADED, wire.UNLOADED,
                                       wire.RESULT, wire.FAILED},
@@ -964,7 +1028,7 @@ def _addressed(message: Message, role: str) -> Message:
 
 
 @settings(max_examples=60, deadline=None)
-@given(role=st.sampled_from([wire.WORKER, wire.DRIVER]), coordinator_sends=st.booleans(),
+@given(role=st.sampled_from([wire.WORKER, wire.DRIVER, wire.FETCHER]), coordinator_sends=st.booleans(),
        kinds=st.lists(st.sampled_from(sorted(SAMPLES)), min_size=1, max_size=6))
 def test_open_connections_take_exactly_what_the_roles_allow(role, coordinator_sends, kinds):
     """Invariant: a message is taken iff the catalogue lets that side send it; anything else ends the

@@ -12,7 +12,9 @@ this side's clock included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
 
 import numpy as np
@@ -27,7 +29,13 @@ from crowdgraph.wire import Message
 
 from .common import LOG
 
-__all__ = ["lossy_option", "Action", "OutputSpec", "output_specs", "result_problem", "PendingRun", "PendingLoad", "PendingUnload", "PendingStore", "Holding", "DriverBridge", "take_answer"]
+__all__ = ["lossy_option", "Action", "OutputSpec", "output_specs", "result_problem", "PendingRun", "PendingLoad",
+           "PendingUnload", "PendingStore", "PendingFetch", "HeldOutput", "outputs_to_hold", "DIRECT_MIN_BYTES",
+           "Holding", "DriverBridge", "take_answer"]
+
+#: Outputs smaller than this always travel with the RESULT: a fetch from
+#: the holder costs a round trip more than the bytes save.
+DIRECT_MIN_BYTES = 1 << 16
 
 #: Encodes a message for the worker it goes to (codec and version agreed with it).
 Encode = Callable[[Message], list[Any]]
@@ -49,13 +57,69 @@ def lossy_option(lossy: str | None) -> str | None:
 class PendingRun:
     """A RUN's answer goes to ``reporter`` as task ``key``, which sent ``bytes_in`` raw bytes.
 
-    ``outputs`` is what the answer must hold (see :func:`result_problem`).
+    ``outputs`` is what the answer must hold (see :func:`result_problem`);
+    ``fetched`` the held outputs it reads, kept until it is answered.
     """
 
     reporter: Reporter
     key: TaskKey
     bytes_in: int
     outputs: dict[str, "OutputSpec"]
+    fetched: tuple["HeldOutput", ...] = ()
+
+
+@dataclass(frozen=True)
+class HeldOutput:
+    """An output a worker holds for the tasks that read it (RESULT ``held``): the TCP executor's handle.
+
+    :meth:`~crowdgraph_tcp.TcpExecutor.gather` fetches it; the RUN of a
+    task that reads it tells that task's worker where it is.
+    """
+
+    worker: str
+    task: tuple[str, int]
+    output: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def stand_in(self) -> np.ndarray:
+        """A zero-stride array of its dtype and shape, for checks that read only those."""
+        return np.broadcast_to(np.zeros((), self.dtype), self.shape)
+
+
+@dataclass
+class PendingFetch:
+    """A FETCH the driver sent (to gather held outputs): its answer completes ``future``."""
+
+    future: "Future[Message]" = field(default_factory=Future)
+
+
+def outputs_to_hold(outputs: Iterable[str], read_by_tasks: Iterable[str], expected: Mapping[str, int],
+                    room: int) -> list[str]:
+    """Which of a task's ``outputs`` its worker should hold for the tasks that read them.
+
+    An output is held when another partition reads it, its size
+    (``expected``: as seen on the partition's earlier tasks, or the
+    partition's estimate of all its outputs before the first) is at least
+    :data:`DIRECT_MIN_BYTES`, and together they fit ``room``: the worker's
+    budget less its partition's estimate and what it holds already.
+
+    >>> outputs_to_hold(["h", "logits"], ["h"], {"h": 2**20, "logits": 2**20}, room=2**21)
+    ['h']
+    >>> outputs_to_hold(["h"], ["h"], {"h": 2**20}, room=2**19), outputs_to_hold(["h"], ["h"], {"h": 2**10}, room=2**30)
+    ([], [])
+    """
+    read, hold, total = set(read_by_tasks), [], 0
+    for name in outputs:
+        size = expected.get(name)
+        if name in read and size is not None and size >= DIRECT_MIN_BYTES and total + size <= room:
+            hold.append(name)
+            total += size
+    return hold
 
 
 class OutputSpec(NamedTuple):
@@ -147,7 +211,7 @@ class Action:
     may release a cache-miss hold (the executor, or a driver connection).
     """
 
-    kind: Literal["LOAD", "UNLOAD", "STORE", "RUN"]  # the wire message type
+    kind: Literal["LOAD", "UNLOAD", "STORE", "RUN", "FETCH", "DROP"]  # the wire message type
     partition: str
     purpose: Any = None
     parts: list[Any] | None = None
@@ -155,6 +219,7 @@ class Action:
     sha256: str | None = None
     from_cache: bool = False
     key: tuple[str, int] | None = None
+    hold: tuple[str, ...] = ()  # a RUN's outputs the worker is asked to hold
     owner: Any = None
     size: int = 0
     sent: float = 0.0
@@ -182,6 +247,9 @@ def take_answer(outstanding: list[Action], message: Message) -> Action | None:
         matches = lambda a: a.kind == wire.LOAD and a.partition == name
     elif kind == wire.STORED:
         matches = lambda a: a.kind == wire.STORE and a.partition == h["partition"]
+    elif kind == wire.FETCHED:
+        task = (h["task"][0], h["task"][1])
+        matches = lambda a: a.kind == wire.FETCH and a.key == task
     else:
         matches = lambda a: a.kind == wire.UNLOAD and a.partition == h["partition"]
     for i, action in enumerate(outstanding):
@@ -202,6 +270,7 @@ class Holding(NamedTuple):
     floor: int | None = None
     stores: bool = False
     keeps_state: bool = False
+    peer: bool = False  # it holds outputs and fetches held inputs (HELLO ``peer``)
 
 
 class DriverBridge:
@@ -212,10 +281,14 @@ class DriverBridge:
     address_workers
         Frames name the worker they are for (``worker`` in the header), as a
         driver's frames to a standing coordinator must.
+    direct
+        Workers with a peer port hold outputs other partitions read, and
+        the workers running those fetch them (:func:`outputs_to_hold`).
     """
 
-    def __init__(self, *, address_workers: bool = False):
+    def __init__(self, *, address_workers: bool = False, direct: bool = False):
         self.address_workers = address_workers
+        self.direct = direct
         #: The reporter of the current run (None before the first).
         self.reporter: Reporter | None = None
         #: sha256 -> partition name, for the current run's plan.
@@ -224,6 +297,17 @@ class DriverBridge:
         self._last_end: dict[str, float] = {}
         self._memory: dict[str, int] = {}  # worker -> budget, to open partitions fast where they fit
         self._forgotten: dict[str, list[str]] = {}  # worker -> state keys its next RUN drops
+        # Held outputs (driver thread and IOLoop thread): what each worker holds, and for how many
+        # unanswered RUNs; a forgotten one is dropped once none reads it.
+        self._lock = threading.Lock()
+        self._peers: set[str] = set()
+        self._read_by_tasks: set[str] = set()
+        self._expected: dict[tuple[str, str], int] = {}  # (partition, output) -> bytes last seen
+        self._held: dict[str, dict[HeldOutput, int]] = {}  # worker -> handle -> RUNs reading it
+        self._held_bytes: dict[str, int] = {}
+        self._forgot: set[HeldOutput] = set()
+        #: DROPs that answers made due (a forgotten output whose last reader answered); the executor sends them.
+        self.pending_drops: list[tuple[str, Action]] = []
 
     # -- runs ---------------------------------------------------------------
 
@@ -235,27 +319,81 @@ class DriverBridge:
         freed (its UNLOAD is not reported).
         """
         self.reporter, self.by_sha = reporter, {p.sha256: name for name, p in job.partitions.items()}
+        self._read_by_tasks = {name for p in job.partitions.values() for name in p.inputs}
         infos, clear = Executor.crowd_for(job, [(self.info(w), w.resident) for w in crowd])
         return infos, [(worker, self.unload(worker, "resident", None)) for worker in clear]
 
     def reset(self, crowd: Iterable[Holding]) -> list[tuple[str, Action]]:
-        """(worker, UNLOAD)s, not reported, of whatever the workers hold, between runs."""
-        return [(w.id, self.unload(w.id, self.by_sha.get(w.resident, "resident"), None))
-                for w in crowd if w.resident]
+        """(worker, UNLOAD)s, not reported, of whatever the workers hold, and DROPs of every output
+        they hold for this side, between runs."""
+        with self._lock:
+            for handles in self._held.values():
+                self._forgot.update(handles)
+                for h in handles:
+                    handles[h] = 0
+            drops = self._drops()
+        return drops + [(w.id, self.unload(w.id, self.by_sha.get(w.resident, "resident"), None))
+                        for w in crowd if w.resident]
 
     def info(self, w: Holding) -> WorkerInfo:
         """``w`` as the scheduler sees it: its cache in the current plan's partition names."""
         cached = frozenset(self.by_sha[s] for s in w.cached if s in self.by_sha)
         self._memory[w.id] = w.memory
+        if w.peer and self.direct:
+            self._peers.add(w.id)
         return WorkerInfo(w.id, memory=w.memory, speed=1.0, cached=cached, floor=w.floor, stores=w.stores,
                           keeps_state=w.keeps_state)
 
-    def lost(self, worker: str) -> None:
-        """Forget what was measured of ``worker``."""
+    def lost(self, worker: str) -> list[TaskKey]:
+        """Forget what was measured of ``worker``; return the tasks whose outputs it held (now lost)."""
         self._offsets.pop(worker, None)
         self._last_end.pop(worker, None)
         self._memory.pop(worker, None)
         self._forgotten.pop(worker, None)
+        with self._lock:
+            self._peers.discard(worker)
+            self._held_bytes.pop(worker, None)
+            held = self._held.pop(worker, {})
+            self._forgot -= set(held)
+        return sorted({h.task for h in held})
+
+    # -- held outputs -------------------------------------------------------
+
+    def held_bytes(self, worker: str) -> int:
+        """Bytes of outputs ``worker`` holds for this side."""
+        with self._lock:
+            return self._held_bytes.get(worker, 0)
+
+    def fetches(self, worker: str) -> bool:
+        """Whether ``worker`` fetches held inputs itself (else they must be gathered and sent)."""
+        return worker in self._peers
+
+    def forget(self, handles: Iterable[HeldOutput]) -> list[tuple[str, Action]]:
+        """The driver needs ``handles`` no more: (worker, DROP)s for those no unanswered RUN reads."""
+        with self._lock:
+            self._forgot.update(h for h in handles if h in self._held.get(h.worker, {}))
+            return self._drops()
+
+    def _drops(self) -> list[tuple[str, Action]]:
+        """DROPs of forgotten outputs nothing reads any more (lock held)."""
+        done: dict[tuple[str, tuple[str, int]], list[str]] = {}
+        for h in [h for h in self._forgot if self._held[h.worker][h] == 0]:
+            self._forgot.discard(h)
+            del self._held[h.worker][h]
+            self._held_bytes[h.worker] -= h.nbytes
+            done.setdefault((h.worker, h.task), []).append(h.output)
+        return [(worker, Action(wire.DROP, task[0], key=task, message=Message(
+                    wire.DROP, {"task": list(task), "outputs": sorted(outputs)})))
+                for (worker, task), outputs in done.items()]
+
+    def fetch(self, handles: Iterable[HeldOutput]) -> list[tuple[str, Action]]:
+        """(worker, FETCH)s that bring ``handles`` to this side; each answers its :class:`PendingFetch`."""
+        groups: dict[tuple[str, tuple[str, int]], list[str]] = {}
+        for h in handles:
+            groups.setdefault((h.worker, h.task), []).append(h.output)
+        return [(worker, Action(wire.FETCH, task[0], purpose=PendingFetch(), key=task, message=Message(
+                    wire.FETCH, {"task": list(task), "outputs": sorted(set(outputs)), "holder": worker})))
+                for (worker, task), outputs in groups.items()]
 
     # -- actions -> frames --------------------------------------------------
 
@@ -296,23 +434,36 @@ class DriverBridge:
         self._forgotten.setdefault(worker, []).extend(keys)
 
     def run(self, worker: str, key: TaskKey, partition: Partition, inputs: Mapping[str, Any],
-            encode: Encode, lossy: str | None = None, state: TaskState | None = None) -> Action | None:
+            encode: Encode, lossy: str | None = None, state: TaskState | None = None,
+            address: Callable[[str], str | None] = lambda holder: None) -> Action | None:
         """A RUN of task ``key``, encoded right here (the caller's thread) with ``encode``.
 
         ``lossy`` (``"fp16"``, ``"int8"``) asks for float32 tensors in that
         encoding both ways, on links that agreed it.  ``state`` is the
         task's :class:`~crowdgraph.runtime.TaskState`; the RUN also carries
-        the keys :meth:`forget_state` gathered for the worker.  Returns None
-        before a run, or when the inputs cannot be sent (the task is then
-        reported failed).
+        the keys :meth:`forget_state` gathered for the worker.  Inputs that
+        are :class:`HeldOutput` handles are fetched by the worker (only
+        workers that :meth:`fetches` may be given them): from the holder's
+        peer port at ``address(holder)``, or through the coordinator where
+        that is None.  Returns None before a run, or when the inputs cannot
+        be sent (the task is then reported failed).
         """
         reporter = self.reporter
         if reporter is None:
             return None
         key = (str(key[0]), int(key[1]))
         try:
-            arrays = {name: np.asarray(value) for name, value in inputs.items()}
+            held = {name: value for name, value in inputs.items() if isinstance(value, HeldOutput)}
+            arrays = {name: np.asarray(value) for name, value in inputs.items() if name not in held}
             header = {"task": list(key), "outputs": list(partition.outputs)}
+            if held:
+                header["fetch"] = [{"input": name, "task": list(h.task), "output": h.output, "holder": h.worker,
+                                    **({"address": a} if h.worker != worker and (a := address(h.worker)) else {})}
+                                   for name, h in held.items()]
+            if state is None and lossy is None and worker in self._peers:  # lossy encodings are per coordinator link
+                hold = self._to_hold(worker, partition)
+                if hold:
+                    header["hold"] = hold
             if lossy is not None:
                 header["lossy"] = lossy
             if state is not None:
@@ -324,13 +475,25 @@ class DriverBridge:
         except (TypeError, ValueError) as exc:
             reporter.task_failed(worker, key, f"cannot send the inputs: {exc}")
             return None
-        specs = output_specs(partition, arrays)
+        specs = output_specs(partition, {**arrays, **{name: h.stand_in() for name, h in held.items()}})
         if state is not None and state.keep:  # what the worker keeps does not come back
             specs = {name: spec for name, spec in specs.items()
                      if name in state.shared or all(name != o for o, _ in state.pairs)}
-        return Action(wire.RUN, partition.name, purpose=PendingRun(reporter, key, sum(a.nbytes for a in arrays.values()),
-                                                                   specs),
-                      parts=parts, key=key)
+        with self._lock:  # what this RUN reads is not dropped before it is answered
+            for h in held.values():
+                if h in self._held.get(h.worker, {}):
+                    self._held[h.worker][h] += 1
+        bytes_in = sum(a.nbytes for a in arrays.values()) + sum(h.nbytes for h in held.values())
+        return Action(wire.RUN, partition.name, purpose=PendingRun(reporter, key, bytes_in, specs, tuple(held.values())),
+                      parts=parts, key=key, hold=tuple(header.get("hold", ())))
+
+    def _to_hold(self, worker: str, partition: Partition) -> list[str]:
+        memory = self._memory.get(worker, 0)
+        estimate = partition.fast_resident_bytes if partition.opens_fast(memory) else partition.resident_bytes
+        with self._lock:
+            room = memory - (estimate or 0) - self._held_bytes.get(worker, 0)
+            expected = {o: self._expected.get((partition.name, o), partition.output_bytes) for o in partition.outputs}
+        return outputs_to_hold(partition.outputs, self._read_by_tasks, expected, room)
 
     # -- answers -> notices -------------------------------------------------
 
@@ -344,7 +507,13 @@ class DriverBridge:
         pending = action.purpose
         if message.type != wire.RESULT or not isinstance(pending, PendingRun):
             return None
-        problem = result_problem(message.tensors, pending.outputs)
+        held = message.header.get("held", {})
+        asked = set(action.hold)
+        if not set(held) <= asked:
+            return f"worker {worker} held outputs {sorted(set(held) - asked)} of task {pending.key} it was not asked to hold"
+        problem = result_problem({**message.tensors, **{name: HeldOutput(worker, pending.key, name, t["dtype"],
+                                                                         tuple(t["shape"])).stand_in()
+                                                        for name, t in held.items()}}, pending.outputs)
         if problem is None:
             return None
         return f"worker {worker} sent a bad result for task {pending.key}: {problem}"
@@ -356,13 +525,16 @@ class DriverBridge:
         missed (the partition's bytes then go instead), else None.
         """
         pending, h, kind = action.purpose, message.header, message.type
-        if isinstance(pending, PendingRun):
+        if isinstance(pending, PendingFetch):
+            pending.future.set_result(message)
+        elif isinstance(pending, PendingRun):
+            outputs = self._took(worker, pending, message)
             if kind == wire.RESULT:
                 start, end = self._map_clock(worker, h["start"], h["end"], action.sent, received)
-                pending.reporter.task_finished(worker, pending.key, message.tensors, TaskStats(
-                    start, end, bytes_in=pending.bytes_in, bytes_out=sum(v.nbytes for v in message.tensors.values()),
+                pending.reporter.task_finished(worker, pending.key, outputs, TaskStats(
+                    start, end, bytes_in=pending.bytes_in, bytes_out=sum(v.nbytes for v in outputs.values()),
                     wire_in=action.size, wire_out=size, peak_rss=h["peak_rss"], rss=h["rss"]))
-            else:
+            elif "holder" not in h:  # else the holder's loss places the task again (see the executor)
                 pending.reporter.task_failed(worker, pending.key, h.get("error", "failed"))
         elif isinstance(pending, PendingLoad):
             if kind == wire.LOADED:
@@ -379,6 +551,23 @@ class DriverBridge:
         elif isinstance(pending, PendingUnload) and pending.reporter is not None and kind == wire.UNLOADED:
             pending.reporter.unloaded(worker, action.partition, rss=h["rss"])
         return None
+
+    def _took(self, worker: str, pending: PendingRun, message: Message) -> dict[str, Any]:
+        """A RUN's answer is in: release what it read, and take its outputs (held ones as handles)."""
+        held = {name: HeldOutput(worker, pending.key, name, t["dtype"], tuple(t["shape"]))
+                for name, t in message.header.get("held", {}).items()} if message.type == wire.RESULT else {}
+        with self._lock:
+            for h in pending.fetched:
+                if h in self._held.get(h.worker, {}):
+                    self._held[h.worker][h] -= 1
+            for name, value in [*message.tensors.items(), *held.items()]:
+                self._expected[(pending.key[0], name)] = value.nbytes
+            for h in held.values():
+                self._held.setdefault(worker, {})[h] = 0
+                self._held_bytes[worker] = self._held_bytes.get(worker, 0) + h.nbytes
+            drops = self._drops()
+        self.pending_drops.extend(drops)
+        return {**message.tensors, **held}
 
     def _map_clock(self, worker: str, start: float, end: float, sent: float,
                    received: float) -> tuple[float, float]:

@@ -48,11 +48,13 @@ from .common import DEFAULT_HEARTBEAT, LOG, PreAuthLimits
 QUARANTINE_SECONDS = 3600.0
 from .streams import Link, now
 
-__all__ = ["Action", "CacheHold", "StoreStream", "Peer", "Listener", "Coordinator"]
+__all__ = ["Action", "CacheHold", "StoreStream", "RelayFetch", "Peer", "Listener", "Coordinator"]
 
 #: Bytes of a partition per STORE frame.  The next chunk goes when the worker
 #: answers the last, so a RUN sent meanwhile waits behind at most this much.
 STORE_CHUNK_BYTES = 1 << 19
+#: Most FETCHes one worker may have relayed through the coordinator at once.
+MAX_RELAYED_FETCHES = 8
 
 
 @dataclass
@@ -82,6 +84,13 @@ class StoreStream:
     then: Action | None = None
 
 
+@dataclass
+class RelayFetch:
+    """A FETCH the coordinator passes on to a holder for ``requester``, a worker that could not reach it."""
+
+    requester: "Peer"
+
+
 @dataclass(eq=False)
 class Peer:
     """One authenticated connection: a worker or a driver."""
@@ -97,6 +106,7 @@ class Peer:
     held: deque[Action] = field(default_factory=deque)
     hold: CacheHold | None = None
     storing: StoreStream | None = None
+    relaying: int = 0  # its FETCHes on their way to holders through the coordinator
 
     @property
     def role(self) -> str:
@@ -131,6 +141,17 @@ class Peer:
     def keeps_state(self) -> bool:
         """Whether the worker keeps state between runs (HELLO ``state``)."""
         return self.hello.get("state") is True
+
+    @property
+    def peer_address(self) -> str | None:
+        """Where other workers fetch what it holds (HELLO ``peer``), or None: only through the coordinator."""
+        address = self.hello.get("peer")
+        return address if isinstance(address, str) else None
+
+    @property
+    def host(self) -> str:
+        """The host its connection comes from."""
+        return self.address.rsplit(":", 1)[0]
 
     @property
     def floor_rss(self) -> int | None:
@@ -279,6 +300,8 @@ class Coordinator:
         self._quarantined: dict[str, float] = {}  # worker name -> when its quarantine ends
         self.workers: dict[str, Peer] = {}
         self.drivers: dict[str, Peer] = {}
+        #: Bytes of FETCHED frames passed on to workers that could not reach a holder themselves.
+        self.relayed_bytes = 0
         self._ids = itertools.count(1)
         self._sockets = bind_sockets(port, address=host or None)
         self.host, self.port = self._sockets[0].getsockname()[:2]
@@ -564,6 +587,12 @@ class Coordinator:
         peer.link.conn.goodbye(reason, now=now())
         self._lose(peer, reason, farewell=True)
 
+    def drop_worker(self, worker_id: str, reason: str) -> None:
+        """:meth:`drop` worker ``worker_id``, if it is still connected (IOLoop thread)."""
+        w = self.workers.get(worker_id)
+        if w is not None and w.alive:
+            self.drop(w, reason)
+
     def quarantine(self, worker_id: str, reason: str) -> None:
         """Drop worker ``worker_id`` and refuse its name for :attr:`quarantine_seconds` (IOLoop thread).
 
@@ -612,6 +641,10 @@ class Coordinator:
                     self.release(w)
             self._notify(self.listener.driver_lost, peer, reason)
         else:
+            for action in peer.outstanding:  # a relayed FETCH is answered: the holder is gone
+                if isinstance(action.purpose, RelayFetch):
+                    self._relayed(action, Message(wire.FETCHED, {"task": list(action.key or ("?", 0)), "holder": peer.id,
+                                                                 "error": f"worker {peer.id} is gone: {reason}"}))
             peer.outstanding.clear()
             peer.held.clear()
             self._notify(self.listener.worker_lost, peer, reason)
@@ -640,6 +673,9 @@ class Coordinator:
         w = self.workers.get(worker_id)
         if w is None or not w.alive:
             self._notify(self.listener.dropped, worker_id, action)
+            return
+        if action.kind in (wire.FETCH, wire.DROP):  # served beside the work, not after it
+            self._send(w, action)
             return
         if action.kind == wire.STORE:
             if w.storing is not None and w.storing.load is not None:
@@ -682,7 +718,8 @@ class Coordinator:
         action.size = w.link.send_encoded(action.kind, action.parts)
         action.parts = None
         action.sent = now()
-        w.outstanding.append(action)
+        if action.kind != wire.DROP:  # the one message no answer follows
+            w.outstanding.append(action)
         if action.kind == wire.LOAD and action.sha256:
             if action.from_cache:
                 w.hold = CacheHold(action.sha256, action.owner)
@@ -691,7 +728,13 @@ class Coordinator:
 
     def _on_reply(self, w: Peer, message: Message, size: int) -> None:
         received = now()
+        if message.type == wire.FETCH:
+            self._relay_fetch(w, message)
+            return
         action = take_answer(w.outstanding, message)
+        if action is not None and isinstance(action.purpose, RelayFetch):
+            self._relayed(action, message)
+            return
         if action is None:
             LOG.warning("worker %s answered %s %s, which matches nothing sent to it; ignored",
                         w.id, message.type, message.header)
@@ -711,6 +754,48 @@ class Coordinator:
         self._notify(self.listener.reply, w, action, message, size, received)
         if release:
             self.release(w)
+
+    def _relay_fetch(self, w: Peer, message: Message) -> None:
+        """Pass ``w``'s FETCH on to the holder it names; the FETCHED goes back to ``w`` (:meth:`_relayed`)."""
+        h = message.header
+        holder = self.workers.get(h["holder"])
+        why = ("is not connected" if holder is None or not holder.alive else
+               f"has {MAX_RELAYED_FETCHES} fetches through the coordinator under way" if w.relaying >= MAX_RELAYED_FETCHES
+               else None)
+        if why is not None:
+            who = f"worker {h['holder']}" if "has" not in why else f"worker {w.id}"
+            w.send(Message(wire.FETCHED, {"task": h["task"], "holder": h["holder"], "error": f"{who} {why}"}))
+            return
+        w.relaying += 1
+        self._send(holder, Action(wire.FETCH, h["task"][0], purpose=RelayFetch(w), key=(h["task"][0], h["task"][1]),
+                                  message=Message(wire.FETCH, dict(h))))
+
+    def _relayed(self, action: Action, answer: Message) -> None:
+        """Hand the holder's FETCHED (or why there is none) to the worker that asked for it.
+
+        A holder that answers with an error does not have what its RESULT
+        said it holds: it is dropped, and what it held is computed again.
+        """
+        requester = action.purpose.requester
+        requester.relaying -= 1
+        if requester.alive:
+            self.relayed_bytes += requester.send(Message(wire.FETCHED, dict(answer.header), tensors=answer.tensors))
+        holder = self.workers.get(answer.header["holder"])
+        if "error" in answer.header and holder is not None and holder.alive:
+            self.drop(holder, f"it did not send outputs it holds: {answer.header['error']}")
+
+    def peer_address_for(self, reader_id: str, holder_id: str) -> str | None:
+        """The address at which worker ``reader_id`` can fetch what ``holder_id`` holds, or None (through here).
+
+        A loopback address is only given to a worker connected from the
+        same host as the holder.
+        """
+        reader, holder = self.workers.get(reader_id), self.workers.get(holder_id)
+        if reader is None or holder is None or holder.peer_address is None or reader.peer_address is None:
+            return None
+        host = holder.peer_address.rsplit(":", 1)[0].strip("[]")
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        return holder.peer_address if not loopback or reader.host == holder.host else None
 
     def _send_store_chunk(self, w: Peer) -> None:
         """Send the next chunk of the STORE under way to ``w``."""

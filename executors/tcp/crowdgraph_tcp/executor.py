@@ -6,6 +6,12 @@ the codec agreed with that worker) and hands it to the coordinator's IOLoop
 thread, which sends it and matches the worker's answer to it.  Answers
 become :class:`~crowdgraph.executor.Reporter` notices on the IOLoop thread.
 
+Tensors between partitions go from worker to worker where they can: a
+worker with a peer port holds the outputs other partitions read
+(:class:`~crowdgraph_tcp.bridge.HeldOutput` handles on this side), and the
+worker that runs a reader fetches them from it, through the coordinator
+only where the two cannot reach each other (``direct=`` below).
+
 ``TcpExecutor.local(workers=5)`` also starts the workers, as
 ``crowdgraph-worker`` processes on this machine: the same agent a phone
 runs, over real sockets on 127.0.0.1.
@@ -23,7 +29,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from crowdgraph import wire
 from crowdgraph.errors import ExecutionError, InputError
@@ -34,7 +43,8 @@ from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.units import parse_bytes
 from crowdgraph.wire import Message
 
-from .bridge import Action, DriverBridge, Holding, lossy_option
+from .bridge import Action, DriverBridge, HeldOutput, Holding, lossy_option
+from .peers import fetched_problem
 from .common import DEFAULT_HEARTBEAT, parse_listen, read_token, server_ssl_context, wait_for_workers
 from .coordinator import QUARANTINE_SECONDS, Coordinator, Listener, Peer
 
@@ -58,21 +68,30 @@ class _ExecutorListener(Listener):
         ex = self.executor
         with ex._changed:
             ex._changed.notify_all()
-        ex.bridge.lost(worker.id)
+        held = ex.bridge.lost(worker.id)
         if ex.bridge.reporter is not None:
             ex.bridge.reporter.worker_lost(worker.id, reason)
+            if held:  # outputs it held for other tasks: computed again
+                ex.bridge.reporter.results_lost(held)
 
     def reply(self, worker: Peer, action: Action | None, message: Message, size: int, received: float) -> None:
         if action is None:
             return
         ex = self.executor
         problem = ex.bridge.bad_result(worker.id, action, message)
+        holder = message.header.get("holder") if message.type == wire.FAILED else None
+        if problem is None and holder is not None and holder in ex.coordinator.workers:
+            # Fetching through the coordinator fails only when the holder is gone (or, answering
+            # with an error, was dropped for it): a holder still here says the reader lies.
+            problem = f"worker {worker.id} said it could not fetch inputs from {holder}, which holds them"
         if problem is not None:  # its tasks are placed again once it is lost
             ex.coordinator.drop(worker, problem)
             return
         resend = ex.bridge.answered(worker.id, action, message, size, received)
         if resend is not None:  # the worker's cache lost it: the bytes go ahead of what waits
             ex._submit_now(worker.id, resend)
+        while ex.bridge.pending_drops:
+            ex._submit_now(*ex.bridge.pending_drops.pop())
 
 
 class TcpExecutor(Executor):
@@ -117,6 +136,13 @@ class TcpExecutor(Executor):
         into its disk cache while it computes, so that its load reads it
         from there (tier 2); memory holds only what is loaded.  Off by
         default; see docs/tcp.md, "Weights ahead of need".
+    direct:
+        Workers with a peer port (``crowdgraph-worker`` has one unless
+        ``--peer-listen off``) hold the outputs that other partitions read,
+        within their budget, and the workers running those readers fetch
+        them straight from them: a tensor between partitions crosses the
+        coordinator not at all (docs/tcp.md, "Worker to worker").  On by
+        default; False sends every tensor through the coordinator.
 
     Attributes
     ----------
@@ -132,7 +158,7 @@ class TcpExecutor(Executor):
                  handshake_timeout: float = wire.HANDSHAKE_TIMEOUT, lossy: str | None = None,
                  max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
                  web: bool = False, web_port: int | None = None,
-                 quarantine_seconds: float = QUARANTINE_SECONDS, prefetch: bool = False):
+                 quarantine_seconds: float = QUARANTINE_SECONDS, prefetch: bool = False, direct: bool = True):
         host, port = parse_listen(listen)
         if web and web_port is None:
             web_port = port + 1 if port else 0
@@ -145,7 +171,7 @@ class TcpExecutor(Executor):
         self.prefetch = bool(prefetch)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
-        self.bridge = DriverBridge()
+        self.bridge = DriverBridge(direct=direct)
         self._encoded: dict[tuple[str, str, int, bool], list[Any]] = {}
         self._encoded_lock = threading.Lock()
         self._changed = threading.Condition()
@@ -302,7 +328,7 @@ class TcpExecutor(Executor):
 
     def _holding(self, w: Peer) -> Holding:
         return Holding(w.id, w.memory, w.cached, w.expected_resident, w.floor_rss, self.prefetch and w.stores,
-                       w.keeps_state)
+                       w.keeps_state, w.peer_address is not None)
 
     def _submit_now(self, worker: str, action: Action) -> None:
         """Hand ``action`` to the coordinator (IOLoop thread)."""
@@ -351,12 +377,48 @@ class TcpExecutor(Executor):
         if agreed is None:
             return
         lossy = self.lossy
+        if not self.bridge.fetches(worker):  # a page, say: what others hold comes through here
+            held = {name: v for name, v in inputs.items() if isinstance(v, HeldOutput)}
+            if held:
+                inputs = {**inputs, **self.gather(held)}
         action = self.bridge.run(worker, key, partition, inputs,
                                  lambda message: wire.encode_parts(message, codec=agreed[0], version=agreed[1],
                                                                    lossy=self.coordinator.lossy_for(worker, lossy)),
-                                 lossy=lossy, state=state)
+                                 lossy=lossy, state=state,
+                                 address=lambda holder: self.coordinator.peer_address_for(worker, holder))
         if action is not None:
             self.coordinator.call(self._submit_now, worker, action)
+
+    def gather(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Arrays of ``values``; held outputs are fetched from their workers through the coordinator."""
+        held = {name: v for name, v in values.items() if isinstance(v, HeldOutput)}
+        arrays = {name: np.asarray(v) for name, v in values.items() if name not in held}
+        got: dict[tuple[str, tuple[str, int]], dict[str, np.ndarray]] = {}
+        for worker, action in self.bridge.fetch(held.values()):
+            assert action.key is not None and action.message is not None
+            names = action.message.header["outputs"]
+            self.coordinator.call(self._submit_now, worker, action)
+            while True:
+                try:
+                    answer = action.purpose.future.result(timeout=0.25)
+                    break
+                except FutureTimeout:
+                    if worker not in self.coordinator.workers:
+                        raise ExecutionError(f"worker {worker}, which held outputs of task {list(action.key)}, "
+                                             "was lost before they could be fetched") from None
+            problem = fetched_problem(answer, action.key, worker, names)
+            if problem is not None:
+                self.coordinator.call(self.coordinator.drop_worker, worker, problem)
+                raise ExecutionError(problem)
+            got[(worker, action.key)] = dict(answer.tensors)
+        for name, h in held.items():
+            arrays[name] = got[(h.worker, h.task)][h.output]
+        return arrays
+
+    def forget(self, values: Sequence[Any]) -> None:
+        drops = self.bridge.forget([v for v in values if isinstance(v, HeldOutput)])
+        if drops:
+            self.coordinator.call(lambda: [self._submit_now(w, a) for w, a in drops])
 
     def forget_state(self, worker: str, keys: Sequence[str]) -> None:
         self.bridge.forget_state(worker, keys)

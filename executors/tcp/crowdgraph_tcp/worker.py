@@ -14,7 +14,13 @@ knows the shared token, and then does what the coordinator says:
   the last load; with ``state`` (a decoder's key/value cache), take the
   inputs it lacks from the state kept under its key and keep the new one
   there instead of sending it back; ``forget`` drops kept state first
-  (and an UNLOAD all of it);
+  (and an UNLOAD all of it); with ``hold``, keep those outputs for the
+  tasks that read them and send only their dtype and shape; with
+  ``fetch``, get inputs other workers hold from their peer ports (or
+  through the coordinator), while the task before it computes;
+* ``FETCH``: send outputs this worker holds (also on its peer port, to
+  other workers that prove the token; :mod:`crowdgraph_tcp.peers`);
+  ``DROP``: forget them;
 * ``PING``/``PONG``: heartbeats, answered from the I/O loop even while a
   task computes; ``BYE``: leave.
 
@@ -63,7 +69,8 @@ from crowdgraph.runtime import ResidentSession, TaskState, current_rss, release_
 from crowdgraph.units import format_bytes
 from crowdgraph.wire import Message
 
-from .common import client_ssl_context, parse_url, read_token
+from .common import client_ssl_context, parse_listen, parse_url, read_token
+from .peers import FetchError, HeldOutputs, PeerLinks, PeerServer, answer_fetch, fetched_problem
 
 __all__ = ["PartitionCache", "Agent", "main"]
 
@@ -593,7 +600,8 @@ class Agent:
     def __init__(self, url: str, token: bytes, memory: int, *, name: str | None = None,
                  cache: PartitionCache, threads: int = 1, cafile: str | None = None,
                  reconnect: bool = False, max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
-                 log: Any = None, link_speed: int | None = None):
+                 log: Any = None, link_speed: int | None = None, peer_listen: str | None = "127.0.0.1:0",
+                 peer_address: str | None = None):
         self.scheme, self.host, self.port = parse_url(url)
         self.url = url
         self.token = token
@@ -615,6 +623,12 @@ class Agent:
         self.codec, self.version = "none", 1
         self.lossy: tuple[str, ...] = ()  # lossy encodings agreed with the coordinator
         self.floor_rss = current_rss()
+        # Outputs held for other tasks (RUN hold), served on the peer port (None: no port).
+        self.held = HeldOutputs(self.memory)
+        self.peer_listen = peer_listen
+        self.peer_address = peer_address
+        self.peers: PeerServer | None = None
+        self.links: PeerLinks | None = None
 
     def say(self, text: str) -> None:
         print(f"crowdgraph-worker: {text}", file=self.log, flush=True)
@@ -624,6 +638,20 @@ class Agent:
     async def run(self) -> int:
         """Serve until BYE (0), a refusal (2) or a lost connection (1); retry with ``reconnect``."""
         delay = 1.0
+        if self.peer_listen is not None:
+            self.peers = PeerServer(self.held, self.token, log=self.log)
+            host, port = await self.peers.start(*parse_listen(self.peer_listen))
+            if self.peer_address is None and host not in ("0.0.0.0", "::"):
+                self.peer_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            elif self.peer_address is None:
+                self.peer_address = f"*:{port}"  # the address this host reaches the coordinator from
+        try:
+            return await self._run_sessions(delay)
+        finally:
+            if self.peers is not None:
+                self.peers.close()
+
+    async def _run_sessions(self, delay: float) -> int:
         while True:
             joined = False
             try:
@@ -645,6 +673,9 @@ class Agent:
                 self.say(f"connection to {self.url} lost: {what}; retrying in {delay:.0f} s")
             finally:
                 self.resident.unload()
+                self.held.clear()
+                if self.links is not None:
+                    self.links.close()
             if joined:
                 delay = 1.0
             await asyncio.sleep(delay * (0.5 + random.random()))
@@ -674,13 +705,22 @@ class Agent:
             return inbox.pop(0)
 
         try:
-            conn.hello({"name": self.name, "memory_budget": self.memory, "cores": self.threads,
-                        "platform": _platform(), "cached": self.cache.digests(), "rss": self.floor_rss,
-                        "stores": True, "state": True},
-                       now=time.monotonic())
+            hello = {"name": self.name, "memory_budget": self.memory, "cores": self.threads,
+                     "platform": _platform(), "cached": self.cache.digests(), "rss": self.floor_rss,
+                     "stores": True, "state": True}
+            if self.peer_address is not None:
+                local = writer.get_extra_info("sockname")
+                hello["peer"] = self.peer_address.replace("*", _host_text(local[0]) if local else "127.0.0.1", 1)
+            conn.hello(hello, now=time.monotonic())
             writer.writelines(conn.data_to_send())
             await asyncio.wait_for(next_message(), conn.handshake_deadline - time.monotonic())  # WELCOME
             self.codec, self.version, self.lossy = conn.codec, conn.version, conn.lossy
+            if self.peers is not None:
+                assert conn.peer_id is not None and conn.heartbeat is not None
+                self.peers.me, self.peers.heartbeat = conn.peer_id, conn.heartbeat
+                self.peers.codecs = (conn.codec,)
+            self.links = PeerLinks(self.token, {k: hello[k] for k in ("name", "memory_budget", "cores", "platform")},
+                                   max_frame_bytes=self.max_frame_bytes)
             self.say(f"joined {self.url} as {conn.peer_id} ({self.name}, budget {format_bytes(self.memory)}, "
                      f"codec {conn.codec}, heartbeat {conn.heartbeat:g} s)")
             await self._serve(conn, writer, next_message)
@@ -694,7 +734,7 @@ class Agent:
 
     async def _serve(self, conn: wire.Connection, writer: asyncio.StreamWriter, next_message: Any) -> None:
         loop = asyncio.get_running_loop()
-        actions: asyncio.Queue[Message] = asyncio.Queue()
+        actions: asyncio.Queue[tuple[Message, asyncio.Future[dict[str, Any]] | None]] = asyncio.Queue()
         pool = ThreadPoolExecutor(1, thread_name_prefix="crowdgraph-worker-compute")
         # STORE chunks are written to the cache beside the compute, not between its tasks.
         storage = ThreadPoolExecutor(1, thread_name_prefix="crowdgraph-worker-store")
@@ -707,23 +747,100 @@ class Agent:
             if conn.sending(kind, now=time.monotonic()):
                 writer.writelines(parts)  # a few bytes: no drain, as for heartbeats
 
+        relays: dict[tuple[Any, ...], list[asyncio.Future[Message]]] = {}  # FETCHes sent through the coordinator
+
+        def send(message: Message) -> None:
+            conn.send(message, now=time.monotonic())
+            writer.writelines(conn.data_to_send())
+
+        serving = asyncio.Lock()  # FETCHEDs go out in the order their FETCHes came
+
+        async def serve_fetch(message: Message) -> None:
+            async with serving:
+                answer = answer_fetch(self.held, message, str(conn.peer_id))
+                parts = await loop.run_in_executor(
+                    None, lambda: wire.encode_parts(answer, codec=self.codec, version=self.version))
+                if conn.sending(wire.FETCHED, now=time.monotonic()):
+                    writer.writelines(parts)
+
+        async def fetch(entries: list[dict[str, Any]]) -> dict[str, Any]:
+            """The RUN's ``fetch`` inputs: held here, from their holder's peer port, or through the coordinator."""
+            inputs: dict[str, Any] = {}
+            groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+            for e in entries:
+                groups.setdefault((e["holder"], e.get("address"), e["task"][0], e["task"][1]), []).append(e)
+            for (holder, address, *task), group in groups.items():
+                names = sorted({e["output"] for e in group})
+                task = (task[0], task[1])
+                if holder == conn.peer_id:
+                    try:
+                        got = self.held.get(task, names)
+                    except KeyError as exc:
+                        raise FetchError(holder, str(exc.args[0])) from None
+                elif address is not None and self.links is not None and self.links.unreachable(address) is None:
+                    try:
+                        got = await self.links.fetch(address, holder, task, names)
+                    except FetchError:  # the coordinator asks the holder again, and judges its answer
+                        got = await through_coordinator(holder, task, names)
+                    except (OSError, EOFError, asyncio.TimeoutError, ProtocolError) as exc:
+                        self.say(f"cannot reach worker {holder} at {address} ({exc}); fetching "
+                                 "through the coordinator from now on")
+                        got = await through_coordinator(holder, task, names)
+                else:
+                    got = await through_coordinator(holder, task, names)
+                for e in group:
+                    inputs[e["input"]] = got[e["output"]]
+            return inputs
+
+        async def through_coordinator(holder: str, task: tuple[str, int], names: list[str]) -> dict[str, Any]:
+            waiter: asyncio.Future[Message] = loop.create_future()
+            relays.setdefault((task, holder), []).append(waiter)
+            send(Message(wire.FETCH, {"task": list(task), "outputs": names, "holder": holder}))
+            answer = await waiter
+            problem = fetched_problem(answer, task, holder, names)
+            if problem is not None:
+                raise FetchError(holder, problem)
+            return dict(answer.tensors)
+
         async def read_loop() -> None:
             while True:
                 message = await next_message()
+                h = message.header
                 if message.type == wire.BYE:
-                    raise _Bye(message.header.get("reason", ""))
+                    raise _Bye(h.get("reason", ""))
                 if message.type == wire.STORE:
                     task = asyncio.ensure_future(store(message))
                     storing.add(task)
                     task.add_done_callback(storing.discard)
+                elif message.type == wire.FETCH:
+                    task = asyncio.ensure_future(serve_fetch(message))
+                    storing.add(task)
+                    task.add_done_callback(storing.discard)
+                elif message.type == wire.FETCHED:
+                    waiting = relays.get(((h["task"][0], h["task"][1]), h["holder"]))
+                    if not waiting:
+                        raise ProtocolError(f"FETCHED of task {h['task']} from {h['holder']} answers no FETCH")
+                    waiting.pop(0).set_result(message)
+                elif message.type == wire.DROP:
+                    self.held.drop((h["task"][0], h["task"][1]), h["outputs"])
+                elif message.type == wire.RUN and "fetch" in h:  # fetched while the task before it computes
+                    actions.put_nowait((message, asyncio.ensure_future(fetch(h["fetch"]))))
                 else:
-                    actions.put_nowait(message)
+                    actions.put_nowait((message, None))
 
         async def compute_loop() -> None:
             while True:
-                message = await actions.get()
+                message, fetching = await actions.get()
+                if fetching is not None:
+                    try:
+                        message.tensors.update(await fetching)
+                    except FetchError as exc:
+                        answer = Message(wire.FAILED, {"task": message.header["task"], "holder": exc.holder,
+                                                       "error": f"an input could not be fetched: {exc}"})
+                        send(answer)
+                        continue
                 kind, parts = await loop.run_in_executor(pool, self.handle, message)
-                del message
+                del message, fetching
                 if conn.sending(kind, now=time.monotonic()):
                     writer.writelines(parts)
                     await writer.drain()
@@ -951,8 +1068,17 @@ class Agent:
         outputs = self.resident.run(partition, message.tensors, h["outputs"], state=state)
         end = time.perf_counter()
         message.tensors.clear()
-        return Message(wire.RESULT, {"task": h["task"], "start": start, "end": end,
-                                     "peak_rss": peak_rss_since_reset(), "rss": current_rss()}, tensors=outputs)
+        header = {"task": h["task"], "start": start, "end": end, "peak_rss": peak_rss_since_reset(), "rss": current_rss()}
+        if h.get("hold"):
+            held = self.held.keep((partition, h["task"][1]), {n: outputs[n] for n in h["hold"] if n in outputs})
+            if held:
+                header["held"] = held
+                outputs = {n: v for n, v in outputs.items() if n not in held}
+        return Message(wire.RESULT, header, tensors=outputs)
+
+
+def _host_text(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -979,6 +1105,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--link-speed", type=byte_size, default=None,
                         help="read from the coordinator at most this many bytes per second, as over a slow "
                              "link (to measure one on a single machine; default: as fast as they come)")
+    parser.add_argument("--peer-listen", default="127.0.0.1:0",
+                        help="HOST:PORT where other workers of the crowd fetch the outputs this one holds for "
+                             "them (default 127.0.0.1:0: workers on this machine; 0.0.0.0:PORT for a LAN; "
+                             "'off': every tensor goes through the coordinator)")
+    parser.add_argument("--peer-address", help="the HOST:PORT other workers reach the peer port at, when it "
+                                               "differs from --peer-listen (port forwarding)")
     return parser
 
 
@@ -998,7 +1130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_up()
         agent = Agent(args.url, token, memory, name=args.name, cache=cache, threads=args.threads,
                       cafile=args.cafile, reconnect=args.reconnect, max_frame_bytes=args.max_frame_bytes,
-                      link_speed=args.link_speed)
+                      link_speed=args.link_speed, peer_listen=None if args.peer_listen == "off" else args.peer_listen,
+                      peer_address=args.peer_address)
     except (CrowdgraphError, OSError) as exc:
         print(f"crowdgraph-worker: {exc}", file=sys.stderr)
         return EXIT_REFUSED

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import crowdgraph_tcp.common
+import crowdgraph_tcp.bridge
+import crowdgraph_tcp.peers
 import crowdgraph_tcp.worker
 
 REPO = Path(__file__).resolve().parents[3]
@@ -27,6 +29,6 @@ def test_the_tcp_example_runs_and_matches_the_oracle(tcp_helpers):
 
 
 def test_doctests_of_the_package():
-    for module in (crowdgraph_tcp.common, crowdgraph_tcp.worker):
+    for module in (crowdgraph_tcp.common, crowdgraph_tcp.worker, crowdgraph_tcp.peers, crowdgraph_tcp.bridge):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
