@@ -14,7 +14,10 @@ round gives one ratio (partitioned / whole).  Rows:
 * ``tcp, 1 worker`` / ``tcp, warm crowd``: the same with crowdgraph-tcp
   worker processes on this machine (skipped when it is not installed);
   after the first run, a lone TCP worker loads partitions from its local
-  cache, not over the socket.
+  cache, not over the socket.  Boundary tensors go from worker to worker
+  (the default); ``tcp, warm crowd, star`` sends them through the
+  coordinator (``direct=False``), and "coordinator kB" is what crossed the
+  coordinator's links per run either way.
 * ``..., warm crowd, fast sessions``: the warm crowd again, each worker's
   budget with room for its partition's fast session (its
   ``fast_resident_bytes``), so every partition opens fast; the whole model
@@ -61,6 +64,9 @@ THREADS_TARGET = 1.10
 TCP_TARGET = 1.25
 #: Done means: a cold crowd with prefetch to disk takes at most 75% of the time without.
 PREFETCH_TARGET = 0.75
+#: Done means: worker-to-worker links leave the coordinator at most a tenth of the star's bytes
+#: (the model's inputs and outputs; the boundary tensors no longer pass it).
+DIRECT_TARGET = 0.10
 #: The workers' link in the prefetch rows, bytes per second (fast Wi-Fi).
 PREFETCH_LINK = "20MB"
 
@@ -116,6 +122,8 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
                     loads = len(last.loads)
                     load_s = sum(rec.end - rec.start for rec in last.loads)
                     task_s = sum(t.end - t.start for t in last.tasks)  # inside the workers' sessions
+                    through = (sum(t.wire_in + t.wire_out for t in last.tasks) + ex.coordinator.relayed_bytes
+                               if executor == "tcp" else None)
                     assert not fast or all(load.fast for load in last.loads), "a partition opened memory-safe"
                 finally:
                     ex.close()
@@ -125,7 +133,8 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
                              "load_seconds_last_run": load_s, "task_seconds_last_run": task_s,
                              "makespan_last_run": last.makespan,
                              "partitioned_s": res["a"], "whole_s": res["b"], "ratio": res["ratio"],
-                             "max_abs_diff": diff, "target": limit, "fast_sessions": fast})
+                             "max_abs_diff": diff, "target": limit, "fast_sessions": fast,
+                             "coordinator_bytes_last_run": through})
                 note = ""
                 if loads:
                     note = (f"{loads} partition loads per run ({load_s:.2f} s in the last run): "
@@ -144,6 +153,14 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
                 add("tcp", f"warm crowd ({n_parts} worker{plural})",
                     lambda: TcpExecutor.local(workers=n_parts, memory=budget, threads=1), TCP_TARGET,
                     runs_warm[row])
+                add("tcp", f"warm crowd, star ({n_parts} worker{plural})",
+                    lambda: TcpExecutor.local(workers=n_parts, memory=budget, threads=1, direct=False), TCP_TARGET,
+                    runs_warm[row])
+                direct, star = (r["coordinator_bytes_last_run"] for r in rows[-2:])
+                if batch > 1 and n_parts > 1:  # one row's boundary tensors are too small to hold (DIRECT_MIN_BYTES)
+                        targets.append(Target(NAME, f"{case.label} {shape} tcp warm crowd: bytes through the coordinator, "
+                                                "worker to worker / star", direct / star, DIRECT_TARGET, "<=", "x",
+                                          f"{format_bytes(direct)} against {format_bytes(star)} per run"))
             roomy = f"warm crowd, fast sessions ({n_parts} x {format_bytes(room)})"
             add("threads", roomy, lambda: crowdgraph.ThreadExecutor(
                 workers=[WorkerInfo(f"thread-{n}", memory=room) for n in range(n_parts)], threads_per_worker=1),
@@ -182,10 +199,11 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
         targets.append(target)
 
     show(table(
-        ["model", "shape", "parts", "executor, crowd", "runs", "loads/run", "load s", "task s", "partitioned s",
-         "whole s", "ratio [min-max]", "target"],
+        ["model", "shape", "parts", "executor, crowd", "runs", "loads/run", "load s", "task s", "coordinator kB",
+         "partitioned s", "whole s", "ratio [min-max]", "target"],
         [(r["model"], r["shape"], r["partitions"], f"{r['executor']}, {r['crowd']}", r["runs"], r["loads_per_run"],
           r.get("load_seconds_last_run"), r.get("task_seconds_last_run"),
+          None if r.get("coordinator_bytes_last_run") is None else round(r["coordinator_bytes_last_run"] / 1e3),
           r["partitioned_s"]["median"], r["whole_s"]["median"], ratio_cell(r["ratio"]),
           "-" if r["target"] is None else f"<= {r['target']:g}x") for r in rows],
         title=f"Overhead: partitioned / whole model, 1 onnxruntime thread each, budget {budget}, "

@@ -59,7 +59,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, Awaitable, BinaryIO, Callable, Iterator, Sequence
 
 from crowdgraph import wire
 from crowdgraph.cli import Parser, byte_size, positive_int
@@ -763,35 +763,6 @@ class Agent:
                 if conn.sending(wire.FETCHED, now=time.monotonic()):
                     writer.writelines(parts)
 
-        async def fetch(entries: list[dict[str, Any]]) -> dict[str, Any]:
-            """The RUN's ``fetch`` inputs: held here, from their holder's peer port, or through the coordinator."""
-            inputs: dict[str, Any] = {}
-            groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-            for e in entries:
-                groups.setdefault((e["holder"], e.get("address"), e["task"][0], e["task"][1]), []).append(e)
-            for (holder, address, *task), group in groups.items():
-                names = sorted({e["output"] for e in group})
-                task = (task[0], task[1])
-                if holder == conn.peer_id:
-                    try:
-                        got = self.held.get(task, names)
-                    except KeyError as exc:
-                        raise FetchError(holder, str(exc.args[0])) from None
-                elif address is not None and self.links is not None and self.links.unreachable(address) is None:
-                    try:
-                        got = await self.links.fetch(address, holder, task, names)
-                    except FetchError:  # the coordinator asks the holder again, and judges its answer
-                        got = await through_coordinator(holder, task, names)
-                    except (OSError, EOFError, asyncio.TimeoutError, ProtocolError) as exc:
-                        self.say(f"cannot reach worker {holder} at {address} ({exc}); fetching "
-                                 "through the coordinator from now on")
-                        got = await through_coordinator(holder, task, names)
-                else:
-                    got = await through_coordinator(holder, task, names)
-                for e in group:
-                    inputs[e["input"]] = got[e["output"]]
-            return inputs
-
         async def through_coordinator(holder: str, task: tuple[str, int], names: list[str]) -> dict[str, Any]:
             waiter: asyncio.Future[Message] = loop.create_future()
             relays.setdefault((task, holder), []).append(waiter)
@@ -824,7 +795,8 @@ class Agent:
                 elif message.type == wire.DROP:
                     self.held.drop((h["task"][0], h["task"][1]), h["outputs"])
                 elif message.type == wire.RUN and "fetch" in h:  # fetched while the task before it computes
-                    actions.put_nowait((message, asyncio.ensure_future(fetch(h["fetch"]))))
+                    fetching = self._fetch_inputs(h["fetch"], str(conn.peer_id), through_coordinator)
+                    actions.put_nowait((message, asyncio.ensure_future(fetching)))
                 else:
                     actions.put_nowait((message, None))
 
@@ -872,6 +844,39 @@ class Agent:
             storage.shutdown(wait=False, cancel_futures=True)
             await loop.run_in_executor(None, storage.shutdown)  # the chunk being written, then nothing
             self.partial.discard()
+
+    async def _fetch_inputs(self, entries: list[dict[str, Any]], me: str,
+                            relay: Callable[[str, tuple[str, int], list[str]], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """A RUN's ``fetch`` inputs: held here, from their holder's peer port, or ``relay``-ed by the coordinator.
+
+        Raises :class:`~crowdgraph_tcp.peers.FetchError` naming the holder
+        when not even the coordinator could have them from it.
+        """
+        inputs: dict[str, Any] = {}
+        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for e in entries:
+            groups.setdefault((e["holder"], e.get("address"), e["task"][0], e["task"][1]), []).append(e)
+        for (holder, address, *key), group in groups.items():
+            names, task = sorted({e["output"] for e in group}), (key[0], key[1])
+            if holder == me:
+                try:
+                    got = self.held.get(task, names)
+                except KeyError as exc:
+                    raise FetchError(holder, str(exc.args[0])) from None
+            elif address is not None and self.links is not None and self.links.unreachable(address) is None:
+                try:
+                    got = await self.links.fetch(address, holder, task, names)
+                except FetchError:  # the coordinator asks the holder again, and judges its answer
+                    got = await relay(holder, task, names)
+                except (OSError, EOFError, asyncio.TimeoutError, ProtocolError) as exc:
+                    self.say(f"cannot reach worker {holder} at {address} ({exc}); fetching "
+                             "through the coordinator from now on")
+                    got = await relay(holder, task, names)
+            else:
+                got = await relay(holder, task, names)
+            for e in group:
+                inputs[e["input"]] = got[e["output"]]
+        return inputs
 
     async def _receive(self, reader: asyncio.StreamReader, conn: wire.Connection) -> list[Message]:
         """Read from the coordinator; return the frames completed (for ``conn.take_frames``).

@@ -153,3 +153,69 @@ def test_held_outputs_are_gathered_and_dropped(tiny):
         assert ex.bridge.held_bytes(worker) == 0
         with pytest.raises(ExecutionError, match="not held"):
             ex.gather({"h": handle})
+
+
+FORGETFUL_HOLDER = """
+import sys
+from crowdgraph_tcp import peers, worker
+
+def forgetful_get(self, task, names):
+    raise KeyError(f"outputs {list(names)} of task {list(task)} are not held here")
+
+peers.HeldOutputs.get = forgetful_get
+sys.exit(worker.main(sys.argv[1:]))
+"""
+
+
+def test_a_holder_that_does_not_serve_what_it_holds_is_dropped_and_the_run_still_matches(tiny, tmp_path, tcp_helpers):
+    """Its RESULTs say it holds outputs, then it answers every FETCH that it does not: its reader
+    asks the coordinator, which sees the holder's answer itself, drops it, and the outputs it held
+    are computed again elsewhere.  Its 4 MB budget fits only the first partition, so it holds."""
+    compiled, batch, expected = tiny
+    with TcpExecutor.local(workers=2, memory="64MB") as ex:
+        liar = subprocess.Popen(
+            [sys.executable, "-c", FORGETFUL_HOLDER, ex.url, "--token", ex.token.decode(), "--memory", "4MB",
+             "--name", "forgetful", "--threads", "1", "--cache-dir", str(tmp_path / "forgetful")],
+            env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            tcp_helpers.wait_until(lambda: len(ex.coordinator.workers) == 3, what="the forgetful worker to join")
+            outputs = compiled.run(batch, executor=ex, microbatch=4, timeout=60)
+            assert liar.wait(30) == 0  # told BYE: it leaves
+        finally:
+            tcp_helpers.stop_process(liar)
+    np.testing.assert_allclose(outputs["logits"], expected["logits"], rtol=1e-4, atol=1e-5)
+    (lost,) = [w.lost for w in compiled.last_report.workers.values() if w.lost]
+    assert "did not send outputs it holds" in lost and "not held here" in lost
+
+
+UNFETCHING_READER = """
+import sys
+from crowdgraph_tcp import peers, worker
+
+async def never_fetch(self, entries, me, relay):
+    raise peers.FetchError(entries[0]["holder"], "could not fetch (a lie)")
+
+worker.Agent._fetch_inputs = never_fetch
+sys.exit(worker.main(sys.argv[1:]))
+"""
+
+
+def test_a_reader_that_says_a_connected_holder_failed_it_is_dropped(tiny, tmp_path, tcp_helpers):
+    """A reader fetches through the coordinator when a holder's port fails it, so its word that the
+    holder failed it while the holder is still connected is a lie: the reader is dropped.  The honest
+    worker's 4 MB fit only the first partition, so with the liar gone the run cannot go on, and says so."""
+    compiled, batch, _ = tiny
+    with TcpExecutor.local(workers=1, memory="4MB") as ex:
+        liar = subprocess.Popen(
+            [sys.executable, "-c", UNFETCHING_READER, ex.url, "--token", ex.token.decode(), "--memory", "64MB",
+             "--name", "unfetching", "--threads", "1", "--cache-dir", str(tmp_path / "unfetching")],
+            env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            tcp_helpers.wait_until(lambda: len(ex.coordinator.workers) == 2, what="the lying reader to join")
+            with pytest.raises(crowdgraph.WorkerLostError, match="no remaining worker can hold partition"):
+                compiled.run(batch, executor=ex, microbatch=4, timeout=60)
+            assert liar.wait(30) == 0  # told BYE: it leaves
+            said = liar.stdout.read().decode()
+        finally:
+            tcp_helpers.stop_process(liar)
+    assert "said it could not fetch inputs from" in said, said
