@@ -1070,20 +1070,25 @@ _PEER_ADDRESS: _Check = (lambda v: isinstance(v, str) and _ADDRESS.fullmatch(v) 
                          and 0 < int(v.rsplit(":", 1)[1]) < 65536, "HOST:PORT")
 
 
+def _is_tensor_type(v: Any) -> bool:
+    """{dtype, shape} of a tensor a worker holds."""
+    return (isinstance(v, dict) and {"dtype", "shape"} <= set(v) and v["dtype"] in _DTYPE_CODES
+            and isinstance(v["shape"], list) and len(v["shape"]) <= MAX_NDIM and all(_is_int(d) for d in v["shape"]))
+
+
 def _is_fetch(v: Any) -> bool:
-    """One RUN ``fetch`` entry: {input, task, output, holder[, address]}."""
-    return (isinstance(v, dict) and {"input", "task", "output", "holder"} <= set(v)
-            and set(v) <= {"input", "task", "output", "holder", "address"}
+    """One RUN ``fetch`` entry: {input, task, output, holder, dtype, shape[, address]}."""
+    return (isinstance(v, dict) and {"input", "task", "output", "holder", "dtype", "shape"} <= set(v)
+            and set(v) <= {"input", "task", "output", "holder", "dtype", "shape", "address"}
             and is_name(v["input"]) and _is_task(v["task"]) and is_name(v["output"]) and is_name(v["holder"])
-            and ("address" not in v or _PEER_ADDRESS[0](v["address"])))
+            and _is_tensor_type(v) and ("address" not in v or _PEER_ADDRESS[0](v["address"])))
 
 
 def _is_held(v: Any) -> bool:
     """RESULT ``held``: {output: {dtype, shape}} for the outputs the worker holds instead of sending."""
     return (isinstance(v, dict) and len(v) <= MAX_STRINGS and all(
-        is_name(name) and isinstance(t, dict) and set(t) == {"dtype", "shape"}
-        and t["dtype"] in _DTYPE_CODES and isinstance(t["shape"], list) and len(t["shape"]) <= MAX_NDIM
-        and all(_is_int(d) for d in t["shape"]) for name, t in v.items()))
+        is_name(name) and isinstance(t, dict) and set(t) == {"dtype", "shape"} and _is_tensor_type(t)
+        for name, t in v.items()))
 
 
 def _is_task_state(v: Any) -> bool:
@@ -1165,7 +1170,7 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str, bool]]] = {
           "state": (*_TASK_STATE, False), "forget": (*_STRINGS, False),
           "hold": (*_STRINGS, False),
           "fetch": ((lambda v: isinstance(v, list) and 0 < len(v) <= MAX_STRINGS and all(_is_fetch(x) for x in v)),
-                    "a list of {input, task, output, holder[, address]}", False)},
+                    "a list of {input, task, output, holder, dtype, shape[, address]}", False)},
     RESULT: {"task": (*_TASK, True), "start": (*_TIME, True), "end": (*_TIME, True),
              "peak_rss": (*_COUNT, True), "rss": (*_COUNT, True), "worker": (*_NAME, False),
              "held": (_is_held, "{output: {dtype, shape}}", False)},

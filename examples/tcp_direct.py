@@ -1,6 +1,6 @@
 """Tensors between partitions go from worker to worker, not through the coordinator.
 
-The tiny DistilBERT, cut into four partitions, runs on four
+The tiny DistilBERT, cut into three partitions, runs on four
 ``crowdgraph-worker`` processes, once with every tensor through the
 coordinator (``TcpExecutor(direct=False)``) and once as by default: each
 worker holds the outputs the next partition reads, and the worker running
@@ -25,7 +25,7 @@ from crowdgraph_tcp import TcpExecutor
 def main() -> None:
     model = zoo.distilbert("tiny")
     batch = zoo.sample_inputs(model, batch=16, sequence=128)
-    compiled = crowdgraph.compile(model, partitions=4, sample={k: v[:4] for k, v in batch.items()})
+    compiled = crowdgraph.compile(model, partitions=3, sample={k: v[:4] for k, v in batch.items()})
     expected = run_session(open_session(model.SerializeToString()), batch)
     for direct in (False, True):
         with TcpExecutor.local(workers=4, memory="64MB", direct=direct) as executor:

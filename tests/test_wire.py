@@ -906,11 +906,15 @@ def test_a_holder_refuses_a_fetcher_with_another_token():
 
 @pytest.mark.parametrize("message, problem", [
     (Message(wire.RUN, {"task": ["p1", 0], "outputs": ["z"], "fetch": [
-        {"input": "y", "task": ["p0", 0], "output": "y", "holder": "w1"}]}, tensors={"y": np.ones(1)}),
+        {"input": "y", "task": ["p0", 0], "output": "y", "holder": "w1", "dtype": "float64", "shape": [1]}]},
+             tensors={"y": np.ones(1)}),
      "both in 'fetch' and among its tensors"),
     (Message(wire.RUN, {"task": ["p0", 0], "outputs": ["y"], "hold": ["z"]}), "'hold' must be in 'outputs'"),
     (Message(wire.RUN, {"task": ["p1", 0], "outputs": ["z"], "fetch": [
-        {"input": "y", "task": ["p0", 0], "output": "y", "holder": "w1", "address": "no port"}]}), "fetch"),
+        {"input": "y", "task": ["p0", 0], "output": "y", "holder": "w1", "dtype": "float32", "shape": [1],
+         "address": "no port"}]}), "fetch"),
+    (Message(wire.RUN, {"task": ["p1", 0], "outputs": ["z"], "fetch": [
+        {"input": "y", "task": ["p0", 0], "output": "y", "holder": "w1"}]}), "dtype, shape"),
     (Message(wire.RESULT, {"task": ["p0", 0], "start": 0.0, "end": 1.0, "peak_rss": 1, "rss": 1,
                            "held": {"y": {"dtype": "float32", "shape": [2]}}}, tensors={"y": np.ones(1)}),
      "both in 'held' and among its tensors"),

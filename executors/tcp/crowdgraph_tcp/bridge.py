@@ -386,6 +386,19 @@ class DriverBridge:
                     wire.DROP, {"task": list(task), "outputs": sorted(outputs)})))
                 for (worker, task), outputs in done.items()]
 
+    def fetched_problem(self, holder: str, message: Message) -> str | None:
+        """What is wrong with the tensors of ``holder``'s FETCHED against the dtypes and shapes its
+        RESULTs announced, or None (also when this side does not know them: nothing to judge)."""
+        task = (message.header["task"][0], message.header["task"][1])
+        with self._lock:
+            known = {h.output: h for h in self._held.get(holder, {}) if h.task == task}
+        for name, value in message.tensors.items():
+            h = known.get(name)
+            if h is not None and (value.dtype.name != h.dtype or tuple(value.shape) != h.shape):
+                return (f"it sent output {name!r} of task {list(task)} as {value.dtype.name} {list(value.shape)}, "
+                        f"not the {h.dtype} {list(h.shape)} it said it holds")
+        return None
+
     def fetch(self, handles: Iterable[HeldOutput]) -> list[tuple[str, Action]]:
         """(worker, FETCH)s that bring ``handles`` to this side; each answers its :class:`PendingFetch`."""
         groups: dict[tuple[str, tuple[str, int]], list[str]] = {}
@@ -458,6 +471,7 @@ class DriverBridge:
             header = {"task": list(key), "outputs": list(partition.outputs)}
             if held:
                 header["fetch"] = [{"input": name, "task": list(h.task), "output": h.output, "holder": h.worker,
+                                    "dtype": h.dtype, "shape": list(h.shape),
                                     **({"address": a} if h.worker != worker and (a := address(h.worker)) else {})}
                                    for name, h in held.items()]
             if state is None and lossy is None and worker in self._peers:  # lossy encodings are per coordinator link

@@ -191,6 +191,11 @@ class Listener:
     def reply(self, worker: Peer, action: Action | None, message: Message, size: int, received: float) -> None:
         """``worker`` answered ``action`` (None when no sent action matches)."""
 
+    def fetched_problem(self, holder: str, message: Message) -> str | None:
+        """What is wrong with the tensors of ``holder``'s FETCHED (their dtypes and shapes against what
+        it said it holds), or None; the coordinator drops a holder whose relayed answer is wrong."""
+        return None
+
     def dropped(self, worker_id: str, action: Action) -> None:
         """``action`` was submitted for a worker that is not connected."""
 
@@ -778,11 +783,15 @@ class Coordinator:
         """
         requester = action.purpose.requester
         requester.relaying -= 1
+        holder = self.workers.get(answer.header["holder"])
+        problem = answer.header.get("error") or self.listener.fetched_problem(answer.header["holder"], answer)
+        if problem is not None:
+            answer = Message(wire.FETCHED, {"task": answer.header["task"], "holder": answer.header["holder"],
+                                            "error": problem})
         if requester.alive:
             self.relayed_bytes += requester.send(Message(wire.FETCHED, dict(answer.header), tensors=answer.tensors))
-        holder = self.workers.get(answer.header["holder"])
-        if "error" in answer.header and holder is not None and holder.alive:
-            self.drop(holder, f"it did not send outputs it holds: {answer.header['error']}")
+        if problem is not None and holder is not None and holder.alive:
+            self.drop(holder, f"it did not send outputs it holds: {problem}")
 
     def peer_address_for(self, reader_id: str, holder_id: str) -> str | None:
         """The address at which worker ``reader_id`` can fetch what ``holder_id`` holds, or None (through here).

@@ -74,6 +74,9 @@ class _ExecutorListener(Listener):
             if held:  # outputs it held for other tasks: computed again
                 ex.bridge.reporter.results_lost(held)
 
+    def fetched_problem(self, holder: str, message: Message) -> str | None:
+        return self.executor.bridge.fetched_problem(holder, message)
+
     def reply(self, worker: Peer, action: Action | None, message: Message, size: int, received: float) -> None:
         if action is None:
             return
@@ -406,7 +409,7 @@ class TcpExecutor(Executor):
                     if worker not in self.coordinator.workers:
                         raise ExecutionError(f"worker {worker}, which held outputs of task {list(action.key)}, "
                                              "was lost before they could be fetched") from None
-            problem = fetched_problem(answer, action.key, worker, names)
+            problem = fetched_problem(answer, action.key, worker, names) or self.bridge.fetched_problem(worker, answer)
             if problem is not None:
                 self.coordinator.call(self.coordinator.drop_worker, worker, problem)
                 raise ExecutionError(problem)

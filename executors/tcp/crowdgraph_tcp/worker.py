@@ -866,6 +866,7 @@ class Agent:
             elif address is not None and self.links is not None and self.links.unreachable(address) is None:
                 try:
                     got = await self.links.fetch(address, holder, task, names)
+                    _check_fetched(holder, group, got)
                 except FetchError:  # the coordinator asks the holder again, and judges its answer
                     got = await relay(holder, task, names)
                 except (OSError, EOFError, asyncio.TimeoutError, ProtocolError) as exc:
@@ -874,6 +875,7 @@ class Agent:
                     got = await relay(holder, task, names)
             else:
                 got = await relay(holder, task, names)
+            _check_fetched(holder, group, got)
             for e in group:
                 inputs[e["input"]] = got[e["output"]]
         return inputs
@@ -1080,6 +1082,15 @@ class Agent:
                 header["held"] = held
                 outputs = {n: v for n, v in outputs.items() if n not in held}
         return Message(wire.RESULT, header, tensors=outputs)
+
+
+def _check_fetched(holder: str, entries: list[dict[str, Any]], got: dict[str, Any]) -> None:
+    """Raise FetchError unless each fetched output has the dtype and shape its RUN ``fetch`` entry names."""
+    for e in entries:
+        value = got[e["output"]]
+        if value.dtype.name != e["dtype"] or list(value.shape) != e["shape"]:
+            raise FetchError(holder, f"{holder} sent output {e['output']!r} as {value.dtype.name} {list(value.shape)}, "
+                                     f"not {e['dtype']} {e['shape']}")
 
 
 def _host_text(host: str) -> str:
