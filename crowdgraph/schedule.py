@@ -88,9 +88,23 @@ The rules
 
   (``h`` is the best holder; an unconfirmed load counts as ``speed x load
   seconds`` of its holder's time, and the drain is at least when this
-  task would finish behind the queued ones).  Two more conditions hold
-  for a replica whose weights cross the network rather than local
-  storage:
+  task would finish behind the queued ones).  A replica whose weights
+  are on the worker's local storage must also be needed by the tasks as
+  they are, whole: the drain spreads the queued tasks over every holder,
+  so near the end of a partition's work a slow phone's replica would
+  look sooner than a fast holder one task from free.  It is refused when
+  the holders, each taking whole tasks at its own speed after its
+  unconfirmed load and its queue (the task it runs counted whole),
+  finish every ready task of ``p`` by the time the replica would finish
+  this one::
+
+      sum over holders x of
+          max(0, floor((t x speed(x) - speed x unconfirmed load of x) / task(p, x))
+                 - tasks queued on x)
+          >=  ready tasks of p,    t = load(w, p) + task(p, w) / speed(w)
+
+  Two more conditions hold for a replica whose weights cross the network
+  rather than local storage:
 
   - *It lags the crowd.*  When the crowd has no worker to spare (no more
     live workers than partitions with unfinished work), every worker is
@@ -223,11 +237,13 @@ worker with at least this budget" is a logarithmic query), and workers
 holding each partition in heaps by expected finish time.  A replica over
 the network with no worker to spare, or with a busy coordinator link,
 sums the remaining work over the partitions (linear in the partitions,
-never in the crowd).  Storing weights ahead of need costs nothing unless
-some worker stores and claims nothing; then each event looks at those
-workers and at the partitions (linear in both).  A worker joining
-rebuilds those trees and a worker lost checks every partition, both
-linear in the crowd; they are rare.  On the benchmark chain (20
+never in the crowd); one from local storage counts the whole tasks of
+the partition's holders, stopping at the holder that covers the ready
+tasks (linear in its holders at most).  Storing weights ahead of need
+costs nothing unless some worker stores and claims nothing; then each
+event looks at those workers and at the partitions (linear in both).  A
+worker joining rebuilds those trees and a worker lost checks every
+partition, both linear in the crowd; they are rare.  On the benchmark chain (20
 partitions x 500 or 5,000 micro-batches, 1,000 workers) the scheduler
 spends about half the CPU per task that Dask's threaded scheduler spends
 on the same graph of no-op tasks under the cost rule, and an eighth under
@@ -1435,12 +1451,31 @@ class Scheduler:
         drain = max((queued + self._ready_n[p] * c) / speed, queued / speed + c / h.speed)
         if i is not None:
             load = self._load_seconds(i, p)
-            if (load + self._task_seconds(p, i) / i.speed < drain
-                    and (p in i.stored or (self._lags(p, h, i, i.speed * load) and self._star_spare(p, drain)))):
+            finish = load + self._task_seconds(p, i) / i.speed
+            if finish < drain and (
+                    not self._absorbed(p, finish) if p in i.stored
+                    else self._lags(p, h, i, i.speed * load) and self._star_spare(p, drain)):
                 return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
         return None
+
+    def _absorbed(self, p: str, finish: float) -> bool:
+        """Whether ``p``'s holders, each taking whole tasks at its speed
+        after its unconfirmed load and its queue (the task it runs counted
+        whole), finish every ready task of ``p`` within ``finish`` seconds.
+        It stops at the holder that covers the last of them."""
+        need = self._ready_n[p]
+        live = self._live
+        for wid in self._holders[p]:
+            x = live[wid]
+            c = self._task_seconds(p, x)
+            if c <= 0:
+                return True  # (nothing measured yet: a task costs nothing)
+            need -= max(0, math.floor((finish * x.speed - x.loading) / c) - len(x.queue))
+            if need <= 0:
+                return True
+        return False
 
     def _task_seconds(self, p: str, w: _Worker) -> float:
         """Seconds at speed 1.0 a task of ``p`` keeps ``w`` busy: its compute

@@ -1106,6 +1106,21 @@ def test_a_faster_idle_worker_loads_a_replica_the_holders_queue_would_delay() ->
     assert [r.tier for r in placed if r.worker == "fast"][0] == 4
 
 
+@pytest.mark.parametrize("speed, replica", [(0.4, False), (1.0, True)])
+def test_no_replica_from_storage_when_the_holders_finish_the_ready_tasks_sooner_in_whole_tasks(
+        speed: float, replica: bool) -> None:
+    # Tasks of 1 s; "fast" (speed 1) and "slow" (0.25) hold p0 and start
+    # one each, "phone" caches p0.  The drain spreads the two queued tasks
+    # over both holders (2.6 s for the third), but "fast" finishes it at
+    # 2 s, whole: a phone of speed 0.4 (2.5 s) is not needed, one of
+    # speed 1 (1 s) is.
+    crowd = [WorkerInfo("fast", 100, resident="p0"), WorkerInfo("slow", 100, speed=0.25, resident="p0"),
+             WorkerInfo("phone", 100, speed=speed, cached=frozenset({"p0"}))]
+    s = Scheduler(chain_of(3), MEM, crowd, flops={"p0": 5e9})
+    third = [a for a in s.start() if isinstance(a, Run) and a.key == ("p0", 2)]
+    assert third == ([Run("phone", ("p0", 2), 2)] if replica else [Run("fast", ("p0", 2), 1)])
+
+
 @pytest.mark.parametrize("weights, replica", [(10_000_000, True), (60_000_000, False)])
 def test_with_no_worker_to_spare_a_replica_must_lag_by_more_than_its_load(weights: int, replica: bool) -> None:
     # Two workers, three stages: every worker is needed as a holder.  p0's
