@@ -75,6 +75,22 @@ class BackgroundRun:
         return self.outputs
 
 
+def scripted_worker(ex, script: str, name: str, cache_dir: Path, *args: str, memory: str = "64MB") -> subprocess.Popen:
+    """A ``crowdgraph-worker`` run by ``script`` (``python -c script *args URL ...``: a worker with some of
+    its methods replaced, to play a hostile peer) joined to ``ex``; its output is piped."""
+    joined = len(ex.coordinator.workers)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args, ex.url, "--token", ex.token.decode(), "--memory", memory,
+         "--name", name, "--threads", "1", "--cache-dir", str(cache_dir / name)],
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: len(ex.coordinator.workers) == joined + 1, what=f"worker {name} to join")
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable
@@ -82,8 +98,8 @@ def python() -> str:
 
 @pytest.fixture
 def tcp_helpers():
-    """child_env(), stop_process(proc), wait_until(pred, timeout, what), BackgroundRun for the tests."""
+    """child_env(), stop_process(proc), wait_until(pred, timeout, what), BackgroundRun, scripted_worker."""
     from types import SimpleNamespace
 
     return SimpleNamespace(child_env=child_env, stop_process=stop_process, wait_until=wait_until,
-                           BackgroundRun=BackgroundRun)
+                           BackgroundRun=BackgroundRun, scripted_worker=scripted_worker)

@@ -60,14 +60,7 @@ def small_chain():
 
 
 def _liar(ex: TcpExecutor, mode: str, name: str, tmp_path, tcp_helpers) -> subprocess.Popen:
-    joined = ex.coordinator.run_sync(lambda: len(ex.coordinator.workers))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LIAR, mode, ex.url, "--token", ex.token.decode(), "--memory", "64MB",
-         "--name", name, "--threads", "1", "--cache-dir", str(tmp_path / name)],
-        env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    tcp_helpers.wait_until(lambda: ex.coordinator.run_sync(lambda: len(ex.coordinator.workers)) == joined + 1,
-                           what=f"the lying worker {name} to join")
-    return proc
+    return tcp_helpers.scripted_worker(ex, LIAR, name, tmp_path, mode)
 
 
 @pytest.mark.parametrize("mode", ["every", "tenth", "nan"])

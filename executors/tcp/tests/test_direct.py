@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from crowdgraph_tcp import TcpExecutor
 from crowdgraph_tcp.bridge import HeldOutput
 from crowdgraph_tcp.peers import FetchError, PeerLinks
 
-from .conftest import REPO, child_env
+REPO = Path(__file__).resolve().parents[3]
 
 HELLO = {"name": "test", "memory_budget": 1, "cores": 1, "platform": "test"}
 
@@ -40,8 +41,8 @@ def _through_coordinator(report) -> int:
     return sum(t.wire_in + t.wire_out for t in report.tasks)
 
 
-def test_the_direct_example_runs_and_matches_the_oracle():
-    done = subprocess.run([sys.executable, str(REPO / "examples" / "tcp_direct.py")], env=child_env(),
+def test_the_direct_example_runs_and_matches_the_oracle(tcp_helpers):
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "tcp_direct.py")], env=tcp_helpers.child_env(),
                           capture_output=True, text=True, timeout=180, cwd=REPO)
     assert done.returncode == 0, done.stderr
     diffs = [float(x) for x in re.findall(r"max abs difference to the whole model: (\S+)", done.stdout)]
@@ -173,12 +174,8 @@ def test_a_holder_that_does_not_serve_what_it_holds_is_dropped_and_the_run_still
     are computed again elsewhere.  Its 4 MB budget fits only the first partition, so it holds."""
     compiled, batch, expected = tiny
     with TcpExecutor.local(workers=2, memory="64MB") as ex:
-        liar = subprocess.Popen(
-            [sys.executable, "-c", FORGETFUL_HOLDER, ex.url, "--token", ex.token.decode(), "--memory", "4MB",
-             "--name", "forgetful", "--threads", "1", "--cache-dir", str(tmp_path / "forgetful")],
-            env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        liar = tcp_helpers.scripted_worker(ex, FORGETFUL_HOLDER, "forgetful", tmp_path, memory="4MB")
         try:
-            tcp_helpers.wait_until(lambda: len(ex.coordinator.workers) == 3, what="the forgetful worker to join")
             outputs = compiled.run(batch, executor=ex, microbatch=4, timeout=60)
             assert liar.wait(30) == 0  # told BYE: it leaves
         finally:
@@ -206,12 +203,8 @@ def test_a_reader_that_says_a_connected_holder_failed_it_is_dropped(tiny, tmp_pa
     worker's 4 MB fit only the first partition, so with the liar gone the run cannot go on, and says so."""
     compiled, batch, _ = tiny
     with TcpExecutor.local(workers=1, memory="4MB") as ex:
-        liar = subprocess.Popen(
-            [sys.executable, "-c", UNFETCHING_READER, ex.url, "--token", ex.token.decode(), "--memory", "64MB",
-             "--name", "unfetching", "--threads", "1", "--cache-dir", str(tmp_path / "unfetching")],
-            env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        liar = tcp_helpers.scripted_worker(ex, UNFETCHING_READER, "unfetching", tmp_path)
         try:
-            tcp_helpers.wait_until(lambda: len(ex.coordinator.workers) == 2, what="the lying reader to join")
             with pytest.raises(crowdgraph.WorkerLostError, match="no remaining worker can hold partition"):
                 compiled.run(batch, executor=ex, microbatch=4, timeout=60)
             assert liar.wait(30) == 0  # told BYE: it leaves

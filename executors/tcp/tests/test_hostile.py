@@ -298,13 +298,8 @@ def test_a_worker_whose_results_break_the_output_specs_is_dropped_and_the_run_st
     feeds = zoo.sample_inputs(model, batch=4, sequence=16)
     compiled = crowdgraph.compile(model, partitions=3, input_shapes={name: (1, 16) for name in feeds})
     with TcpExecutor.local(workers=1, memory="64MB") as ex:
-        liar = subprocess.Popen(
-            [sys.executable, "-c", LIAR, ex.url, "--token", ex.token.decode(), "--memory", "64MB",
-             "--name", "liar", "--threads", "1", "--cache-dir", str(tmp_path / "liar")],
-            env=tcp_helpers.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        liar = tcp_helpers.scripted_worker(ex, LIAR, "liar", tmp_path)
         try:
-            tcp_helpers.wait_until(lambda: ex.coordinator.run_sync(lambda: len(ex.coordinator.workers)) == 2,
-                                   what="the lying worker to join")
             got = compiled.run(feeds, executor=ex, microbatch=1, timeout=60)
             assert liar.wait(30) == 0  # told BYE: it leaves
         finally:
