@@ -20,9 +20,11 @@ round gives one ratio (partitioned / whole).  Rows:
   coordinator's links per run either way.
 * ``..., warm crowd, fast sessions``: the warm crowd again, each worker's
   budget with room for its partition's fast session (its
-  ``fast_resident_bytes``), so every partition opens fast; the whole model
-  is then opened fast too (onnxruntime's defaults), as one machine with
-  room would run it.  The rows above compare memory-safe sessions on both
+  ``fast_resident_bytes``) and for the outputs it holds for the next
+  partition (its ``output_bytes``), so every partition opens fast and
+  every boundary tensor goes from worker to worker; the whole model is
+  then opened fast too (onnxruntime's defaults), as one machine with room
+  would run it.  The rows above compare memory-safe sessions on both
   sides.
 
 Time to first result: a fresh executor runs the plan once (every
@@ -108,7 +110,7 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
             whole = {fast: open_session(whole_bytes, 1, fast=fast) for fast in (False, True)}
             expected = run_session(whole[False], feeds)
             row = 0 if batch == 1 else 1
-            room = max(p.fast_resident_bytes or 0 for p in compiled.partitions)
+            room = max((p.fast_resident_bytes or 0) + p.output_bytes for p in compiled.partitions)
 
             def add(executor: str, crowd: str, make: Callable[[], Any], limit: float, runs: int,
                     fast: bool = False) -> None:
