@@ -42,9 +42,10 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/crowdgraph demo
 
 # The suite runs in JOBS pytest processes (pytest-xdist), one test file per process at a time,
-# so a file's shared plans and clusters stay in one process.  JOBS=1 runs it in this process.
+# so a file's shared plans and clusters stay in one process; files start in the order collected,
+# the longest first (conftest.py).  JOBS=1 runs it in this process.
 JOBS ?= 2
-PYTEST := $(BIN)/python -m pytest $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
+PYTEST := $(BIN)/python -m pytest $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 test: $(VENV)/.test-installed web chromium
 	$(PYTEST) $(PYTEST_ARGS)

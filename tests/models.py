@@ -16,6 +16,7 @@ transformers (cached under ``<repo>/.cache/models/``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -659,31 +660,56 @@ def exported_distilbert(size: str = "reduced", cache_dir: str | os.PathLike | No
     return _exported_once(f"distilbert-{size}", lambda path: _export(size, path), {"size": size}, cache_dir)
 
 
+def _export_versions() -> dict[str, str]:
+    """The installed torch and transformers versions, read without importing either (seconds each).
+
+    Raises ImportError, as importing them would, when one is missing.
+    """
+    from importlib import metadata
+
+    try:
+        return {name: metadata.version(name) for name in ("torch", "transformers")}
+    except metadata.PackageNotFoundError as exc:
+        raise ImportError(f"{exc.name} is not installed; pip install 'crowdgraph[export]'") from exc
+
+
 def _exported_once(name: str, export: Callable[[Path], str], meta: dict,
                    cache_dir: str | os.PathLike | None) -> Path:
     """``<cache_dir>/<name>-torch<v>-transformers<v>/model.onnx``, written by ``export`` the first time.
 
     The directory is written under a temporary name and renamed into
-    place, so test processes running at once never see half a file.
+    place, so test processes running at once never see half a file, and
+    one of them exports while the others wait (a lock on the cache folder).
     """
-    import torch
-    import transformers
-
+    versions = _export_versions()
     root = Path(cache_dir) if cache_dir is not None else CACHE_DIR
-    key = f"{name}-torch{torch.__version__}-transformers{transformers.__version__}"
+    key = f"{name}-torch{versions['torch']}-transformers{versions['transformers']}"
     key = "".join(c if c.isalnum() or c in "-._" else "_" for c in key)
     final = root / key
     model_path = final / "model.onnx"
     if model_path.exists():
         return model_path
     root.mkdir(parents=True, exist_ok=True)
+    lock = os.open(root, os.O_RDONLY)  # a lock on the folder: one process exports, the others wait for it
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not model_path.exists():
+            _export_into(root, key, export, meta, versions)
+    finally:
+        os.close(lock)
+    return model_path
+
+
+def _export_into(root: Path, key: str, export: Callable[[Path], str], meta: dict, versions: dict[str, str]) -> None:
+    """Export into a temporary folder of ``root``, then rename it to ``root / key``."""
+    final = root / key
+    model_path = final / "model.onnx"
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
         exporter = export(tmp / "model.onnx")
         onnx.checker.check_model(str(tmp / "model.onnx"))  # by path: works with external data
         (tmp / "export.json").write_text(json.dumps({
-            **meta, "exporter": exporter, "torch": torch.__version__,
-            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            **meta, "exporter": exporter, **versions, "onnx": onnx.__version__,
         }, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         try:
@@ -694,7 +720,6 @@ def _exported_once(name: str, export: Callable[[Path], str], meta: dict,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return model_path
 
 
 # ------------------------------------------------- exported decoders (GPT-2, Llama)

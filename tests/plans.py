@@ -10,10 +10,18 @@ check how ``compile`` itself behaves, call :func:`crowdgraph.compile`.
 The key is what decides the result: the model (its sha256, or its
 path) and the arguments of ``compile``, or the feeds of the oracle.  At
 most :data:`KEEP` of each stay alive.
+
+A full-size plan that several test files compile the same way is shared
+across the processes of one run instead (:func:`shared`): the first to
+ask compiles it and writes it with :meth:`crowdgraph.CompiledModel.save`
+into the run's plan store, the others read it back with
+:func:`crowdgraph.load`, so every test reads a plan as crowdgraph
+writes and loads it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from collections import OrderedDict
@@ -25,6 +33,9 @@ import onnx
 
 import crowdgraph
 from tests.oracle import oracle
+
+#: The environment variable naming the run's plan store, a folder the root conftest.py makes and removes.
+STORE_ENV = "CROWDGRAPH_TEST_PLANS"
 
 #: How many plans and how many oracle results the session keeps (meant for small models:
 #: a test of a full-size model compiles its own plan, which goes when the test ends).
@@ -113,3 +124,47 @@ def expected(model: onnx.ModelProto | str | os.PathLike,
         return outputs
 
     return _remember(_oracles, key, run)
+
+
+def shared(model: onnx.ModelProto | str | os.PathLike, memory_budget: int | str | None = None, *,
+           partitions: int | None = None, input_shapes: Mapping[str, Iterable[int]] | None = None,
+           sample: Mapping[str, Any] | None = None) -> crowdgraph.CompiledModel:
+    """``crowdgraph.compile(model, ...)`` with the same arguments, compiled once per run.
+
+    The first process of the run to ask compiles the plan, saves it in the
+    run's plan store (the folder named by :data:`STORE_ENV`) and returns
+    it; the others wait for it and return ``crowdgraph.load`` of it.  A
+    lock per plan keeps two processes from compiling the same one.  Each
+    call returns a plan of its own (nothing stays in memory here: these
+    are the full-size plans); run it at the shapes it was compiled at (a
+    loaded plan is not cut again for larger ones).  Without a store (a
+    test run that did not load the root conftest.py) it is
+    ``crowdgraph.compile``.
+
+    >>> from tests import models
+    >>> model, feeds = models.chain()
+    >>> first, again = (shared(model, partitions=2, sample=feeds) for _ in range(2))
+    >>> [p.sha256 for p in first.partitions] == [p.sha256 for p in again.partitions]
+    True
+    """
+    shapes = _shapes(input_shapes, sample)
+
+    def compile_it() -> crowdgraph.CompiledModel:
+        return crowdgraph.compile(model, memory_budget, partitions=partitions,
+                                  input_shapes=None if shapes is None else dict(shapes))
+
+    store = os.environ.get(STORE_ENV)
+    if not store:
+        return compile_it()
+    key = repr((model_key(model), memory_budget, partitions, shapes))
+    folder = Path(store) / hashlib.sha256(key.encode()).hexdigest()[:32]
+    lock = os.open(f"{folder}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, also if this process dies
+        if folder.is_dir():
+            return crowdgraph.load(folder)
+        plan = compile_it()
+        plan.save(folder)
+        return plan
+    finally:
+        os.close(lock)

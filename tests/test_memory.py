@@ -14,7 +14,7 @@ import crowdgraph
 from crowdgraph import zoo
 from crowdgraph.measure import measure_in_fresh_process, measure_plan
 from crowdgraph.partition import RUNTIME_BASE_BYTES, RUNTIME_NODE_BYTES
-from tests import models
+from tests import models, plans
 
 
 def assert_within_estimates(compiled, feeds, tmp_path, fast=False):
@@ -92,7 +92,7 @@ def test_fast_sessions_stay_within_their_estimates(tmp_path, images, name):
 def test_embedded_distilbert_at_128mb_8_rows(tmp_path):
     model = zoo.distilbert("full")
     feeds = zoo.sample_inputs(model, batch=8, sequence=128)
-    assert_within_estimates(crowdgraph.compile(model, "128MB", sample=feeds), feeds, tmp_path)
+    assert_within_estimates(plans.shared(model, "128MB", sample=feeds), feeds, tmp_path)  # test_simulate's too
 
 
 @pytest.mark.slow  # 100 MB of convolutions measured in fresh processes; the tiny model keeps measuring fast

@@ -22,7 +22,8 @@ def full_distilbert():
 
 @pytest.fixture(scope="module")
 def distilbert_plan(full_distilbert):
-    return crowdgraph.compile(full_distilbert, "128MB", input_shapes={"input_ids": (8, 128)})
+    """Its 128 MB plan at 8 x 128, compiled once in the run (test_memory measures the same plan)."""
+    return plans.shared(full_distilbert, "128MB", input_shapes={"input_ids": (8, 128), "attention_mask": (8, 128)})
 
 
 def test_streaming_edges_follow_the_micro_batch():
@@ -225,7 +226,7 @@ def test_replicas_with_no_worker_to_spare_go_to_the_lagging_stages(full_distilbe
     # worker is needed as a holder, and replicas of average stages turned the
     # pipeline into waves of loads (18% slower than the pipeline rule, 4%
     # slower than greedy).
-    plan = crowdgraph.compile(full_distilbert, "48MB", input_shapes={"input_ids": (1, 128)})
+    plan = plans.shared(full_distilbert, "48MB", input_shapes={"input_ids": (1, 128), "attention_mask": (1, 128)})
     crowd = [WorkerInfo(f"w{k}", memory="48MB") for k in range(6)]
 
     def makespan(policy):

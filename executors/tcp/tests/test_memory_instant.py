@@ -19,6 +19,7 @@ from crowdgraph import zoo
 from crowdgraph.measure import RssSampler
 from crowdgraph.units import parse_bytes
 from crowdgraph_tcp import TcpExecutor
+from tests import plans as shared_plans
 from tests.oracle import assert_matches, oracle
 
 pytestmark = pytest.mark.slow
@@ -58,13 +59,14 @@ def distilbert():
 @pytest.fixture(scope="module")
 def plan_at(distilbert):
     """``plan_at(budget)``: the full DistilBERT compiled at ``budget`` for 1 x 128, once in this module
-    (runs do not change a plan; each test runs it on a crowd of its own)."""
+    (runs do not change a plan; each test runs it on a crowd of its own) and once in the run
+    (test_simulate reads the 48 MB plan too)."""
     model, feeds, _ = distilbert
     plans: dict[str, crowdgraph.CompiledModel] = {}
 
     def get(budget: str) -> crowdgraph.CompiledModel:
         if budget not in plans:
-            plans[budget] = crowdgraph.compile(model, budget, sample=feeds)
+            plans[budget] = shared_plans.shared(model, budget, sample=feeds)
         return plans[budget]
 
     yield get
