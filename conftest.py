@@ -34,6 +34,7 @@ LONGEST_FIRST = (
     "tests/test_examples.py",
     "tests/test_benchmarks.py",
     "executors/tcp/tests/test_tcp.py",
+    "executors/tcp/tests/test_direct.py",
     "tests/test_simulate.py",
     "executors/tcp/tests/test_tiles.py",
     "executors/tcp/tests/test_conformance.py",
