@@ -648,7 +648,7 @@ class Coordinator:
         else:
             for action in peer.outstanding:  # a relayed FETCH is answered: the holder is gone
                 if isinstance(action.purpose, RelayFetch):
-                    self._relayed(action, Message(wire.FETCHED, {"task": list(action.key or ("?", 0)), "holder": peer.id,
+                    self._relayed(action, Message(wire.FETCHED, {"task": list(action.key), "holder": peer.id,
                                                                  "error": f"worker {peer.id} is gone: {reason}"}))
             peer.outstanding.clear()
             peer.held.clear()
@@ -764,12 +764,14 @@ class Coordinator:
         """Pass ``w``'s FETCH on to the holder it names; the FETCHED goes back to ``w`` (:meth:`_relayed`)."""
         h = message.header
         holder = self.workers.get(h["holder"])
-        why = ("is not connected" if holder is None or not holder.alive else
-               f"has {MAX_RELAYED_FETCHES} fetches through the coordinator under way" if w.relaying >= MAX_RELAYED_FETCHES
-               else None)
-        if why is not None:
-            who = f"worker {h['holder']}" if "has" not in why else f"worker {w.id}"
-            w.send(Message(wire.FETCHED, {"task": h["task"], "holder": h["holder"], "error": f"{who} {why}"}))
+        if holder is None or not holder.alive:
+            error = f"worker {h['holder']} is not connected"
+        elif w.relaying >= MAX_RELAYED_FETCHES:
+            error = f"worker {w.id} has {MAX_RELAYED_FETCHES} fetches through the coordinator under way"
+        else:
+            error = None
+        if error is not None:
+            w.send(Message(wire.FETCHED, {"task": h["task"], "holder": h["holder"], "error": error}))
             return
         w.relaying += 1
         self._send(holder, Action(wire.FETCH, h["task"][0], purpose=RelayFetch(w), key=(h["task"][0], h["task"][1]),

@@ -419,9 +419,13 @@ class TcpExecutor(Executor):
         return arrays
 
     def forget(self, values: Sequence[Any]) -> None:
+        def send() -> None:
+            for worker, action in drops:
+                self._submit_now(worker, action)
+
         drops = self.bridge.forget([v for v in values if isinstance(v, HeldOutput)])
         if drops:
-            self.coordinator.call(lambda: [self._submit_now(w, a) for w, a in drops])
+            self.coordinator.call(send)
 
     def forget_state(self, worker: str, keys: Sequence[str]) -> None:
         self.bridge.forget_state(worker, keys)

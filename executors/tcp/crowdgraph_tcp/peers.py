@@ -196,7 +196,6 @@ class PeerServer:
         self.log = log
         #: This worker's id at the coordinator: FETCHes must name it.
         self.me = ""
-        self.served_bytes = 0
         self._server: asyncio.base_events.Server | None = None
         self._open = 0
 
@@ -230,7 +229,6 @@ class PeerServer:
                     None, lambda: wire.encode_parts(answer, codec=conn.codec, version=conn.version))
                 if conn.sending(wire.FETCHED, now=time.monotonic()):
                     writer.writelines(parts)
-                    self.served_bytes += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
                     await writer.drain()
         except (OSError, EOFError, asyncio.TimeoutError, ProtocolError) as exc:
             writer.writelines(conn.data_to_send())  # the REFUSE or BYE saying why, if any
@@ -254,8 +252,6 @@ class PeerLinks:
         self.token = token
         self.hello = dict(hello, cached=[])
         self.max_frame_bytes = max_frame_bytes
-        #: Bytes of the FETCHED frames received straight from peers.
-        self.fetched_bytes = 0
         self._links: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter, wire.Connection]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._unreachable: dict[str, str] = {}
@@ -281,7 +277,6 @@ class PeerLinks:
                               now=time.monotonic())
                     writer.writelines(conn.data_to_send())
                     answer = await _next_message(reader, conn, writer, READ_TIMEOUT)
-                    self.fetched_bytes += conn.last_frame_bytes
                     break
                 except (OSError, EOFError, asyncio.TimeoutError, ProtocolError) as exc:
                     self._close(address)

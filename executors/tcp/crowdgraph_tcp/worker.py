@@ -788,10 +788,13 @@ class Agent:
                     storing.add(task)
                     task.add_done_callback(storing.discard)
                 elif message.type == wire.FETCHED:
-                    waiting = relays.get(((h["task"][0], h["task"][1]), h["holder"]))
+                    key = ((h["task"][0], h["task"][1]), h["holder"])
+                    waiting = relays.get(key)
                     if not waiting:
                         raise ProtocolError(f"FETCHED of task {h['task']} from {h['holder']} answers no FETCH")
                     waiting.pop(0).set_result(message)
+                    if not waiting:
+                        del relays[key]
                 elif message.type == wire.DROP:
                     self.held.drop((h["task"][0], h["task"][1]), h["outputs"])
                 elif message.type == wire.RUN and "fetch" in h:  # fetched while the task before it computes
