@@ -1719,8 +1719,8 @@ class Connection:
         self.hello_header = dict(header)
         self.peer_role = header.get("role", WORKER)
         if self.peer_role not in _ACCEPTS[self.role]:
-            raise ProtocolError(f"a {self.role} takes connections from {' and '.join(_ACCEPTS[self.role])}s, "
-                                f"not from a {self.peer_role}")
+            raise ProtocolError(f"a {self.role} takes connections from "
+                                f"{' and '.join(r + 's' for r in _ACCEPTS[self.role])}, not from a {self.peer_role}")
         version, codec = negotiate(header, self.versions, self.codecs)
         reason = self._admit(self.hello_header) if self._admit is not None else None
         if reason is not None:
