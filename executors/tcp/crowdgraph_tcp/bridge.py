@@ -30,7 +30,7 @@ from crowdgraph.wire import Message
 from .common import LOG
 
 __all__ = ["lossy_option", "Action", "OutputSpec", "output_specs", "result_problem", "PendingRun", "PendingLoad",
-           "PendingUnload", "PendingStore", "PendingFetch", "HeldOutput", "outputs_to_hold", "DIRECT_MIN_BYTES",
+           "PendingUnload", "PendingStore", "PendingFetch", "HeldOutput", "held_outputs", "outputs_to_hold", "DIRECT_MIN_BYTES",
            "Holding", "DriverBridge", "take_answer"]
 
 #: Outputs smaller than this always travel with the RESULT: a fetch from
@@ -89,6 +89,17 @@ class HeldOutput:
     def stand_in(self) -> np.ndarray:
         """A zero-stride array of its dtype and shape, for checks that read only those."""
         return np.broadcast_to(np.zeros((), self.dtype), self.shape)
+
+
+def held_outputs(worker: str, key: TaskKey, result: Message) -> dict[str, HeldOutput]:
+    """The handles of the outputs a RESULT of task ``key`` from ``worker`` says it holds (``held``).
+
+    >>> answer = Message(wire.RESULT, {"held": {"h": {"dtype": "float32", "shape": [2, 3]}}})
+    >>> held_outputs("w1", ("p0", 0), answer)["h"].nbytes
+    24
+    """
+    return {name: HeldOutput(worker, (key[0], key[1]), name, t["dtype"], tuple(t["shape"]))
+            for name, t in result.header.get("held", {}).items()}
 
 
 @dataclass
@@ -521,13 +532,12 @@ class DriverBridge:
         pending = action.purpose
         if message.type != wire.RESULT or not isinstance(pending, PendingRun):
             return None
-        held = message.header.get("held", {})
-        asked = set(action.hold)
-        if not set(held) <= asked:
-            return f"worker {worker} held outputs {sorted(set(held) - asked)} of task {pending.key} it was not asked to hold"
-        problem = result_problem({**message.tensors, **{name: HeldOutput(worker, pending.key, name, t["dtype"],
-                                                                         tuple(t["shape"])).stand_in()
-                                                        for name, t in held.items()}}, pending.outputs)
+        held = held_outputs(worker, pending.key, message)
+        unasked = sorted(set(held) - set(action.hold))
+        if unasked:
+            return f"worker {worker} held outputs {unasked} of task {pending.key} it was not asked to hold"
+        problem = result_problem({**message.tensors, **{name: h.stand_in() for name, h in held.items()}},
+                                 pending.outputs)
         if problem is None:
             return None
         return f"worker {worker} sent a bad result for task {pending.key}: {problem}"
@@ -568,8 +578,7 @@ class DriverBridge:
 
     def _took(self, worker: str, pending: PendingRun, message: Message) -> dict[str, Any]:
         """A RUN's answer is in: release what it read, and take its outputs (held ones as handles)."""
-        held = {name: HeldOutput(worker, pending.key, name, t["dtype"], tuple(t["shape"]))
-                for name, t in message.header.get("held", {}).items()} if message.type == wire.RESULT else {}
+        held = held_outputs(worker, pending.key, message) if message.type == wire.RESULT else {}
         with self._lock:
             for h in pending.fetched:
                 if h in self._held.get(h.worker, {}):
