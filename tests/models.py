@@ -16,6 +16,7 @@ transformers (cached under ``<repo>/.cache/models/``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -24,7 +25,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -690,14 +691,25 @@ def _exported_once(name: str, export: Callable[[Path], str], meta: dict,
     if model_path.exists():
         return model_path
     root.mkdir(parents=True, exist_ok=True)
-    lock = os.open(root, os.O_RDONLY)  # a lock on the folder: one process exports, the others wait for it
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(root, os.O_RDONLY):  # a lock on the folder: one process exports, the others wait for it
         if not model_path.exists():
             _export_into(root, key, export, meta, versions)
-    finally:
-        os.close(lock)
     return model_path
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, flags: int = os.O_RDWR | os.O_CREAT) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (opened with ``flags``) between the test processes of a run.
+
+    The lock goes with the file's descriptor, so it is released when the
+    block ends, and also when the process holding it dies.
+    """
+    fd = os.open(path, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _export_into(root: Path, key: str, export: Callable[[Path], str], meta: dict, versions: dict[str, str]) -> None:

@@ -21,7 +21,6 @@ writes and loads it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 from collections import OrderedDict
@@ -32,6 +31,7 @@ import numpy as np
 import onnx
 
 import crowdgraph
+from tests.models import exclusive
 from tests.oracle import oracle
 
 #: The environment variable naming the run's plan store, a folder the root conftest.py makes and removes.
@@ -158,13 +158,9 @@ def shared(model: onnx.ModelProto | str | os.PathLike, memory_budget: int | str 
         return compile_it()
     key = repr((model_key(model), memory_budget, partitions, shapes))
     folder = Path(store) / hashlib.sha256(key.encode()).hexdigest()[:32]
-    lock = os.open(f"{folder}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, also if this process dies
+    with exclusive(f"{folder}.lock"):
         if folder.is_dir():
             return crowdgraph.load(folder)
         plan = compile_it()
         plan.save(folder)
         return plan
-    finally:
-        os.close(lock)
