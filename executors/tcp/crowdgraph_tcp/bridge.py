@@ -28,6 +28,7 @@ from crowdgraph.schedule import TaskKey, WorkerInfo
 from crowdgraph.wire import Message
 
 from .common import LOG
+from .peers import form_problem
 
 __all__ = ["lossy_option", "Action", "OutputSpec", "output_specs", "result_problem", "PendingRun", "PendingLoad",
            "PendingUnload", "PendingStore", "PendingFetch", "HeldOutput", "held_outputs", "outputs_to_hold", "DIRECT_MIN_BYTES",
@@ -403,12 +404,9 @@ class DriverBridge:
         task = (message.header["task"][0], message.header["task"][1])
         with self._lock:
             known = {h.output: h for h in self._held.get(holder, {}) if h.task == task}
-        for name, value in message.tensors.items():
-            h = known.get(name)
-            if h is not None and (value.dtype.name != h.dtype or tuple(value.shape) != h.shape):
-                return (f"it sent output {name!r} of task {list(task)} as {value.dtype.name} {list(value.shape)}, "
-                        f"not the {h.dtype} {list(h.shape)} it said it holds")
-        return None
+        problems = (form_problem(name, value, known[name].dtype, known[name].shape)
+                    for name, value in message.tensors.items() if name in known)
+        return next((f"task {list(task)}: {p}" for p in problems if p is not None), None)
 
     def fetch(self, handles: Iterable[HeldOutput]) -> list[tuple[str, Action]]:
         """(worker, FETCH)s that bring ``handles`` to this side; each answers its :class:`PendingFetch`."""

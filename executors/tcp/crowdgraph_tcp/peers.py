@@ -33,7 +33,7 @@ from crowdgraph import wire
 from crowdgraph.errors import CrowdgraphError, ProtocolError
 from crowdgraph.wire import Message
 
-__all__ = ["HeldOutputs", "PeerServer", "PeerLinks", "FetchError", "fetched_problem", "answer_fetch"]
+__all__ = ["HeldOutputs", "PeerServer", "PeerLinks", "FetchError", "fetched_problem", "form_problem", "answer_fetch"]
 
 #: Largest read from a peer socket at once.
 CHUNK = 1 << 20
@@ -142,6 +142,20 @@ def fetched_problem(message: Message, task: TaskKey, holder: str, names: Iterabl
     if sorted(message.tensors) != sorted(names):
         return f"FETCHED from {holder} carries {sorted(message.tensors)}, not the outputs asked for, {sorted(names)}"
     return None
+
+
+def form_problem(name: str, value: np.ndarray, dtype: str, shape: Iterable[int]) -> str | None:
+    """Why output ``name``, fetched as ``value``, is not of the ``dtype`` and ``shape`` its holder announced, or None.
+
+    >>> form_problem("h", np.zeros((2, 3), np.float32), "float32", [2, 3]) is None
+    True
+    >>> form_problem("h", np.zeros(2), "float32", [2])
+    "output 'h' came as float64 [2], not the float32 [2] its holder announced"
+    """
+    if value.dtype.name == dtype and list(value.shape) == list(shape):
+        return None
+    return (f"output {name!r} came as {value.dtype.name} {list(value.shape)}, "
+            f"not the {dtype} {list(shape)} its holder announced")
 
 
 def answer_fetch(held: HeldOutputs, message: Message, me: str) -> Message:

@@ -70,7 +70,7 @@ from crowdgraph.units import format_bytes
 from crowdgraph.wire import Message
 
 from .common import client_ssl_context, parse_listen, parse_url, read_token
-from .peers import FetchError, HeldOutputs, PeerLinks, PeerServer, answer_fetch, fetched_problem
+from .peers import FetchError, HeldOutputs, PeerLinks, PeerServer, answer_fetch, fetched_problem, form_problem
 
 __all__ = ["PartitionCache", "Agent", "main"]
 
@@ -1090,10 +1090,9 @@ class Agent:
 def _check_fetched(holder: str, entries: list[dict[str, Any]], got: dict[str, Any]) -> None:
     """Raise FetchError unless each fetched output has the dtype and shape its RUN ``fetch`` entry names."""
     for e in entries:
-        value = got[e["output"]]
-        if value.dtype.name != e["dtype"] or list(value.shape) != e["shape"]:
-            raise FetchError(holder, f"{holder} sent output {e['output']!r} as {value.dtype.name} {list(value.shape)}, "
-                                     f"not {e['dtype']} {e['shape']}")
+        problem = form_problem(e["output"], got[e["output"]], e["dtype"], e["shape"])
+        if problem is not None:
+            raise FetchError(holder, f"from {holder}, {problem}")
 
 
 def _host_text(host: str) -> str:
