@@ -156,25 +156,33 @@ def test_held_outputs_are_gathered_and_dropped(tiny):
             ex.gather({"h": handle})
 
 
-FORGETFUL_HOLDER = """
+# Holders whose RESULTs say they hold outputs, then answer every FETCH that they do not, or with a
+# tensor cut to half its rows.
+UNSERVING_HOLDER = """
 import sys
 from crowdgraph_tcp import peers, worker
 
-def forgetful_get(self, task, names):
-    raise KeyError(f"outputs {list(names)} of task {list(task)} are not held here")
+honest_get = peers.HeldOutputs.get
 
-peers.HeldOutputs.get = forgetful_get
-sys.exit(worker.main(sys.argv[1:]))
+def get(self, task, names):
+    if sys.argv[1] == "forgets":
+        raise KeyError(f"outputs {list(names)} of task {list(task)} are not held here")
+    return {name: value[: len(value) // 2] for name, value in honest_get(self, task, names).items()}
+
+peers.HeldOutputs.get = get
+sys.exit(worker.main(sys.argv[2:]))
 """
 
 
-def test_a_holder_that_does_not_serve_what_it_holds_is_dropped_and_the_run_still_matches(tiny, tmp_path, tcp_helpers):
-    """Its RESULTs say it holds outputs, then it answers every FETCH that it does not: its reader
-    asks the coordinator, which sees the holder's answer itself, drops it, and the outputs it held
-    are computed again elsewhere.  Its 4 MB budget fits only the first partition, so it holds."""
+@pytest.mark.parametrize("mode, why", [("forgets", "not held here"), ("cuts", "its holder announced")])
+def test_a_holder_that_does_not_serve_what_it_holds_is_dropped_and_the_run_still_matches(tiny, tmp_path, tcp_helpers,
+                                                                                          mode, why):
+    """Its reader, refused or given the wrong form, asks the coordinator, which sees the holder's
+    answer itself, drops it, and the outputs it held are computed again elsewhere.  Its 4 MB budget
+    fits only the first partition, so it holds."""
     compiled, batch, expected = tiny
     with TcpExecutor.local(workers=2, memory="64MB") as ex:
-        liar = tcp_helpers.scripted_worker(ex, FORGETFUL_HOLDER, "forgetful", tmp_path, memory="4MB")
+        liar = tcp_helpers.scripted_worker(ex, UNSERVING_HOLDER, mode, tmp_path, mode, memory="4MB")
         try:
             outputs = compiled.run(batch, executor=ex, microbatch=4, timeout=60)
             assert liar.wait(30) == 0  # told BYE: it leaves
@@ -182,7 +190,7 @@ def test_a_holder_that_does_not_serve_what_it_holds_is_dropped_and_the_run_still
             tcp_helpers.stop_process(liar)
     np.testing.assert_allclose(outputs["logits"], expected["logits"], rtol=1e-4, atol=1e-5)
     (lost,) = [w.lost for w in compiled.last_report.workers.values() if w.lost]
-    assert "did not send outputs it holds" in lost and "not held here" in lost
+    assert "did not send outputs it holds" in lost and why in lost
 
 
 UNFETCHING_READER = """
