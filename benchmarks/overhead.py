@@ -160,9 +160,9 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
                     runs_warm[row])
                 direct, star = (r["coordinator_bytes_last_run"] for r in rows[-2:])
                 if batch > 1 and n_parts > 1:  # one row's boundary tensors are too small to hold (DIRECT_MIN_BYTES)
-                        targets.append(Target(NAME, f"{case.label} {shape} tcp warm crowd: bytes through the coordinator, "
-                                                "worker to worker / star", direct / star, DIRECT_TARGET, "<=", "x",
-                                          f"{format_bytes(direct)} against {format_bytes(star)} per run"))
+                    targets.append(Target(NAME, f"{case.label} {shape} tcp warm crowd: bytes through the coordinator, "
+                                            "worker to worker / star", direct / star, DIRECT_TARGET, "<=", "x",
+                                      f"{format_bytes(direct)} against {format_bytes(star)} per run"))
             roomy = f"warm crowd, fast sessions ({n_parts} x {format_bytes(room)})"
             add("threads", roomy, lambda: crowdgraph.ThreadExecutor(
                 workers=[WorkerInfo(f"thread-{n}", memory=room) for n in range(n_parts)], threads_per_worker=1),
