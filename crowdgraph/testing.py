@@ -169,6 +169,9 @@ class ExecutorConformance:
 
     #: Set True and implement :meth:`kill_worker` to run the worker-loss check.
     can_lose_workers = False
+    #: Name prefixes of threads a library keeps for the whole process once
+    #: first used (not the executor's to stop): the close check ignores them.
+    process_thread_prefixes: tuple[str, ...] = ()
 
     def make_executor(self, budgets: Sequence[int]) -> Executor:
         """A new executor whose crowd has one worker per budget (bytes)."""
@@ -387,7 +390,8 @@ class ExecutorConformance:
         executor.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+            left = [t for t in threading.enumerate() if t not in before and t.is_alive()
+                    and not t.name.startswith(self.process_thread_prefixes)]
             if not left:
                 break
             time.sleep(0.1)

@@ -56,6 +56,9 @@ def _dask_threads_exist_before(client):
 
 class TestDaskConformance(testing.ExecutorConformance):
     can_lose_workers = True
+    # dask.distributed's own pools, made on first use and kept for the process: the offload
+    # executor (distributed.utils) and the futures' callback executor (distributed.client).
+    process_thread_prefixes = ("Dask-Offload", "Dask-Callback-Thread")
 
     def make_executor(self, budgets: Sequence[int]) -> DaskExecutor:
         cluster = _spec_cluster(budgets)
