@@ -47,13 +47,6 @@ def _spec_cluster(budgets: Sequence[int]) -> Any:
     return distributed.SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _dask_threads_exist_before(client):
-    """Dask's process-wide threads (offload pool, future callbacks) start once and stay."""
-    client.submit(int, 1).add_done_callback(lambda f: None)
-    yield
-
-
 class TestDaskConformance(testing.ExecutorConformance):
     can_lose_workers = True
     # dask.distributed's own pools, made on first use and kept for the process: the offload
