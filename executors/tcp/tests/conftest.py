@@ -25,6 +25,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def run_example(name: str, timeout: float) -> str:
+    """Run ``examples/<name>`` as a user would (this checkout importable); its stdout, once it exits 0."""
+    done = subprocess.run([sys.executable, str(REPO / "examples" / name)], env=child_env(), capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     """SIGCONT (in case it was stopped), then terminate / kill; never leaves it running."""
     if proc.poll() is None:
@@ -98,8 +106,9 @@ def python() -> str:
 
 @pytest.fixture
 def tcp_helpers():
-    """child_env(), stop_process(proc), wait_until(pred, timeout, what), BackgroundRun, scripted_worker."""
+    """child_env(), run_example(name, timeout), stop_process(proc), wait_until(pred, timeout, what),
+    BackgroundRun, scripted_worker."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(child_env=child_env, stop_process=stop_process, wait_until=wait_until,
+    return SimpleNamespace(child_env=child_env, run_example=run_example, stop_process=stop_process, wait_until=wait_until,
                            BackgroundRun=BackgroundRun, scripted_worker=scripted_worker)

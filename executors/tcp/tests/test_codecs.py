@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +22,6 @@ from crowdgraph_tcp.relay import standing_coordinator
 from tests import models
 from tests.oracle import TOLERANCE, assert_matches, oracle
 
-REPO = Path(__file__).resolve().parents[3]
 
 RUN_TIMEOUT = 60.0
 
@@ -116,12 +114,10 @@ def test_an_unknown_lossy_option_is_refused_before_anything_starts():
 
 @pytest.mark.slow
 def test_the_lossy_wire_example_runs_and_shrinks_the_bytes(tcp_helpers):
-    done = subprocess.run([sys.executable, str(REPO / "examples" / "tcp_lossy_wire.py")],
-                          env=tcp_helpers.child_env(), capture_output=True, text=True, timeout=180, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    out = tcp_helpers.run_example("tcp_lossy_wire.py", timeout=180)
     found = re.findall(r"wire (\w+): tensor bytes on the wire (\d+); wire error (\S+) \(bound 0.05\); "
-                       r"max abs difference to the whole model: (\S+)", done.stdout)
-    assert [f[0] for f in found] == ["exact", "fp16", "int8"], done.stdout
+                       r"max abs difference to the whole model: (\S+)", out)
+    assert [f[0] for f in found] == ["exact", "fp16", "int8"], out
     sent = {name: int(n) for name, n, _, _ in found}
     errors = {name: float(e) for name, _, e, _ in found}
     assert sent["int8"] < sent["fp16"] < 0.6 * sent["exact"]

@@ -7,9 +7,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +20,6 @@ from crowdgraph_tcp import TcpExecutor
 from crowdgraph_tcp.bridge import HeldOutput
 from crowdgraph_tcp.peers import FetchError, PeerLinks
 
-REPO = Path(__file__).resolve().parents[3]
 
 HELLO = {"name": "test", "memory_budget": 1, "cores": 1, "platform": "test"}
 
@@ -42,15 +38,13 @@ def _through_coordinator(report) -> int:
 
 
 def test_the_direct_example_runs_and_matches_the_oracle(tcp_helpers):
-    done = subprocess.run([sys.executable, str(REPO / "examples" / "tcp_direct.py")], env=tcp_helpers.child_env(),
-                          capture_output=True, text=True, timeout=180, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    diffs = [float(x) for x in re.findall(r"max abs difference to the whole model: (\S+)", done.stdout)]
-    assert len(diffs) == 2 and max(diffs) <= 1e-4, done.stdout
-    sizes = re.findall(r"direct=(\w+): ([\d.]+) (k?B|MB) of tensors", done.stdout)
+    out = tcp_helpers.run_example("tcp_direct.py", timeout=180)
+    diffs = [float(x) for x in re.findall(r"max abs difference to the whole model: (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) <= 1e-4, out
+    sizes = re.findall(r"direct=(\w+): ([\d.]+) (k?B|MB) of tensors", out)
     scale = {"B": 1, "kB": 1e3, "MB": 1e6}
     star, direct = (float(n) * scale[u] for _, n, u in sizes)
-    assert direct < star / 10, done.stdout
+    assert direct < star / 10, out
 
 
 @pytest.mark.parametrize("reachable", [True, False], ids=["peer ports", "through the coordinator"])

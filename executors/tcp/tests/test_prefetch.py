@@ -6,10 +6,7 @@ import hashlib
 import io
 import re
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -21,17 +18,13 @@ from crowdgraph_tcp import TcpExecutor
 from crowdgraph_tcp.bridge import Action, PendingStore
 from crowdgraph_tcp.coordinator import STORE_CHUNK_BYTES
 
-REPO = Path(__file__).resolve().parents[3]
-
 
 def test_the_prefetch_example_reads_stored_partitions_from_disk(tcp_helpers):
-    done = subprocess.run([sys.executable, str(REPO / "examples" / "tcp_prefetch.py")], env=tcp_helpers.child_env(),
-                          capture_output=True, text=True, timeout=180, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    out = tcp_helpers.run_example("tcp_prefetch.py", timeout=180)
     found = re.findall(r"prefetch=(\w+): (\d+) partitions stored ahead; (\d+) of (\d+) loads read from disk; "
                        r"tiers (\{.*?\}); partition bytes sent with loads (\d+); "
-                       r"max abs difference to the whole model: (\S+)", done.stdout)
-    assert [f[0] for f in found] == ["False", "True"], done.stdout
+                       r"max abs difference to the whole model: (\S+)", out)
+    assert [f[0] for f in found] == ["False", "True"], out
     (_, stored_off, disk_off, _, tiers_off, sent_off, diff_off) = found[0]
     (_, stored_on, disk_on, _, tiers_on, sent_on, diff_on) = found[1]
     assert max(float(diff_off), float(diff_on)) <= 1e-4
