@@ -14,10 +14,20 @@ for all of them:
   old ones while a session loads; even the basic Conv + BatchNormalization
   fusion raised ResNet-50's last-stage partitions to 1.5 times their
   estimate (measured), where without it they stay within it;
-* on glibc, blocks of 64 KiB and more are allocated with mmap (a fixed
-  ``M_MMAP_THRESHOLD``): freed tensors go straight back to the operating
-  system instead of fragmenting the heap, which otherwise keeps resident
-  memory up to twice the live tensors (measured).
+* on glibc, a worker process allocates blocks of 64 KiB and more with
+  mmap (a fixed ``M_MMAP_THRESHOLD``, :func:`tune_allocator`): freed
+  tensors go straight back to the operating system instead of fragmenting
+  the heap, which otherwise keeps resident memory up to twice the live
+  tensors (measured).  That is a setting of the whole process, so only
+  processes that run partitions for a crowd take it: ``crowdgraph-worker``
+  and the measurement process (through :func:`warm_up`) and Dask workers
+  when they first hold a partition.  Opening a session does not, and a
+  :class:`~crowdgraph.ThreadExecutor` leaves the allocator of the program
+  it runs in alone: its workers share that process, so no one worker's
+  memory could be told apart in it anyway, and every large array the
+  program allocates would pay a fresh mmap and its page faults (compiling
+  and checking plans in one process spent twice the time in the kernel
+  that way, measured).
 
 A worker whose budget has room for it opens a partition as a *fast*
 session instead (``open_session(..., fast=True)``: onnxruntime's defaults),
@@ -80,7 +90,11 @@ _allocator_tuned = False
 
 
 def tune_allocator() -> None:
-    """Fix glibc's mmap threshold (once per process; a no-op elsewhere)."""
+    """Fix glibc's mmap threshold for this whole process (once; a no-op elsewhere).
+
+    For processes that run partitions for a crowd (see the module
+    docstring), before they take their idle floor.
+    """
     global _allocator_tuned
     if _allocator_tuned:
         return
@@ -177,7 +191,6 @@ def open_session(model: bytes | str | os.PathLike, threads: int = 1, fast: bool 
     """
     import onnxruntime as ort
 
-    tune_allocator()
     source = model if isinstance(model, bytes) else os.fspath(model)
     try:
         return ort.InferenceSession(source, session_options(threads, fast), providers=["CPUExecutionProvider"])

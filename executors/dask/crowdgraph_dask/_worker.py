@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from crowdgraph.runtime import ResidentSession, TaskState, current_rss, peak_rss
+from crowdgraph.runtime import ResidentSession, TaskState, current_rss, peak_rss, tune_allocator
 
 from ._cache import DiskCache, folder_for
 
@@ -48,6 +48,7 @@ def _slot(worker: Any = None) -> tuple[ResidentSession, Any]:
     with _SLOTS_LOCK:
         slot = _SLOTS.get(worker)
         if slot is None:
+            tune_allocator()  # a process that runs partitions (crowdgraph.runtime)
             slot = _SLOTS[worker] = ResidentSession(where=f"Dask worker {worker.address}")
     return slot, worker
 
