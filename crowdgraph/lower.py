@@ -432,8 +432,7 @@ def _topological(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 def _infer_concrete(proto: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
     """Shape and dtype of every tensor at the bound input shapes."""
-    bound = onnx.ModelProto()
-    bound.CopyFrom(proto)
+    bound = skeleton(proto)
     for vi in bound.graph.input:
         if vi.name in shapes:
             shape = vi.type.tensor_type.shape
@@ -441,7 +440,7 @@ def _infer_concrete(proto: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]
                 dim.Clear()
                 dim.dim_value = size
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(bound), strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(bound, strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises several types here
         raise ModelError(f"shape inference failed on the model: {exc}") from exc
     infos: dict[str, TensorInfo] = {}
@@ -454,7 +453,7 @@ def _infer_concrete(proto: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]
         infos[init.name] = TensorInfo(init.name, init.data_type, tuple(init.dims))
     missing = [o for n in graph.node for o in n.output if o and o not in infos]
     if missing:
-        infos.update(_measure(bound, shapes, missing, inferred))
+        infos.update(_measure(proto, shapes, missing, inferred))
     return infos
 
 
@@ -463,17 +462,44 @@ def skeleton(proto: onnx.ModelProto, keep_bytes: int = 1024) -> onnx.ModelProto:
 
     Shape inference needs the shapes of weights, not their values (small
     integer initializers, which may be shapes, are kept), and runs far
-    faster on a model that is not hundreds of megabytes.
+    faster on a model that is not hundreds of megabytes.  The large values
+    are never copied, so this costs a fraction of copying the model.
+
+    >>> from onnx import numpy_helper
+    >>> x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 512])
+    >>> big = numpy_helper.from_array(np.ones((512, 512), np.float32), "w")
+    >>> shape = helper.make_tensor("s", onnx.TensorProto.INT64, [2], [2, 512])
+    >>> graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [], [big, shape])
+    >>> light = skeleton(helper.make_model(graph))
+    >>> [(t.name, list(t.dims), len(t.raw_data), list(t.int64_data)) for t in light.graph.initializer]
+    [('w', [512, 512], 0, []), ('s', [2], 0, [2, 512])]
     """
     light = onnx.ModelProto()
-    light.CopyFrom(proto)
-    for init in light.graph.initializer:
-        if init.ByteSize() > keep_bytes:
-            data_type, dims, name = init.data_type, list(init.dims), init.name
-            init.Clear()
-            init.name, init.data_type = name, data_type
-            init.dims.extend(dims)
+    _copy_fields(proto, light, skip=("graph",))
+    _copy_fields(proto.graph, light.graph, skip=("initializer",))
+    for init in proto.graph.initializer:
+        if tensor_nbytes(init.data_type, init.dims) > keep_bytes:
+            shell = light.graph.initializer.add()
+            shell.name, shell.data_type = init.name, init.data_type
+            shell.dims.extend(init.dims)
+        else:
+            light.graph.initializer.add().CopyFrom(init)
     return light
+
+
+def _copy_fields(source: Any, target: Any, skip: tuple[str, ...] = ()) -> None:
+    """Copy the set fields of protobuf message ``source`` into ``target``, but those named in ``skip``."""
+    from google.protobuf.message import Message
+
+    for descriptor, value in source.ListFields():
+        if descriptor.name in skip:
+            continue
+        if isinstance(value, Message):
+            getattr(target, descriptor.name).CopyFrom(value)
+        elif isinstance(value, (bool, int, float, str, bytes)):
+            setattr(target, descriptor.name, value)
+        else:  # a repeated field
+            getattr(target, descriptor.name).extend(value)
 
 
 def _concrete_info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
@@ -494,21 +520,42 @@ def _measure(
     names: list[str],
     inferred: onnx.ModelProto,
 ) -> dict[str, TensorInfo]:
-    """Shapes inference could not tell, measured by running the model once."""
+    """Shapes inference could not tell, measured by running once, on zero
+    inputs, the nodes they depend on.
+
+    Those are few (a ``Range`` over an input's length, and what it feeds):
+    only their part of the model is copied and run, not every weight.
+    """
     import onnxruntime as ort
 
     from .runtime import session_options
 
+    graph = proto.graph
+    producer = {out: index for index, node in enumerate(graph.node) for out in node.output if out}
+    inits = {i.name: i for i in graph.initializer}
+    nodes: set[int] = set()
+    reads: set[str] = set()
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        if name in reads:
+            continue
+        reads.add(name)
+        if name in producer and name not in inits:
+            nodes.add(producer[name])
+            pending.extend(_node_reads(graph.node[producer[name]]))
     probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
+    _copy_fields(proto, probe, skip=("graph",))
+    _copy_fields(graph, probe.graph, skip=("node", "initializer", "input", "output", "value_info"))
+    probe.graph.node.extend(graph.node[i] for i in sorted(nodes))
+    probe.graph.initializer.extend(inits[n] for n in sorted(reads & inits.keys()))
+    probe.graph.input.extend(vi for vi in graph.input if vi.name in reads and vi.name not in inits)
     known_types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
-    present = {o.name for o in probe.graph.output}
     for name in names:
-        if name not in present:
-            vi = probe.graph.output.add()
-            vi.name = name
-            if known_types.get(name):
-                vi.type.tensor_type.elem_type = known_types[name]
+        vi = probe.graph.output.add()
+        vi.name = name
+        if known_types.get(name):
+            vi.type.tensor_type.elem_type = known_types[name]
     feeds = {}
     for vi in probe.graph.input:
         if vi.name in shapes:
@@ -530,3 +577,4 @@ def _measure(
         elem = helper.np_dtype_to_tensor_dtype(value.dtype) if value.dtype != object else onnx.TensorProto.STRING
         result[name] = TensorInfo(name, elem, tuple(value.shape))
     return result
+
