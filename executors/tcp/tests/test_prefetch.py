@@ -25,11 +25,13 @@ def test_the_prefetch_example_reads_stored_partitions_from_disk(tcp_helpers):
                        r"tiers (\{.*?\}); partition bytes sent with loads (\d+); "
                        r"max abs difference to the whole model: (\S+)", out)
     assert [f[0] for f in found] == ["False", "True"], out
-    (_, stored_off, disk_off, _, tiers_off, sent_off, diff_off) = found[0]
+    (_, stored_off, disk_off, _, _, sent_off, diff_off) = found[0]
     (_, stored_on, disk_on, _, tiers_on, sent_on, diff_on) = found[1]
     assert max(float(diff_off), float(diff_on)) <= 1e-4
-    assert (int(stored_off), int(disk_off)) == (0, 0) and "2:" not in tiers_off
-    assert int(stored_on) > 0 and int(disk_on) > 0 and "2:" in tiers_on
+    # Without prefetch nothing is stored ahead; a worker that comes back to a partition it held
+    # earlier still reads it from its cache, which a busy machine's timing may or may not bring.
+    assert int(stored_off) == 0
+    assert int(stored_on) > 0 and int(disk_on) > int(disk_off) and "2:" in tiers_on
     assert int(sent_on) < int(sent_off)  # the stored partitions' loads sent no bytes
 
 
