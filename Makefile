@@ -43,8 +43,9 @@ demo: $(VENV)/.demo-installed
 
 # The suite runs in JOBS pytest processes (pytest-xdist), one test file per process at a time,
 # so a file's shared plans and clusters stay in one process; files start in the order collected,
-# the longest first (conftest.py).  JOBS=1 runs it in this process.
-JOBS ?= 2
+# the longest first (conftest.py).  JOBS=1 runs it in this process.  Three on two cores: the
+# network tests spend much of their time waiting for worker processes, heartbeats and pages.
+JOBS ?= 3
 PYTEST := $(BIN)/python -m pytest $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 test: $(VENV)/.test-installed web chromium
