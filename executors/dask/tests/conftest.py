@@ -57,6 +57,8 @@ def cluster():
 @pytest.fixture(scope="session")
 def client(cluster):
     with distributed.Client(cluster, set_as_default=False) as c:
+        # On a busy machine the scheduler may list the workers a moment after the cluster is up.
+        c.wait_for_workers(len(cluster.workers), timeout=60)
         yield c
 
 
