@@ -2,7 +2,10 @@
 
 Both sides use one onnxruntime intra-op thread and the session options of
 :func:`crowdgraph.runtime.open_session`; they run alternately, and each
-round gives one ratio (partitioned / whole).  Rows:
+round gives one ratio (partitioned / whole).  The whole model and the
+thread executor run in this process with glibc's own allocator settings,
+as in any Python program; TCP workers fix theirs as every
+``crowdgraph-worker`` does (:mod:`crowdgraph.runtime`).  Rows:
 
 * ``threads, 1 worker``: one ThreadExecutor worker runs every partition.
   A worker holds one partition at a time, so each run loads every
