@@ -577,4 +577,3 @@ def _measure(
         elem = helper.np_dtype_to_tensor_dtype(value.dtype) if value.dtype != object else onnx.TensorProto.STRING
         result[name] = TensorInfo(name, elem, tuple(value.shape))
     return result
-

@@ -315,3 +315,32 @@ def test_inspect_prints_the_table(capsys):
     assert main(["inspect", "--size", "tiny", "--partitions", "3"]) == 0
     out = capsys.readouterr().out
     assert "est. resident MB" in out and "p2" in out
+
+
+def _length_model(range_op: str = "Range", domain: str = "") -> onnx.ModelProto:
+    """Positions 0..n-1 of an input of length n pick rows of a table: shape inference cannot
+    size a Range over an input's length, so lowering measures it."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "n"])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4096])
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+             helper.make_node(range_op, ["zero", "length", "one"], ["positions"], domain=domain),
+             helper.make_node("Gather", ["table", "positions"], ["rows"], axis=0),
+             helper.make_node("MatMul", ["rows", "weight"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             onnx.numpy_helper.from_array(np.array(1, np.int64), "one"),
+             onnx.numpy_helper.from_array(np.ones((64, 8), np.float32), "table"),
+             onnx.numpy_helper.from_array(np.ones((8, 4096), np.float32), "weight")]
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=opsets)
+
+
+@pytest.mark.parametrize("n", [5, 9])
+def test_tensors_shape_inference_cannot_size_are_measured_at_the_bound_shapes(n):
+    tensors = lower(_length_model(), {"x": (1, n)}).tensors
+    assert (tensors["positions"].shape, tensors["rows"].shape, tensors["y"].shape) == ((n,), (n, 8), (n, 4096))
+
+
+def test_tensors_that_cannot_be_measured_either_name_themselves():
+    with pytest.raises(crowdgraph.ModelError, match="could not determine the shapes of .* 'positions'"):
+        lower(_length_model("Mystery", "com.example"), {"x": (1, 5)})

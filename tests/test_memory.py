@@ -7,6 +7,9 @@ numpy and onnxruntime must be at most its estimated resident memory.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import onnx
 import pytest
 
@@ -67,6 +70,18 @@ def test_the_runtime_once_cost_is_in_the_floor_and_a_session_fits_its_estimate(t
     once = warm["floor"] - warm["cold_floor"]
     assert once > 2 * estimate, "the first session's cost is paid by the warm-up, in the floor"
     assert cold["above_floor"] > estimate, "above a cold floor a session would break its estimate"
+
+
+def test_only_a_worker_process_fixes_the_allocator_and_keeps_the_memory_pattern():
+    """Opening a session leaves the program's allocator alone; the warm-up every worker and
+    measurement runs fixes it, and from then on memory-safe sessions keep onnxruntime's memory
+    pattern (fast sessions always have it: they are onnxruntime's defaults)."""
+    probe = ("from crowdgraph import runtime as r\n"
+             "def pattern(): return r.session_options().enable_mem_pattern\n"
+             "before = pattern(); r.open_session(r.warm_up_model()); opened = pattern(); r.warm_up()\n"
+             "print(before, opened, pattern(), r.session_options(fast=True).enable_mem_pattern)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["False", "False", "True", "True"]
 
 
 def test_tiny_model_partitions_stay_within_estimates(tmp_path):
