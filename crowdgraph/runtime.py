@@ -2,8 +2,8 @@
 
 Every executor (threads, TCP workers, Dask workers) and every measurement
 opens partitions through :func:`open_session`, so all of them run with the
-same options, and the memory estimate of :mod:`crowdgraph.partition` holds
-for all of them:
+same options (the memory pattern aside, see below), and the memory
+estimate of :mod:`crowdgraph.partition` holds for all of them:
 
 * no CPU memory arena: memory freed by a closed session goes back to the
   allocator (and, with :func:`release_memory`, to the operating system)
