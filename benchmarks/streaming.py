@@ -17,13 +17,19 @@ the cut ``1 - ratio``.
   partition is sent over the 10 MB/s link when first needed.  A *warm*
   crowd has every partition on local storage and worker i holds
   partition i in memory from the previous batch (as the real crowds
-  below do).  The simulation is deterministic: one run per mode.
+  below do).  Each crowd runs under two placement policies: ``pipeline``
+  (a stage per phone, as CROWDio places them; the 34% target is
+  evaluated there, on the heterogeneous phones) and ``cost`` (the
+  default, which gives a stage replicas where their loads pay, so its
+  barrier stages already spread over the crowd).  The simulation is
+  deterministic: one run per mode.
 
 Run: python -m benchmarks.streaming [--quick]
 """
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import time
 from typing import Any
@@ -36,6 +42,8 @@ from .common import Target, alternate, ratio_cell, show, table
 
 NAME = "streaming"
 CUT_TARGET = 0.34
+#: Placement policies of the simulated crowds: CROWDio's (a stage per phone), the target's setting, and the default.
+POLICIES = ("pipeline", "cost")
 SPEEDS = {"heterogeneous": (1.0, 0.8, 0.6, 0.5, 0.4), "equal": (1.0,) * 5}
 
 
@@ -74,33 +82,35 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
                             "error": str(exc)})
                 continue
             names = [p.name for p in compiled.partitions]
-            for state in ("cold", "warm"):
-                for crowd_name, speeds in SPEEDS.items():
-                    crowd = [crowdgraph.WorkerInfo(f"phone{n}", memory=sim_budget, speed=s,
+            for state, (crowd_name, speeds), policy in itertools.product(("cold", "warm"), SPEEDS.items(),
+                                                                          POLICIES):
+                crowd = [crowdgraph.WorkerInfo(f"phone{n}", memory=sim_budget, speed=s,
                                                cached=names if state == "warm" else (),
                                                resident=names[n] if state == "warm" and n < len(names) else None)
-                             for n, s in enumerate(speeds)]
-                    reports = {mode: crowdgraph.simulate(compiled, crowd, (batch, case.sequence),
-                                                         microbatch=microbatch, mode=mode)
-                               for mode in ("streaming", "barrier")}
-                    ratio = reports["streaming"].makespan / reports["barrier"].makespan
-                    sim.append({"model": case.label, "shape": shape, "budget": sim_budget, "compiles": True,
-                                "partitions": len(names), "state": state, "crowd": crowd_name,
-                                "speeds": list(speeds),
-                                "workers_used": len({t.worker for t in reports["streaming"].tasks}),
-                                "loads": {m: len(r.loads) for m, r in reports.items()},
-                                "streaming_s": reports["streaming"].makespan,
-                                "barrier_s": reports["barrier"].makespan, "ratio": ratio, "cut": 1 - ratio})
-                    if crowd_name == "heterogeneous":  # CROWDio's setting; equal speeds are in the table
-                        targets.append(Target(
-                            NAME, f"simulated {case.label}, {sim_budget} plan ({len(names)} partitions), {state} "
-                                  f"crowd, {crowd_name} speeds: streaming cuts batch latency by",
-                            100 * (1 - ratio), 100 * CUT_TARGET, ">=", "%"))
-                    if plots and crowd_name == "heterogeneous" and sim_budget == sim_budgets[0] and index == 0:
-                        for mode, rep in reports.items():
-                            rep.plot_timeline(out / f"streaming_sim_{state}_{mode}.png",
-                                              title=f"simulated {mode}, {state} crowd: {case.label}, 5 phones "
-                                                    f"(speeds {', '.join(map(str, speeds))}), {rep.makespan:.1f} s")
+                         for n, s in enumerate(speeds)]
+                reports = {mode: crowdgraph.simulate(compiled, crowd, (batch, case.sequence),
+                                                     microbatch=microbatch, mode=mode, policy=policy)
+                           for mode in ("streaming", "barrier")}
+                ratio = reports["streaming"].makespan / reports["barrier"].makespan
+                sim.append({"model": case.label, "shape": shape, "budget": sim_budget, "compiles": True,
+                            "partitions": len(names), "state": state, "crowd": crowd_name, "policy": policy,
+                            "speeds": list(speeds),
+                            "workers_used": len({t.worker for t in reports["streaming"].tasks}),
+                            "loads": {m: len(r.loads) for m, r in reports.items()},
+                            "streaming_s": reports["streaming"].makespan,
+                            "barrier_s": reports["barrier"].makespan, "ratio": ratio, "cut": 1 - ratio})
+                # CROWDio's setting (its phones' speeds, a stage per phone) has a target; the rest is in the table.
+                crowdio = crowd_name == "heterogeneous" and policy == "pipeline"
+                if crowdio:
+                    targets.append(Target(
+                        NAME, f"simulated {case.label}, {sim_budget} plan ({len(names)} partitions), {state} "
+                              f"crowd, {crowd_name} speeds: streaming cuts batch latency by",
+                        100 * (1 - ratio), 100 * CUT_TARGET, ">=", "%"))
+                if plots and crowdio and sim_budget == sim_budgets[0] and index == 0:
+                    for mode, rep in reports.items():
+                        rep.plot_timeline(out / f"streaming_sim_{state}_{mode}.png",
+                                          title=f"simulated {mode}, {state} crowd: {case.label}, 5 phones "
+                                                f"(speeds {', '.join(map(str, speeds))}), {rep.makespan:.1f} s")
 
         # -- real crowds -----------------------------------------------------
         compiled = crowdgraph.compile(case.model, budget, input_shapes=micro_shapes)
@@ -129,13 +139,14 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
         show(f"  {case.label}: done ({time.perf_counter() - began:.0f} s)")
 
     show(table(
-        ["model", "plan", "parts", "state", "speeds", "workers used", "loads s/b", "streaming s", "barrier s",
-         "ratio", "cut", "target"],
+        ["model", "plan", "parts", "state", "speeds", "policy", "workers used", "loads s/b", "streaming s",
+         "barrier s", "ratio", "cut", "target"],
         [(r["model"], r["budget"], r.get("partitions", "-"), r.get("state", "-") if r["compiles"] else "does not compile",
-          r.get("crowd", "-"), r.get("workers_used", "-"),
+          r.get("crowd", "-"), r.get("policy", "-"), r.get("workers_used", "-"),
           f"{r['loads']['streaming']}/{r['loads']['barrier']}" if r["compiles"] else "-", r.get("streaming_s"), r.get("barrier_s"), r.get("ratio"),
           f"{r['cut']:.0%}" if r["compiles"] else "-",
-          (("PASS" if r["cut"] >= CUT_TARGET else "MISS") + f" (>= {CUT_TARGET:.0%})") if r["compiles"] else "-")
+          (("PASS" if r["cut"] >= CUT_TARGET else "MISS") + f" (>= {CUT_TARGET:.0%})")
+          if r["compiles"] and r["policy"] == "pipeline" else "-")
          for r in sim],
         title=f"Simulated: batch {batch}x rows in micro-batches of {microbatch}, 5 workers, CostModel defaults"))
     show(table(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -126,13 +127,16 @@ class Driver:
         need = {p: part.resident_bytes for p, part in self.partitions.items()}
         if self.private:
             need, workers = home_memory(need, self.private), home_crowd(workers)
+        measured = _measured_on(self.executor)
         self.scheduler = Scheduler(self.tasks, need, workers, seed=self.seed, policy=self.policy,
                                    weight_bytes={p: part.weight_bytes for p, part in self.partitions.items()},
                                    flops={p: part.flops * rows for p, part in self.partitions.items()},
                                    star_bandwidth=getattr(self.executor, "star_bandwidth", math.inf),
                                    tensor_bytes={p: (part.input_bytes + part.output_bytes) * rows
                                                  for p, part in self.partitions.items()},
-                                   pins=self.state.pins() if self.state else None)
+                                   pins=self.state.pins() if self.state else None,
+                                   estimates={p: measured[part.sha256] * rows for p, part in self.partitions.items()
+                                              if part.sha256 in measured})
         self.report.start = self.executor.now()
         bar = _progress_bar(len(self.tasks)) if self.progress else None
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -171,6 +175,8 @@ class Driver:
         finally:
             if bar is not None:
                 bar.close()
+            for p, seconds in self.scheduler.measured_estimates.items():
+                measured[self.partitions[p].sha256] = seconds / rows
         self.report.end = self.executor.now()
         self.report.backups.extend(self.backup_records.values())
         if self.report.audit is not None:
@@ -579,6 +585,21 @@ def _check_audit_rate(rate: float) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
         raise InputError(f"audit must be a fraction of tasks from 0 to 1 (such as 0.05), not {rate!r}")
     return float(rate)
+
+
+#: Per executor, seconds per compiled row of one task of each partition (by
+#: sha256) on a speed-1.0 worker, as its earlier runs measured them: the
+#: next run's scheduler starts from these instead of the FLOPs seed, as
+#: Dask's scheduler keeps task durations from one computation to the next.
+_MEASURED: weakref.WeakKeyDictionary[Executor, dict[str, float]] = weakref.WeakKeyDictionary()
+
+
+def _measured_on(executor: Executor) -> dict[str, float]:
+    """What earlier runs on ``executor`` measured (empty for one that cannot be a weak key)."""
+    try:
+        return _MEASURED.setdefault(executor, {})
+    except TypeError:
+        return {}
 
 
 def _rows_scale(compiled: Any, microbatches: Sequence[Mapping[str, Any]]) -> float:

@@ -82,13 +82,20 @@ The rules
   when that worker would load and run the task before the holders get
   through the partition's backlog (the *drain*)::
 
-      load(w, p) + task(p, w) / speed(w)
+      load(w, p) + task(p, w) / speed(w) + reload(w)
           <  (task(p, h) x (queued + ready tasks of p) + unconfirmed loads)
              / summed speed of p's holders
 
   (``h`` is the best holder; an unconfirmed load counts as ``speed x load
   seconds`` of its holder's time, and the drain is at least when this
-  task would finish behind the queued ones).  A replica whose weights
+  task would finish behind the queued ones).  ``reload(w)`` is what
+  swapping out ``w``'s partition costs the crowd: ``load(w, q)`` when
+  ``w`` is the only holder of the partition ``q`` it holds and ``q`` has
+  work left (someone must load it again), else 0.  Without it a warm
+  pipeline crowd (each worker holding its stage, as after a run) whose
+  first stage is all it can run would swap every stage out for replicas
+  of the first and end the run in waves, every worker loading every
+  partition, run after run.  A replica whose weights
   are on the worker's local storage must also be needed by the tasks as
   they are, whole: the drain spreads the queued tasks over every holder,
   so near the end of a partition's work a slow phone's replica would
@@ -217,10 +224,12 @@ Estimates
 ---------
 A partition's *estimate* is the seconds one task of it takes on a
 speed-1.0 worker.  It starts at ``flops / FLOPS_PER_SECOND`` (0 without
-FLOPs, so nothing is worth a load until a task was measured) and follows
-the durations ``TaskFinished`` carries, times the worker's speed: the
-mean of the first four, then a moving average weighing the newest by a
-quarter.  Executors measure those durations around the worker's compute,
+FLOPs, so nothing is worth a load until a task was measured), or at what
+earlier runs measured (``Scheduler(estimates=...)``, counted as one
+measurement: the FLOPs seed assumes a phone, and a laptop core runs ten
+to twenty times faster), and follows the durations ``TaskFinished``
+carries, times the worker's speed: the mean of the first four, then a
+moving average weighing the newest by a quarter.  Executors measure those durations around the worker's compute,
 so queueing on a busy link never passes for a slow partition; the
 transfer of a task's tensors is added from ``tensor_bytes`` and the
 worker's ``bandwidth`` instead (``task(p, w)`` above).  Loads cost ``weight_bytes`` over the worker's ``bandwidth``
@@ -626,6 +635,10 @@ class Scheduler:
     pins
         Tasks that must run on a given worker while it holds their
         partition (state affinity, see "Placement").
+    estimates
+        Seconds one task of each partition took on a speed-1.0 worker in
+        earlier runs (see :attr:`measured_estimates`); they replace the
+        FLOPs seed and count as one measurement (see "Estimates").
 
     Raises
     ------
@@ -669,6 +682,7 @@ class Scheduler:
         star_bandwidth: float = math.inf,
         tensor_bytes: Mapping[str, int] | None = None,
         pins: Mapping[TaskKey, str] | None = None,
+        estimates: Mapping[str, float] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise PlanningError(
@@ -721,6 +735,9 @@ class Scheduler:
             p: float((flops or {}).get(p, 0)) / FLOPS_PER_SECOND for p in used
         }
         self._measured: dict[str, int] = {p: 0 for p in used}
+        for p, seconds in (estimates or {}).items():
+            if p in self._estimate:
+                self._estimate[p], self._measured[p] = float(seconds), 1
         self._star_bandwidth = float(star_bandwidth)
         self._tensor_bytes = {p: int((tensor_bytes or {}).get(p, 0)) for p in used}
         # Bytes on their way through the star: the weights of unconfirmed
@@ -869,6 +886,12 @@ class Scheduler:
     def estimate(self, partition: str) -> float:
         """Expected seconds of one task of ``partition`` on a speed-1.0 worker."""
         return self._estimate[partition]
+
+    @property
+    def measured_estimates(self) -> dict[str, float]:
+        """Estimates of the partitions with a measured task, to seed a later
+        run's scheduler (``estimates=``) on the same crowd."""
+        return {p: e for p, e in self._estimate.items() if self._measured[p]}
 
     @property
     def pins(self) -> Mapping[TaskKey, str]:
@@ -1452,13 +1475,22 @@ class Scheduler:
         if i is not None:
             load = self._load_seconds(i, p)
             finish = load + self._task_seconds(p, i) / i.speed
-            if finish < drain and (
+            if finish + self._reload_seconds(i) < drain and (
                     not self._absorbed(p, finish) if p in i.stored
                     else self._lags(p, h, i, i.speed * load) and self._star_spare(p, drain)):
                 return i, tier
         if len(h.queue) <= PREFETCH and self._state[next(iter(h.queue))] != _FINISHED:
             return h, 1  # (not behind the slower copy of a backed-up task)
         return None
+
+    def _reload_seconds(self, w: _Worker) -> float:
+        """``reload(w)`` of the replica rule: seconds to load again the
+        partition ``w`` holds when it is that partition's only holder and
+        the partition has work left (what swapping it out costs), else 0."""
+        q = w.resident
+        if q is None or not self._unfinished.get(q) or len(self._holders[q]) > 1:
+            return 0.0
+        return self._load_seconds(w, q)
 
     def _absorbed(self, p: str, finish: float) -> bool:
         """Whether ``p``'s holders, each taking whole tasks at its speed

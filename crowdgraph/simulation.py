@@ -9,9 +9,11 @@ virtual-time order, so the same driver loop runs unchanged.  It answers
 is the in-memory crowd the scheduler's tests use.
 
 All tensors travel through the coordinator (a star, as with phones behind
-NAT): a task's inputs come down the worker's link and its outputs go up
-it before the task counts as finished, and partition weights that are
-not cached come down it too.  Every such transfer also crosses the
+NAT): a task's inputs come down the worker's link as soon as the task is
+issued (a worker busy with the task before reads them meanwhile, as the
+TCP worker and the browser page do), its outputs go up it before the
+task counts as finished, and partition weights that are not cached come
+down it too.  Every such transfer also crosses the
 coordinator's own link, which carries one transfer at a time at
 ``CostModel.coordinator_bandwidth``: a big enough crowd saturates it, as
 a real star does, and the report then says that the coordinator link,
@@ -213,9 +215,11 @@ class SimulatedExecutor(Executor):
         scale = self.scale if isinstance(self.scale, float) else self.scale[key[1]]
         bytes_in = int(partition.input_bytes * scale)
         bytes_out = int(partition.output_bytes * scale)
+        # The inputs leave now: a worker still busy with the task before
+        # reads its next RUN while that task computes, as real workers do.
         # The task's start and end are its compute, as a real worker measures
         # them: the scheduler learns compute times, not the links' queues.
-        start = self._transfer(max(self._clock, self._free_at[worker]), bytes_in)
+        start = max(self._transfer(self._clock, bytes_in), self._free_at[worker])
         computed = start + self.cost.compute_seconds(partition, scale, self.crowd[worker].speed)
         delivered = self._free_at[worker] = self._transfer(computed, bytes_out)
         self._push(delivered, Finished(worker, key, {o: None for o in partition.outputs},

@@ -135,6 +135,36 @@ def test_second_run_on_the_same_crowd_starts_resident():
         assert not any(load.worker == t.worker and load.end <= t.start for load in report.loads)
 
 
+def test_a_later_run_on_the_same_executor_starts_from_the_durations_measured_before(monkeypatch):
+    # The FLOPs seed assumes a phone; what the crowd measured is better.  It
+    # is kept per executor and per row the plan was compiled at, so a run at
+    # another micro-batch size starts from it scaled.
+    import crowdgraph.driver as driver
+
+    seeds = []
+
+    class Recording(driver.Scheduler):
+        def __init__(self, *args, estimates=None, **kwargs):
+            seeds.append(dict(estimates or {}))
+            super().__init__(*args, estimates=estimates, **kwargs)
+
+    monkeypatch.setattr(driver, "Scheduler", Recording)
+    model, feeds = batched(models.chain(), 4)
+    compiled = crowdgraph.compile(model, partitions=2, sample=feeds)  # at 4 rows
+    names = [p.name for p in compiled.partitions]
+    with ThreadExecutor(workers=2) as ex:
+        compiled.run(feeds, executor=ex, microbatch=1)
+        per_row = {p.name: driver._measured_on(ex)[p.sha256] for p in compiled.partitions}
+        got = compiled.run(feeds, executor=ex, microbatch=2)
+    assert_matches(got, oracle(model, feeds))
+    assert seeds[0] == {} and sorted(seeds[1]) == names
+    assert all(per_row[p] > 0 for p in names)
+    assert seeds[1] == pytest.approx({p: per_row[p] * 2 / 4 for p in names})  # 2 of the 4 rows
+    with ThreadExecutor(workers=2) as fresh:  # another crowd starts from the FLOPs again
+        compiled.run(feeds, executor=fresh, microbatch=1)
+    assert seeds[2] == {}
+
+
 def test_worker_lost_mid_run_its_tasks_are_placed_again():
     model, feeds = batched(models.chain(), 12)
     compiled = crowdgraph.compile(model, partitions=3, sample=feeds)

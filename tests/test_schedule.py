@@ -1098,6 +1098,19 @@ def test_measured_durations_replace_the_flops_estimate() -> None:
     assert Load("b", "p0") in after and {r.worker for r in runs(after)} == {"a", "b"}
 
 
+def test_estimates_from_earlier_runs_replace_the_flops_seed_and_are_read_back() -> None:
+    # w0 holds p0; its 16 tasks of 1 s by their FLOPs get replicas (a load
+    # takes microseconds); measured at 1 ns in an earlier run, no load pays.
+    # The run's measurements then move it as they move a first one.
+    crowd = [WorkerInfo(f"w{i}", 100, resident="p0" if i == 0 else None) for i in range(4)]
+    for estimates, holders in (({}, 4), ({"p0": 1e-9}, 1)):
+        s = Scheduler(chain_of(16), MEM, crowd, flops={"p0": 5e9}, estimates=estimates)
+        assert s.measured_estimates == estimates
+        assert len(holders_per_partition(drain(s, s.start(), 2e-9))["p0"]) == holders
+        learnt = s.measured_estimates["p0"]
+        assert learnt == pytest.approx(2e-9) if not estimates else 1e-9 < learnt < 2e-9
+
+
 def test_a_faster_idle_worker_loads_a_replica_the_holders_queue_would_delay() -> None:
     crowd = [WorkerInfo("slow", 100, speed=0.5), WorkerInfo("fast", 100, speed=4.0, resident="p1")]
     s = Scheduler(chain_of(8), MEM, crowd, flops={"p0": 5e9, "p1": 0})
@@ -1145,6 +1158,24 @@ def test_a_crowd_one_stage_short_of_a_spare_worker_loads_the_only_stage_it_can_r
     s = Scheduler(chain_of(8, stages), MEM, crowd, flops=flops)
     loads = [a.worker for a in s.start() if isinstance(a, Load)]
     assert len(loads) == (3 if in_step else 1)
+
+
+@pytest.mark.parametrize("weights, replicas", [(200_000_000, True), (400_000_000, False)])
+def test_a_replica_that_swaps_out_a_stage_s_only_holder_pays_for_loading_it_again(
+        weights: int, replicas: bool) -> None:
+    # A warm pipeline crowd (each worker holds its stage, as after a run):
+    # p0's 8 tasks of 1 s are all it can run.  Loading p0 from local storage
+    # (2 s or 4 s) would run a task before w0 gets through them, but w1 and
+    # w2 are the only holders of p1 and p2, which must then be loaded again:
+    # 2 + 1 + 2 s pays against the 8 s drain, 4 + 1 + 4 s does not (and
+    # without counting the second load, 4 + 1 s would).
+    stages = ("p0", "p1", "p2")
+    crowd = [WorkerInfo(f"w{i}", 100, resident=p, cached=frozenset(stages), disk_bandwidth=200e6)
+             for i, p in enumerate(stages)]
+    s = Scheduler(chain_of(8, stages), MEM, crowd, weight_bytes=dict.fromkeys(stages, weights),
+                  flops={"p0": 5e9, "p1": 5e8, "p2": 5e8})
+    loads = [a for a in s.start() if isinstance(a, Load)]
+    assert bool(loads) == replicas and all(a.partition == "p0" for a in loads), loads
 
 
 def test_policy_is_checked() -> None:

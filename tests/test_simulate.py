@@ -220,6 +220,22 @@ def test_simulated_tasks_report_their_compute_time():
     assert report.makespan > 2 * sum(compute.values()) * 16 / len(crowd)  # the link is the bound
 
 
+def test_a_queued_task_gets_its_inputs_while_the_task_before_it_computes():
+    # Real workers read their next RUN (and its tensors) during a task, so on
+    # a worker that stays busy only the outputs come between two tasks.
+    plan = _wide_chain_plan(3, 1)
+    (part,) = plan.partitions
+    cost = CostModel(bandwidth=1e9, coordinator_bandwidth=float("inf"))
+    report = crowdgraph.simulate(plan, [WorkerInfo("w0", memory="64MB")], (4 * 128, 768), microbatch=128,
+                                 cost=cost)
+    tasks = sorted(report.tasks, key=lambda t: t.start)
+    assert [t.microbatch for t in tasks] == [0, 1, 2, 3]
+    compute = cost.compute_seconds(part, 1.0, 1.0)
+    assert cost.transfer_seconds(part.input_bytes) < compute  # so the inputs are there in time
+    gaps = [later.start - earlier.end for earlier, later in zip(tasks, tasks[1:])]
+    assert gaps == pytest.approx([cost.transfer_seconds(part.output_bytes)] * 3)
+    assert tasks[0].start == pytest.approx(report.loads[0].end)  # its inputs came during the load
+
 @pytest.mark.slow
 def test_replicas_with_no_worker_to_spare_go_to_the_lagging_stages(full_distilbert):
     # 9 partitions on 6 cold workers (the crowd benchmark's 48 MB plan): every
