@@ -85,8 +85,8 @@ def run(quick: bool = False, out: pathlib.Path = common.RESULTS) -> dict[str, An
             for state, (crowd_name, speeds), policy in itertools.product(("cold", "warm"), SPEEDS.items(),
                                                                           POLICIES):
                 crowd = [crowdgraph.WorkerInfo(f"phone{n}", memory=sim_budget, speed=s,
-                                               cached=names if state == "warm" else (),
-                                               resident=names[n] if state == "warm" and n < len(names) else None)
+                                           cached=names if state == "warm" else (),
+                                           resident=names[n] if state == "warm" and n < len(names) else None)
                          for n, s in enumerate(speeds)]
                 reports = {mode: crowdgraph.simulate(compiled, crowd, (batch, case.sequence),
                                                      microbatch=microbatch, mode=mode, policy=policy)

@@ -229,11 +229,12 @@ earlier runs measured (``Scheduler(estimates=...)``, counted as one
 measurement: the FLOPs seed assumes a phone, and a laptop core runs ten
 to twenty times faster), and follows the durations ``TaskFinished``
 carries, times the worker's speed: the mean of the first four, then a
-moving average weighing the newest by a quarter.  Executors measure those durations around the worker's compute,
-so queueing on a busy link never passes for a slow partition; the
-transfer of a task's tensors is added from ``tensor_bytes`` and the
-worker's ``bandwidth`` instead (``task(p, w)`` above).  Loads cost ``weight_bytes`` over the worker's ``bandwidth``
-(``disk_bandwidth`` when cached) plus deserialisation at
+moving average weighing the newest by a quarter.  Executors measure
+those durations around the worker's compute, so queueing on a busy link
+never passes for a slow partition; the transfer of a task's tensors is
+added from ``tensor_bytes`` and the worker's ``bandwidth`` instead
+(``task(p, w)`` above).  Loads cost ``weight_bytes`` over the worker's
+``bandwidth`` (``disk_bandwidth`` when cached) plus deserialisation at
 :data:`DESERIALIZE_BYTES_PER_SECOND`.  All of it is plain arithmetic on
 the events, so it is as deterministic as the rest.
 

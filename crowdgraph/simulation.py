@@ -13,8 +13,8 @@ NAT): a task's inputs come down the worker's link as soon as the task is
 issued (a worker busy with the task before reads them meanwhile, as the
 TCP worker and the browser page do), its outputs go up it before the
 task counts as finished, and partition weights that are not cached come
-down it too.  Every such transfer also crosses the
-coordinator's own link, which carries one transfer at a time at
+down it too.  Every such transfer also crosses the coordinator's own
+link, which carries one transfer at a time at
 ``CostModel.coordinator_bandwidth``: a big enough crowd saturates it, as
 a real star does, and the report then says that the coordinator link,
 not the crowd, bounds the run.
