@@ -236,6 +236,7 @@ def test_a_queued_task_gets_its_inputs_while_the_task_before_it_computes():
     assert gaps == pytest.approx([cost.transfer_seconds(part.output_bytes)] * 3)
     assert tasks[0].start == pytest.approx(report.loads[0].end)  # its inputs came during the load
 
+
 @pytest.mark.slow
 def test_replicas_with_no_worker_to_spare_go_to_the_lagging_stages(full_distilbert):
     # 9 partitions on 6 cold workers (the crowd benchmark's 48 MB plan): every
