@@ -142,7 +142,7 @@ class Driver:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         last_notice = watched = time.monotonic()
         try:
-            self._issue(self.scheduler.start())
+            self._issue(self.scheduler.start(now=self.executor.now()))
             while not self.scheduler.done or self.checks:
                 if not self.reporter.pending():
                     self.executor.idle()
@@ -210,7 +210,7 @@ class Driver:
                 continue  # a copy elsewhere would first rebuild the state it reads
             expected = sched.estimate(key[0]) / sched.workers[wid].speed
             if now - seen[1] > max(BACKUP_AFTER * expected, BACKUP_MIN_SECONDS):
-                actions = sched.handle(TaskOverdue(wid, key))
+                actions = self._handle(TaskOverdue(wid, key))
                 if actions:
                     backup = copies[key]
                     self.backup_records[key] = BackupRecord(key[0], key[1], wid, backup, now - seen[1])
@@ -228,6 +228,12 @@ class Driver:
             "free. Check that those workers are alive and fast enough, or raise stall_timeout="
         )
 
+    def _handle(self, event: Event) -> list[Action]:
+        """Hand ``event`` to the scheduler with the executor's clock, by which
+        it counts how long each worker's running task has run."""
+        assert self.scheduler is not None
+        return self.scheduler.handle(event, now=self.executor.now())
+
     def _apply(self, notice: Notice) -> list[Action]:
         """Record a notice and turn it into scheduler actions."""
         sched = self.scheduler
@@ -243,7 +249,7 @@ class Driver:
                         backup.dropped = worker
                     else:
                         backup.winner = worker
-                actions = sched.handle(TaskFinished(worker, key, stats.duration))
+                actions = self._handle(TaskFinished(worker, key, stats.duration))
                 if was_done or key not in sched.finished:
                     self.executor.forget(list(outputs.values()))  # late duplicate
                     return actions
@@ -256,7 +262,7 @@ class Driver:
             case Loaded(worker, partition):
                 self.report.record_load(LoadRecord(worker, partition, notice.start, notice.end, notice.bytes_sent,
                                                    notice.from_cache, notice.fast), notice.rss)
-                return sched.handle(LoadFinished(worker, partition))
+                return self._handle(LoadFinished(worker, partition))
             case Unloaded(worker):
                 self.report.record_unload(worker, notice.rss)
                 return []
@@ -270,12 +276,12 @@ class Driver:
                     self.report.workers[worker].lost = reason or "lost"
                 if self.report.audit is not None:
                     self._reputation(worker).failures += 1
-                return sched.handle(WorkerLost(worker))
+                return self._handle(WorkerLost(worker))
             case Joined(info):
                 self.report.add_worker(info.id, info.memory, info.speed, info.floor)
-                return sched.handle(WorkerJoined(info))
+                return self._handle(WorkerJoined(info))
             case notices.ResultsLost(keys):
-                return sched.handle(ResultsLost(self._lost_closure(keys)))
+                return self._handle(ResultsLost(self._lost_closure(keys)))
             case Failed(worker, (p, i), error):
                 raise ExecutionError(f"partition {p} failed on micro-batch {i} on worker {worker}: {error}")
             case LoadFailed(worker, partition, error):
@@ -358,7 +364,7 @@ class Driver:
                 del self.stale[(worker, key)]
             self.executor.forget(list(outputs.values()))
             return []
-        actions = sched.handle(TaskFinished(worker, key))
+        actions = self._handle(TaskFinished(worker, key))
         check = self.checks[key]
         check.running = None
         check.runs.append((worker, outputs))
@@ -441,7 +447,7 @@ class Driver:
                 self.executor.forget(list(self.values.pop(key).values()))
         lost = self._lost_closure(sorted(doubtful))
         summary.recomputed += len(lost)
-        actions = pending + sched.handle(WorkerLost(worker)) + sched.handle(ResultsLost(lost))
+        actions = pending + self._handle(WorkerLost(worker)) + self._handle(ResultsLost(lost))
         after = {(w, k) for w, queue in sched.queues.items() for k in queue}
         for pair in before - after:  # dequeued, still running there: its result is dropped
             self.stale[pair] += 1

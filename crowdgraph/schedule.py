@@ -1,9 +1,10 @@
 """The scheduler: which worker runs which task, and when weights move.
 
-This module is pure logic on plain data.  It does no I/O, reads no clock,
-starts no thread and draws no global randomness, so the same inputs and
-the same events always give the same actions; every executor (threads,
-TCP, Dask) and the simulated benchmarks share it.
+This module is pure logic on plain data.  It does no I/O, reads no clock
+(the caller passes its own with each event), starts no thread and draws
+no global randomness, so the same inputs and the same events at the same
+times always give the same actions; every executor (threads, TCP, Dask)
+and the simulated benchmarks share it.
 
 Vocabulary
 ----------
@@ -101,14 +102,23 @@ The rules
   so near the end of a partition's work a slow phone's replica would
   look sooner than a fast holder one task from free.  It is refused when
   the holders, each taking whole tasks at its own speed after its
-  unconfirmed load and its queue (the task it runs counted whole),
-  finish every ready task of ``p`` by the time the replica would finish
-  this one::
+  unconfirmed load and its queue, finish every ready task of ``p`` by the
+  time the replica would finish this one::
 
       sum over holders x of
-          max(0, floor((t x speed(x) - speed x unconfirmed load of x) / task(p, x))
+          max(0, floor((t x speed(x) - speed x unconfirmed load of x + done(x)) / task(p, x))
                  - tasks queued on x)
           >=  ready tasks of p,    t = load(w, p) + task(p, w) / speed(w)
+
+  ``done(x)`` is what ``x`` did of the task it runs: ``speed(x)`` x the
+  seconds since it started, by the clock the caller passes
+  (``handle(event, now=...)``), at most ``task(p, x)`` (a task running
+  past its estimate is expected to end any moment).  A task starts when
+  the one before it on its worker finishes, or when its worker's load is
+  confirmed; while a load is unconfirmed ``done(x)`` is 0, since a load
+  may wait on links the estimate does not see.  Without a clock it is 0:
+  a holder one moment from free would look a whole task away, and a
+  slow phone's replica end the run after it.
 
   Two more conditions hold for a replica whose weights cross the network
   rather than local storage:
@@ -520,7 +530,7 @@ class _Worker:
     __slots__ = (
         "id", "info", "memory", "speed", "inv_speed", "rank", "cached_fit",
         "resident", "loads", "queue", "version", "epoch", "pos", "tree", "loading",
-        "stored", "prefetched", "sent", "ahead",
+        "stored", "prefetched", "sent", "ahead", "since",
     )
 
     def __init__(self, info: WorkerInfo, rank: int, need: Mapping[str, int]) -> None:
@@ -546,6 +556,7 @@ class _Worker:
         self.sent: deque[int] = deque()  # star bytes of each unconfirmed load
         self.prefetched: set[str] = set()  # partitions stored ahead of need on it (Store)
         self.ahead: str | None = None  # the one it is expected to load next, if claimed
+        self.since = 0.0  # when the head of its queue (with its unconfirmed load) started
 
 
 class _MinTree:
@@ -799,6 +810,7 @@ class Scheduler:
         self._t1_todo: dict[str, None] = {}  # held partitions whose ready tasks to place again
 
         # Worker state.
+        self._now = 0.0  # the caller's clock (handle(now=)), for the cost rule
         self._live: dict[str, _Worker] = {}
         self._crowd_speed = 0.0  # summed over live workers
         self._infos: dict[str, WorkerInfo] = {}  # live views kept in step
@@ -926,14 +938,23 @@ class Scheduler:
 
     # -- driving ------------------------------------------------------------
 
-    def start(self) -> list[Action]:
-        """Return the first actions: place every task that is ready at the start."""
+    def start(self, now: float | None = None) -> list[Action]:
+        """Return the first actions: place every task that is ready at the start.
+
+        ``now`` is the caller's clock in seconds, as for :meth:`handle`.
+        """
+        self._advance(now)
         actions = self._place()
         self._store_ahead(actions)
         return actions
 
-    def handle(self, event: Event) -> list[Action]:
+    def handle(self, event: Event, now: float | None = None) -> list[Action]:
         """Update the state with one event and return the actions it enables.
+
+        ``now`` is when the event happened, in seconds of the caller's clock
+        (any origin, never going back): with it the cost rule counts a
+        holder's running task from when it started instead of whole (see
+        "The rules").  Without it the clock stands still.
 
         Raises
         ------
@@ -943,6 +964,7 @@ class Scheduler:
         TypeError
             If ``event`` is not one of the :data:`Event` types.
         """
+        self._advance(now)
         if isinstance(event, TaskFinished):
             self._on_task_finished(event.worker, event.key, event.duration)
         elif isinstance(event, LoadFinished):
@@ -957,6 +979,7 @@ class Scheduler:
                 if not w.loads and w.loading:  # its resident partition is loaded now
                     self._loading[w.resident] -= w.loading  # type: ignore[index]
                     w.loading = 0.0
+                    w.since = self._now  # (its first task starts now)
         elif isinstance(event, WorkerLost):
             self._on_worker_lost(event.worker)
         elif isinstance(event, WorkerJoined):
@@ -974,6 +997,10 @@ class Scheduler:
         actions = self._place()
         self._store_ahead(actions)
         return actions
+
+    def _advance(self, now: float | None) -> None:
+        if now is not None:
+            self._now = max(self._now, float(now))
 
     # -- events -------------------------------------------------------------
 
@@ -1289,6 +1316,7 @@ class Scheduler:
 
     def _leave_queue(self, w: _Worker, key: TaskKey) -> None:
         del w.queue[key]
+        w.since = self._now  # (the next in its queue starts now)
         p = self._part[key]
         self._queued_n[p] -= 1
         self._star_bytes -= self._tensor_bytes[p]
@@ -1495,17 +1523,22 @@ class Scheduler:
 
     def _absorbed(self, p: str, finish: float) -> bool:
         """Whether ``p``'s holders, each taking whole tasks at its speed
-        after its unconfirmed load and its queue (the task it runs counted
-        whole), finish every ready task of ``p`` within ``finish`` seconds.
-        It stops at the holder that covers the last of them."""
+        after its unconfirmed load and its queue (less what it did of them
+        since it started, by the caller's clock), finish every ready task of
+        ``p`` within ``finish`` seconds.  It stops at the holder that covers
+        the last of them."""
         need = self._ready_n[p]
-        live = self._live
+        live, now = self._live, self._now
         for wid in self._holders[p]:
             x = live[wid]
             c = self._task_seconds(p, x)
             if c <= 0:
                 return True  # (nothing measured yet: a task costs nothing)
-            need -= max(0, math.floor((finish * x.speed - x.loading) / c) - len(x.queue))
+            # Its running task counts from when its load was confirmed (a load
+            # may wait on links the estimate does not see); one running past
+            # its estimate is expected to end any moment.
+            done = min((now - x.since) * x.speed, c) if x.queue and not x.loading else 0.0
+            need -= max(0, math.floor((finish * x.speed - x.loading + done) / c) - len(x.queue))
             if need <= 0:
                 return True
         return False
@@ -1707,6 +1740,8 @@ class Scheduler:
             self._loading[p] += w.loading
             if self._ready_n[p]:
                 self._t1_todo[p] = None
+        if not w.queue:
+            w.since = self._now
         w.queue[key] = None
         self._queued_n[p] += 1
         self._star_bytes += self._tensor_bytes[p]

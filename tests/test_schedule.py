@@ -1137,6 +1137,21 @@ def test_no_replica_from_storage_when_the_holders_finish_the_ready_tasks_sooner_
     assert third == ([Run("phone", ("p0", 2), 2)] if replica else [Run("fast", ("p0", 2), 1)])
 
 
+@pytest.mark.parametrize("now, replica", [(0.0, True), (0.9, False)])
+def test_a_holder_s_running_task_counts_from_when_it_started_by_the_caller_s_clock(now: float, replica: bool) -> None:
+    # Tasks of 1 s: "fast" holds p0 and from t=0 runs one and queues one; a
+    # phone of speed 0.4 caching p0 joins.  At t=0, fast ends the third task
+    # at 3 s, after the phone would (2.5 s): a replica.  At t=0.9 fast has
+    # 0.1 s left of the first and ends the third 2.1 s later, before the
+    # phone: the task waits for fast.
+    s = Scheduler(chain_of(3), MEM, [WorkerInfo("fast", 100, resident="p0")], flops={"p0": 5e9})
+    assert [r.key for r in runs(s.start(now=0.0))] == [("p0", 0), ("p0", 1)]
+    phone = WorkerInfo("phone", 100, speed=0.4, cached=frozenset({"p0"}))
+    assert runs(s.handle(WorkerJoined(phone), now=now)) == ([Run("phone", ("p0", 2), 2)] if replica else [])
+    if not replica:
+        assert runs(s.handle(TaskFinished("fast", ("p0", 0), 1.0), now=1.0)) == [Run("fast", ("p0", 2), 1)]
+
+
 @pytest.mark.parametrize("weights, replica", [(10_000_000, True), (60_000_000, False)])
 def test_with_no_worker_to_spare_a_replica_must_lag_by_more_than_its_load(weights: int, replica: bool) -> None:
     # Two workers, three stages: every worker is needed as a holder.  p0's
