@@ -876,8 +876,9 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
     unconfirmed: Counter[str] = Counter()  # Loads whose LoadFinished was not fed yet
     backed_up: set[TaskKey] = set()  # tasks that ever had a backup copy
     stored: dict[str, set[str]] = {}  # worker -> partitions stored ahead on it
-    events: list[Event] = []
+    events: list[tuple[Event | None, float | None]] = []  # None: start()
     batches: list[list[Action]] = []
+    clock = [0.0]  # the caller's clock: each event comes some time later, or without one
 
     def feed(event: Event | None) -> bool:
         """Apply one event and check everything; False once the run ended
@@ -889,15 +890,17 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
         )
         rank_before = dict(s.tie_break)
         before_queues = dict(s.queues)
+        later = data.draw(st.sampled_from([None, 0.0, 0.3, 3.0]))
+        now = None if later is None else clock[0] + later
+        clock[0] = clock[0] if now is None else now
         try:
-            actions = s.start() if event is None else s.handle(event)
+            actions = s.start(now) if event is None else s.handle(event, now)
         except WorkerLostError:
             assert isinstance(event, (WorkerLost, ResultsLost)) and infeasible(s, g, need)
             return False
         if isinstance(event, (WorkerLost, ResultsLost)):
             assert not infeasible(s, g, need), "infeasible after a loss, yet no WorkerLostError"
-        if event is not None:
-            events.append(event)
+        events.append((event, now))
         batches.append(actions)
         after = set(s.finished)
         if isinstance(event, TaskFinished):
@@ -1015,7 +1018,7 @@ def test_random_runs_follow_the_rules(problem: Problem, data: st.DataObject) -> 
 
     # Determinism: the same events on a new scheduler give the same actions.
     again = Scheduler(g, need, crowd, seed=seed, **costs)
-    replay = [again.start()] + [again.handle(e) for e in events]
+    replay = [again.start(now) if e is None else again.handle(e, now) for e, now in events]
     assert replay == batches
 
 
