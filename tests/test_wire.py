@@ -168,6 +168,26 @@ def test_incompressible_sections_fall_back_to_none(codec):
     assert info["codec"] == 0 and info["flags"] == 0 and info["payload_len"] == info["raw_len"]
 
 
+@pytest.mark.parametrize("codec", ["lz4", "zlib"])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_large_sections_are_compressed_only_when_samples_of_them_compress(codec, shuffle, monkeypatch):
+    # 3 MB of noise (float activations are near it: about 100.4% under lz4)
+    # never reach the codec whole; 3 MB of a periodic pattern still do, and shrink.
+    seen = []
+    compress = wire._compress
+    monkeypatch.setattr(wire, "_compress", lambda c, data: seen.append(len(data)) or compress(c, data))
+    noisy = noise(np.dtype(np.float32), (8, 128, 768))
+    (info,) = sections(encode(result(x=noisy), codec=codec, shuffle=shuffle))
+    assert info["codec"] == 0 and max(seen) <= 4 * 4096
+    seen.clear()
+    ramp = (np.arange(8 * 128 * 768) % 100).astype(np.float32).reshape(8, 128, 768)
+    frame = encode(result(x=ramp), codec=codec, shuffle=shuffle)
+    (info,) = sections(frame)
+    assert info["codec"] == wire._CODEC_CODES[codec] and info["payload_len"] < info["raw_len"] // 2
+    assert max(seen) == ramp.nbytes
+    np.testing.assert_array_equal(decode(frame).tensors["x"], ramp)
+
+
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0, 2), ()])
 @pytest.mark.parametrize("dtype_name", ["float32", "bool", "int64", "bfloat16", "complex128"])

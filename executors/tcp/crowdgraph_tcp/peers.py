@@ -33,12 +33,16 @@ from crowdgraph import wire
 from crowdgraph.errors import CrowdgraphError, ProtocolError
 from crowdgraph.wire import Message
 
-__all__ = ["HeldOutputs", "PeerServer", "PeerLinks", "FetchError", "fetched_problem", "form_problem", "answer_fetch"]
+__all__ = ["HeldOutputs", "PeerServer", "PeerLinks", "FetchError", "fetched_problem", "form_problem", "answer_fetch",
+           "encode_answer"]
 
 #: Largest read from a peer socket at once.
 CHUNK = 1 << 20
-#: Frames larger than this are decoded on a thread, so the loop keeps serving.
-OFF_LOOP_BYTES = 1 << 20
+#: A worker encodes and decodes frames larger than this on a thread, so its loop keeps
+#: answering heartbeats and serving other links; smaller ones (a few milliseconds of
+#: CRC32 and copying: a boundary tensor of 8x128 rows is 3 MB) inline, as the
+#: hand-off to a thread and back costs more on a busy machine.
+OFF_LOOP_BYTES = 1 << 23
 #: Largest frame a holder takes from a fetcher: FETCH frames are a few hundred bytes.
 FETCH_FRAME_BYTES = 1 << 16
 #: Most peer connections a holder serves at once (each costs a few buffers).
@@ -171,6 +175,15 @@ def answer_fetch(held: HeldOutputs, message: Message, me: str) -> Message:
     return Message(wire.FETCHED, {"task": h["task"], "holder": me}, tensors=tensors)
 
 
+async def encode_answer(answer: Message, codec: str, version: int) -> list[Any]:
+    """``answer``'s frame as :func:`crowdgraph.wire.encode_parts` buffers, encoded on a
+    thread when its tensors pass :data:`OFF_LOOP_BYTES`."""
+    encode = lambda: wire.encode_parts(answer, codec=codec, version=version)  # noqa: E731
+    if sum(t.nbytes for t in answer.tensors.values()) > OFF_LOOP_BYTES:
+        return await asyncio.get_running_loop().run_in_executor(None, encode)
+    return encode()
+
+
 async def _next_message(reader: asyncio.StreamReader, conn: wire.Connection, writer: asyncio.StreamWriter,
                         timeout: float | None) -> Message:
     """Read until ``conn`` yields a message (what it answers itself is written at once)."""
@@ -238,9 +251,7 @@ class PeerServer:
                 message = await _next_message(reader, conn, writer, wire.HEARTBEAT_MISSES * self.heartbeat)
                 if message.type == wire.BYE:
                     return
-                answer = answer_fetch(self.held, message, self.me)
-                parts = await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: wire.encode_parts(answer, codec=conn.codec, version=conn.version))
+                parts = await encode_answer(answer_fetch(self.held, message, self.me), conn.codec, conn.version)
                 if conn.sending(wire.FETCHED, now=time.monotonic()):
                     writer.writelines(parts)
                     await writer.drain()

@@ -70,15 +70,16 @@ from crowdgraph.units import format_bytes
 from crowdgraph.wire import Message
 
 from .common import client_ssl_context, parse_listen, parse_url, read_token
-from .peers import FetchError, HeldOutputs, PeerLinks, PeerServer, answer_fetch, fetched_problem, form_problem
+from .peers import (
+    OFF_LOOP_BYTES, FetchError, HeldOutputs, PeerLinks, PeerServer, answer_fetch, encode_answer, fetched_problem,
+    form_problem,
+)
 
 __all__ = ["PartitionCache", "Agent", "main"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 #: Largest read from the socket at once.
 CHUNK = 1 << 20
-#: Frames larger than this are decoded on a thread, so the loop keeps answering heartbeats.
-OFF_LOOP_BYTES = 1 << 20
 #: Initializers smaller than this stay inline in a stored partition (as onnx's ``size_threshold``).
 INLINE_BYTES = 1024
 #: A LOAD frame larger than this streams its partition into the cache as it arrives.
@@ -757,9 +758,8 @@ class Agent:
 
         async def serve_fetch(message: Message) -> None:
             async with serving:
-                answer = answer_fetch(self.held, message, str(conn.peer_id))
-                parts = await loop.run_in_executor(
-                    None, lambda: wire.encode_parts(answer, codec=self.codec, version=self.version))
+                parts = await encode_answer(answer_fetch(self.held, message, str(conn.peer_id)), self.codec,
+                                            self.version)
                 if conn.sending(wire.FETCHED, now=time.monotonic()):
                     writer.writelines(parts)
 

@@ -18,7 +18,7 @@ from crowdgraph.executor import Job, Reporter
 from crowdgraph.runtime import open_session, run_session
 from crowdgraph_tcp import TcpExecutor
 from crowdgraph_tcp.bridge import HeldOutput
-from crowdgraph_tcp.peers import FetchError, PeerLinks
+from crowdgraph_tcp.peers import OFF_LOOP_BYTES, FetchError, HeldOutputs, PeerLinks, PeerServer
 
 
 HELLO = {"name": "test", "memory_budget": 1, "cores": 1, "platform": "test"}
@@ -119,6 +119,31 @@ def test_the_peer_port_serves_only_the_crowd():
             answer = wire.FrameDecoder().feed(s.recv(65536))
         assert answer and answer[0].type == wire.REFUSE and "HELLO" in answer[0].header["reason"]
         assert ex.coordinator.workers  # the worker is unharmed
+
+
+def test_tensors_on_either_side_of_the_off_loop_size_cross_a_peer_link_whole():
+    """Encoded and decoded inline below OFF_LOOP_BYTES, on a thread above it: the same tensors either way."""
+    rng = np.random.default_rng(0)
+    tensors = {"small": rng.standard_normal((8, 128, 768)).astype(np.float32),  # 3 MB, inline
+               "large": rng.standard_normal(OFF_LOOP_BYTES // 4 + 1).astype(np.float32)}  # on a thread
+    token = b"t" * 32
+
+    async def fetch_both():
+        held = HeldOutputs(limit=1 << 30)
+        for name, value in tensors.items():
+            held.keep((name, 0), {"y": value})
+        server = PeerServer(held, token)
+        server.me = "w1"
+        host, port = await server.start("127.0.0.1", 0)
+        links = PeerLinks(token, HELLO)
+        try:
+            return {name: (await links.fetch(f"{host}:{port}", "w1", (name, 0), ["y"]))["y"] for name in tensors}
+        finally:
+            links.close()
+            server.close()
+
+    for name, got in asyncio.run(fetch_both()).items():
+        np.testing.assert_array_equal(got, tensors[name])
 
 
 def test_held_outputs_are_gathered_and_dropped(tiny):
