@@ -152,13 +152,12 @@ CODECS: tuple[str, ...] = ("lz4", "zlib", "none") if _lz4 is not None else ("zli
 # the time; a phone is better off sending a little more.
 _ZLIB_LEVEL = 1
 #: Sections at least this large are compressed only when samples of them
-#: compress (as dask.distributed's ``maybe_compress``): float activations
-#: compress to about 1.004 of their size, and trying costs more than the
-#: CRC32 and the send together.
-SAMPLED_BYTES = 1 << 16
-_SAMPLES, _SAMPLE_BYTES = 4, 1 << 12
-#: A sample must compress to at most this share of its size.
-_SAMPLE_RATIO = 0.9
+#: come out smaller (as dask.distributed's ``maybe_compress``): unshuffled
+#: float activations grow to about 1.004 of their size under lz4, and the
+#: attempt costs more than the CRC32 and the send together.
+SAMPLED_BYTES = 1 << 18
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 12
+_GOLDEN = (5**0.5 - 1) / 2
 
 # --------------------------------------------------------------------------
 # Message catalogue.
@@ -334,9 +333,13 @@ def _compress(codec: str, data: Any) -> bytes:
 
 
 def _compressible(codec: str, data: Any) -> bool:
-    """Whether ``data`` (bytes-like, or a uint8 array) looks worth compressing.
+    """Whether ``data`` (bytes-like, or a uint8 array) may come out smaller compressed.
 
-    Four pieces spread over it stand for the whole.
+    Sixteen 4 KiB pieces stand for the whole.  They start at multiples of
+    the golden ratio (mod 1) of its length, not evenly spaced: a batch is
+    periodic (sequences, rows, and with shuffle byte planes of each), and
+    even spacing would sample every period at the same place, such as
+    always the start of a sequence and never its padding.
 
     >>> _compressible("lz4", bytes(1 << 20)), _compressible("lz4", np.random.bytes(1 << 20))
     (True, False)
@@ -344,8 +347,8 @@ def _compressible(codec: str, data: Any) -> bool:
     n = len(data)
     if n < SAMPLED_BYTES:
         return True
-    sample = b"".join(memoryview(data)[i * n // _SAMPLES:][:_SAMPLE_BYTES] for i in range(_SAMPLES))
-    return len(_compress(codec, sample)) <= _SAMPLE_RATIO * len(sample)
+    sample = b"".join(memoryview(data)[int((0.5 + i * _GOLDEN) % 1 * n):][:_SAMPLE_BYTES] for i in range(_SAMPLES))
+    return len(_compress(codec, sample)) < len(sample)
 
 
 def _decompress(codec: str, payload: memoryview, raw_len: int, where: str) -> bytes | bytearray:

@@ -178,7 +178,7 @@ def test_large_sections_are_compressed_only_when_samples_of_them_compress(codec,
     monkeypatch.setattr(wire, "_compress", lambda c, data: seen.append(len(data)) or compress(c, data))
     noisy = noise(np.dtype(np.float32), (8, 128, 768))
     (info,) = sections(encode(result(x=noisy), codec=codec, shuffle=shuffle))
-    assert info["codec"] == 0 and max(seen) <= 4 * 4096
+    assert info["codec"] == 0 and max(seen) <= 16 * 4096
     seen.clear()
     ramp = (np.arange(8 * 128 * 768) % 100).astype(np.float32).reshape(8, 128, 768)
     frame = encode(result(x=ramp), codec=codec, shuffle=shuffle)
@@ -186,6 +186,12 @@ def test_large_sections_are_compressed_only_when_samples_of_them_compress(codec,
     assert info["codec"] == wire._CODEC_CODES[codec] and info["payload_len"] < info["raw_len"] // 2
     assert max(seen) == ramp.nbytes
     np.testing.assert_array_equal(decode(frame).tensors["x"], ramp)
+    # Hidden states of 8 padded sequences: noise, but the last quarter of
+    # each sequence repeats one vector.  The samples find it, and it shrinks.
+    padded = noise(np.dtype(np.float32), (8, 128, 768))
+    padded[:, 96:] = padded[:, 96:97]
+    (info,) = sections(encode(result(x=padded), codec=codec, shuffle=shuffle))
+    assert info["codec"] == wire._CODEC_CODES[codec] and info["payload_len"] < 0.9 * info["raw_len"]
 
 
 @pytest.mark.parametrize("codec", CODECS)
