@@ -1315,8 +1315,9 @@ class Scheduler:
         self._leave_queue(w, key)
 
     def _leave_queue(self, w: _Worker, key: TaskKey) -> None:
+        if next(iter(w.queue)) == key:
+            w.since = self._now  # (the next in its queue starts now)
         del w.queue[key]
-        w.since = self._now  # (the next in its queue starts now)
         p = self._part[key]
         self._queued_n[p] -= 1
         self._star_bytes -= self._tensor_bytes[p]
