@@ -265,10 +265,12 @@ event looks at those workers and at the partitions (linear in both).  A
 worker joining rebuilds those trees and a worker lost checks every
 partition, both linear in the crowd; they are rare.  On the benchmark chain (20
 partitions x 500 or 5,000 micro-batches, 1,000 workers) the scheduler
-spends about half the CPU per task that Dask's threaded scheduler spends
-on the same graph of no-op tasks under the cost rule, and an eighth under
-the pipeline rule (cost 43, pipeline 10-12, Dask 79-102 microseconds in
-one run on a busy 2-core machine; ``python -m benchmarks --only scale``).
+spends a third to a half of the CPU per task that Dask's threaded
+scheduler spends on the same graph of no-op tasks under the cost rule, and
+an eighth under the pipeline rule (cost 37-56, pipeline 11-17, Dask 96-119
+microseconds in one run on a busy 2-core machine; ``python -m benchmarks
+--only scale``).  Under the cost rule it grows with the micro-batches: a
+task that waits behind busy holders is weighed again after every event.
 """
 
 from __future__ import annotations
